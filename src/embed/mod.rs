@@ -1,0 +1,2 @@
+//! Item content to vectors.
+pub mod text;

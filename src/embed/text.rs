@@ -1,0 +1,1 @@
+//! Text to vectors with a local sentence encoder.

@@ -1,0 +1,2 @@
+//! genfeed: a streaming generative recommender.
+pub mod embed;
