@@ -1,2 +1,4 @@
 //! genfeed: a streaming generative recommender.
 pub mod embed;
+pub mod sid;
+pub mod tokenizer;
