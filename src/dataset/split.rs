@@ -135,3 +135,64 @@ impl<'a> Examples<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn triples<'a>(ex: Examples<'a>) -> Vec<(usize, &'a [u32], u32)> {
+        ex.iter().map(|e| (e.user, e.history, e.target)).collect()
+    }
+
+    #[test]
+    fn leave_one_out_targets_and_histories() {
+        let seqs = vec![
+            vec![10, 11, 12, 13, 14], // n = 5
+            vec![20, 21],             // n = 2: train only
+            vec![30, 31, 32],         // n = 3: one each, empty train targets
+            vec![40],                 // n = 1: nothing
+        ];
+        let split = Split::leave_one_out(&seqs, DEFAULT_MAX_HISTORY);
+        assert_eq!(
+            triples(split.train()),
+            vec![
+                (0, &[10][..], 11),
+                (0, &[10, 11][..], 12),
+                (1, &[20][..], 21),
+            ]
+        );
+        assert_eq!(
+            triples(split.valid()),
+            vec![(0, &[10, 11, 12][..], 13), (2, &[30][..], 31)]
+        );
+        assert_eq!(
+            triples(split.test()),
+            vec![(0, &[10, 11, 12, 13][..], 14), (2, &[30, 31][..], 32)]
+        );
+    }
+
+    #[test]
+    fn histories_keep_only_the_last_max_history_items() {
+        let seqs = vec![(0..10).collect::<Vec<u32>>()];
+        let split = Split::leave_one_out(&seqs, 3);
+        let test = split.test().get(0).unwrap();
+        assert_eq!((test.history, test.target), (&[6, 7, 8][..], 9));
+        let valid = split.valid().get(0).unwrap();
+        assert_eq!((valid.history, valid.target), (&[5, 6, 7][..], 8));
+        let train = split.train();
+        assert_eq!(train.len(), 7);
+        assert_eq!(train.get(0).unwrap().history, &[0]);
+        assert_eq!(train.get(6).unwrap().history, &[4, 5, 6]);
+        assert_eq!(train.get(6).unwrap().target, 7);
+        assert!(train.iter().all(|e| e.history.len() <= 3));
+        assert!(train.get(7).is_none());
+    }
+
+    #[test]
+    fn history_is_a_view_not_a_copy() {
+        let seqs = vec![vec![1, 2, 3, 4]];
+        let split = Split::leave_one_out(&seqs, 20);
+        let test = split.test().get(0).unwrap();
+        assert!(std::ptr::eq(test.history.as_ptr(), seqs[0].as_ptr()));
+    }
+}
