@@ -1,4 +1,5 @@
 //! genfeed: a streaming generative recommender.
+pub mod dataset;
 pub mod embed;
 pub mod sid;
 pub mod tokenizer;
