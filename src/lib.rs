@@ -3,3 +3,4 @@ pub mod dataset;
 pub mod embed;
 pub mod sid;
 pub mod tokenizer;
+pub mod synth;

@@ -19,6 +19,7 @@
 //!   tokenizer itself.
 
 pub mod attributes;
+pub mod catalogue;
 pub mod text;
 
 use serde::{Deserialize, Serialize};

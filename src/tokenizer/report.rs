@@ -216,7 +216,7 @@ mod tests {
         assert!((s[0].entropy_bits - 2.0).abs() < 1e-9);
         assert_eq!(s[1].used, 2);
         assert!((s[1].utilisation - 1.0).abs() < 1e-9);
-        assert!((s[1].entropy_bits - (0.25f64 * 2.0 + 0.75 * (4.0f64 / 3.0).log2())).abs() < 1e-9);
+        assert!((s[1].entropy_bits - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -1,0 +1,52 @@
+//! Subcommands. Each file holds one family; this one holds the grammar.
+
+mod synth;
+mod tokenizer;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// genfeed: a streaming generative recommender over semantic IDs.
+#[derive(Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train, apply and inspect semantic-ID tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::TokenizerCommand),
+    /// Write a synthetic catalogue and interaction log (RecBole files).
+    Synth(synth::SynthArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Tokenizer(c) => tokenizer::run(c),
+        Command::Synth(a) => synth::run(a),
+    }
+}
+
+/// The sentence-encoder directory: the flag, else `GENFEED_TEXT_MODEL`, else
+/// where `scripts/install-minilm.sh` puts it.
+fn text_model_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("GENFEED_TEXT_MODEL").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("models/all-minilm-l6-v2"))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}

@@ -1,0 +1,296 @@
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+use genfeed::dataset::{load_sequences, read_items, Items, Sequences};
+use genfeed::embed::catalogue::{choose, encode_items, EncoderKind};
+use genfeed::embed::text::TextEncoder;
+use genfeed::embed::{EncoderSpec, Vectors};
+use genfeed::sid::Code;
+use genfeed::tokenizer::report::category_agreement;
+use genfeed::tokenizer::train::{train, Provenance, TrainData, TrainOptions};
+use genfeed::tokenizer::{FrozenTokenizer, Method, TokenizeError};
+
+#[derive(Subcommand)]
+pub enum TokenizerCommand {
+    /// Learn the codebooks from a catalogue and write a tokenizer directory.
+    Train(TrainArgs),
+    /// Give every item of a catalogue its semantic ID (TSV: item_id, sid).
+    Assign(AssignArgs),
+    /// Measure whether first-level codes mean something: how much more often
+    /// two items sharing a first-level code share a category than random pairs.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The catalogue: a RecBole `.item` file.
+    #[arg(long)]
+    items: PathBuf,
+    /// Interactions (`.inter`); required by `svd`.
+    #[arg(long)]
+    inter: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    method: Method,
+    /// Output directory (created; files in it are replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// How content becomes a vector.
+    #[arg(long, value_enum, default_value = "auto")]
+    encoder: EncoderKind,
+    /// Columns to encode (comma separated); default: every content column of
+    /// the encoder's type.
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// Sentence-encoder directory [default: $GENFEED_TEXT_MODEL or models/all-minilm-l6-v2].
+    #[arg(long)]
+    text_model: Option<PathBuf>,
+    /// Width of the hashed attribute encoding.
+    #[arg(long, default_value_t = 256)]
+    attribute_dim: usize,
+    /// Content levels (the SID has one more, the collision level).
+    #[arg(long, default_value_t = 3)]
+    levels: usize,
+    #[arg(long, default_value_t = 256)]
+    codebook_size: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// k-means iterations per level (rq-kmeans).
+    #[arg(long, default_value_t = 100)]
+    kmeans_iters: usize,
+    /// Training epochs (rq-vae).
+    #[arg(long, default_value_t = 150)]
+    epochs: usize,
+    /// Batch size (rq-vae).
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// Learning rate (rq-vae, AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Codes available at the last level [default: room for twice the largest
+    /// collision group, at least 256].
+    #[arg(long)]
+    last_level_capacity: Option<usize>,
+}
+
+#[derive(Args)]
+pub struct AssignArgs {
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long)]
+    items: PathBuf,
+    /// Interactions, to place unseen items with an SVD tokenizer.
+    #[arg(long)]
+    inter: Option<PathBuf>,
+    #[arg(long)]
+    text_model: Option<PathBuf>,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The catalogue the tokenizer was trained on.
+    #[arg(long)]
+    items: PathBuf,
+    /// The column holding categories.
+    #[arg(long, default_value = "categories")]
+    field: String,
+    /// What separates categories in that column; default: whitespace.
+    #[arg(long)]
+    separator: Option<String>,
+    #[arg(long, default_value_t = 100_000)]
+    pairs: usize,
+}
+
+pub fn run(c: TokenizerCommand) -> anyhow::Result<()> {
+    match c {
+        TokenizerCommand::Train(a) => run_train(a),
+        TokenizerCommand::Assign(a) => run_assign(a),
+        TokenizerCommand::Check(a) => run_check(a),
+    }
+}
+
+fn load_items(path: &Path) -> anyhow::Result<Items> {
+    read_items(path).with_context(|| format!("reading the catalogue {}", path.display()))
+}
+
+fn load_text(flag: Option<PathBuf>) -> anyhow::Result<TextEncoder> {
+    let dir = super::text_model_dir(flag);
+    TextEncoder::load(&dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading the sentence encoder from {}", dir.display()))
+}
+
+/// Vectors for `items` as `spec` says, with a progress bar and a rate line.
+fn embed(items: &Items, spec: &EncoderSpec, text: Option<&TextEncoder>) -> anyhow::Result<Vectors> {
+    let start = Instant::now();
+    let pb = super::bar(items.rows.len() as u64, "embed");
+    let vectors = encode_items(items, spec, text, &pb)?;
+    pb.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "embedded {} items ({} dims) in {secs:.1} s: {:.0} items/s",
+        vectors.rows(),
+        vectors.dim(),
+        vectors.rows() as f64 / secs.max(1e-9)
+    );
+    Ok(vectors)
+}
+
+fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let items = load_items(&a.items)?;
+    let ids: Vec<String> = items.rows.iter().map(|r| r.id.clone()).collect();
+    let mut opts = TrainOptions::new(a.method);
+    opts.levels = a.levels;
+    opts.codebook_size = a.codebook_size;
+    opts.seed = a.seed;
+    opts.kmeans_iters = a.kmeans_iters;
+    opts.rq_vae.epochs = a.epochs;
+    opts.rq_vae.batch_size = a.batch_size;
+    opts.rq_vae.lr = a.lr;
+    opts.last_level_capacity = a.last_level_capacity;
+    let pb = super::bar(0, a.method.name());
+    let provenance = Provenance {
+        items_file: &a.items,
+        interactions_file: a.inter.as_deref(),
+    };
+    let tokenizer = if a.method == Method::Svd {
+        let Some(inter) = &a.inter else {
+            bail!("--method svd learns from interactions: pass --inter FILE");
+        };
+        let seqs = load_sequences(inter, Some(&items)).with_context(|| format!("reading {}", inter.display()))?;
+        let data = TrainData::Interactions {
+            rows: &seqs.seqs,
+            users: &seqs.users,
+        };
+        train(&ids, data, &opts, provenance, &a.out, &pb)?
+    } else {
+        let (kind, fields) = choose(&items, a.encoder, &a.fields)?;
+        let text = if kind == EncoderKind::Text { Some(load_text(a.text_model)?) } else { None };
+        let spec = match kind {
+            EncoderKind::Text => {
+                let t = text.as_ref().expect("loaded above");
+                EncoderSpec::Text {
+                    model: t.model_id().to_string(),
+                    fields,
+                    dim: t.dim(),
+                }
+            }
+            EncoderKind::Attributes => EncoderSpec::Attributes {
+                fields,
+                dim: a.attribute_dim,
+                seed: a.seed,
+            },
+            _ => {
+                let col = items.column(&fields[0]).expect("choose checked the column");
+                let dim = items.rows.first().map_or(0, |r| match &r.values[col] {
+                    genfeed::dataset::Value::FloatSeq(v) => v.len(),
+                    _ => 0,
+                });
+                anyhow::ensure!(dim > 0, "column {:?} holds no embedding in its first row", fields[0]);
+                EncoderSpec::Precomputed {
+                    field: fields[0].clone(),
+                    dim,
+                }
+            }
+        };
+        eprintln!("encoder: {}", serde_json::to_string(&spec)?);
+        let vectors = embed(&items, &spec, text.as_ref())?;
+        let data = TrainData::Content {
+            vectors: &vectors,
+            encoder: spec,
+        };
+        train(&ids, data, &opts, provenance, &a.out, &pb)?
+    };
+    pb.finish_and_clear();
+    println!("tokenizer {} written to {}", tokenizer.version(), a.out.display());
+    println!("{}", tokenizer.manifest().metrics);
+    Ok(())
+}
+
+fn run_assign(a: AssignArgs) -> anyhow::Result<()> {
+    let tokenizer = FrozenTokenizer::load(&a.tokenizer)?;
+    let items = load_items(&a.items)?;
+    let spec = tokenizer.manifest().input.encoder.clone();
+    let mut assigner = tokenizer.assigner();
+    let mut out = String::with_capacity(items.rows.len() * 24);
+    let mut push = |id: &str, sid: genfeed::sid::Sid| {
+        out.push_str(id);
+        out.push('\t');
+        out.push_str(&sid.to_string());
+        out.push('\n');
+    };
+    if let EncoderSpec::Interactions { .. } = spec {
+        let seqs = a.inter.as_ref().map(|p| load_sequences(p, None)).transpose()?;
+        let users_of = seqs.as_ref().map(users_by_item).unwrap_or_default();
+        for row in &items.rows {
+            if let Some(sid) = assigner.get(&row.id) {
+                push(&row.id, sid);
+                continue;
+            }
+            let users = users_of.get(row.id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+            let vector = tokenizer
+                .fold_in(users.iter().copied())
+                .ok_or_else(|| TokenizeError::NoKnownUsers { item: row.id.clone() })?;
+            push(&row.id, assigner.assign(&row.id, &vector)?);
+        }
+    } else {
+        let text = matches!(spec, EncoderSpec::Text { .. }).then(|| load_text(a.text_model)).transpose()?;
+        let vectors = embed(&items, &spec, text.as_ref())?;
+        for (i, row) in items.rows.iter().enumerate() {
+            push(&row.id, assigner.assign(&row.id, vectors.row(i))?);
+        }
+    }
+    match &a.out {
+        Some(path) => std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?,
+        None => std::io::stdout().lock().write_all(out.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn users_by_item(seqs: &Sequences) -> HashMap<&str, Vec<&str>> {
+    let mut map: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (u, seq) in seqs.seqs.iter().enumerate() {
+        for &i in seq {
+            map.entry(seqs.items[i as usize].as_str()).or_default().push(seqs.users[u].as_str());
+        }
+    }
+    map
+}
+
+fn run_check(a: CheckArgs) -> anyhow::Result<()> {
+    let tokenizer = FrozenTokenizer::load(&a.tokenizer)?;
+    let items = load_items(&a.items)?;
+    let col = items
+        .column(&a.field)
+        .with_context(|| format!("{} has no column {:?}", a.items.display(), a.field))?;
+    let sids: HashMap<&str, Code> = tokenizer
+        .training_items()
+        .iter()
+        .map(|(id, sid)| (id.as_str(), sid.codes()[0]))
+        .collect();
+    let mut first = Vec::new();
+    let mut cats = Vec::new();
+    for row in &items.rows {
+        let Some(&code) = sids.get(row.id.as_str()) else {
+            bail!("item {:?} is not among the tokenizer's training items", row.id);
+        };
+        let raw = row.values[col].as_str().unwrap_or("");
+        let set: Vec<String> = match &a.separator {
+            Some(sep) => raw.split(sep.as_str()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            None => raw.split_whitespace().map(str::to_string).collect(),
+        };
+        first.push(code);
+        cats.push(set);
+    }
+    let agreement = category_agreement(&first, &cats, a.pairs, 1);
+    println!("{}", serde_json::to_string_pretty(&agreement)?);
+    Ok(())
+}
