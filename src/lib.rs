@@ -1,2 +1,3 @@
 //! genfeed: a streaming generative recommender.
+pub mod contract;
 pub mod embed;
