@@ -1,0 +1,102 @@
+//! What can go wrong at the contract boundary.
+//!
+//! Every decode failure is data, not a bug: the pipeline routes it to the
+//! dead-letter topic with its `Display` text as the reason, so each variant
+//! names the record type and, where known, the field.
+
+/// Why a message could not be decoded into a record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The message has no bytes at all (e.g. a Kafka tombstone).
+    #[error("empty message")]
+    Empty,
+    /// The message is shorter than its framing header.
+    #[error("truncated message: the header needs {needed} bytes, got {got}")]
+    Truncated { needed: usize, got: usize },
+    /// A Confluent-framed message did not start with magic byte 0.
+    #[error("bad magic byte {0:#04x}: not Confluent wire format")]
+    BadMagic(u8),
+    /// The Confluent schema id is not one this reader was told to accept.
+    #[error("unknown schema id {0}")]
+    UnknownSchemaId(u32),
+    /// The schema id is known, but belongs to another record type.
+    #[error("schema id {schema_id} is a {found}, expected a {record}")]
+    WrongRecord {
+        record: &'static str,
+        schema_id: u32,
+        found: &'static str,
+    },
+    /// The datum ended before the record was complete.
+    #[error("{record}: message ends in the middle of the datum")]
+    UnexpectedEnd { record: &'static str },
+    /// A length prefix asked for more memory than the decoder allows, which
+    /// for a Kafka-sized message means the bytes are garbage.
+    #[error("{record}: a length prefix asks for {desired:?} bytes, over the {maximum} byte limit")]
+    TooLarge {
+        record: &'static str,
+        desired: Option<usize>,
+        maximum: usize,
+    },
+    /// The writer's data lacks a field the reader needs and has no default for.
+    #[error("{record}: missing field {field}")]
+    MissingField { record: &'static str, field: String },
+    /// The bytes are not a datum of the expected schema.
+    #[error("{record}: malformed datum: {detail}")]
+    Malformed {
+        record: &'static str,
+        detail: String,
+    },
+    /// A whole datum decoded, but bytes were left over: the message was
+    /// probably written with another schema.
+    #[error("{record}: {count} trailing bytes after the datum")]
+    TrailingBytes { record: &'static str, count: usize },
+    /// A well-formed datum breaks a rule of the contract.
+    #[error("{record}: invalid {field}: {detail}")]
+    Invalid {
+        record: &'static str,
+        field: &'static str,
+        detail: String,
+    },
+}
+
+/// Why a record could not be encoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The value breaks a rule of the contract; we never write what we
+    /// would refuse to read.
+    #[error("{record}: invalid {field}: {detail}")]
+    Invalid {
+        record: &'static str,
+        field: &'static str,
+        detail: String,
+    },
+    /// The value does not fit the schema (a bug in the Rust type).
+    #[error("{record}: cannot serialize: {detail}")]
+    Serialize {
+        record: &'static str,
+        detail: String,
+    },
+}
+
+/// Why a writer schema was refused by [`SchemaIds`](super::SchemaIds).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaIdError {
+    /// The schema names another record than the one it was registered for.
+    #[error("schema id {schema_id}: schema is {found}, expected {record}")]
+    WrongRecord {
+        record: &'static str,
+        schema_id: u32,
+        found: String,
+    },
+    /// Data written with this schema cannot always be read as the record.
+    #[error("schema id {schema_id}: {record} cannot read this writer schema: {detail}")]
+    Incompatible {
+        record: &'static str,
+        schema_id: u32,
+        detail: String,
+    },
+    /// The id is already taken by a different schema. Confluent ids are
+    /// immutable, so this is a configuration error.
+    #[error("schema id {schema_id} is already registered with a different schema")]
+    Conflict { schema_id: u32 },
+}
