@@ -39,6 +39,13 @@ if installed_ok; then
     exit 0
 fi
 
+# An existing DEST is replaced below; refuse unless it is empty or an earlier
+# (perhaps damaged) install, so a mistyped argument cannot delete other data.
+if [[ -d "$dest" && -n "$(ls -A "$dest")" && ! -f "$dest/$MARKER" && ! -f "$dest/config.json" ]]; then
+    log "$dest exists and does not look like a model directory; not replacing it"
+    exit 1
+fi
+
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
