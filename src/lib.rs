@@ -1,4 +1,39 @@
-//! genfeed: a streaming generative recommender.
+//! genfeed: a streaming generative recommender over semantic IDs.
+//!
+//! Items in genfeed are named by **semantic IDs** (SIDs, [`sid::Sid`]): short
+//! tuples of codebook tokens such as `12-48-7-0`, where similar items share
+//! leading tokens. A transformer recommends by *generating* the next item's SID
+//! token by token, constrained to SIDs of live items. That is what lets a
+//! brand-new item be recommended without retraining: the moment it arrives, a
+//! frozen tokenizer gives it a SID among its neighbours, and the model can
+//! already spell it.
+//!
+//! The crate follows the flow of data:
+//!
+//! - [`contract`]: the Avro records on the wire (catalogue changes,
+//!   interactions, recommendations, dead letters), plain or Confluent-framed.
+//! - [`dataset`]: RecBole atomic files (`.item`, `.inter`) for offline work, and
+//!   the leave-one-out split the field evaluates with.
+//! - [`embed`]: item content to vectors: a precomputed embedding, text through a
+//!   local sentence encoder, or hashed categorical attributes.
+//! - [`tokenizer`]: vectors to SIDs. Trained offline (RQ-KMeans, TIGER's
+//!   RQ-VAE, GPTRec's SVD), saved as a self-describing artifact, applied frozen
+//!   and deterministically online.
+//! - [`synth`]: generated catalogues and interaction logs with known structure,
+//!   for tests, demos and benchmarks on any machine.
+//!
+//! A taste of the frozen path, from a trained artifact to a SID:
+//!
+//! ```no_run
+//! use genfeed::tokenizer::FrozenTokenizer;
+//!
+//! let tokenizer = FrozenTokenizer::load("runs/demo/tokenizer".as_ref())?;
+//! let mut assigner = tokenizer.assigner();
+//! let vector = vec![0.0f32; tokenizer.input_dim()];
+//! let sid = assigner.assign("new-item-42", &vector)?;
+//! println!("new-item-42 is {sid}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 pub mod contract;
 pub mod dataset;
 pub mod embed;

@@ -101,9 +101,7 @@ impl FromStr for Sid {
             if n == MAX_LEVELS {
                 return Err(SidError::Levels(n + 1));
             }
-            codes[n] = part
-                .parse()
-                .map_err(|_| SidError::Parse(s.to_string()))?;
+            codes[n] = part.parse().map_err(|_| SidError::Parse(s.to_string()))?;
             n += 1;
         }
         Sid::new(&codes[..n])
@@ -136,7 +134,10 @@ mod tests {
     fn bad_sids_are_rejected() {
         assert_eq!(Sid::new(&[]), Err(SidError::Levels(0)));
         assert!(matches!("1-x-3".parse::<Sid>(), Err(SidError::Parse(_))));
-        assert!(matches!("1-2-3-4-5-6-7-8-9".parse::<Sid>(), Err(SidError::Levels(9))));
+        assert!(matches!(
+            "1-2-3-4-5-6-7-8-9".parse::<Sid>(),
+            Err(SidError::Levels(9))
+        ));
         assert!(matches!("1-70000".parse::<Sid>(), Err(SidError::Parse(_))));
     }
 

@@ -47,10 +47,11 @@ impl Default for SynthConfig {
 }
 
 const WORDS: [&str; 48] = [
-    "alpine", "amber", "aurora", "basalt", "birch", "blaze", "cedar", "cobalt", "coral", "crimson", "delta", "dune",
-    "ember", "fern", "fjord", "flint", "frost", "garnet", "glacier", "harbor", "hazel", "indigo", "iris", "jade",
-    "juniper", "lagoon", "lava", "linen", "maple", "meadow", "mesa", "onyx", "opal", "orchid", "pebble", "pine",
-    "quartz", "raven", "reef", "saffron", "sage", "sierra", "slate", "spruce", "summit", "tundra", "willow", "zephyr",
+    "alpine", "amber", "aurora", "basalt", "birch", "blaze", "cedar", "cobalt", "coral", "crimson",
+    "delta", "dune", "ember", "fern", "fjord", "flint", "frost", "garnet", "glacier", "harbor",
+    "hazel", "indigo", "iris", "jade", "juniper", "lagoon", "lava", "linen", "maple", "meadow",
+    "mesa", "onyx", "opal", "orchid", "pebble", "pine", "quartz", "raven", "reef", "saffron",
+    "sage", "sierra", "slate", "spruce", "summit", "tundra", "willow", "zephyr",
 ];
 
 /// Paths of the files written.
@@ -68,10 +69,15 @@ pub fn generate(dir: &Path, cfg: &SynthConfig) -> std::io::Result<SynthFiles> {
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let topic_of: Vec<usize> = (0..cfg.items).map(|i| i % cfg.topics).collect();
     let centres: Vec<Vec<f32>> = (0..cfg.topics)
-        .map(|_| (0..cfg.embedding_dim).map(|_| rng.random_range(-1.0..1.0)).collect())
+        .map(|_| {
+            (0..cfg.embedding_dim)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect()
+        })
         .collect();
 
-    let mut item_file = String::from("item_id:token\ttitle:token_seq\tcategories:token_seq\tattributes:token_seq");
+    let mut item_file =
+        String::from("item_id:token\ttitle:token_seq\tcategories:token_seq\tattributes:token_seq");
     if cfg.embedding_dim > 0 {
         item_file.push_str("\tembedding:float_seq");
     }

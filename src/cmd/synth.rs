@@ -26,7 +26,10 @@ pub struct SynthArgs {
 }
 
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.items > 0 && a.topics > 0, "--items and --topics must be positive");
+    anyhow::ensure!(
+        a.items > 0 && a.topics > 0,
+        "--items and --topics must be positive"
+    );
     let cfg = SynthConfig {
         name: a.name,
         items: a.items,

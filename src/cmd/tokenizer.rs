@@ -165,7 +165,8 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         let Some(inter) = &a.inter else {
             bail!("--method svd learns from interactions: pass --inter FILE");
         };
-        let seqs = load_sequences(inter, Some(&items)).with_context(|| format!("reading {}", inter.display()))?;
+        let seqs = load_sequences(inter, Some(&items))
+            .with_context(|| format!("reading {}", inter.display()))?;
         let data = TrainData::Interactions {
             rows: &seqs.seqs,
             users: &seqs.users,
@@ -173,7 +174,11 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         train(&ids, data, &opts, provenance, &a.out, &pb)?
     } else {
         let (kind, fields) = choose(&items, a.encoder, &a.fields)?;
-        let text = if kind == EncoderKind::Text { Some(load_text(a.text_model)?) } else { None };
+        let text = if kind == EncoderKind::Text {
+            Some(load_text(a.text_model)?)
+        } else {
+            None
+        };
         let spec = match kind {
             EncoderKind::Text => {
                 let t = text.as_ref().expect("loaded above");
@@ -194,7 +199,11 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
                     genfeed::dataset::Value::FloatSeq(v) => v.len(),
                     _ => 0,
                 });
-                anyhow::ensure!(dim > 0, "column {:?} holds no embedding in its first row", fields[0]);
+                anyhow::ensure!(
+                    dim > 0,
+                    "column {:?} holds no embedding in its first row",
+                    fields[0]
+                );
                 EncoderSpec::Precomputed {
                     field: fields[0].clone(),
                     dim,
@@ -210,7 +219,11 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         train(&ids, data, &opts, provenance, &a.out, &pb)?
     };
     pb.finish_and_clear();
-    println!("tokenizer {} written to {}", tokenizer.version(), a.out.display());
+    println!(
+        "tokenizer {} written to {}",
+        tokenizer.version(),
+        a.out.display()
+    );
     println!("{}", tokenizer.manifest().metrics);
     Ok(())
 }
@@ -228,28 +241,41 @@ fn run_assign(a: AssignArgs) -> anyhow::Result<()> {
         out.push('\n');
     };
     if let EncoderSpec::Interactions { .. } = spec {
-        let seqs = a.inter.as_ref().map(|p| load_sequences(p, None)).transpose()?;
+        let seqs = a
+            .inter
+            .as_ref()
+            .map(|p| load_sequences(p, None))
+            .transpose()?;
         let users_of = seqs.as_ref().map(users_by_item).unwrap_or_default();
         for row in &items.rows {
             if let Some(sid) = assigner.get(&row.id) {
                 push(&row.id, sid);
                 continue;
             }
-            let users = users_of.get(row.id.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-            let vector = tokenizer
-                .fold_in(users.iter().copied())
-                .ok_or_else(|| TokenizeError::NoKnownUsers { item: row.id.clone() })?;
+            let users = users_of
+                .get(row.id.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let vector = tokenizer.fold_in(users.iter().copied()).ok_or_else(|| {
+                TokenizeError::NoKnownUsers {
+                    item: row.id.clone(),
+                }
+            })?;
             push(&row.id, assigner.assign(&row.id, &vector)?);
         }
     } else {
-        let text = matches!(spec, EncoderSpec::Text { .. }).then(|| load_text(a.text_model)).transpose()?;
+        let text = matches!(spec, EncoderSpec::Text { .. })
+            .then(|| load_text(a.text_model))
+            .transpose()?;
         let vectors = embed(&items, &spec, text.as_ref())?;
         for (i, row) in items.rows.iter().enumerate() {
             push(&row.id, assigner.assign(&row.id, vectors.row(i))?);
         }
     }
     match &a.out {
-        Some(path) => std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => {
+            std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?
+        }
         None => std::io::stdout().lock().write_all(out.as_bytes())?,
     }
     Ok(())
@@ -259,7 +285,9 @@ fn users_by_item(seqs: &Sequences) -> HashMap<&str, Vec<&str>> {
     let mut map: HashMap<&str, Vec<&str>> = HashMap::new();
     for (u, seq) in seqs.seqs.iter().enumerate() {
         for &i in seq {
-            map.entry(seqs.items[i as usize].as_str()).or_default().push(seqs.users[u].as_str());
+            map.entry(seqs.items[i as usize].as_str())
+                .or_default()
+                .push(seqs.users[u].as_str());
         }
     }
     map
@@ -280,11 +308,18 @@ fn run_check(a: CheckArgs) -> anyhow::Result<()> {
     let mut cats = Vec::new();
     for row in &items.rows {
         let Some(&code) = sids.get(row.id.as_str()) else {
-            bail!("item {:?} is not among the tokenizer's training items", row.id);
+            bail!(
+                "item {:?} is not among the tokenizer's training items",
+                row.id
+            );
         };
         let raw = row.values[col].as_str().unwrap_or("");
         let set: Vec<String> = match &a.separator {
-            Some(sep) => raw.split(sep.as_str()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            Some(sep) => raw
+                .split(sep.as_str())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
             None => raw.split_whitespace().map(str::to_string).collect(),
         };
         first.push(code);

@@ -31,11 +31,18 @@ impl AttributeEncoder {
     /// `(field, token)`: the field name is part of the hash so that the same id
     /// in two columns means two things. An item with no tokens is the zero
     /// vector.
-    pub fn encode<'a>(&self, tokens: impl IntoIterator<Item = (&'a str, &'a str)>, out: &mut [f32]) {
+    pub fn encode<'a>(
+        &self,
+        tokens: impl IntoIterator<Item = (&'a str, &'a str)>,
+        out: &mut [f32],
+    ) {
         assert_eq!(out.len(), self.dim);
         out.fill(0.0);
         for (field, token) in tokens {
-            let mut state = fnv1a(fnv1a(self.seed ^ FNV_OFFSET, field.as_bytes()) ^ 0x3d, token.as_bytes());
+            let mut state = fnv1a(
+                fnv1a(self.seed ^ FNV_OFFSET, field.as_bytes()) ^ 0x3d,
+                token.as_bytes(),
+            );
             let mut bits = 0u64;
             for (i, x) in out.iter_mut().enumerate() {
                 if i % 64 == 0 {
@@ -98,7 +105,10 @@ mod tests {
     #[test]
     fn deterministic_and_seed_and_field_sensitive() {
         let e = AttributeEncoder::new(64, 1);
-        assert_eq!(enc(&e, &["x", "y"]), enc(&AttributeEncoder::new(64, 1), &["y", "x"]));
+        assert_eq!(
+            enc(&e, &["x", "y"]),
+            enc(&AttributeEncoder::new(64, 1), &["y", "x"])
+        );
         assert_ne!(enc(&e, &["x"]), enc(&AttributeEncoder::new(64, 2), &["x"]));
         let mut other_field = vec![0.0; 64];
         e.encode([("brand", "x")], &mut other_field);

@@ -23,10 +23,21 @@ const TEXT_MARKERS: [&str; 3] = ["title", "name", "description"];
 
 /// Resolves `Auto` and picks the fields: the given ones, or every content
 /// column of the right type.
-pub fn choose(items: &Items, kind: EncoderKind, fields: &[String]) -> Result<(EncoderKind, Vec<String>), EmbedError> {
+pub fn choose(
+    items: &Items,
+    kind: EncoderKind,
+    fields: &[String],
+) -> Result<(EncoderKind, Vec<String>), EmbedError> {
     let kind = match kind {
-        EncoderKind::Auto if items.columns.iter().any(|c| c.ty == FieldType::FloatSeq) => EncoderKind::Precomputed,
-        EncoderKind::Auto if items.columns.iter().any(|c| TEXT_MARKERS.contains(&c.name.as_str())) => {
+        EncoderKind::Auto if items.columns.iter().any(|c| c.ty == FieldType::FloatSeq) => {
+            EncoderKind::Precomputed
+        }
+        EncoderKind::Auto
+            if items
+                .columns
+                .iter()
+                .any(|c| TEXT_MARKERS.contains(&c.name.as_str())) =>
+        {
             EncoderKind::Text
         }
         EncoderKind::Auto => EncoderKind::Attributes,
@@ -41,7 +52,11 @@ pub fn choose(items: &Items, kind: EncoderKind, fields: &[String]) -> Result<(En
                 _ => matches!(c.ty, FieldType::Token | FieldType::TokenSeq),
             })
             .map(|c| c.name.clone())
-            .take(if kind == EncoderKind::Precomputed { 1 } else { usize::MAX })
+            .take(if kind == EncoderKind::Precomputed {
+                1
+            } else {
+                usize::MAX
+            })
             .collect()
     } else {
         fields.to_vec()
@@ -64,7 +79,12 @@ pub fn choose(items: &Items, kind: EncoderKind, fields: &[String]) -> Result<(En
 }
 
 fn available(items: &Items) -> String {
-    items.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+    items
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The text an item is embedded from: its fields' text joined by ". ".
@@ -124,7 +144,11 @@ pub fn encode_items(
             let mut data = vec![0.0; n * dim];
             for (row, out) in items.rows.iter().zip(data.chunks_mut(*dim)) {
                 let tokens = cols.iter().zip(fields).flat_map(|(&c, name)| {
-                    row.values[c].tokens().into_iter().flatten().map(move |t| (name.as_str(), t))
+                    row.values[c]
+                        .tokens()
+                        .into_iter()
+                        .flatten()
+                        .map(move |t| (name.as_str(), t))
                 });
                 enc.encode(tokens, out);
                 progress.inc(1);
@@ -151,7 +175,9 @@ pub fn encode_items(
             Ok(Vectors::new(*dim, data))
         }
         EncoderSpec::Interactions { .. } => Err(EmbedError::MissingField {
-            field: "(interactions: the SVD tokenizer places items by their users, not their content)".into(),
+            field:
+                "(interactions: the SVD tokenizer places items by their users, not their content)"
+                    .into(),
             available: available(items),
         }),
     }

@@ -162,7 +162,10 @@ mod tests {
             "item \"item-7\": field \"embedding\" has 1 values, expected 2"
         );
         let err = check_vector("item-8", "embedding", &[0.0, f32::NAN], 2).unwrap_err();
-        assert!(matches!(err, EmbedError::NotFinite { index: 1, .. }), "{err}");
+        assert!(
+            matches!(err, EmbedError::NotFinite { index: 1, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("item-8"));
     }
 

@@ -316,12 +316,12 @@ mod tests {
 
     use super::*;
 
-    /// The installed model: `$GENFEED_MINILM_DIR`, else `<repo>/models/all-minilm-l6-v2`.
+    /// The installed model: `$GENFEED_TEXT_MODEL`, else `<repo>/models/all-minilm-l6-v2`.
     ///
     /// These tests fail rather than skip when it is absent, so a machine without
     /// the model can never report them green.
     fn model_dir() -> PathBuf {
-        let dir = std::env::var_os("GENFEED_MINILM_DIR")
+        let dir = std::env::var_os("GENFEED_TEXT_MODEL")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2")
@@ -329,7 +329,7 @@ mod tests {
         assert!(
             dir.join(WEIGHTS_FILE).is_file(),
             "no all-MiniLM-L6-v2 model at {}: run scripts/install-minilm.sh \
-             (or point GENFEED_MINILM_DIR at an installed copy)",
+             (or point GENFEED_TEXT_MODEL at an installed copy)",
             dir.display()
         );
         dir

@@ -179,7 +179,10 @@ impl Weights {
             name: name.to_string(),
             detail,
         };
-        let t = self.tensors.get(name).ok_or_else(|| err("missing".into()))?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| err("missing".into()))?;
         if t.dims() != shape {
             return Err(err(format!("shape {:?}, expected {shape:?}", t.dims())));
         }
@@ -237,12 +240,16 @@ pub fn save(
         &weights_digest[..12]
     );
     manifest.files.insert(WEIGHTS.into(), weights_digest);
-    manifest.files.insert(ITEMS.into(), file_sha256(&dir.join(ITEMS))?);
+    manifest
+        .files
+        .insert(ITEMS.into(), file_sha256(&dir.join(ITEMS))?);
     if let Some(users) = users {
         let mut text = users.join("\n");
         text.push('\n');
         write_atomic(&dir.join(USERS), text.as_bytes())?;
-        manifest.files.insert(USERS.into(), file_sha256(&dir.join(USERS))?);
+        manifest
+            .files
+            .insert(USERS.into(), file_sha256(&dir.join(USERS))?);
     }
     let json = serde_json::to_vec_pretty(manifest).expect("a manifest always serialises");
     write_atomic(&dir.join(MANIFEST), &json)
@@ -272,7 +279,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, ArtifactError> {
             found: format.to_string(),
         });
     }
-    let version = probe.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0);
+    let version = probe
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
     if version != u64::from(FORMAT_VERSION) {
         return Err(ArtifactError::UnsupportedVersion {
             path,
@@ -285,10 +295,13 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, ArtifactError> {
 /// Reads a file the manifest lists, after checking its digest.
 pub fn read_listed(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>, ArtifactError> {
     let path = dir.join(name);
-    let expected = manifest.files.get(name).ok_or_else(|| ArtifactError::Unlisted {
-        path: dir.join(MANIFEST),
-        name: name.to_string(),
-    })?;
+    let expected = manifest
+        .files
+        .get(name)
+        .ok_or_else(|| ArtifactError::Unlisted {
+            path: dir.join(MANIFEST),
+            name: name.to_string(),
+        })?;
     let bytes = fs::read(&path).map_err(ArtifactError::io(&path))?;
     let found = hex(&Sha256::digest(&bytes));
     if &found != expected {
@@ -337,7 +350,10 @@ pub fn read_items(dir: &Path, manifest: &Manifest) -> Result<Vec<(String, Sid)>,
                 .ok_or_else(|| bad("expected item_id<TAB>sid".into()))?;
             let sid: Sid = sid.parse().map_err(|e: SidError| bad(e.to_string()))?;
             if sid.levels() != levels {
-                return Err(bad(format!("SID {sid} has {} levels, expected {levels}", sid.levels())));
+                return Err(bad(format!(
+                    "SID {sid} has {} levels, expected {levels}",
+                    sid.levels()
+                )));
             }
             Ok((id.to_string(), sid))
         })

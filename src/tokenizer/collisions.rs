@@ -98,7 +98,9 @@ impl SidAllocator {
 /// two. New items keep arriving after training and the model's vocabulary is
 /// fixed then, so the headroom is chosen up front.
 pub fn default_capacity(largest: usize) -> usize {
-    (2 * largest).next_power_of_two().clamp(256, usize::from(Code::MAX) + 1)
+    (2 * largest)
+        .next_power_of_two()
+        .clamp(256, usize::from(Code::MAX) + 1)
 }
 
 #[cfg(test)]

@@ -112,7 +112,9 @@ fn seed_plus_plus(
 }
 
 fn row_norms(data: &[f32], dim: usize) -> Vec<f32> {
-    data.chunks(dim).map(|r| r.iter().map(|x| x * x).sum()).collect()
+    data.chunks(dim)
+        .map(|r| r.iter().map(|x| x * x).sum())
+        .collect()
 }
 
 fn sq_dist_to(points: &Tensor, norms: &[f32], c: &[f32]) -> candle_core::Result<Vec<f32>> {
@@ -160,7 +162,14 @@ fn assign(
 /// Moves each centroid to the mean of its points; an empty cluster takes the
 /// point farthest from its own centroid (and that point's distance is zeroed so
 /// that two empty clusters do not take the same point).
-fn update(data: &[f32], dim: usize, k: usize, assignment: &[u32], dist: &mut [f32], centroids: &mut [f32]) {
+fn update(
+    data: &[f32],
+    dim: usize,
+    k: usize,
+    assignment: &[u32],
+    dist: &mut [f32],
+    centroids: &mut [f32],
+) {
     let mut sums = vec![0f64; k * dim];
     let mut counts = vec![0usize; k];
     for (row, &a) in data.chunks(dim).zip(assignment) {
@@ -180,7 +189,10 @@ fn update(data: &[f32], dim: usize, k: usize, assignment: &[u32], dist: &mut [f3
             let (far, _) = dist
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |b, (i, &d)| if d > b.1 { (i, d) } else { b });
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &d)| if d > b.1 { (i, d) } else { b },
+                );
             target.copy_from_slice(&data[far * dim..(far + 1) * dim]);
             dist[far] = 0.0;
         }
@@ -224,7 +236,9 @@ mod tests {
 
     #[test]
     fn uses_every_cluster_when_points_allow() {
-        let data: Vec<f32> = (0..64).flat_map(|i| [i as f32, (i * i % 17) as f32]).collect();
+        let data: Vec<f32> = (0..64)
+            .flat_map(|i| [i as f32, (i * i % 17) as f32])
+            .collect();
         let cfg = KMeansConfig {
             k: 32,
             max_iters: 30,

@@ -116,7 +116,11 @@ impl FrozenTokenizer {
                     .iter()
                     .enumerate()
                     .map(|(l, &k)| {
-                        Ok(Codebook::new(k, latent, weights.get(&format!("codebook.{l}"), &[k, latent])?))
+                        Ok(Codebook::new(
+                            k,
+                            latent,
+                            weights.get(&format!("codebook.{l}"), &[k, latent])?,
+                        ))
                     })
                     .collect::<Result<Vec<_>, ArtifactError>>()?;
                 Stage::Residual {
@@ -127,7 +131,9 @@ impl FrozenTokenizer {
             Method::Svd => {
                 let k = manifest.codebook_sizes[0];
                 if manifest.codebook_sizes.iter().any(|&s| s != k) || dim != levels {
-                    return Err(inconsistent("an SVD tokenizer has one dimension per level and one bin count".into()));
+                    return Err(inconsistent(
+                        "an SVD tokenizer has one dimension per level and one bin count".into(),
+                    ));
                 }
                 let flat = weights.get("svd.edges", &[levels, k - 1])?;
                 let edges = flat.chunks(k - 1).map(<[f32]>::to_vec).collect();
@@ -182,8 +188,20 @@ impl FrozenTokenizer {
     /// The content codes of one item's vector (all levels but the last).
     /// Checks the vector first: wrong dimension or a non-finite value is an
     /// error naming the item.
-    pub fn content_codes(&self, item: &str, vector: &[f32], codes: &mut [Code]) -> Result<(), EmbedError> {
+    pub fn content_codes(
+        &self,
+        item: &str,
+        vector: &[f32],
+        codes: &mut [Code],
+    ) -> Result<(), EmbedError> {
         check_vector(item, "embedding", vector, self.input_dim())?;
+        self.quantise(vector, codes);
+        Ok(())
+    }
+
+    /// Content codes of a checked vector; returns the squared quantisation
+    /// residual and the squared norm of what was quantised (for the report).
+    fn quantise(&self, vector: &[f32], codes: &mut [Code]) -> (f32, f32) {
         match &self.stage {
             Stage::Residual { encoder, rq } => {
                 let mut x = vec![0.0; vector.len()];
@@ -192,15 +210,15 @@ impl FrozenTokenizer {
                     x = mlp.forward(&x);
                 }
                 let mut scratch = vec![0.0; x.len()];
-                rq.quantize(&x, codes, &mut scratch);
+                (rq.quantize(&x, codes, &mut scratch), quantize::dot(&x, &x))
             }
             Stage::Svd { edges, .. } => {
                 for ((code, e), &v) in codes.iter_mut().zip(edges).zip(vector) {
                     *code = e.partition_point(|&edge| edge <= v) as Code;
                 }
+                (0.0, 0.0)
             }
         }
-        Ok(())
     }
 
     /// SVD tokenizers only: the factor vector of an unseen item from the users
@@ -208,7 +226,12 @@ impl FrozenTokenizer {
     /// users are skipped; `None` when no user is known or the tokenizer is not
     /// an SVD one.
     pub fn fold_in<'a>(&self, users: impl IntoIterator<Item = &'a str>) -> Option<Vec<f32>> {
-        let Stage::Svd { users: index, user_proj, .. } = &self.stage else {
+        let Stage::Svd {
+            users: index,
+            user_proj,
+            ..
+        } = &self.stage
+        else {
             return None;
         };
         let k = self.manifest.content_levels;
@@ -280,7 +303,8 @@ impl Assigner<'_> {
         }
         let mut codes = [0; MAX_LEVELS];
         let levels = self.tokenizer.manifest.content_levels;
-        self.tokenizer.content_codes(item, vector, &mut codes[..levels])?;
+        self.tokenizer
+            .content_codes(item, vector, &mut codes[..levels])?;
         let sid = self
             .allocator
             .allocate(&codes[..levels])

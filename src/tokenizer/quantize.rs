@@ -66,9 +66,9 @@ impl Codebook {
         &self.words[code * self.dim..(code + 1) * self.dim]
     }
 
-    /// The nearest codeword to `x` in Euclidean distance. `|x - c|² = |x|² - 2(x·c
-    /// - |c|²/2)`, so the argmax of `x·c - |c|²/2` is the answer; ties go to the
-    /// lower code.
+    /// The nearest codeword to `x` in Euclidean distance. Since
+    /// `|x − c|² = |x|² − 2(x·c − |c|²/2)`, the argmax of `x·c − |c|²/2` is the
+    /// answer; ties go to the lower code.
     pub fn nearest(&self, x: &[f32]) -> usize {
         let mut best = 0;
         let mut best_score = f32::NEG_INFINITY;
@@ -148,7 +148,11 @@ impl Normaliser {
             }
         }
         let var = sq / (n.max(1) * dim) as f64;
-        let scale = if var > 0.0 { (1.0 / var.sqrt()) as f32 } else { 1.0 };
+        let scale = if var > 0.0 {
+            (1.0 / var.sqrt()) as f32
+        } else {
+            1.0
+        };
         Normaliser {
             mean: mean.into_iter().map(|m| m as f32).collect(),
             scale,
@@ -214,26 +218,33 @@ impl Mlp {
     }
 }
 
-/// Runs `f(i, row, codes_row)` over all rows on `threads` threads. Each row is
-/// independent, so the result does not depend on the thread count.
-pub fn par_rows<F>(n: usize, levels: usize, threads: usize, f: F) -> Vec<Code>
+/// Runs `f(i, codes_row)` over all rows on `threads` threads and collects
+/// the codes and what `f` returns per row. Each row is independent, so the
+/// result does not depend on the thread count.
+pub fn par_rows<T, F>(n: usize, levels: usize, threads: usize, f: F) -> (Vec<Code>, Vec<T>)
 where
-    F: Fn(usize, &mut [Code]) + Sync,
+    T: Default + Clone + Send,
+    F: Fn(usize, &mut [Code]) -> T + Sync,
 {
     let mut codes = vec![0 as Code; n * levels];
+    let mut out = vec![T::default(); n];
     let threads = threads.max(1);
     let per = n.div_ceil(threads).max(1);
     std::thread::scope(|s| {
-        for (t, chunk) in codes.chunks_mut(per * levels).enumerate() {
+        for (t, (chunk, res)) in codes
+            .chunks_mut(per * levels)
+            .zip(out.chunks_mut(per))
+            .enumerate()
+        {
             let f = &f;
             s.spawn(move || {
-                for (j, row) in chunk.chunks_mut(levels).enumerate() {
-                    f(t * per + j, row);
+                for (j, (row, r)) in chunk.chunks_mut(levels).zip(res).enumerate() {
+                    *r = f(t * per + j, row);
                 }
             });
         }
     });
-    codes
+    (codes, out)
 }
 
 /// The number of threads to use for host work: `RAYON_NUM_THREADS` when set
@@ -275,6 +286,7 @@ mod tests {
         let f = |i: usize, row: &mut [Code]| {
             row[0] = (i % 7) as Code;
             row[1] = (i / 7) as Code;
+            i * 2
         };
         assert_eq!(par_rows(100, 2, 1, f), par_rows(100, 2, 3, f));
     }

@@ -99,6 +99,13 @@ pub struct CategoryAgreement {
     /// Mean Jaccard similarity of the category sets, same-code and random.
     pub same_code_jaccard: f64,
     pub random_jaccard: f64,
+    /// The categories held by more than 10% of items (`Restaurants`, `Food`),
+    /// which make almost any two items "share a category"; the `specific_`
+    /// figures repeat the comparison without them.
+    pub common_categories: Vec<String>,
+    pub specific_same_code: f64,
+    pub specific_random: f64,
+    pub specific_ratio: f64,
 }
 
 /// Samples `pairs` same-first-code pairs (a group chosen in proportion to its
@@ -125,8 +132,31 @@ pub fn category_agreement(
         })
         .collect();
     let total: f64 = weights.iter().sum();
+    let mut freq: HashMap<&str, usize> = HashMap::new();
+    for set in categories {
+        for c in set {
+            *freq.entry(c.as_str()).or_default() += 1;
+        }
+    }
+    let mut common: Vec<String> = freq
+        .iter()
+        .filter(|(_, &f)| f * 10 > n)
+        .map(|(c, _)| c.to_string())
+        .collect();
+    common.sort();
+    let specific: Vec<Vec<String>> = categories
+        .iter()
+        .map(|set| {
+            set.iter()
+                .filter(|c| !common.contains(c))
+                .cloned()
+                .collect()
+        })
+        .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (mut same_hits, mut same_jac, mut rand_hits, mut rand_jac) = (0usize, 0.0, 0usize, 0.0);
+    // [any same, any random, specific same, specific random], and Jaccard sums.
+    let mut hits = [0usize; 4];
+    let (mut same_jac, mut rand_jac) = (0.0, 0.0);
     for _ in 0..pairs {
         if total > 0.0 {
             let mut t = rng.random::<f64>() * total;
@@ -140,24 +170,31 @@ pub fn category_agreement(
             }
             let members = &groups[&keys[g]];
             let (a, b) = distinct_pair(&mut rng, members.len());
-            let (hit, jac) = compare(&categories[members[a]], &categories[members[b]]);
-            same_hits += hit as usize;
+            let (a, b) = (members[a], members[b]);
+            let (hit, jac) = compare(&categories[a], &categories[b]);
+            hits[0] += hit as usize;
+            hits[2] += compare(&specific[a], &specific[b]).0 as usize;
             same_jac += jac;
         }
         let (a, b) = distinct_pair(&mut rng, n);
         let (hit, jac) = compare(&categories[a], &categories[b]);
-        rand_hits += hit as usize;
+        hits[1] += hit as usize;
+        hits[3] += compare(&specific[a], &specific[b]).0 as usize;
         rand_jac += jac;
     }
-    let same_code = same_hits as f64 / pairs as f64;
-    let random = rand_hits as f64 / pairs as f64;
+    let share = |h: usize| h as f64 / pairs as f64;
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::INFINITY };
     CategoryAgreement {
         pairs,
-        same_code,
-        random,
-        ratio: if random > 0.0 { same_code / random } else { f64::INFINITY },
+        same_code: share(hits[0]),
+        random: share(hits[1]),
+        ratio: ratio(share(hits[0]), share(hits[1])),
         same_code_jaccard: same_jac / pairs as f64,
         random_jaccard: rand_jac / pairs as f64,
+        common_categories: common,
+        specific_same_code: share(hits[2]),
+        specific_random: share(hits[3]),
+        specific_ratio: ratio(share(hits[2]), share(hits[3])),
     }
 }
 
@@ -173,7 +210,14 @@ fn distinct_pair(rng: &mut ChaCha8Rng, n: usize) -> (usize, usize) {
 fn compare(a: &[String], b: &[String]) -> (bool, f64) {
     let common = a.iter().filter(|x| b.contains(x)).count();
     let union = a.len() + b.len() - common;
-    (common > 0, if union > 0 { common as f64 / union as f64 } else { 0.0 })
+    (
+        common > 0,
+        if union > 0 {
+            common as f64 / union as f64
+        } else {
+            0.0
+        },
+    )
 }
 
 impl fmt::Display for Report {
@@ -193,10 +237,18 @@ impl fmt::Display for Report {
             )?;
         }
         writeln!(f, "distinct prefixes     {}", self.distinct_prefixes)?;
-        writeln!(f, "colliding items       {:.2}%", 100.0 * self.colliding_share)?;
+        writeln!(
+            f,
+            "colliding items       {:.2}%",
+            100.0 * self.colliding_share
+        )?;
         writeln!(f, "largest group         {}", self.largest_group)?;
         writeln!(f, "last-level capacity   {}", self.last_level_capacity)?;
-        writeln!(f, "relative quant. error {:.4}", self.relative_quantisation_error)?;
+        writeln!(
+            f,
+            "relative quant. error {:.4}",
+            self.relative_quantisation_error
+        )?;
         if let Some(mse) = self.reconstruction_mse {
             writeln!(f, "decoder recon. MSE    {mse:.4}")?;
         }

@@ -89,10 +89,19 @@ struct Net {
     codebooks: Vec<Var>,
 }
 
-fn layer(inputs: usize, outputs: usize, rng: &mut ChaCha8Rng, device: &Device) -> candle_core::Result<Layer> {
+fn layer(
+    inputs: usize,
+    outputs: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> candle_core::Result<Layer> {
     let bound = 1.0 / (inputs as f32).sqrt();
-    let w: Vec<f32> = (0..inputs * outputs).map(|_| rng.random_range(-bound..bound)).collect();
-    let b: Vec<f32> = (0..outputs).map(|_| rng.random_range(-bound..bound)).collect();
+    let w: Vec<f32> = (0..inputs * outputs)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    let b: Vec<f32> = (0..outputs)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
     Ok(Layer {
         w: Var::from_tensor(&Tensor::from_vec(w, (outputs, inputs), device)?)?,
         b: Var::from_tensor(&Tensor::from_vec(b, outputs, device)?)?,
@@ -100,13 +109,18 @@ fn layer(inputs: usize, outputs: usize, rng: &mut ChaCha8Rng, device: &Device) -
 }
 
 fn mlp(sizes: &[usize], rng: &mut ChaCha8Rng, device: &Device) -> candle_core::Result<Vec<Layer>> {
-    sizes.windows(2).map(|w| layer(w[0], w[1], rng, device)).collect()
+    sizes
+        .windows(2)
+        .map(|w| layer(w[0], w[1], rng, device))
+        .collect()
 }
 
 fn forward(layers: &[Layer], x: &Tensor) -> candle_core::Result<Tensor> {
     let mut h = x.clone();
     for (i, l) in layers.iter().enumerate() {
-        h = h.matmul(&l.w.as_tensor().t()?)?.broadcast_add(l.b.as_tensor())?;
+        h = h
+            .matmul(&l.w.as_tensor().t()?)?
+            .broadcast_add(l.b.as_tensor())?;
         if i + 1 < layers.len() {
             h = h.relu()?;
         }
@@ -118,7 +132,10 @@ fn forward(layers: &[Layer], x: &Tensor) -> candle_core::Result<Tensor> {
 fn distances(r: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
     let rn = r.sqr()?.sum_keepdim(1)?;
     let cn = c.sqr()?.sum(1)?.unsqueeze(0)?;
-    r.matmul(&c.t()?)?.affine(-2.0, 0.0)?.broadcast_add(&rn)?.broadcast_add(&cn)
+    r.matmul(&c.t()?)?
+        .affine(-2.0, 0.0)?
+        .broadcast_add(&rn)?
+        .broadcast_add(&cn)
 }
 
 impl Net {
@@ -132,7 +149,11 @@ impl Net {
     /// One forward pass: `(loss, reconstruction loss, codes per level,
     /// residual entering each level)`.
     #[allow(clippy::type_complexity)]
-    fn step(&self, x: &Tensor, beta: f64) -> candle_core::Result<(Tensor, Tensor, Vec<Vec<u32>>, Vec<Tensor>)> {
+    fn step(
+        &self,
+        x: &Tensor,
+        beta: f64,
+    ) -> candle_core::Result<(Tensor, Tensor, Vec<Vec<u32>>, Vec<Tensor>)> {
         let z = forward(&self.encoder, x)?;
         let mut residual = z.clone();
         let mut quantised = z.zeros_like()?;
@@ -152,7 +173,9 @@ impl Net {
             codes.push(idx.to_vec1::<u32>()?);
         }
         let straight_through = (&z + (quantised - &z)?.detach())?;
-        let recon = (forward(&self.decoder, &straight_through)? - x)?.sqr()?.mean_all()?;
+        let recon = (forward(&self.decoder, &straight_through)? - x)?
+            .sqr()?
+            .mean_all()?;
         let loss = (&recon + codebook_loss)?;
         Ok((loss, recon, codes, residuals))
     }
@@ -243,7 +266,10 @@ pub fn train(
             epoch,
             loss: loss_sum / batches as f64,
             recon: recon_sum / batches as f64,
-            used: usage.iter().map(|u| u.iter().filter(|&&c| c > 0).count()).collect(),
+            used: usage
+                .iter()
+                .map(|u| u.iter().filter(|&&c| c > 0).count())
+                .collect(),
         });
     }
 
@@ -269,7 +295,13 @@ pub fn train(
         codebooks: net
             .codebooks
             .iter()
-            .map(|c| Ok(Codebook::new(cfg.codebook_size, cfg.latent, c.as_tensor().flatten_all()?.to_vec1()?)))
+            .map(|c| {
+                Ok(Codebook::new(
+                    cfg.codebook_size,
+                    cfg.latent,
+                    c.as_tensor().flatten_all()?.to_vec1()?,
+                ))
+            })
             .collect::<candle_core::Result<Vec<_>>>()?,
         reconstruction_mse: f64::from(recon.to_scalar::<f32>()?),
         restarts,
@@ -286,7 +318,12 @@ fn restart_dead_codes(
 ) -> candle_core::Result<usize> {
     let mut restarted = 0;
     for ((book, used), res) in books.iter().zip(usage).zip(residuals) {
-        let dead: Vec<usize> = used.iter().enumerate().filter(|(_, &c)| c == 0).map(|(i, _)| i).collect();
+        let dead: Vec<usize> = used
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c == 0)
+            .map(|(i, _)| i)
+            .collect();
         if dead.is_empty() {
             continue;
         }
@@ -297,7 +334,11 @@ fn restart_dead_codes(
             let r = rng.random_range(0..rows);
             words[d * latent..(d + 1) * latent].copy_from_slice(&res[r * latent..(r + 1) * latent]);
         }
-        book.set(&Tensor::from_vec(words, (used.len(), latent), book.device())?)?;
+        book.set(&Tensor::from_vec(
+            words,
+            (used.len(), latent),
+            book.device(),
+        )?)?;
         restarted += dead.len();
     }
     Ok(restarted)
@@ -311,9 +352,16 @@ mod tests {
     fn learns_to_reconstruct_clustered_data() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let dim = 16;
-        let centres: Vec<Vec<f32>> = (0..8).map(|_| (0..dim).map(|_| rng.random_range(-2.0..2.0)).collect()).collect();
+        let centres: Vec<Vec<f32>> = (0..8)
+            .map(|_| (0..dim).map(|_| rng.random_range(-2.0..2.0)).collect())
+            .collect();
         let data: Vec<f32> = (0..512)
-            .flat_map(|i| centres[i % 8].iter().map(|c| c + 0.05 * rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>())
+            .flat_map(|i| {
+                centres[i % 8]
+                    .iter()
+                    .map(|c| c + 0.05 * rng.random_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let cfg = RqVaeConfig {
             hidden: vec![32],
@@ -332,7 +380,10 @@ mod tests {
             last = s.recon;
         })
         .unwrap();
-        assert!(last < 0.5 * first.unwrap(), "reconstruction {first:?} -> {last}");
+        assert!(
+            last < 0.5 * first.unwrap(),
+            "reconstruction {first:?} -> {last}"
+        );
         assert_eq!(trained.encoder.output_dim(), 4);
         assert_eq!(trained.codebooks.len(), 2);
         // Items from one cluster get one first-level code, different clusters mostly differ.

@@ -50,7 +50,9 @@ pub fn factorize(rows: &[Vec<u32>], items: usize, cfg: &SvdConfig) -> SvdFactors
         .collect();
     let m = (cfg.dims + cfg.oversample).min(items).max(cfg.dims);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut q: Vec<f64> = (0..items * m).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut q: Vec<f64> = (0..items * m)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
     orthonormalise(&mut q, items, m);
     for _ in 0..cfg.power_iters {
         let y = times(&rows, &q, m);
@@ -59,7 +61,9 @@ pub fn factorize(rows: &[Vec<u32>], items: usize, cfg: &SvdConfig) -> SvdFactors
     }
     let b = times(&rows, &q, m);
     let users = rows.len();
-    let gram = DMatrix::from_fn(m, m, |i, j| (0..users).map(|u| b[u * m + i] * b[u * m + j]).sum::<f64>());
+    let gram = DMatrix::from_fn(m, m, |i, j| {
+        (0..users).map(|u| b[u * m + i] * b[u * m + j]).sum::<f64>()
+    });
     let eig = SymmetricEigen::new(gram);
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
@@ -69,8 +73,13 @@ pub fn factorize(rows: &[Vec<u32>], items: usize, cfg: &SvdConfig) -> SvdFactors
     let mut singular_values = Vec::with_capacity(k);
     for (d, &e) in order.iter().take(k).enumerate() {
         let w = eig.eigenvectors.column(e);
-        let mut v: Vec<f64> = (0..items).map(|i| (0..m).map(|j| q[i * m + j] * w[j]).sum()).collect();
-        let pivot = v.iter().copied().fold(0.0f64, |a, x| if x.abs() > a.abs() { x } else { a });
+        let mut v: Vec<f64> = (0..items)
+            .map(|i| (0..m).map(|j| q[i * m + j] * w[j]).sum())
+            .collect();
+        let pivot = v
+            .iter()
+            .copied()
+            .fold(0.0f64, |a, x| if x.abs() > a.abs() { x } else { a });
         if pivot < 0.0 {
             v.iter_mut().for_each(|x| *x = -*x);
         }
@@ -101,7 +110,9 @@ fn times(rows: &[Vec<u32>], q: &[f64], m: usize) -> Vec<f64> {
     for (u, row) in rows.iter().enumerate() {
         let out = &mut y[u * m..(u + 1) * m];
         for &i in row {
-            out.iter_mut().zip(&q[i as usize * m..(i as usize + 1) * m]).for_each(|(o, x)| *o += x);
+            out.iter_mut()
+                .zip(&q[i as usize * m..(i as usize + 1) * m])
+                .for_each(|(o, x)| *o += x);
         }
     }
     y
@@ -113,7 +124,10 @@ fn times_transposed(rows: &[Vec<u32>], y: &[f64], items: usize, m: usize) -> Vec
     for (u, row) in rows.iter().enumerate() {
         let src = &y[u * m..(u + 1) * m];
         for &i in row {
-            z[i as usize * m..(i as usize + 1) * m].iter_mut().zip(src).for_each(|(o, x)| *o += x);
+            z[i as usize * m..(i as usize + 1) * m]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(o, x)| *o += x);
         }
     }
     z
@@ -139,7 +153,9 @@ pub fn quantile_edges(values: &[f32], bins: usize) -> Vec<f32> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f32::total_cmp);
     let n = sorted.len();
-    (1..bins).map(|j| sorted[(j * n / bins).min(n - 1)]).collect()
+    (1..bins)
+        .map(|j| sorted[(j * n / bins).min(n - 1)])
+        .collect()
 }
 
 #[cfg(test)]
@@ -152,10 +168,22 @@ mod tests {
         let rows: Vec<Vec<u32>> = (0..40u32)
             .map(|u| {
                 let base = if u < 20 { 0 } else { 10 };
-                (0..10).filter(|i| (u + i) % 3 != 0).map(|i| base + i).collect()
+                (0..10)
+                    .filter(|i| (u + i) % 3 != 0)
+                    .map(|i| base + i)
+                    .collect()
             })
             .collect();
-        let f = factorize(&rows, 20, &SvdConfig { dims: 2, oversample: 4, power_iters: 4, seed: 1 });
+        let f = factorize(
+            &rows,
+            20,
+            &SvdConfig {
+                dims: 2,
+                oversample: 4,
+                power_iters: 4,
+                seed: 1,
+            },
+        );
         assert!(f.explained > 0.5, "explained {}", f.explained);
         assert!(f.singular_values[0] >= f.singular_values[1]);
         // Items of the same community agree on the sign pattern of the factors.

@@ -124,7 +124,10 @@ pub fn train(
     let (encoder, dim, normaliser, stage, vectors) = match (&data, opts.method) {
         (TrainData::Content { vectors, encoder }, Method::RqKmeans | Method::RqVae) => {
             if vectors.rows() != n {
-                return Err(TrainError::Config(format!("{} vectors for {n} items", vectors.rows())));
+                return Err(TrainError::Config(format!(
+                    "{} vectors for {n} items",
+                    vectors.rows()
+                )));
             }
             for (i, id) in items.iter().enumerate() {
                 check_vector(id, "embedding", vectors.row(i), vectors.dim())?;
@@ -144,7 +147,9 @@ pub fn train(
                     seed: opts.seed,
                 };
                 let books = rq_kmeans::train(&x, dim, &cfg, &device, |level, inertia, iters| {
-                    progress.set_message(format!("level {level}: inertia {inertia:.1} after {iters} iterations"));
+                    progress.set_message(format!(
+                        "level {level}: inertia {inertia:.1} after {iters} iterations"
+                    ));
                     progress.inc(1);
                 })
                 .map_err(compute("rq-kmeans"))?;
@@ -171,13 +176,15 @@ pub fn train(
                 .map_err(compute("rq-vae"))?;
                 reconstruction_mse = Some(trained.reconstruction_mse);
                 params["restarted_codes"] = trained.restarts.into();
-                for (prefix, mlp) in [("encoder", &trained.encoder), ("decoder", &trained.decoder)] {
+                for (prefix, mlp) in [("encoder", &trained.encoder), ("decoder", &trained.decoder)]
+                {
                     for (i, l) in mlp.layers.iter().enumerate() {
                         tensors.insert(
                             format!("{prefix}.{i}.weight"),
                             tensor(&l.weight, &[l.outputs, l.inputs])?,
                         );
-                        tensors.insert(format!("{prefix}.{i}.bias"), tensor(&l.bias, &[l.outputs])?);
+                        tensors
+                            .insert(format!("{prefix}.{i}.bias"), tensor(&l.bias, &[l.outputs])?);
                     }
                 }
                 Stage::Residual {
@@ -187,7 +194,10 @@ pub fn train(
             };
             if let Stage::Residual { rq, .. } = &stage {
                 for (l, book) in rq.levels().iter().enumerate() {
-                    tensors.insert(format!("codebook.{l}"), tensor(book.words(), &[book.k(), book.dim()])?);
+                    tensors.insert(
+                        format!("codebook.{l}"),
+                        tensor(book.words(), &[book.k(), book.dim()])?,
+                    );
                 }
             }
             (encoder.clone(), dim, normaliser, stage, (*vectors).clone())
@@ -209,13 +219,20 @@ pub fn train(
             let k = opts.levels;
             let edges: Vec<Vec<f32>> = (0..k)
                 .map(|d| {
-                    let column: Vec<f32> = (0..n).map(|i| factors.item_factors[i * k + d]).collect();
+                    let column: Vec<f32> =
+                        (0..n).map(|i| factors.item_factors[i * k + d]).collect();
                     svd::quantile_edges(&column, opts.codebook_size)
                 })
                 .collect();
             let flat: Vec<f32> = edges.iter().flatten().copied().collect();
-            tensors.insert("svd.edges".into(), tensor(&flat, &[k, opts.codebook_size - 1])?);
-            tensors.insert("svd.user_proj".into(), tensor(&factors.user_proj, &[users.len(), k])?);
+            tensors.insert(
+                "svd.edges".into(),
+                tensor(&flat, &[k, opts.codebook_size - 1])?,
+            );
+            tensors.insert(
+                "svd.user_proj".into(),
+                tensor(&factors.user_proj, &[users.len(), k])?,
+            );
             users_out = Some(users.to_vec());
             let stage = Stage::Svd {
                 edges,
@@ -235,7 +252,9 @@ pub fn train(
             )
         }
         (TrainData::Content { .. }, Method::Svd) => {
-            return Err(TrainError::Config("svd learns from interactions: pass --inter".into()))
+            return Err(TrainError::Config(
+                "svd learns from interactions: pass --inter".into(),
+            ))
         }
         (TrainData::Interactions { .. }, _) => {
             return Err(TrainError::Config(format!(
@@ -245,7 +264,10 @@ pub fn train(
         }
     };
     tensors.insert("normaliser.mean".into(), tensor(&normaliser.mean, &[dim])?);
-    tensors.insert("normaliser.scale".into(), tensor(&[normaliser.scale], &[1])?);
+    tensors.insert(
+        "normaliser.scale".into(),
+        tensor(&[normaliser.scale], &[1])?,
+    );
 
     let levels = opts.levels;
     let mut manifest = Manifest {
@@ -262,7 +284,10 @@ pub fn train(
             items_file: file_name(provenance.items_file),
             items_sha256: artifact::file_sha256(provenance.items_file)?,
             interactions_file: provenance.interactions_file.map(file_name),
-            interactions_sha256: provenance.interactions_file.map(artifact::file_sha256).transpose()?,
+            interactions_sha256: provenance
+                .interactions_file
+                .map(artifact::file_sha256)
+                .transpose()?,
             seed: opts.seed,
             params,
         },
@@ -279,13 +304,13 @@ pub fn train(
     };
 
     progress.set_message("assigning semantic IDs");
-    let codes = par_rows(n, levels, host_threads(), |i, row| {
-        frozen
-            .content_codes(&items[i], vectors.row(i), row)
-            .expect("training vectors were checked above");
+    let (codes, errors) = par_rows(n, levels, host_threads(), |i, row| {
+        frozen.quantise(vectors.row(i), row)
     });
     let (distinct_prefixes, colliding_share, largest_group) = collision_stats(&codes, levels);
-    let capacity = opts.last_level_capacity.unwrap_or_else(|| default_capacity(largest_group));
+    let capacity = opts
+        .last_level_capacity
+        .unwrap_or_else(|| default_capacity(largest_group));
     if capacity < largest_group {
         return Err(TrainError::Config(format!(
             "last-level capacity {capacity} is below the largest collision group ({largest_group} items)"
@@ -304,10 +329,15 @@ pub fn train(
     let table: Vec<(String, Sid)> = items
         .iter()
         .cloned()
-        .zip(sids.into_iter().map(|s| s.expect("every item was allocated")))
+        .zip(
+            sids.into_iter()
+                .map(|s| s.expect("every item was allocated")),
+        )
         .collect();
     if let Some(dup) = duplicate(items) {
-        return Err(TrainError::Config(format!("item {dup:?} appears twice in the training items")));
+        return Err(TrainError::Config(format!(
+            "item {dup:?} appears twice in the training items"
+        )));
     }
 
     manifest.last_level_capacity = capacity;
@@ -318,7 +348,7 @@ pub fn train(
         colliding_share,
         largest_group,
         last_level_capacity: capacity,
-        relative_quantisation_error: quantisation_error(&frozen, &vectors, &codes),
+        relative_quantisation_error: quantisation_error(&frozen, &vectors, &codes, &errors),
         reconstruction_mse,
         train_seconds: start.elapsed().as_secs_f64(),
     };
@@ -332,50 +362,50 @@ fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor, TrainError> {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned())
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |f| f.to_string_lossy().into_owned(),
+    )
 }
 
 fn duplicate(items: &[String]) -> Option<&str> {
     let mut seen = std::collections::HashSet::with_capacity(items.len());
-    items.iter().find(|i| !seen.insert(i.as_str())).map(String::as_str)
+    items
+        .iter()
+        .find(|i| !seen.insert(i.as_str()))
+        .map(String::as_str)
 }
 
 /// Mean squared residual over mean squared norm, in the space the codebooks
 /// quantise (normalised input, or the RQ-VAE latent); for SVD, the
 /// within-bin spread of the factors.
-fn quantisation_error(frozen: &FrozenTokenizer, vectors: &Vectors, codes: &[Code]) -> f64 {
-    let levels = frozen.manifest.content_levels;
+fn quantisation_error(
+    frozen: &FrozenTokenizer,
+    vectors: &Vectors,
+    codes: &[Code],
+    errors: &[(f32, f32)],
+) -> f64 {
     let (mut err, mut norm) = (0.0f64, 0.0f64);
-    match &frozen.stage {
-        Stage::Residual { encoder, rq } => {
-            let mut x = vec![0.0; vectors.dim()];
-            let mut scratch = vec![0.0; rq.dim()];
-            let mut c = vec![0; levels];
+    if let Stage::Svd { .. } = &frozen.stage {
+        let k = frozen.manifest.content_levels;
+        for d in 0..k {
+            let mut bins: HashMap<Code, (f64, f64, usize)> = HashMap::new();
             for i in 0..vectors.rows() {
-                frozen.normaliser.apply(vectors.row(i), &mut x);
-                let z = match encoder {
-                    Some(mlp) => mlp.forward(&x),
-                    None => x.clone(),
-                };
-                err += f64::from(rq.quantize(&z, &mut c, &mut scratch));
-                norm += f64::from(super::quantize::dot(&z, &z));
+                let v = f64::from(vectors.row(i)[d]);
+                let e = bins.entry(codes[i * k + d]).or_default();
+                e.0 += v;
+                e.1 += v * v;
+                e.2 += 1;
+                norm += v * v;
             }
+            err += bins
+                .values()
+                .map(|(s, sq, c)| sq - s * s / *c as f64)
+                .sum::<f64>();
         }
-        Stage::Svd { .. } => {
-            let k = levels;
-            for d in 0..k {
-                let mut bins: HashMap<Code, (f64, f64, usize)> = HashMap::new();
-                for i in 0..vectors.rows() {
-                    let v = f64::from(vectors.row(i)[d]);
-                    let e = bins.entry(codes[i * k + d]).or_default();
-                    e.0 += v;
-                    e.1 += v * v;
-                    e.2 += 1;
-                    norm += v * v;
-                }
-                err += bins.values().map(|(s, sq, c)| sq - s * s / *c as f64).sum::<f64>();
-            }
-        }
+    } else {
+        err = errors.iter().map(|e| f64::from(e.0)).sum();
+        norm = errors.iter().map(|e| f64::from(e.1)).sum();
     }
     if norm > 0.0 {
         err / norm
