@@ -37,6 +37,7 @@
 pub mod contract;
 pub mod dataset;
 pub mod embed;
+pub mod index;
 pub mod sid;
 pub mod synth;
 pub mod tokenizer;

@@ -1,0 +1,81 @@
+//! A copy-on-write array of counters, cheap to snapshot.
+//!
+//! Every published index snapshot needs its own view of the live-item counts of
+//! every trie node, yet a publish touches only the handful of nodes on the paths
+//! of the items that changed. The array is split into fixed chunks behind
+//! `Arc`s: cloning the array copies one pointer per chunk, and writing to a
+//! chunk that a snapshot still shares copies just that chunk.
+
+use std::sync::Arc;
+
+const CHUNK: usize = 4096;
+
+#[derive(Clone, Debug, Default)]
+pub struct Chunked {
+    len: usize,
+    chunks: Vec<Arc<[u32; CHUNK]>>,
+}
+
+impl Chunked {
+    pub fn from_slice(values: &[u32]) -> Chunked {
+        let chunks = values
+            .chunks(CHUNK)
+            .map(|c| {
+                let mut chunk = [0u32; CHUNK];
+                chunk[..c.len()].copy_from_slice(c);
+                Arc::new(chunk)
+            })
+            .collect();
+        Chunked {
+            len: values.len(),
+            chunks,
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> u32 {
+        self.chunks[i / CHUNK][i % CHUNK]
+    }
+
+    /// Changes one value, copying its chunk first if a snapshot shares it.
+    pub fn update(&mut self, i: usize, f: impl FnOnce(u32) -> u32) {
+        assert!(i < self.len, "counter {i} out of {}", self.len);
+        let chunk = Arc::make_mut(&mut self.chunks[i / CHUNK]);
+        chunk[i % CHUNK] = f(chunk[i % CHUNK]);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes owned, counting shared chunks in full.
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks.len() * (CHUNK * 4 + std::mem::size_of::<Arc<[u32; CHUNK]>>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_do_not_see_later_writes() {
+        let values: Vec<u32> = (0..10_000).collect();
+        let mut a = Chunked::from_slice(&values);
+        let b = a.clone();
+        a.update(5000, |v| v + 1);
+        assert_eq!(a.get(5000), 5001);
+        assert_eq!(b.get(5000), 5000);
+        assert_eq!(a.get(9999), 9999);
+        assert_eq!(a.len(), 10_000);
+        assert!(
+            Arc::ptr_eq(&a.chunks[0], &b.chunks[0]),
+            "untouched chunks stay shared"
+        );
+        assert!(!Arc::ptr_eq(&a.chunks[1], &b.chunks[1]));
+    }
+}
