@@ -430,7 +430,11 @@ impl Index {
         true
     }
 
-    fn start_merge(&mut self) {
+    /// Starts a background merge now, unless one is running.
+    pub fn start_merge(&mut self) {
+        if self.merge.is_some() {
+            return;
+        }
         let snapshot = Snapshot {
             seq: self.seq,
             base: self.base.clone(),
@@ -481,9 +485,7 @@ impl Index {
 
     /// Merges now, waiting for it (and for a merge already running).
     pub fn merge_now(&mut self) -> Result<u64, IndexError> {
-        if self.merge.is_none() {
-            self.start_merge();
-        }
+        self.start_merge();
         self.finish_merge()
     }
 
@@ -492,6 +494,17 @@ impl Index {
     /// missing.
     pub fn remove_old_segments(&self) -> Result<(), IndexError> {
         segment::remove_others(&self.dir, self.base.generation())
+    }
+}
+
+impl Drop for Index {
+    /// Waits for a running merge: its thread reads the base through a memory
+    /// map and writes the next generation's file, and neither may outlive the
+    /// index that owns the directory.
+    fn drop(&mut self) {
+        if let Some(merge) = self.merge.take() {
+            let _ = merge.handle.join();
+        }
     }
 }
 
