@@ -342,6 +342,8 @@ pub struct Index {
     seq: u64,
     current: Arc<ArcSwap<Snapshot>>,
     merge: Option<Merge>,
+    /// Published snapshots that may still be alive, oldest first.
+    published: std::collections::VecDeque<(u64, std::sync::Weak<Snapshot>)>,
 }
 
 impl Index {
@@ -381,11 +383,12 @@ impl Index {
         let base = Arc::new(base);
         let mut overlay = Overlay::new(&base);
         diff_into(&base, &mut overlay, live);
-        let snapshot = Snapshot {
+        let snapshot = Arc::new(Snapshot {
             seq: 0,
             base: base.clone(),
             overlay: overlay.clone(),
-        };
+        });
+        let published = std::iter::once((0, Arc::downgrade(&snapshot))).collect();
         let index = Index {
             dir: dir.to_path_buf(),
             vocab: vocab.to_vec(),
@@ -393,8 +396,9 @@ impl Index {
             base,
             overlay,
             seq: 0,
-            current: Arc::new(ArcSwap::from_pointee(snapshot)),
+            current: Arc::new(ArcSwap::new(snapshot)),
             merge: None,
+            published,
         };
         Ok((index, opened))
     }
@@ -435,7 +439,28 @@ impl Index {
             overlay: self.overlay.clone(),
         });
         self.current.store(snapshot.clone());
+        self.published.push_back((self.seq, Arc::downgrade(&snapshot)));
         snapshot
+    }
+
+    /// The sequence number the next publish will carry: a change applied now
+    /// is first visible in that snapshot.
+    pub fn next_seq(&self) -> u64 {
+        self.seq + 1
+    }
+
+    /// The oldest publish that some reader may still hold. A SID removed in a
+    /// publish later than this one may still be decoded by that reader; one
+    /// removed at or before it no longer can. Call it after `publish`.
+    pub fn oldest_alive_seq(&mut self) -> u64 {
+        while let Some((seq, weak)) = self.published.front() {
+            if weak.strong_count() == 0 && *seq < self.seq {
+                self.published.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.published.front().map_or(self.seq, |(seq, _)| *seq)
     }
 
     /// Starts a background merge if the overlay passed the threshold and none
@@ -645,6 +670,25 @@ mod tests {
         let leaf = s.step(cursors[2], 5).unwrap();
         assert_eq!(s.sid(leaf), Some(sid("0-2-5")));
         assert_eq!(s.step(cursors[2], 4), None);
+    }
+
+    #[test]
+    fn oldest_alive_snapshot_is_tracked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = open(dir.path(), &[(sid("1-1-1"), 1)]);
+        let held = index.reader().snapshot();
+        assert_eq!(index.next_seq(), 1);
+        index.remove(sid("1-1-1"));
+        index.publish();
+        index.publish();
+        assert_eq!(index.oldest_alive_seq(), 0, "a reader still holds snapshot 0");
+        drop(held);
+        assert_eq!(index.oldest_alive_seq(), 2, "only the current snapshot is alive");
+        let held = index.publish();
+        index.publish();
+        assert_eq!(index.oldest_alive_seq(), 3);
+        drop(held);
+        assert_eq!(index.oldest_alive_seq(), 4);
     }
 
     #[test]

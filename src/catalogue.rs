@@ -1,0 +1,214 @@
+//! The catalogue path: item changes in, live decodable semantic IDs out.
+//!
+//! Three parts, one direction:
+//!
+//! ```text
+//! upsert(item, content) ─► frozen tokenizer ─► registry (sled) ─► index overlay ─► publish
+//! retire(item)          ─────────────────────►    item ⇄ SID       tombstone        snapshot
+//! ```
+//!
+//! The registry is the source of truth and decides what changed (a replay
+//! changes nothing, new content moves an item to a new SID, a retire takes it
+//! out); the index follows. A change is decodable at the next
+//! [`Catalogue::publish`], without waiting for a merge.
+//!
+//! Two rules tie them together across crashes and readers:
+//!
+//! - The index base's generation is recorded in the registry only after the
+//!   segment file is durable, and old segment files are deleted only after
+//!   that record is flushed. On open, whatever base the registry names is
+//!   diffed against the registry's live set, so the index equals the registry
+//!   whatever was interrupted.
+//! - A SID that leaves the live set stays bound to its item until no published
+//!   snapshot that could still decode it is alive; only then does the registry
+//!   release it for another item.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::index::{Index, IndexError, IndexReader, Opened, Snapshot};
+use crate::registry::{Change, Registry, RegistryError, TokenizerBinding};
+use crate::sid::{Code, Sid};
+use crate::tokenizer::FrozenTokenizer;
+
+/// Where the catalogue lives and how it behaves.
+#[derive(Clone, Debug)]
+pub struct CatalogueConfig {
+    /// Holds `registry/` (sled) and `index/` (base segments).
+    pub dir: PathBuf,
+    /// Overlay changes that trigger a background merge.
+    pub merge_threshold: usize,
+    /// sled's background flush period; `None` flushes only on
+    /// [`Catalogue::flush`].
+    pub flush_every_ms: Option<u64>,
+}
+
+impl CatalogueConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> CatalogueConfig {
+        CatalogueConfig {
+            dir: dir.into(),
+            merge_threshold: 65_536,
+            flush_every_ms: Some(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+/// Registry and index of one tokenizer's catalogue, kept in step.
+pub struct Catalogue {
+    tokenizer: Arc<FrozenTokenizer>,
+    registry: Registry,
+    index: Index,
+}
+
+/// The vocabulary of each SID level: content codebooks, then the collision
+/// level's capacity.
+pub fn vocab(tokenizer: &FrozenTokenizer) -> Vec<usize> {
+    let m = tokenizer.manifest();
+    let mut v = m.codebook_sizes.clone();
+    v.push(m.last_level_capacity);
+    v
+}
+
+impl Catalogue {
+    /// Opens (or creates) the catalogue in `cfg.dir` for `tokenizer`.
+    pub fn open(tokenizer: Arc<FrozenTokenizer>, cfg: &CatalogueConfig) -> Result<(Catalogue, Opened), CatalogueError> {
+        let mut registry = Registry::open(
+            &cfg.dir.join("registry"),
+            &TokenizerBinding::of(&tokenizer),
+            cfg.flush_every_ms,
+        )?;
+        // No snapshot survives a restart, so nothing can still decode a SID
+        // that left before it.
+        registry.release(u64::MAX)?;
+        let live = registry.live().collect::<Result<Vec<(Sid, u32)>, _>>()?;
+        let (index, opened) = Index::open(
+            &cfg.dir.join("index"),
+            &vocab(&tokenizer),
+            registry.index_generation()?,
+            &live,
+            cfg.merge_threshold,
+        )?;
+        if opened != Opened::Reopened {
+            registry.set_index_generation(index.generation())?;
+            registry.flush()?;
+        }
+        index.remove_old_segments()?;
+        Ok((
+            Catalogue {
+                tokenizer,
+                registry,
+                index,
+            },
+            opened,
+        ))
+    }
+
+    pub fn tokenizer(&self) -> &FrozenTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn reader(&self) -> IndexReader {
+        self.index.reader()
+    }
+
+    /// Applies an upsert: `vector` is the item's content vector, `content_hash`
+    /// a digest of the content it came from (equal digests mean "unchanged"),
+    /// `position` the event's position in the catalogue topic.
+    pub fn upsert(
+        &mut self,
+        item_id: &str,
+        content_hash: [u8; 32],
+        vector: &[f32],
+        position: u64,
+    ) -> Result<Change, CatalogueError> {
+        let generation = self.index.next_seq();
+        let tokenizer = &self.tokenizer;
+        let levels = tokenizer.sid_levels() - 1;
+        let change = self.registry.apply_upsert(item_id, content_hash, position, generation, || {
+            let mut codes = vec![0 as Code; levels];
+            tokenizer.content_codes(item_id, vector, &mut codes).map(|_| codes)
+        })?;
+        self.follow(change);
+        Ok(change)
+    }
+
+    /// Applies a retire. An item never seen is an error for the caller to
+    /// dead-letter.
+    pub fn retire(&mut self, item_id: &str, position: u64) -> Result<Change, CatalogueError> {
+        let change = self.registry.apply_retire(item_id, position, self.index.next_seq())?;
+        self.follow(change);
+        Ok(change)
+    }
+
+    fn follow(&mut self, change: Change) {
+        match change {
+            Change::Unchanged => {}
+            Change::Added { ord, sid } => {
+                self.index.insert(sid, ord);
+            }
+            Change::Moved { ord, old, new } => {
+                self.index.remove(old);
+                self.index.insert(new, ord);
+            }
+            Change::Retired { sid, .. } => {
+                self.index.remove(sid);
+            }
+        }
+    }
+
+    /// Publishes the changes applied so far, folds in a finished background
+    /// merge (or starts one), and releases SIDs no reader can decode any more.
+    pub fn publish(&mut self) -> Result<Arc<Snapshot>, CatalogueError> {
+        self.index.publish();
+        self.index.maybe_merge();
+        if let Some(generation) = self.index.poll_merge()? {
+            self.record(generation)?;
+        }
+        let oldest = self.index.oldest_alive_seq();
+        self.registry.release(oldest)?;
+        Ok(self.index.reader().snapshot())
+    }
+
+    /// Merges now and records the new base.
+    pub fn merge_now(&mut self) -> Result<u64, CatalogueError> {
+        let generation = self.index.merge_now()?;
+        self.record(generation)?;
+        Ok(generation)
+    }
+
+    fn record(&mut self, generation: u64) -> Result<(), CatalogueError> {
+        self.registry.set_index_generation(generation)?;
+        self.registry.flush()?;
+        self.index.remove_old_segments()?;
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable.
+    pub fn flush(&self) -> Result<(), CatalogueError> {
+        Ok(self.registry.flush()?)
+    }
+
+}
+/// A content digest for vectors: what [`Catalogue::upsert`] compares to tell a
+/// replay from a change when the content is a ready embedding.
+pub fn vector_hash(vector: &[f32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for x in vector {
+        h.update(x.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
