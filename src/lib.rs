@@ -19,6 +19,8 @@
 //! - [`tokenizer`]: vectors to SIDs. Trained offline (RQ-KMeans, TIGER's
 //!   RQ-VAE, GPTRec's SVD), saved as a self-describing artifact, applied frozen
 //!   and deterministically online.
+//! - [`registry`]: the durable item ⇄ SID map (sled): which SID each item
+//!   goes by, replay-safe, and when a retired item's SID may go to another.
 //! - [`synth`]: generated catalogues and interaction logs with known structure,
 //!   for tests, demos and benchmarks on any machine.
 //!
@@ -37,6 +39,7 @@
 pub mod contract;
 pub mod dataset;
 pub mod embed;
+pub mod registry;
 pub mod sid;
 pub mod synth;
 pub mod tokenizer;
