@@ -19,6 +19,13 @@
 //! - [`tokenizer`]: vectors to SIDs. Trained offline (RQ-KMeans, TIGER's
 //!   RQ-VAE, GPTRec's SVD), saved as a self-describing artifact, applied frozen
 //!   and deterministically online.
+//! - [`registry`]: the durable item ⇄ SID map (sled): which SID each item
+//!   goes by, replay-safe, and when a retired item's SID may go to another.
+//! - [`index`]: the live SIDs decoding is constrained to: an LSM of immutable
+//!   `fst` base segments and a persistent overlay, published as lock-free
+//!   snapshots with STATIC-style decoding tables.
+//! - [`catalogue`]: the catalogue path that keeps tokenizer, registry and
+//!   index in step: an upsert is decodable at the next publish.
 //! - [`synth`]: generated catalogues and interaction logs with known structure,
 //!   for tests, demos and benchmarks on any machine.
 //!
@@ -34,10 +41,12 @@
 //! println!("new-item-42 is {sid}");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+pub mod catalogue;
 pub mod contract;
 pub mod dataset;
 pub mod embed;
 pub mod index;
+pub mod registry;
 pub mod sid;
 pub mod synth;
 pub mod tokenizer;

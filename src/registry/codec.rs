@@ -1,0 +1,354 @@
+//! The registry's on-disk layouts, written and read by hand.
+//!
+//! Every value starts with a layout version byte, so a later layout can be
+//! read next to this one. Decoding never trusts the bytes: a short, long or
+//! out-of-range value is an error saying what is wrong, which the registry
+//! turns into [`RegistryError::Corrupt`](super::RegistryError::Corrupt) naming
+//! the tree and key.
+//!
+//! Integers are big-endian, so keys made of them sort numerically.
+
+use crate::sid::{Code, Sid, MAX_LEVELS};
+
+const LAYOUT: u8 = 1;
+
+/// Where an item stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// A training item not seen online yet: its training SID is kept for it,
+    /// but it is not recommendable.
+    Reserved,
+    /// Recommendable under its SID.
+    Live,
+    /// Retired. Its SID stays bound to it until released (see the module
+    /// docs of [`registry`](super)), then it has none.
+    Retired,
+}
+
+/// What the registry knows about one item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ItemEntry {
+    /// The item's number, given at first sight and never reused.
+    pub ord: u32,
+    /// The item's SID: always present while reserved or live; for a retired
+    /// item, present until the SID is released.
+    pub sid: Option<Sid>,
+    pub status: Status,
+    /// The content hash of the last applied upsert (zero for a reserved item).
+    pub content_hash: [u8; 32],
+    /// The position of the last applied event for this item; `None` for a
+    /// reserved item no event has touched yet.
+    pub position: Option<u64>,
+    /// The index generation at which the item was last retired.
+    pub retired_generation: Option<u64>,
+}
+
+/// What a bound SID is bound as. Kept in the `sids` tree next to the ord so
+/// that rebuilding the index and the allocator reads one tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SidState {
+    /// A training item's SID, waiting for the item's first upsert.
+    Reserved,
+    /// The SID of a live item.
+    Live,
+    /// Left the live set at this index generation (the item was retired or
+    /// moved to another SID); bound until released.
+    Left(u64),
+}
+
+/// A value of the `sids` tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub ord: u32,
+    pub state: SidState,
+}
+
+/// The key of a SID in the `sids` tree: its big-endian codes.
+pub fn sid_key(sid: Sid) -> Vec<u8> {
+    let (key, n) = sid.to_key();
+    key[..n].to_vec()
+}
+
+/// The SID whose key is `key`, which must have `levels` levels.
+pub fn decode_sid_key(key: &[u8], levels: usize) -> Result<Sid, String> {
+    if key.len() != 2 * levels {
+        return Err(format!(
+            "a {levels}-level SID key has {} bytes, not {}",
+            2 * levels,
+            key.len()
+        ));
+    }
+    let mut codes = [0; MAX_LEVELS];
+    for (c, pair) in codes.iter_mut().zip(key.chunks_exact(2)) {
+        *c = Code::from_be_bytes([pair[0], pair[1]]);
+    }
+    Sid::new(&codes[..levels]).map_err(|e| e.to_string())
+}
+
+/// The key of a SID in the `leaving` tree: the generation it left at, then
+/// the SID, so that releasing up to a generation is one range scan.
+pub fn leaving_key(generation: u64, sid: Sid) -> Vec<u8> {
+    let mut key = generation.to_be_bytes().to_vec();
+    key.extend_from_slice(&sid_key(sid));
+    key
+}
+
+pub fn decode_leaving_key(key: &[u8], levels: usize) -> Result<(u64, Sid), String> {
+    let mut r = Reader(key);
+    let generation = r.u64()?;
+    Ok((generation, decode_sid_key(r.0, levels)?))
+}
+
+pub fn ord_bytes(ord: u32) -> [u8; 4] {
+    ord.to_be_bytes()
+}
+
+pub fn decode_ord(bytes: &[u8]) -> Result<u32, String> {
+    let mut r = Reader(bytes);
+    let ord = r.u32()?;
+    r.end()?;
+    Ok(ord)
+}
+
+pub fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, String> {
+    let mut r = Reader(bytes);
+    let v = r.u64()?;
+    r.end()?;
+    Ok(v)
+}
+
+pub fn encode_entry(e: &ItemEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(LAYOUT);
+    out.push(match e.status {
+        Status::Reserved => 0,
+        Status::Live => 1,
+        Status::Retired => 2,
+    });
+    out.extend_from_slice(&e.ord.to_be_bytes());
+    match e.sid {
+        None => out.push(0),
+        Some(sid) => {
+            out.push(sid.levels() as u8);
+            out.extend_from_slice(&sid_key(sid));
+        }
+    }
+    out.extend_from_slice(&e.content_hash);
+    put_opt(&mut out, e.position);
+    put_opt(&mut out, e.retired_generation);
+    out
+}
+
+/// Decodes an item entry whose SID, if any, has `levels` levels.
+pub fn decode_entry(bytes: &[u8], levels: usize) -> Result<ItemEntry, String> {
+    let mut r = Reader(bytes);
+    r.layout()?;
+    let status = match r.u8()? {
+        0 => Status::Reserved,
+        1 => Status::Live,
+        2 => Status::Retired,
+        s => return Err(format!("unknown item status {s}")),
+    };
+    let ord = r.u32()?;
+    let sid = match usize::from(r.u8()?) {
+        0 => None,
+        n if n == levels => Some(decode_sid_key(r.take(2 * n)?, n)?),
+        n => return Err(format!("a SID of {n} levels in a {levels}-level registry")),
+    };
+    if sid.is_none() && status != Status::Retired {
+        return Err(format!("a {status:?} item without a SID"));
+    }
+    let mut content_hash = [0; 32];
+    content_hash.copy_from_slice(r.take(32)?);
+    let position = r.opt()?;
+    let retired_generation = r.opt()?;
+    r.end()?;
+    Ok(ItemEntry {
+        ord,
+        sid,
+        status,
+        content_hash,
+        position,
+        retired_generation,
+    })
+}
+
+pub fn encode_binding(b: Binding) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14);
+    out.push(LAYOUT);
+    out.extend_from_slice(&b.ord.to_be_bytes());
+    match b.state {
+        SidState::Reserved => out.push(0),
+        SidState::Live => out.push(1),
+        SidState::Left(g) => {
+            out.push(2);
+            out.extend_from_slice(&g.to_be_bytes());
+        }
+    }
+    out
+}
+
+pub fn decode_binding(bytes: &[u8]) -> Result<Binding, String> {
+    let mut r = Reader(bytes);
+    r.layout()?;
+    let ord = r.u32()?;
+    let state = match r.u8()? {
+        0 => SidState::Reserved,
+        1 => SidState::Live,
+        2 => SidState::Left(r.u64()?),
+        s => return Err(format!("unknown SID state {s}")),
+    };
+    r.end()?;
+    Ok(Binding { ord, state })
+}
+
+fn put_opt(out: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+    }
+}
+
+/// A cursor over bytes that reports running short instead of panicking.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!(
+                "truncated: wanted {n} more bytes, {} left",
+                self.0.len()
+            ));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let mut b = [0; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
+    }
+
+    fn opt(&mut self) -> Result<Option<u64>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            f => Err(format!("bad option flag {f}")),
+        }
+    }
+
+    fn layout(&mut self) -> Result<(), String> {
+        match self.u8()? {
+            LAYOUT => Ok(()),
+            v => Err(format!("unknown layout version {v}")),
+        }
+    }
+
+    fn end(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.0.len()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> ItemEntry {
+        ItemEntry {
+            ord: 7,
+            sid: Some("1-2-3-4".parse().unwrap()),
+            status: Status::Live,
+            content_hash: [9; 32],
+            position: Some(42),
+            retired_generation: None,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let mut e = entry();
+        assert_eq!(decode_entry(&encode_entry(&e), 4).unwrap(), e);
+        e.status = Status::Retired;
+        e.sid = None;
+        e.position = None;
+        e.retired_generation = Some(u64::MAX);
+        assert_eq!(decode_entry(&encode_entry(&e), 4).unwrap(), e);
+    }
+
+    #[test]
+    fn bindings_round_trip() {
+        for state in [SidState::Reserved, SidState::Live, SidState::Left(3)] {
+            let b = Binding {
+                ord: 1 << 30,
+                state,
+            };
+            assert_eq!(decode_binding(&encode_binding(b)).unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_an_error() {
+        let bytes = encode_entry(&entry());
+        for n in 0..bytes.len() {
+            assert!(decode_entry(&bytes[..n], 4).is_err(), "prefix of {n} bytes");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_entry(&long, 4).unwrap_err().contains("trailing"));
+        assert!(decode_entry(&bytes, 3).unwrap_err().contains("4 levels"));
+        let b = encode_binding(Binding {
+            ord: 1,
+            state: SidState::Left(5),
+        });
+        for n in 0..b.len() {
+            assert!(decode_binding(&b[..n]).is_err(), "prefix of {n} bytes");
+        }
+    }
+
+    #[test]
+    fn bad_tags_are_errors() {
+        let mut bytes = encode_entry(&entry());
+        bytes[0] = 2;
+        assert!(decode_entry(&bytes, 4).unwrap_err().contains("layout"));
+        bytes[0] = LAYOUT;
+        bytes[1] = 9;
+        assert!(decode_entry(&bytes, 4).unwrap_err().contains("status"));
+        let mut live_without_sid = entry();
+        live_without_sid.sid = None;
+        let err = decode_entry(&encode_entry(&live_without_sid), 4).unwrap_err();
+        assert!(err.contains("without a SID"), "{err}");
+    }
+
+    #[test]
+    fn leaving_keys_sort_by_generation_first() {
+        let a = leaving_key(1, "9-9-9".parse().unwrap());
+        let b = leaving_key(2, "0-0-0".parse().unwrap());
+        assert!(a < b);
+        assert_eq!(
+            decode_leaving_key(&b, 3).unwrap(),
+            (2, "0-0-0".parse().unwrap())
+        );
+    }
+}
