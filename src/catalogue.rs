@@ -79,7 +79,10 @@ pub fn vocab(tokenizer: &FrozenTokenizer) -> Vec<usize> {
 
 impl Catalogue {
     /// Opens (or creates) the catalogue in `cfg.dir` for `tokenizer`.
-    pub fn open(tokenizer: Arc<FrozenTokenizer>, cfg: &CatalogueConfig) -> Result<(Catalogue, Opened), CatalogueError> {
+    pub fn open(
+        tokenizer: Arc<FrozenTokenizer>,
+        cfg: &CatalogueConfig,
+    ) -> Result<(Catalogue, Opened), CatalogueError> {
         let mut registry = Registry::open(
             &cfg.dir.join("registry"),
             &TokenizerBinding::of(&tokenizer),
@@ -136,10 +139,14 @@ impl Catalogue {
         let generation = self.index.next_seq();
         let tokenizer = &self.tokenizer;
         let levels = tokenizer.sid_levels() - 1;
-        let change = self.registry.apply_upsert(item_id, content_hash, position, generation, || {
-            let mut codes = vec![0 as Code; levels];
-            tokenizer.content_codes(item_id, vector, &mut codes).map(|_| codes)
-        })?;
+        let change =
+            self.registry
+                .apply_upsert(item_id, content_hash, position, generation, || {
+                    let mut codes = vec![0 as Code; levels];
+                    tokenizer
+                        .content_codes(item_id, vector, &mut codes)
+                        .map(|_| codes)
+                })?;
         self.follow(change);
         Ok(change)
     }
@@ -147,7 +154,9 @@ impl Catalogue {
     /// Applies a retire. An item never seen is an error for the caller to
     /// dead-letter.
     pub fn retire(&mut self, item_id: &str, position: u64) -> Result<Change, CatalogueError> {
-        let change = self.registry.apply_retire(item_id, position, self.index.next_seq())?;
+        let change = self
+            .registry
+            .apply_retire(item_id, position, self.index.next_seq())?;
         self.follow(change);
         Ok(change)
     }
@@ -199,7 +208,6 @@ impl Catalogue {
     pub fn flush(&self) -> Result<(), CatalogueError> {
         Ok(self.registry.flush()?)
     }
-
 }
 /// A content digest for vectors: what [`Catalogue::upsert`] compares to tell a
 /// replay from a change when the content is a ready embedding.
@@ -211,4 +219,3 @@ pub fn vector_hash(vector: &[f32]) -> [u8; 32] {
     }
     h.finalize().into()
 }
-

@@ -83,21 +83,32 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     let (train_id, train_sid) = tok.training_items()[7].clone();
     let v = vector(&mut rng);
     let change = cat.upsert(&train_id, vector_hash(&v), &v, 1).unwrap();
-    assert!(matches!(change, Change::Added { sid, .. } if sid == train_sid), "{change:?}");
+    assert!(
+        matches!(change, Change::Added { sid, .. } if sid == train_sid),
+        "{change:?}"
+    );
 
     // A brand-new item: decodable at the next publish, no merge needed.
     let v = vector(&mut rng);
-    let Change::Added { ord, sid } = cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap() else {
+    let Change::Added { ord, sid } = cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap()
+    else {
         panic!("a new item is added");
     };
-    assert_eq!(reader.snapshot().get(sid), None, "not visible before publish");
+    assert_eq!(
+        reader.snapshot().get(sid),
+        None,
+        "not visible before publish"
+    );
     let s = cat.publish().unwrap();
     assert_eq!(s.get(sid), Some(ord));
     assert_eq!(s.pending(), 2, "served from the overlay");
     assert!(s.allowed_after(sid.prefix()).contains(&sid.last()));
 
     // Replaying the same event changes nothing.
-    assert_eq!(cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap(), Change::Unchanged);
+    assert_eq!(
+        cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap(),
+        Change::Unchanged
+    );
 
     // New content moves the item; a reader holding the old snapshot still
     // decodes the old SID, and nobody else gets it while that reader lives.
@@ -113,10 +124,16 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     assert_eq!(s.get(new), Some(ord));
     assert_eq!(held.get(old), Some(ord));
     for i in 0..200 {
-        let Change::Added { sid: other, .. } = cat.upsert(&format!("same-{i}"), vector_hash(&v), &v, 4).unwrap() else {
+        let Change::Added { sid: other, .. } = cat
+            .upsert(&format!("same-{i}"), vector_hash(&v), &v, 4)
+            .unwrap()
+        else {
             panic!("added");
         };
-        assert_ne!(other, old, "a SID still decodable by a reader went to another item");
+        assert_ne!(
+            other, old,
+            "a SID still decodable by a reader went to another item"
+        );
     }
     drop(held);
 
@@ -176,7 +193,11 @@ fn kill_during_merge_then_restart_index_equals_registry() {
     let tok = tokenizer(dir.path());
     drop(tok);
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "kill_during_merge_then_restart_index_equals_registry", "--nocapture"])
+        .args([
+            "--exact",
+            "kill_during_merge_then_restart_index_equals_registry",
+            "--nocapture",
+        ])
         .env(CHILD, dir.path())
         .stdout(Stdio::piped())
         .spawn()
@@ -200,7 +221,11 @@ fn kill_during_merge_then_restart_index_equals_registry() {
     let cfg = CatalogueConfig::new(dir.path().join("catalogue"));
     let (cat, _) = Catalogue::open(tok, &cfg).unwrap();
     let live = registry_live(&cat);
-    assert!(live.len() > 1000, "the child applied changes before the kill: {}", live.len());
+    assert!(
+        live.len() > 1000,
+        "the child applied changes before the kill: {}",
+        live.len()
+    );
     assert_eq!(cat.reader().snapshot().live(), live);
     let stray: Vec<_> = std::fs::read_dir(dir.path().join("catalogue/index"))
         .unwrap()

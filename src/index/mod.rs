@@ -439,7 +439,8 @@ impl Index {
             overlay: self.overlay.clone(),
         });
         self.current.store(snapshot.clone());
-        self.published.push_back((self.seq, Arc::downgrade(&snapshot)));
+        self.published
+            .push_back((self.seq, Arc::downgrade(&snapshot)));
         snapshot
     }
 
@@ -681,9 +682,17 @@ mod tests {
         index.remove(sid("1-1-1"));
         index.publish();
         index.publish();
-        assert_eq!(index.oldest_alive_seq(), 0, "a reader still holds snapshot 0");
+        assert_eq!(
+            index.oldest_alive_seq(),
+            0,
+            "a reader still holds snapshot 0"
+        );
         drop(held);
-        assert_eq!(index.oldest_alive_seq(), 2, "only the current snapshot is alive");
+        assert_eq!(
+            index.oldest_alive_seq(),
+            2,
+            "only the current snapshot is alive"
+        );
         let held = index.publish();
         index.publish();
         assert_eq!(index.oldest_alive_seq(), 3);
