@@ -124,6 +124,13 @@ fn main() {
         "catalogue path (tokenizer + registry + index), 100k items",
         latencies,
     );
+    catalogue.flush().unwrap();
+    let live = catalogue.registry().live_count();
+    let registry = dir_bytes(&dir.path().join("catalogue/registry"));
+    println!(
+        "registry on disk: {registry} bytes for {live} live items = {:.0} bytes per live item (sled)",
+        registry as f64 / live as f64
+    );
 }
 
 /// Runs `count` events at `rate` per second: each is due at its scheduled
@@ -207,4 +214,19 @@ fn catalogue(dir: &std::path::Path) -> (Catalogue, usize) {
     cfg.merge_threshold = 20_000;
     let (catalogue, _) = Catalogue::open(Arc::new(tokenizer), &cfg).unwrap();
     (catalogue, dim)
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
 }

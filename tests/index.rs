@@ -2,7 +2,7 @@
 //! removals, publishes, merges and reopenings, checked at every step against a
 //! plain `BTreeMap` of the live set.
 //!
-//! `PROPTEST_CASES` raises the number of cases (default here: 256 sequences).
+//! `PROPTEST_CASES` raises the number of cases (default here: 2,000 sequences).
 
 use std::collections::BTreeMap;
 
@@ -85,7 +85,7 @@ fn check(index: &Index, model: &BTreeMap<Sid, u32>) -> Result<(), TestCaseError>
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000),
         ..ProptestConfig::default()
     })]
 
