@@ -322,14 +322,36 @@ pub enum Opened {
     Rebuilt { reason: String },
 }
 
+#[derive(Clone, Copy)]
 enum Change {
     Insert(Sid, u32),
     Remove(Sid),
 }
 
+impl Change {
+    fn apply(self, overlay: &mut Overlay, base: &Segment) {
+        match self {
+            Change::Insert(sid, ord) => overlay.insert(base, sid, ord),
+            Change::Remove(sid) => overlay.remove(base, sid),
+        };
+    }
+}
+
+/// A merge in flight. Changes applied meanwhile go to the merge thread too,
+/// which replays them onto the new base once it is written, so that the swap
+/// on the writer's thread replays only the last few: replaying thousands
+/// there would stall publishing for milliseconds.
 struct Merge {
-    handle: JoinHandle<Result<Segment, IndexError>>,
+    handle: JoinHandle<Result<Merged, IndexError>>,
     log: Vec<Change>,
+    tx: std::sync::mpsc::Sender<Change>,
+}
+
+struct Merged {
+    base: Segment,
+    overlay: Overlay,
+    /// How many logged changes `overlay` already holds.
+    replayed: usize,
 }
 
 /// The writer: applies changes, publishes snapshots, merges.
@@ -416,17 +438,21 @@ impl Index {
 
     /// Makes `sid` live as item `ord` (visible at the next publish).
     pub fn insert(&mut self, sid: Sid, ord: u32) -> bool {
-        if let Some(m) = &mut self.merge {
-            m.log.push(Change::Insert(sid, ord));
-        }
+        self.log(Change::Insert(sid, ord));
         self.overlay.insert(&self.base, sid, ord)
+    }
+
+    fn log(&mut self, change: Change) {
+        if let Some(m) = &mut self.merge {
+            m.log.push(change);
+            // The merge thread may be done and gone; the log covers it.
+            let _ = m.tx.send(change);
+        }
     }
 
     /// Removes `sid` from the live set (visible at the next publish).
     pub fn remove(&mut self, sid: Sid) -> bool {
-        if let Some(m) = &mut self.merge {
-            m.log.push(Change::Remove(sid));
-        }
+        self.log(Change::Remove(sid));
         self.overlay.remove(&self.base, sid)
     }
 
@@ -486,13 +512,28 @@ impl Index {
         };
         let (dir, vocab) = (self.dir.clone(), self.vocab.clone());
         let generation = self.base.generation() + 1;
+        let (tx, rx) = std::sync::mpsc::channel::<Change>();
         let handle = std::thread::Builder::new()
             .name("genfeed-index-merge".into())
-            .spawn(move || Segment::write(&dir, generation, &vocab, snapshot.live()))
+            .spawn(move || {
+                let base = Segment::write(&dir, generation, &vocab, snapshot.live())?;
+                let mut overlay = Overlay::new(&base);
+                let mut replayed = 0;
+                while let Ok(change) = rx.try_recv() {
+                    change.apply(&mut overlay, &base);
+                    replayed += 1;
+                }
+                Ok(Merged {
+                    base,
+                    overlay,
+                    replayed,
+                })
+            })
             .expect("spawning the merge thread");
         self.merge = Some(Merge {
             handle,
             log: Vec::new(),
+            tx,
         });
     }
 
@@ -509,17 +550,14 @@ impl Index {
 
     fn finish_merge(&mut self) -> Result<u64, IndexError> {
         let merge = self.merge.take().expect("a merge is running");
-        let segment = merge
+        let merged = merge
             .handle
             .join()
             .map_err(|_| IndexError::MergeFailed("the merge thread panicked".into()))??;
-        let base = Arc::new(segment);
-        let mut overlay = Overlay::new(&base);
-        for change in merge.log {
-            match change {
-                Change::Insert(sid, ord) => overlay.insert(&base, sid, ord),
-                Change::Remove(sid) => overlay.remove(&base, sid),
-            };
+        let base = Arc::new(merged.base);
+        let mut overlay = merged.overlay;
+        for change in &merge.log[merged.replayed..] {
+            change.apply(&mut overlay, &base);
         }
         self.base = base;
         self.overlay = overlay;
