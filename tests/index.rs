@@ -10,7 +10,8 @@ use genfeed::index::{Index, Opened};
 use genfeed::sid::{Code, Sid};
 use proptest::prelude::*;
 
-const VOCAB: [usize; 3] = [4, 3, 6];
+/// Four levels: the first three use the dense tables, the last the CSR rows.
+const VOCAB: [usize; 4] = [3, 3, 2, 5];
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -27,8 +28,9 @@ fn sid_strategy() -> impl Strategy<Value = Sid> {
         0..VOCAB[0] as Code,
         0..VOCAB[1] as Code,
         0..VOCAB[2] as Code,
+        0..VOCAB[3] as Code,
     )
-        .prop_map(|(a, b, c)| Sid::new(&[a, b, c]).unwrap())
+        .prop_map(|(a, b, c, d)| Sid::new(&[a, b, c, d]).unwrap())
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -61,8 +63,33 @@ fn check(index: &Index, model: &BTreeMap<Sid, u32>) -> Result<(), TestCaseError>
     for a in 0..VOCAB[0] as Code {
         for b in 0..VOCAB[1] as Code {
             for c in 0..VOCAB[2] as Code {
-                let sid = Sid::new(&[a, b, c]).unwrap();
-                prop_assert_eq!(s.get(sid), model.get(&sid).copied(), "get {}", sid);
+                for d in 0..VOCAB[3] as Code {
+                    let sid = Sid::new(&[a, b, c, d]).unwrap();
+                    prop_assert_eq!(s.get(sid), model.get(&sid).copied(), "get {}", sid);
+                }
+                let p = [a, b, c];
+                prop_assert_eq!(
+                    s.allowed_after(&p),
+                    model_allowed(model, &p),
+                    "after {:?}",
+                    p
+                );
+                // The mask a decoding step applies says the same, on the
+                // CSR level here and on a dense level for the shorter prefix.
+                for prefix in [&p[..], &p[..1]] {
+                    if let Some(cursor) = s.seek(prefix) {
+                        let mut mask = vec![0.0f32; 8];
+                        s.fill_mask(&[cursor], 8, &mut mask);
+                        let allowed: Vec<Code> =
+                            (0..8).filter(|&t| mask[t as usize] == 0.0).collect();
+                        prop_assert_eq!(
+                            allowed,
+                            model_allowed(model, prefix),
+                            "mask after {:?}",
+                            prefix
+                        );
+                    }
+                }
             }
             prop_assert_eq!(
                 s.allowed_after(&[a, b]),

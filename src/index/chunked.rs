@@ -16,17 +16,17 @@ use std::sync::Arc;
 const CHUNK: usize = 512;
 
 #[derive(Clone, Debug, Default)]
-pub struct Chunked {
+pub struct Chunked<T = u32> {
     len: usize,
-    chunks: Vec<Arc<[u32; CHUNK]>>,
+    chunks: Vec<Arc<[T; CHUNK]>>,
 }
 
-impl Chunked {
-    pub fn from_slice(values: &[u32]) -> Chunked {
+impl<T: Copy + Default> Chunked<T> {
+    pub fn from_slice(values: &[T]) -> Chunked<T> {
         let chunks = values
             .chunks(CHUNK)
             .map(|c| {
-                let mut chunk = [0u32; CHUNK];
+                let mut chunk = [T::default(); CHUNK];
                 chunk[..c.len()].copy_from_slice(c);
                 Arc::new(chunk)
             })
@@ -38,12 +38,19 @@ impl Chunked {
     }
 
     #[inline]
-    pub fn get(&self, i: usize) -> u32 {
+    pub fn get(&self, i: usize) -> T {
         self.chunks[i / CHUNK][i % CHUNK]
     }
 
+    /// `n` consecutive values starting at `i`, which must not cross a chunk
+    /// boundary (callers keep records of a power-of-two size aligned).
+    #[inline]
+    pub fn run(&self, i: usize, n: usize) -> &[T] {
+        &self.chunks[i / CHUNK][i % CHUNK..i % CHUNK + n]
+    }
+
     /// Changes one value, copying its chunk first if a snapshot shares it.
-    pub fn update(&mut self, i: usize, f: impl FnOnce(u32) -> u32) {
+    pub fn update(&mut self, i: usize, f: impl FnOnce(T) -> T) {
         assert!(i < self.len, "counter {i} out of {}", self.len);
         let chunk = Arc::make_mut(&mut self.chunks[i / CHUNK]);
         chunk[i % CHUNK] = f(chunk[i % CHUNK]);
@@ -59,7 +66,8 @@ impl Chunked {
 
     /// Bytes owned, counting shared chunks in full.
     pub fn heap_bytes(&self) -> usize {
-        self.chunks.len() * (CHUNK * 4 + std::mem::size_of::<Arc<[u32; CHUNK]>>())
+        self.chunks.len()
+            * (std::mem::size_of::<[T; CHUNK]>() + std::mem::size_of::<Arc<[T; CHUNK]>>())
     }
 }
 
@@ -70,7 +78,7 @@ mod tests {
     #[test]
     fn clones_do_not_see_later_writes() {
         let values: Vec<u32> = (0..3 * CHUNK as u32).collect();
-        let mut a = Chunked::from_slice(&values);
+        let mut a: Chunked = Chunked::from_slice(&values);
         let b = a.clone();
         let i = CHUNK + 7;
         a.update(i, |v| v + 1);

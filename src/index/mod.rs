@@ -147,6 +147,16 @@ impl Snapshot {
             return;
         }
         let trie = self.base.trie();
+        if let Some(bits) = self.dense_bits(cursor) {
+            for (i, &word) in bits.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    f((i * 64) as Code + bits.trailing_zeros() as Code);
+                    bits &= bits - 1;
+                }
+            }
+            return;
+        }
         let mut extra = cursor.node == NONE;
         if cursor.node != NONE {
             for k in trie.children(d, cursor.node) {
@@ -170,6 +180,17 @@ impl Snapshot {
                 }
             }
         }
+    }
+
+    /// The live-children bitset of a cursor on a dense level, if it is on one.
+    #[inline]
+    fn dense_bits(&self, cursor: Cursor) -> Option<&[u64]> {
+        let d = cursor.depth();
+        if cursor.node == NONE || d >= self.overlay.dense.len() {
+            return None;
+        }
+        let w = self.overlay.words[d];
+        Some(self.overlay.dense[d].run(cursor.node as usize * w, w))
     }
 
     /// The cursor after `code`, if that leads to a live item.
@@ -223,6 +244,16 @@ impl Snapshot {
     pub fn fill_mask(&self, cursors: &[Cursor], vocab: usize, mask: &mut [f32]) {
         assert_eq!(mask.len(), cursors.len() * vocab);
         for (row, &cursor) in mask.chunks_exact_mut(vocab).zip(cursors) {
+            if let Some(bits) = self.dense_bits(cursor) {
+                // Dense levels: one branch-free pass from bits to floats.
+                let n = (bits.len() * 64).min(vocab);
+                for (i, x) in row[..n].iter_mut().enumerate() {
+                    let allowed = (bits[i / 64] >> (i % 64)) & 1 == 1;
+                    *x = if allowed { 0.0 } else { f32::NEG_INFINITY };
+                }
+                row[n..].fill(f32::NEG_INFINITY);
+                continue;
+            }
             row.fill(f32::NEG_INFINITY);
             self.allowed(cursor, |c| {
                 if let Some(x) = row.get_mut(usize::from(c)) {

@@ -11,7 +11,7 @@ use imbl::{HashMap, HashSet, OrdMap, OrdSet};
 
 use super::chunked::Chunked;
 use super::segment::Segment;
-use super::trie::NONE;
+use super::trie::{Trie, NONE};
 use crate::sid::{Code, Sid};
 
 /// Set in a base node's count when the overlay gave it children the base
@@ -48,12 +48,41 @@ pub struct Overlay {
     pub extra: HashMap<PrefixKey, u32>,
     /// For a prefix, the codes of its children that are not base nodes.
     pub extra_children: HashMap<PrefixKey, OrdSet<Code>>,
+    /// Dense levels: for each base node at depth `d < dense.len()`, a bitset
+    /// of its live children's codes (`words[d]` words per node), including
+    /// children only the overlay has. Listing the allowed tokens of a node
+    /// near the root, which has hundreds of children, is then a scan of four
+    /// words instead of hundreds of count lookups.
+    pub dense: Vec<Chunked<u64>>,
+    pub words: Vec<usize>,
+}
+
+/// Depths whose nodes get dense bitsets: the first three (STATIC's "dense
+/// tables for the first levels"), and only where a node's bitset stays small.
+fn dense_depths(trie: &Trie) -> usize {
+    (0..trie.levels().min(3))
+        .take_while(|&d| trie.vocab()[d] <= 1024)
+        .count()
 }
 
 impl Overlay {
     /// An empty overlay over `base`: every base item live.
     pub fn new(base: &Segment) -> Overlay {
         let trie = base.trie();
+        let mut dense = Vec::new();
+        let mut words = Vec::new();
+        for d in 0..dense_depths(trie) {
+            let w = trie.vocab()[d].div_ceil(64).next_power_of_two();
+            let mut bits = vec![0u64; trie.nodes(d) * w];
+            for node in 0..trie.nodes(d) {
+                for k in trie.children(d, node as u32) {
+                    let c = usize::from(trie.token(d, k));
+                    bits[node * w + c / 64] |= 1 << (c % 64);
+                }
+            }
+            dense.push(Chunked::from_slice(&bits));
+            words.push(w);
+        }
         Overlay {
             added: OrdMap::new(),
             removed: HashSet::new(),
@@ -62,6 +91,19 @@ impl Overlay {
                 .collect(),
             extra: HashMap::new(),
             extra_children: HashMap::new(),
+            dense,
+            words,
+        }
+    }
+
+    /// Flips the dense bit of `code` under `node` at `depth`, if that depth
+    /// is dense.
+    fn set_bit(&mut self, depth: usize, node: u32, code: Code, live: bool) {
+        if depth < self.dense.len() {
+            let w = self.words[depth];
+            let i = node as usize * w + usize::from(code) / 64;
+            let bit = 1u64 << (code % 64);
+            self.dense[depth].update(i, |v| if live { v | bit } else { v & !bit });
         }
     }
 
@@ -129,9 +171,12 @@ impl Overlay {
         let mut node = 0u32;
         bump(&mut self.counts[0], 0, up);
         for (depth, &c) in sid.codes().iter().enumerate() {
+            let parent = node;
             node = trie.child(depth, node, c);
             debug_assert_ne!(node, NONE);
-            bump(&mut self.counts[depth + 1], node as usize, up);
+            if let Some(live) = bump(&mut self.counts[depth + 1], node as usize, up) {
+                self.set_bit(depth, parent, c, live);
+            }
         }
     }
 
@@ -148,34 +193,47 @@ impl Overlay {
             if child == NONE {
                 break;
             }
+            if let Some(live) = bump(&mut self.counts[depth + 1], child as usize, up) {
+                self.set_bit(depth, node, codes[depth], live);
+            }
             node = child;
             depth += 1;
-            bump(&mut self.counts[depth], node as usize, up);
         }
         // From `depth` on, the prefixes are the overlay's own.
         if up {
             self.counts[depth].update(node as usize, |v| v | EXTRA);
         }
         let mut prefix = pack(&codes[..depth]);
-        for &code in &codes[depth..] {
+        for (d, &code) in codes.iter().enumerate().skip(depth) {
             if up {
                 self.extra_children.entry(prefix).or_default().insert(code);
             }
             let child = extend(prefix, code);
             let count = self.extra.entry(child).or_insert(0);
+            let before = *count;
             *count = if up {
-                *count + 1
+                before + 1
             } else {
-                count.saturating_sub(1)
+                before.saturating_sub(1)
             };
+            if d == depth && (before == 0) != (*count == 0) {
+                // The first overlay-only node hangs off base node `node`.
+                let live = *count > 0;
+                self.set_bit(depth, node, code, live);
+            }
             prefix = child;
         }
     }
 }
 
-fn bump(counts: &mut Chunked, i: usize, up: bool) {
+/// Counts one item in or out of a node; returns the node's new liveness when
+/// it changed (empty to non-empty or back).
+fn bump(counts: &mut Chunked, i: usize, up: bool) -> Option<bool> {
+    let before = counts.get(i) & !EXTRA;
     counts.update(i, |v| {
         let (flag, n) = (v & EXTRA, v & !EXTRA);
         flag | if up { n + 1 } else { n.saturating_sub(1) }
     });
+    let after = counts.get(i) & !EXTRA;
+    ((before == 0) != (after == 0)).then_some(after > 0)
 }
