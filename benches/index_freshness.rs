@@ -5,7 +5,7 @@
 //! `cargo bench --bench index_freshness` (a plain harness: this measures a
 //! paced stream, which criterion's repeat-a-closure model does not fit).
 //! Two runs: the index alone over a 1M-item base, and the whole catalogue
-//! path (tokenizer, sled registry transaction, index) over a 100k-item
+//! path (tokenizer, sled registry, index) over a 100k-item
 //! catalogue. Both exclude the registry's disk flush (sled's background flush
 //! still runs). Background merges run as they would in the service
 //! (threshold 20,000 changes).

@@ -4,13 +4,68 @@
 //! read next to this one. Decoding never trusts the bytes: a short, long or
 //! out-of-range value is an error saying what is wrong, which the registry
 //! turns into [`RegistryError::Corrupt`](super::RegistryError::Corrupt) naming
-//! the tree and key.
+//! the table and key.
+//!
+//! The registry's tables share one sled tree: every key starts with its
+//! [`Table`]'s byte, so that one event's writes, whatever tables they touch,
+//! are one atomic [`sled::Tree::apply_batch`].
 //!
 //! Integers are big-endian, so keys made of them sort numerically.
 
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
 const LAYOUT: u8 = 1;
+
+/// A logical table of the registry: a key prefix in its one sled tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// item id (UTF-8) → [`ItemEntry`]
+    Items,
+    /// ord (u32, big-endian) → item id
+    Ords,
+    /// SID key ([`Sid::to_key`]) → [`Binding`]
+    Sids,
+    /// name → tokenizer binding, index generation, the index's own keys
+    Meta,
+}
+
+impl Table {
+    pub const ALL: [Table; 4] = [Table::Items, Table::Ords, Table::Sids, Table::Meta];
+
+    pub fn prefix(self) -> u8 {
+        match self {
+            Table::Items => b'i',
+            Table::Ords => b'o',
+            Table::Sids => b's',
+            Table::Meta => b'm',
+        }
+    }
+
+    /// The name errors use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Items => "items",
+            Table::Ords => "ords",
+            Table::Sids => "sids",
+            Table::Meta => "meta",
+        }
+    }
+
+    /// The tree key of `key` in this table.
+    pub fn key(self, key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + key.len());
+        out.push(self.prefix());
+        out.extend_from_slice(key);
+        out
+    }
+
+    /// The table a tree key belongs to, and the key within it.
+    pub fn split(tree_key: &[u8]) -> Option<(Table, &[u8])> {
+        let (&first, rest) = tree_key.split_first()?;
+        let table = Table::ALL.into_iter().find(|t| t.prefix() == first)?;
+        Some((table, rest))
+    }
+}
 
 /// Where an item stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +98,8 @@ pub struct ItemEntry {
     pub retired_generation: Option<u64>,
 }
 
-/// What a bound SID is bound as. Kept in the `sids` tree next to the ord so
-/// that rebuilding the index and the allocator reads one tree.
+/// What a bound SID is bound as. Kept in the `sids` table next to the ord so
+/// that rebuilding the index and the allocator reads one table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SidState {
     /// A training item's SID, waiting for the item's first upsert.
@@ -56,14 +111,15 @@ pub enum SidState {
     Left(u64),
 }
 
-/// A value of the `sids` tree.
+/// A value of the `sids` table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Binding {
     pub ord: u32,
     pub state: SidState,
 }
 
-/// The key of a SID in the `sids` tree: its big-endian codes.
+/// The key of a SID in the `sids` table (without the table's byte): its
+/// big-endian codes.
 pub fn sid_key(sid: Sid) -> Vec<u8> {
     let (key, n) = sid.to_key();
     key[..n].to_vec()
@@ -83,20 +139,6 @@ pub fn decode_sid_key(key: &[u8], levels: usize) -> Result<Sid, String> {
         *c = Code::from_be_bytes([pair[0], pair[1]]);
     }
     Sid::new(&codes[..levels]).map_err(|e| e.to_string())
-}
-
-/// The key of a SID in the `leaving` tree: the generation it left at, then
-/// the SID, so that releasing up to a generation is one range scan.
-pub fn leaving_key(generation: u64, sid: Sid) -> Vec<u8> {
-    let mut key = generation.to_be_bytes().to_vec();
-    key.extend_from_slice(&sid_key(sid));
-    key
-}
-
-pub fn decode_leaving_key(key: &[u8], levels: usize) -> Result<(u64, Sid), String> {
-    let mut r = Reader(key);
-    let generation = r.u64()?;
-    Ok((generation, decode_sid_key(r.0, levels)?))
 }
 
 pub fn ord_bytes(ord: u32) -> [u8; 4] {
@@ -342,13 +384,11 @@ mod tests {
     }
 
     #[test]
-    fn leaving_keys_sort_by_generation_first() {
-        let a = leaving_key(1, "9-9-9".parse().unwrap());
-        let b = leaving_key(2, "0-0-0".parse().unwrap());
-        assert!(a < b);
-        assert_eq!(
-            decode_leaving_key(&b, 3).unwrap(),
-            (2, "0-0-0".parse().unwrap())
-        );
+    fn table_keys_split_back() {
+        for t in Table::ALL {
+            assert_eq!(Table::split(&t.key(b"k")), Some((t, &b"k"[..])));
+        }
+        assert_eq!(Table::split(b"x"), None);
+        assert_eq!(Table::split(b""), None);
     }
 }

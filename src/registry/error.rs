@@ -12,13 +12,17 @@ use crate::tokenizer::PrefixFull;
 pub enum RegistryError {
     #[error("registry storage: {0}")]
     Sled(#[from] sled::Error),
-    #[error("registry tree {tree:?}, key {key}: {detail}")]
+    #[error("registry table {tree:?}, key {key}: {detail}")]
     Corrupt {
+        /// The table (`items`, `ords`, `sids`, `meta`; `registry` for a key
+        /// of none).
         tree: &'static str,
         /// The key, printed readably (UTF-8 where it is, hex otherwise).
         key: String,
         detail: String,
     },
+    #[error("the registry on disk has format {found}; this build reads format {expected} only and does not convert")]
+    Format { found: u64, expected: u64 },
     #[error("this registry belongs to tokenizer {found}, not {expected}: semantic IDs of one tokenizer mean nothing to another")]
     WrongTokenizer { found: String, expected: String },
     #[error("tokenizer binding: {0}")]
