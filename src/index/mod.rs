@@ -245,14 +245,21 @@ impl Snapshot {
         assert_eq!(mask.len(), cursors.len() * vocab);
         for (row, &cursor) in mask.chunks_exact_mut(vocab).zip(cursors) {
             if let Some(bits) = self.dense_bits(cursor) {
-                // Dense levels: one branch-free pass from bits to floats.
                 let n = (bits.len() * 64).min(vocab);
-                for (i, x) in row[..n].iter_mut().enumerate() {
-                    let allowed = (bits[i / 64] >> (i % 64)) & 1 == 1;
-                    *x = if allowed { 0.0 } else { f32::NEG_INFINITY };
+                let set: u32 = bits.iter().map(|w| w.count_ones()).sum();
+                if set as usize * 4 > n {
+                    // Mostly allowed (near the root): one branch-free pass
+                    // from bits to floats.
+                    let neg = f32::NEG_INFINITY.to_bits();
+                    for (chunk, &word) in row[..n].chunks_mut(64).zip(bits) {
+                        for (b, x) in chunk.iter_mut().enumerate() {
+                            let blocked = ((word >> b) & 1) as u32 ^ 1;
+                            *x = f32::from_bits(blocked.wrapping_neg() & neg);
+                        }
+                    }
+                    row[n..].fill(f32::NEG_INFINITY);
+                    continue;
                 }
-                row[n..].fill(f32::NEG_INFINITY);
-                continue;
             }
             row.fill(f32::NEG_INFINITY);
             self.allowed(cursor, |c| {
