@@ -1,5 +1,6 @@
 //! Subcommands. Each file holds one family; this one holds the grammar.
 
+mod model;
 mod synth;
 mod tokenizer;
 
@@ -23,12 +24,18 @@ enum Command {
     Tokenizer(tokenizer::TokenizerCommand),
     /// Write a synthetic catalogue and interaction log (RecBole files).
     Synth(synth::SynthArgs),
+    /// Train the generative model on interaction sequences.
+    Train(Box<model::TrainArgs>),
+    /// Score a trained model with the leave-one-out protocol.
+    Eval(model::EvalArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tokenizer(c) => tokenizer::run(c),
         Command::Synth(a) => synth::run(a),
+        Command::Train(a) => model::run_train(*a),
+        Command::Eval(a) => model::run_eval(a),
     }
 }
 

@@ -1,0 +1,307 @@
+//! `genfeed train` and `genfeed eval`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+
+use genfeed::catalogue::vocab;
+use genfeed::dataset::{load_sequences, Example, Split};
+use genfeed::eval::{evaluate, OfflineIndex};
+use genfeed::model::{Model, ModelConfig, SearchOptions};
+use genfeed::sid::Sid;
+use genfeed::tokenizer::FrozenTokenizer;
+use genfeed::train::{train, Corpus, TrainOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    /// The first CUDA device (needs a build with `--features cuda`).
+    Cuda,
+}
+
+pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda"),
+    }
+}
+
+/// Sets the worker-thread count candle's CPU kernels use.
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(t) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A RecBole folder (or its `.inter` file): the interaction sequences.
+    #[arg(long)]
+    data: PathBuf,
+    /// The tokenizer artifact that gives every item its SID.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Output directory: model, config, log, curves, checkpoint.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in `--out` from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    d_model: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 1)]
+    decoder_layers: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 32)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 512)]
+    d_ff: usize,
+    #[arg(long, default_value_t = 0.2)]
+    dropout: f32,
+    #[arg(long, default_value_t = 20)]
+    max_history: usize,
+    #[arg(long, default_value_t = TrainOptions::default().epochs)]
+    epochs: usize,
+    #[arg(long, default_value_t = TrainOptions::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, default_value_t = TrainOptions::default().lr)]
+    lr: f64,
+    #[arg(long, default_value_t = TrainOptions::default().warmup_steps)]
+    warmup: u64,
+    #[arg(long, default_value_t = TrainOptions::default().weight_decay)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = TrainOptions::default().patience)]
+    patience: usize,
+    #[arg(long, default_value_t = TrainOptions::default().seed)]
+    seed: u64,
+    /// Validation users per epoch, evenly spaced; 0 = all.
+    #[arg(long, default_value_t = TrainOptions::default().valid_users)]
+    valid_users: usize,
+    /// Beam width of validation.
+    #[arg(long, default_value_t = TrainOptions::default().beams)]
+    beams: usize,
+}
+
+/// Interaction sequences and a SID for every catalogue item, numbered so
+/// that `sids[i]` belongs to `items[i]`; the interacted items come first.
+struct Loaded {
+    seqs: Vec<Vec<u32>>,
+    items: Vec<String>,
+    sids: Vec<Sid>,
+    tokenizer: FrozenTokenizer,
+}
+
+fn inter_file(data: &Path) -> anyhow::Result<PathBuf> {
+    if data.is_file() {
+        return Ok(data.to_path_buf());
+    }
+    let mut found = std::fs::read_dir(data)
+        .with_context(|| format!("reading {}", data.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "inter"));
+    match (found.next(), found.next()) {
+        (Some(p), None) => Ok(p),
+        (None, _) => bail!("{}: no .inter file", data.display()),
+        (Some(_), Some(_)) => bail!("{}: more than one .inter file; name one", data.display()),
+    }
+}
+
+fn load(data: &Path, tokenizer: &Path) -> anyhow::Result<Loaded> {
+    let tokenizer = FrozenTokenizer::load(tokenizer)
+        .with_context(|| format!("loading the tokenizer {}", tokenizer.display()))?;
+    let inter = inter_file(data)?;
+    let seqs =
+        load_sequences(&inter, None).with_context(|| format!("reading {}", inter.display()))?;
+    let by_id: std::collections::HashMap<&str, Sid> = tokenizer
+        .training_items()
+        .iter()
+        .map(|(id, sid)| (id.as_str(), *sid))
+        .collect();
+    let mut items = seqs.items.clone();
+    let mut sids = Vec::with_capacity(by_id.len());
+    for id in &items {
+        match by_id.get(id.as_str()) {
+            Some(&s) => sids.push(s),
+            None => bail!(
+                "{}: item \"{id}\" has no SID in the tokenizer {} (trained on another catalogue?)",
+                inter.display(),
+                tokenizer.dir().display()
+            ),
+        }
+    }
+    let known: std::collections::HashSet<&str> = items.iter().map(String::as_str).collect();
+    let extra: Vec<(String, Sid)> = tokenizer
+        .training_items()
+        .iter()
+        .filter(|(id, _)| !known.contains(id.as_str()))
+        .cloned()
+        .collect();
+    for (id, sid) in extra {
+        items.push(id);
+        sids.push(sid);
+    }
+    Ok(Loaded {
+        seqs: seqs.seqs,
+        items,
+        sids,
+        tokenizer,
+    })
+}
+
+pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    set_threads(a.threads);
+    let device = device(a.device)?;
+    let loaded = load(&a.data, &a.tokenizer)?;
+    let cfg = ModelConfig {
+        vocab: vocab(&loaded.tokenizer),
+        d_model: a.d_model,
+        layers: a.layers,
+        decoder_layers: a.decoder_layers,
+        heads: a.heads,
+        head_dim: a.head_dim,
+        d_ff: a.d_ff,
+        max_history: a.max_history,
+        dropout: a.dropout,
+        tokenizer_version: loaded.tokenizer.version().to_string(),
+    };
+    let opts = TrainOptions {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        patience: a.patience,
+        seed: a.seed,
+        valid_users: a.valid_users,
+        beams: a.beams,
+        ..TrainOptions::default()
+    };
+    eprintln!(
+        "{} users, {} items, vocabulary {:?}",
+        loaded.seqs.len(),
+        loaded.items.len(),
+        cfg.vocab
+    );
+    let corpus = Corpus {
+        seqs: &loaded.seqs,
+        sids: &loaded.sids,
+    };
+    let summary = train(
+        &corpus,
+        &cfg,
+        &opts,
+        &a.out,
+        a.resume,
+        &device,
+        super::bar,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    Valid,
+    Test,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A RecBole folder (or its `.inter` file).
+    #[arg(long)]
+    data: PathBuf,
+    /// A trained model directory (`genfeed train --out`).
+    #[arg(long)]
+    model: PathBuf,
+    /// The tokenizer the model was trained with.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long, value_enum, default_value = "test")]
+    split: SplitArg,
+    #[arg(long, default_value_t = 20)]
+    beams: usize,
+    /// Requests per beam-search batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Evaluate this many users, evenly spaced; 0 = all.
+    #[arg(long, default_value_t = 0)]
+    users: usize,
+    /// Leave the user's history items out of the recommendations.
+    #[arg(long)]
+    exclude_history: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    set_threads(a.threads);
+    let device = device(a.device)?;
+    let loaded = load(&a.data, &a.tokenizer)?;
+    let (cfg, model) = Model::load(&a.model, &device)
+        .with_context(|| format!("loading the model {}", a.model.display()))?;
+    if cfg.tokenizer_version != loaded.tokenizer.version() {
+        bail!(
+            "the model was trained with tokenizer {} but {} is {}",
+            cfg.tokenizer_version,
+            a.tokenizer.display(),
+            loaded.tokenizer.version()
+        );
+    }
+    let split = Split::leave_one_out(&loaded.seqs, cfg.max_history);
+    let examples: Vec<Example<'_>> = match a.split {
+        SplitArg::Valid => split.valid().iter().collect(),
+        SplitArg::Test => split.test().iter().collect(),
+    };
+    let examples = if a.users == 0 || a.users >= examples.len() {
+        examples
+    } else {
+        let step = examples.len() as f64 / a.users as f64;
+        (0..a.users)
+            .map(|i| examples[(i as f64 * step) as usize])
+            .collect()
+    };
+    let index = OfflineIndex::build(&loaded.sids, &cfg.vocab)?;
+    let opts = SearchOptions {
+        beams: a.beams,
+        top_k: 10,
+        exclude_history: a.exclude_history,
+    };
+    let pb = super::bar(examples.len() as u64, "eval");
+    let report = evaluate(&model, &index, &loaded.sids, &examples, &opts, a.batch, &pb)?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} users  Recall@5 {:.4}  NDCG@5 {:.4}  Recall@10 {:.4}  NDCG@10 {:.4}\n\
+             invalid IDs {:.4}  coverage@10 {:.4}  {:.1} recs/s  {:.2} ms/request (batch {}, beam {})",
+            report.users,
+            report.recall5,
+            report.ndcg5,
+            report.recall10,
+            report.ndcg10,
+            report.invalid_rate,
+            report.coverage10,
+            report.recs_per_sec,
+            report.ms_per_request,
+            report.batch,
+            report.beams
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! The field's offline protocol: leave-one-out targets, the last 20 items of
+//! history, the whole catalogue ranked through constrained beam search, and
+//! Recall@K and NDCG@K with a single relevant item.
+//!
+//! NDCG with one relevant item is `1 / log2(rank + 2)` for a hit at 0-based
+//! `rank`, else 0. Alongside quality the report gives what a serving team
+//! asks next: how many generated SIDs were not items (the invalid-ID rate),
+//! how much of the catalogue the top 10 lists reach, and the latency.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::dataset::Example;
+use crate::index::{Index, IndexError, Snapshot};
+use crate::model::{Generator, Model, ModelError, Request, SearchOptions};
+use crate::sid::Sid;
+
+/// An index over a fixed catalogue, for offline evaluation. The directory is
+/// deleted on drop.
+pub struct OfflineIndex {
+    _dir: tempfile::TempDir,
+    _index: Index,
+    snapshot: Arc<Snapshot>,
+}
+
+impl OfflineIndex {
+    /// `sids[i]` is item `i`'s SID; item numbers in the index are the same `i`.
+    pub fn build(sids: &[Sid], vocab: &[usize]) -> Result<OfflineIndex, IndexError> {
+        let dir = tempfile::tempdir().map_err(|source| IndexError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        let mut live: Vec<(Sid, u32)> = sids.iter().copied().zip(0..).collect();
+        live.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
+        let (index, _) = Index::open(dir.path(), vocab, None, &live, usize::MAX)?;
+        let snapshot = index.reader().snapshot();
+        Ok(OfflineIndex {
+            _dir: dir,
+            _index: index,
+            snapshot,
+        })
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub users: usize,
+    pub beams: usize,
+    pub batch: usize,
+    pub recall5: f64,
+    pub recall10: f64,
+    pub ndcg5: f64,
+    pub ndcg10: f64,
+    /// Share of generated SIDs that are not a catalogue item.
+    pub invalid_rate: f64,
+    /// Distinct items in all top-10 lists over catalogue size.
+    pub coverage10: f64,
+    pub recs_per_sec: f64,
+    pub ms_per_request: f64,
+    /// Per-batch wall time, 50th and 99th percentile.
+    pub batch_ms_p50: f64,
+    pub batch_ms_p99: f64,
+}
+
+/// Ranks the catalogue for every example and scores the target's rank.
+pub fn evaluate(
+    model: &Model,
+    index: &OfflineIndex,
+    sids: &[Sid],
+    examples: &[Example<'_>],
+    opts: &SearchOptions,
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<Report, ModelError> {
+    let opts = SearchOptions {
+        top_k: opts.top_k.max(10),
+        beams: opts.beams.max(10),
+        ..opts.clone()
+    };
+    let batch = batch.max(1);
+    let mut generator = Generator::new(model);
+    let (mut r5, mut r10, mut n5, mut n10) = (0.0, 0.0, 0.0, 0.0);
+    let (mut generated, mut invalid) = (0usize, 0usize);
+    let mut reached = vec![false; sids.len()];
+    let mut batch_ms = Vec::new();
+    let mut histories: Vec<Vec<Sid>> = Vec::with_capacity(batch);
+    let started = Instant::now();
+    progress.set_length(examples.len() as u64);
+    for chunk in examples.chunks(batch) {
+        histories.clear();
+        histories.extend(
+            chunk
+                .iter()
+                .map(|e| e.history.iter().map(|&i| sids[i as usize]).collect()),
+        );
+        let requests: Vec<Request<'_>> = histories
+            .iter()
+            .map(|h| Request {
+                history: h,
+                filter: None,
+            })
+            .collect();
+        let t = Instant::now();
+        let lists = generator.generate(index.snapshot(), &requests, &opts)?;
+        batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        for (e, list) in chunk.iter().zip(&lists) {
+            let target = sids[e.target as usize];
+            for (rank, g) in list.iter().take(10).enumerate() {
+                generated += 1;
+                match sids.get(g.ord as usize) {
+                    Some(&s) if s == g.sid => reached[g.ord as usize] = true,
+                    _ => invalid += 1,
+                }
+                if g.sid == target {
+                    let gain = 1.0 / ((rank + 2) as f64).log2();
+                    r10 += 1.0;
+                    n10 += gain;
+                    if rank < 5 {
+                        r5 += 1.0;
+                        n5 += gain;
+                    }
+                }
+            }
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let users = examples.len().max(1) as f64;
+    batch_ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        batch_ms
+            .get(((batch_ms.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(Report {
+        users: examples.len(),
+        beams: opts.beams,
+        batch,
+        recall5: r5 / users,
+        recall10: r10 / users,
+        ndcg5: n5 / users,
+        ndcg10: n10 / users,
+        invalid_rate: invalid as f64 / generated.max(1) as f64,
+        coverage10: reached.iter().filter(|&&r| r).count() as f64 / sids.len().max(1) as f64,
+        recs_per_sec: users / secs,
+        ms_per_request: secs * 1e3 / users,
+        batch_ms_p50: pct(0.5),
+        batch_ms_p99: pct(0.99),
+    })
+}

@@ -1,0 +1,382 @@
+//! Batched beam search over the live SIDs of an index snapshot.
+//!
+//! One search serves many requests at once. Each request's history goes
+//! through the history transformer once; its context vector is then the first
+//! input of every one of its beams. From there every step is one batch over
+//! all beams of all requests: the SID decoder's step with a key/value cache
+//! reordered by parent beam, the log-softmax, an additive mask built from the
+//! index's decoding tables ([`Snapshot::fill_mask`]) plus the request's
+//! filters, and a top-`beams` selection per request. Because every token is
+//! chosen under the index's mask, every finished beam spells a live item: the
+//! invalid-ID rate is zero by construction, not by filtering afterwards.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use candle_core::{Device, Tensor};
+
+use super::config::ModelError;
+use super::transformer::{window_mask, Model};
+use crate::index::Snapshot;
+use crate::sid::{Code, Sid, MAX_LEVELS};
+
+/// Per-request restrictions, applied through the decoding mask so that beams
+/// are never spent on items that would be thrown away.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    allow: Option<Vec<Sid>>,
+    deny: Vec<Sid>,
+}
+
+impl Filter {
+    /// Only these items may be recommended.
+    pub fn allow(mut self, sids: impl IntoIterator<Item = Sid>) -> Filter {
+        let mut v: Vec<Sid> = sids.into_iter().collect();
+        v.sort_unstable_by(|a, b| a.codes().cmp(b.codes()));
+        self.allow = Some(v);
+        self
+    }
+
+    /// These items may not be recommended.
+    pub fn deny(mut self, sids: impl IntoIterator<Item = Sid>) -> Filter {
+        self.deny = sids.into_iter().collect();
+        self.deny.sort_unstable_by(|a, b| a.codes().cmp(b.codes()));
+        self
+    }
+}
+
+/// The SIDs in a sorted list that start with `prefix`.
+fn with_prefix<'a>(sorted: &'a [Sid], prefix: &[Code]) -> &'a [Sid] {
+    let n = prefix.len();
+    let lo = sorted.partition_point(|s| &s.codes()[..n] < prefix);
+    let hi = lo + sorted[lo..].partition_point(|s| &s.codes()[..n] == prefix);
+    &sorted[lo..hi]
+}
+
+/// One user's request.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    /// The user's items, oldest first; only the last `max_history` are read.
+    pub history: &'a [Sid],
+    pub filter: Option<&'a Filter>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    pub beams: usize,
+    /// Items returned per request (at most `beams`).
+    pub top_k: usize,
+    /// Leave out the items of the request's history.
+    pub exclude_history: bool,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            beams: 20,
+            top_k: 10,
+            exclude_history: false,
+        }
+    }
+}
+
+/// One recommended item.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Generated {
+    pub sid: Sid,
+    /// The item's number in the snapshot ([`Snapshot::get`]).
+    pub ord: u32,
+    /// Log-probability of the whole SID under the model.
+    pub log_prob: f32,
+}
+
+/// A candidate continuation, ordered so that a max-heap of `Reverse`s keeps
+/// the best `beams` seen so far.
+#[derive(Clone, Copy, PartialEq)]
+struct Candidate {
+    score: f32,
+    /// Flat index into the request's `[beams × vocab]` score block.
+    at: u32,
+}
+
+impl Eq for Candidate {}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // Lower score is "greater" so the heap's top is the worst kept; ties
+        // go to the lower index, which makes the search deterministic.
+        other
+            .score
+            .total_cmp(&self.score)
+            .then(self.at.cmp(&other.at))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Beam search with buffers reused across calls.
+pub struct Generator<'m> {
+    model: &'m Model,
+    mask: Vec<f32>,
+    row: Vec<f32>,
+    heap: BinaryHeap<Candidate>,
+    kept: Vec<Candidate>,
+}
+
+impl<'m> Generator<'m> {
+    pub fn new(model: &'m Model) -> Generator<'m> {
+        Generator {
+            model,
+            mask: Vec::new(),
+            row: Vec::new(),
+            heap: BinaryHeap::new(),
+            kept: Vec::new(),
+        }
+    }
+
+    /// The top `opts.top_k` live items for each request, best first.
+    pub fn generate(
+        &mut self,
+        snapshot: &Snapshot,
+        requests: &[Request<'_>],
+        opts: &SearchOptions,
+    ) -> Result<Vec<Vec<Generated>>, ModelError> {
+        let cfg = self.model.config();
+        let levels = cfg.levels();
+        if snapshot.vocab() != cfg.vocab.as_slice() {
+            return Err(ModelError::Config {
+                field: "vocab",
+                why: format!(
+                    "the model spells {:?} but the index holds {:?}",
+                    cfg.vocab,
+                    snapshot.vocab()
+                ),
+            });
+        }
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let beams = opts.beams.max(1);
+        let device = self.model.device().clone();
+        let s = requests.len();
+
+        let contexts = self.contexts(requests, &device)?;
+
+        // Beam state, request-major: beam `b` of request `r` is row `r * beams + b`.
+        let mut cursors = vec![snapshot.root(); s];
+        let mut codes = vec![[0 as Code; MAX_LEVELS]; s];
+        let mut scores = vec![0f32; s];
+        let mut width = 1;
+        let mut cache = self.model.decoder_cache(s)?;
+        let mut input = self.model.decoder_input(0, &contexts)?;
+
+        for level in 0..levels {
+            let vocab = cfg.vocab[level];
+            let logp = self.model.decoder_step(&input, level, &mut cache)?;
+            let rows = s * width;
+            self.mask.resize(rows * vocab, 0.0);
+            snapshot.fill_mask(&cursors, vocab, &mut self.mask);
+            self.apply_filters(requests, opts, &codes, level, vocab, width);
+            let mask = Tensor::from_slice(&self.mask, (rows, vocab), &device)?;
+            let prior = Tensor::from_slice(&scores, (rows, 1), &device)?;
+            let total = logp.broadcast_add(&prior)?.add(&mask)?;
+            let total = total.flatten_all()?.to_vec1::<f32>()?;
+
+            // Top `beams` per request over its `width × vocab` continuations.
+            let mut next_cursors = Vec::with_capacity(s * beams);
+            let mut next_codes = Vec::with_capacity(s * beams);
+            let mut next_scores = Vec::with_capacity(s * beams);
+            let mut parents = Vec::with_capacity(s * beams);
+            let mut chosen = Vec::with_capacity(s * beams);
+            let block = width * vocab;
+            for r in 0..s {
+                self.top(&total[r * block..(r + 1) * block], beams);
+                self.kept.clear();
+                self.kept.extend(self.heap.drain());
+                self.kept.sort_unstable();
+                for b in 0..beams {
+                    let (row, code, score) = match self.kept.get(b) {
+                        Some(c) => (
+                            r * width + c.at as usize / vocab,
+                            (c.at as usize % vocab) as Code,
+                            c.score,
+                        ),
+                        // Fewer live continuations than beams: a dead beam
+                        // that can never be chosen again.
+                        None => (r * width, 0, f32::NEG_INFINITY),
+                    };
+                    let cursor = if score.is_finite() {
+                        snapshot
+                            .step(cursors[row], code)
+                            .ok_or_else(|| ModelError::Request {
+                                request: r,
+                                why: "the index changed under the search".into(),
+                            })?
+                    } else {
+                        cursors[row]
+                    };
+                    let mut c = codes[row];
+                    c[level] = code;
+                    next_cursors.push(cursor);
+                    next_codes.push(c);
+                    next_scores.push(score);
+                    parents.push(row as u32);
+                    chosen.push(u32::from(code));
+                }
+            }
+            cursors = next_cursors;
+            codes = next_codes;
+            scores = next_scores;
+            width = beams;
+            if level + 1 < levels {
+                let parents = Tensor::from_vec(parents, s * beams, &device)?;
+                cache.reorder(&parents)?;
+                let chosen = Tensor::from_vec(chosen, s * beams, &device)?;
+                input = self.model.decoder_input(level + 1, &chosen)?;
+            }
+        }
+
+        let mut out = Vec::with_capacity(s);
+        for r in 0..s {
+            let mut items = Vec::with_capacity(opts.top_k);
+            for b in 0..beams {
+                let i = r * beams + b;
+                if items.len() == opts.top_k || !scores[i].is_finite() {
+                    break;
+                }
+                let sid = Sid::new(&codes[i][..levels]).expect("levels checked by the config");
+                let ord = snapshot.get(sid).ok_or_else(|| ModelError::Request {
+                    request: r,
+                    why: format!("beam ended on {sid}, which is not live"),
+                })?;
+                items.push(Generated {
+                    sid,
+                    ord,
+                    log_prob: scores[i],
+                });
+            }
+            out.push(items);
+        }
+        Ok(out)
+    }
+
+    /// Keeps the best `k` finite entries of `block` in `self.heap`.
+    fn top(&mut self, block: &[f32], k: usize) {
+        self.heap.clear();
+        for (at, &score) in block.iter().enumerate() {
+            if score == f32::NEG_INFINITY {
+                continue;
+            }
+            let c = Candidate {
+                score,
+                at: at as u32,
+            };
+            if self.heap.len() < k {
+                self.heap.push(c);
+            } else if let Some(mut worst) = self.heap.peek_mut() {
+                if c < *worst {
+                    *worst = c;
+                }
+            }
+        }
+    }
+
+    /// Narrows the index mask of every beam by its request's filter and,
+    /// when asked, its history.
+    fn apply_filters(
+        &mut self,
+        requests: &[Request<'_>],
+        opts: &SearchOptions,
+        codes: &[[Code; MAX_LEVELS]],
+        level: usize,
+        vocab: usize,
+        width: usize,
+    ) {
+        let last = level + 1 == self.model.config().levels();
+        for (r, req) in requests.iter().enumerate() {
+            let filter = req.filter;
+            let history = opts.exclude_history && last;
+            if filter.is_none() && !history {
+                continue;
+            }
+            for b in 0..width {
+                let i = r * width + b;
+                let prefix = &codes[i][..level];
+                let row = &mut self.mask[i * vocab..(i + 1) * vocab];
+                if let Some(f) = filter {
+                    if let Some(allow) = &f.allow {
+                        self.row.clear();
+                        self.row.resize(vocab, f32::NEG_INFINITY);
+                        for sid in with_prefix(allow, prefix) {
+                            let c = usize::from(sid.codes()[level]);
+                            self.row[c] = row[c];
+                        }
+                        row.copy_from_slice(&self.row);
+                    }
+                    if last {
+                        for sid in with_prefix(&f.deny, prefix) {
+                            row[usize::from(sid.last())] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                if history {
+                    for sid in req.history {
+                        if sid.prefix() == prefix {
+                            row[usize::from(sid.last())] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The history transformer over all requests at once.
+    fn contexts(&self, requests: &[Request<'_>], device: &Device) -> Result<Tensor, ModelError> {
+        let cfg = self.model.config();
+        let levels = cfg.levels();
+        let len = requests
+            .iter()
+            .map(|r| r.history.len().min(cfg.max_history))
+            .max()
+            .unwrap_or(0);
+        let mut per_level = vec![Vec::with_capacity(requests.len() * len); levels];
+        let mut pads = Vec::with_capacity(requests.len());
+        for (r, req) in requests.iter().enumerate() {
+            if req.history.is_empty() {
+                return Err(ModelError::Request {
+                    request: r,
+                    why: "empty history: the model needs at least one item".into(),
+                });
+            }
+            let recent = &req.history[req.history.len().saturating_sub(cfg.max_history)..];
+            let pad = len - recent.len();
+            pads.push(pad);
+            for (l, codes) in per_level.iter_mut().enumerate() {
+                codes.extend(std::iter::repeat_n(0u32, pad));
+                for sid in recent {
+                    let c = sid.codes();
+                    if c.len() != levels || usize::from(c[l]) >= cfg.vocab[l] {
+                        return Err(ModelError::Request {
+                            request: r,
+                            why: format!(
+                                "history item {sid} does not fit the model's vocabulary {:?}",
+                                cfg.vocab
+                            ),
+                        });
+                    }
+                    codes.push(u32::from(c[l]));
+                }
+            }
+        }
+        let codes = per_level
+            .into_iter()
+            .map(|c| Tensor::from_vec(c, requests.len() * len, device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mask = window_mask(&pads, len, device)?;
+        Ok(self.model.contexts(&codes, &mask, (requests.len(), len))?)
+    }
+}

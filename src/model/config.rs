@@ -1,0 +1,147 @@
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The file beside the weights that says what they are.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights, as safetensors.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Everything needed to rebuild the network around its weights.
+///
+/// The defaults are the configuration the quality figures in the README were
+/// measured with; [`ModelConfig::tiger`] has TIGER's dimensions, which the
+/// throughput benchmark uses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Codes per SID level: the model's output vocabulary, level by level.
+    pub vocab: Vec<usize>,
+    pub d_model: usize,
+    /// History-transformer blocks.
+    pub layers: usize,
+    /// SID-decoder blocks.
+    pub decoder_layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub d_ff: usize,
+    /// Items of history the model reads; older ones are dropped.
+    pub max_history: usize,
+    pub dropout: f32,
+    /// The tokenizer the SIDs came from; a model is meaningless with another.
+    pub tokenizer_version: String,
+}
+
+impl ModelConfig {
+    /// A config for `vocab` with the training defaults.
+    pub fn new(vocab: Vec<usize>, tokenizer_version: impl Into<String>) -> ModelConfig {
+        ModelConfig {
+            vocab,
+            d_model: 128,
+            layers: 2,
+            decoder_layers: 1,
+            heads: 4,
+            head_dim: 32,
+            d_ff: 512,
+            max_history: 20,
+            dropout: 0.2,
+            tokenizer_version: tokenizer_version.into(),
+        }
+    }
+
+    /// TIGER's dimensions: 4 layers, d_model 128, 6 heads of 64, feed-forward
+    /// 1024, dropout 0.1, 20 items of history (the SID decoder gets 4 layers
+    /// too, as TIGER's decoder has).
+    pub fn tiger(vocab: Vec<usize>, tokenizer_version: impl Into<String>) -> ModelConfig {
+        ModelConfig {
+            layers: 4,
+            decoder_layers: 4,
+            heads: 6,
+            head_dim: 64,
+            d_ff: 1024,
+            dropout: 0.1,
+            ..ModelConfig::new(vocab, tokenizer_version)
+        }
+    }
+
+    pub fn levels(&self) -> usize {
+        self.vocab.len()
+    }
+
+    /// Attention's inner width, which need not equal `d_model` (TIGER: 6×64
+    /// against 128).
+    pub fn inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Rejects configs the network cannot be built from, naming the field.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |field: &'static str, why: String| Err(ModelError::Config { field, why });
+        if self.vocab.is_empty() || self.vocab.len() > crate::sid::MAX_LEVELS {
+            return bad("vocab", format!("{} levels", self.vocab.len()));
+        }
+        if let Some(v) = self.vocab.iter().find(|&&v| v == 0 || v > 1 << 16) {
+            return bad("vocab", format!("a level has {v} codes"));
+        }
+        for (field, value) in [
+            ("d_model", self.d_model),
+            ("layers", self.layers),
+            ("decoder_layers", self.decoder_layers),
+            ("heads", self.heads),
+            ("head_dim", self.head_dim),
+            ("d_ff", self.d_ff),
+            ("max_history", self.max_history),
+        ] {
+            if value == 0 {
+                return bad(field, "must be at least 1".into());
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout", format!("{} is not in [0, 1)", self.dropout));
+        }
+        Ok(())
+    }
+
+    pub fn load(dir: &Path) -> Result<ModelConfig, ModelError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelError::Parse {
+            path,
+            why: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = serde_json::to_string_pretty(self).expect("config serialises");
+        std::fs::write(&path, text).map_err(|source| ModelError::Io { path, source })
+    }
+}
+
+/// Why a model could not be built, loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model config: field \"{field}\": {why}")]
+    Config { field: &'static str, why: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {why}", path.display())]
+    Parse { path: PathBuf, why: String },
+    #[error("{}: tensor \"{name}\": {why}", path.display())]
+    Weights {
+        path: PathBuf,
+        name: String,
+        why: String,
+    },
+    #[error("request {request}: {why}")]
+    Request { request: usize, why: String },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}

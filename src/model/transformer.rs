@@ -1,0 +1,604 @@
+//! The network's tensor code: explicit shapes, no framework layers.
+//!
+//! Training and serving share every weight and every formula; they differ in
+//! two places only. Training uses candle's differentiable layer norm and
+//! softmax (the fused ones have no backward pass), and draws dropout masks
+//! from a seeded host RNG, because candle's CPU RNG cannot be seeded and the
+//! run must be reproducible.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::{ModelConfig, ModelError};
+
+const LN_EPS: f32 = 1e-5;
+/// Added to attention scores a query must not see. Finite, so that a row
+/// with nothing to see (left padding) stays a number instead of NaN.
+const MASKED: f32 = -1e9;
+
+enum Init {
+    Normal(f32),
+    Zeros,
+    Ones,
+}
+
+/// The list of weights a config implies: names, shapes and initialisation.
+fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
+    let d = cfg.d_model;
+    let inner = cfg.inner();
+    let std = 0.02;
+    // GPT-2's scaling: residual branches add up over depth.
+    let resid = std / ((2 * (cfg.layers + cfg.decoder_layers)) as f32).sqrt();
+    let mut w = Vec::new();
+    for (l, &v) in cfg.vocab.iter().enumerate() {
+        w.push((format!("emb.{l}"), vec![v, d], Init::Normal(std)));
+        w.push((format!("out_bias.{l}"), vec![v], Init::Zeros));
+    }
+    w.push(("pos".into(), vec![cfg.max_history, d], Init::Normal(std)));
+    w.push(("dec_pos".into(), vec![cfg.levels(), d], Init::Normal(std)));
+    let blocks = (0..cfg.layers)
+        .map(|i| format!("blocks.{i}"))
+        .chain((0..cfg.decoder_layers).map(|i| format!("dec_blocks.{i}")));
+    for p in blocks {
+        w.push((format!("{p}.ln1.g"), vec![d], Init::Ones));
+        w.push((format!("{p}.ln1.b"), vec![d], Init::Zeros));
+        w.push((format!("{p}.qkv.w"), vec![d, 3 * inner], Init::Normal(std)));
+        w.push((format!("{p}.qkv.b"), vec![3 * inner], Init::Zeros));
+        w.push((format!("{p}.out.w"), vec![inner, d], Init::Normal(resid)));
+        w.push((format!("{p}.out.b"), vec![d], Init::Zeros));
+        w.push((format!("{p}.ln2.g"), vec![d], Init::Ones));
+        w.push((format!("{p}.ln2.b"), vec![d], Init::Zeros));
+        w.push((format!("{p}.ff1.w"), vec![d, cfg.d_ff], Init::Normal(std)));
+        w.push((format!("{p}.ff1.b"), vec![cfg.d_ff], Init::Zeros));
+        w.push((format!("{p}.ff2.w"), vec![cfg.d_ff, d], Init::Normal(resid)));
+        w.push((format!("{p}.ff2.b"), vec![d], Init::Zeros));
+    }
+    for p in ["ln_f", "dec_ln"] {
+        w.push((format!("{p}.g"), vec![d], Init::Ones));
+        w.push((format!("{p}.b"), vec![d], Init::Zeros));
+    }
+    w
+}
+
+/// Standard normal draws by Box–Muller, so initialisation depends on the seed
+/// alone and not on a distribution crate's algorithm.
+fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f32 = rng.random_range(f32::MIN_POSITIVE..1.0);
+        let u2: f32 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let t = std::f32::consts::TAU * u2;
+        out.push(r * t.cos());
+        out.push(r * t.sin());
+    }
+    out.truncate(n);
+    out
+}
+
+/// The trainable weights, by name, in a fixed order.
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    /// Fresh weights, drawn on the host from `seed`.
+    pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Params, ModelError> {
+        cfg.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = BTreeMap::new();
+        for (name, shape, init) in layout(cfg) {
+            let n = shape.iter().product();
+            let data = match init {
+                Init::Normal(std) => normal(&mut rng, n, std),
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+            };
+            let t = Tensor::from_vec(data, shape, device)?;
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        Ok(Params { vars })
+    }
+
+    /// Weights from a safetensors file, checked name by name and shape by
+    /// shape against `cfg`.
+    pub fn load(cfg: &ModelConfig, path: &Path, device: &Device) -> Result<Params, ModelError> {
+        cfg.validate()?;
+        let mut tensors =
+            candle_core::safetensors::load(path, device).map_err(|e| ModelError::Parse {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            })?;
+        let mut vars = BTreeMap::new();
+        for (name, shape, _) in layout(cfg) {
+            let err = |why: String| ModelError::Weights {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                why,
+            };
+            let t = tensors.remove(&name).ok_or_else(|| err("missing".into()))?;
+            if t.dims() != shape.as_slice() {
+                return Err(err(format!(
+                    "shape {:?}, config says {:?}",
+                    t.dims(),
+                    shape
+                )));
+            }
+            if t.dtype() != DType::F32 {
+                return Err(err(format!("dtype {:?}, expected f32", t.dtype())));
+            }
+            vars.insert(name, Var::from_tensor(&t)?);
+        }
+        if let Some(name) = tensors.keys().next() {
+            return Err(ModelError::Weights {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                why: "not part of this config (wrong config.json?)".into(),
+            });
+        }
+        Ok(Params { vars })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let map: std::collections::HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, path).map_err(|e| ModelError::Parse {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn count(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    fn get(&self, name: &str) -> Tensor {
+        self.vars[name].as_tensor().clone()
+    }
+
+    /// The network over these weights. In training the model's tensors are
+    /// the variables themselves, so gradients reach them.
+    pub fn model(&self, cfg: &ModelConfig) -> Result<Model, ModelError> {
+        let norm = |p: &str| Norm {
+            g: self.get(&format!("{p}.g")),
+            b: self.get(&format!("{p}.b")),
+        };
+        let linear = |p: &str| Linear {
+            w: self.get(&format!("{p}.w")),
+            b: self.get(&format!("{p}.b")),
+        };
+        let block = |p: String| Block {
+            ln1: norm(&format!("{p}.ln1")),
+            qkv: linear(&format!("{p}.qkv")),
+            out: linear(&format!("{p}.out")),
+            ln2: norm(&format!("{p}.ln2")),
+            ff1: linear(&format!("{p}.ff1")),
+            ff2: linear(&format!("{p}.ff2")),
+        };
+        let emb: Vec<Tensor> = (0..cfg.levels())
+            .map(|l| self.get(&format!("emb.{l}")))
+            .collect();
+        let emb_t = emb
+            .iter()
+            .map(|e| e.t()?.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let dec_pos = self.get("dec_pos");
+        let dec_pos_rows = (0..cfg.levels())
+            .map(|l| dec_pos.narrow(0, l, 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Model {
+            cfg: cfg.clone(),
+            emb,
+            emb_t,
+            out_bias: (0..cfg.levels())
+                .map(|l| self.get(&format!("out_bias.{l}")))
+                .collect(),
+            pos: self.get("pos"),
+            dec_pos,
+            dec_pos_rows,
+            blocks: (0..cfg.layers)
+                .map(|i| block(format!("blocks.{i}")))
+                .collect(),
+            ln_f: norm("ln_f"),
+            dec_blocks: (0..cfg.decoder_layers)
+                .map(|i| block(format!("dec_blocks.{i}")))
+                .collect(),
+            dec_ln: norm("dec_ln"),
+        })
+    }
+}
+
+struct Linear {
+    /// `[in, out]`, so a forward pass is one matmul without a transpose.
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.w)?.broadcast_add(&self.b)
+    }
+}
+
+struct Norm {
+    g: Tensor,
+    b: Tensor,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train {
+            candle_nn::ops::layer_norm_slow(x, &self.g, &self.b, LN_EPS)
+        } else {
+            candle_nn::ops::layer_norm(x, &self.g, &self.b, LN_EPS)
+        }
+    }
+}
+
+struct Block {
+    ln1: Norm,
+    qkv: Linear,
+    out: Linear,
+    ln2: Norm,
+    ff1: Linear,
+    ff2: Linear,
+}
+
+/// Where a forward pass gets its dropout masks; `None` at serving time.
+pub struct Dropout {
+    p: f32,
+    rng: ChaCha8Rng,
+    scratch: Vec<f32>,
+}
+
+impl Dropout {
+    pub fn new(p: f32, seed: u64) -> Dropout {
+        Dropout {
+            p,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Inverted dropout with a host-drawn mask: 16 bits of randomness per
+    /// element, four elements per draw, which keeps mask generation a small
+    /// fraction of a training step.
+    fn apply(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let threshold = (self.p * 65536.0) as u32;
+        let keep = 1.0 / (1.0 - threshold as f32 / 65536.0);
+        self.scratch.clear();
+        while self.scratch.len() < n {
+            let r: u64 = self.rng.random();
+            for k in 0..4 {
+                let bits = ((r >> (16 * k)) & 0xffff) as u32;
+                self.scratch.push(if bits < threshold { 0.0 } else { keep });
+            }
+        }
+        self.scratch.truncate(n);
+        let mask = Tensor::from_slice(&self.scratch, x.shape(), x.device())?;
+        x * mask
+    }
+}
+
+/// A training batch: `batch` windows of `len` items, left-padded.
+pub struct TrainBatch {
+    /// Per level, the codes of every position, `[batch * len]` (0 at padding).
+    pub codes: Vec<Tensor>,
+    /// Additive attention mask, `[batch, 1, len, len]`: causal and padding.
+    pub mask: Tensor,
+    pub batch: usize,
+    pub len: usize,
+    /// Flat positions (`b * len + t`) that have a next item to predict.
+    pub positions: Tensor,
+    /// Per level, the next item's code at each of `positions`.
+    pub targets: Vec<Tensor>,
+}
+
+/// The network. Cheap to build from [`Params`]; holds no mutable state.
+pub struct Model {
+    cfg: ModelConfig,
+    emb: Vec<Tensor>,
+    /// `emb` transposed once, for the tied output layer at serving time.
+    emb_t: Vec<Tensor>,
+    out_bias: Vec<Tensor>,
+    pos: Tensor,
+    dec_pos: Tensor,
+    dec_pos_rows: Vec<Tensor>,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    dec_blocks: Vec<Block>,
+    dec_ln: Norm,
+}
+
+impl Model {
+    /// Loads `config.json` and `model.safetensors` from `dir`.
+    pub fn load(dir: &Path, device: &Device) -> Result<(ModelConfig, Model), ModelError> {
+        let cfg = ModelConfig::load(dir)?;
+        let params = Params::load(&cfg, &dir.join(super::WEIGHTS_FILE), device)?;
+        let model = params.model(&cfg)?;
+        Ok((cfg, model))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.pos.device()
+    }
+
+    /// Self-attention over `x` (`[batch, len, d]`), returning `[batch * len, d]`.
+    fn attend(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
+        let qkv = block.qkv.forward(&x.reshape((b * t, d))?)?;
+        let qkv = qkv.reshape((b, t, 3, h, hd))?;
+        let part = |i: usize| {
+            qkv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_add(mask)?;
+        let p = if train {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+        block.out.forward(&o)
+    }
+
+    fn feed_forward(&self, block: &Block, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = block.ln2.forward(x, train)?;
+        block.ff2.forward(&block.ff1.forward(&y)?.relu()?)
+    }
+
+    /// One pre-norm block over `x` (`[batch * len, d]`).
+    fn block(
+        &self,
+        block: &Block,
+        x: Tensor,
+        shape: (usize, usize),
+        mask: &Tensor,
+        mut dropout: Option<&mut Dropout>,
+    ) -> candle_core::Result<Tensor> {
+        let train = dropout.is_some();
+        let (b, t) = shape;
+        let y = block
+            .ln1
+            .forward(&x, train)?
+            .reshape((b, t, self.cfg.d_model))?;
+        let mut a = self.attend(block, &y, mask, train)?;
+        if let Some(d) = dropout.as_deref_mut() {
+            a = d.apply(&a)?;
+        }
+        let x = (x + a)?;
+        let mut f = self.feed_forward(block, &x, train)?;
+        if let Some(d) = dropout {
+            f = d.apply(&f)?;
+        }
+        x + f
+    }
+
+    /// Item input vectors: the sum of the item's token embeddings.
+    fn embed_items(&self, codes: &[Tensor]) -> candle_core::Result<Tensor> {
+        let mut x = self.emb[0].index_select(&codes[0], 0)?;
+        for (e, c) in self.emb.iter().zip(codes).skip(1) {
+            x = (x + e.index_select(c, 0)?)?;
+        }
+        Ok(x)
+    }
+
+    /// The history transformer over left-padded windows, `[batch * len, d]`.
+    fn history(
+        &self,
+        codes: &[Tensor],
+        mask: &Tensor,
+        (b, t): (usize, usize),
+        mut dropout: Option<&mut Dropout>,
+    ) -> candle_core::Result<Tensor> {
+        let d = self.cfg.d_model;
+        let train = dropout.is_some();
+        // Positions count back from the most recent item.
+        let pos = self.pos.narrow(0, self.cfg.max_history - t, t)?;
+        let mut x = self
+            .embed_items(codes)?
+            .reshape((b, t, d))?
+            .broadcast_add(&pos)?
+            .reshape((b * t, d))?;
+        if let Some(dr) = dropout.as_deref_mut() {
+            x = dr.apply(&x)?;
+        }
+        for block in &self.blocks {
+            x = self.block(block, x, (b, t), mask, dropout.as_deref_mut())?;
+        }
+        self.ln_f.forward(&x, train)
+    }
+
+    /// Mean training loss over a batch: the negative log-likelihood of each
+    /// next item's SID, summed over levels (nats per item).
+    pub fn train_loss(
+        &self,
+        batch: &TrainBatch,
+        dropout: &mut Dropout,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d, levels) = (batch.batch, batch.len, self.cfg.d_model, self.cfg.levels());
+        let h = self.history(&batch.codes, &batch.mask, (b, t), Some(dropout))?;
+        let ctx = h.index_select(&batch.positions, 0)?;
+        let n = ctx.dim(0)?;
+        let mut inputs = vec![ctx];
+        for (l, target) in batch.targets.iter().enumerate().take(levels - 1) {
+            inputs.push(self.emb[l].index_select(target, 0)?);
+        }
+        let z = Tensor::stack(&inputs, 1)?.broadcast_add(&self.dec_pos)?;
+        let mut z = z.reshape((n * levels, d))?;
+        let causal = causal_mask(levels, self.device())?;
+        z = dropout.apply(&z)?;
+        for block in &self.dec_blocks {
+            z = self.block(block, z, (n, levels), &causal, Some(dropout))?;
+        }
+        let z = self.dec_ln.forward(&z, true)?.reshape((n, levels, d))?;
+        let mut loss: Option<Tensor> = None;
+        for l in 0..levels {
+            let zl = z.narrow(1, l, 1)?.squeeze(1)?;
+            let logits = zl
+                .matmul(&self.emb[l].t()?)?
+                .broadcast_add(&self.out_bias[l])?;
+            let ce = candle_nn::loss::cross_entropy(&logits, &batch.targets[l])?;
+            loss = Some(match loss {
+                None => ce,
+                Some(acc) => (acc + ce)?,
+            });
+        }
+        Ok(loss.expect("at least one level"))
+    }
+
+    /// Context vectors for serving: the history transformer's output after
+    /// each request's most recent item, `[requests, d]`.
+    pub(crate) fn contexts(
+        &self,
+        codes: &[Tensor],
+        mask: &Tensor,
+        shape: (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = shape;
+        let h = self.history(codes, mask, shape, None)?;
+        h.reshape((b, t, self.cfg.d_model))?
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)
+    }
+
+    /// The SID decoder's input at `level`: the context at level 0, the
+    /// previous level's chosen code after that.
+    pub(crate) fn decoder_input(
+        &self,
+        level: usize,
+        context_or_codes: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let x = if level == 0 {
+            context_or_codes.clone()
+        } else {
+            self.emb[level - 1].index_select(context_or_codes, 0)?
+        };
+        x.broadcast_add(&self.dec_pos_rows[level])
+    }
+
+    /// One SID-decoder step for `x` (`[rows, d]`) at `level`, reading and
+    /// extending `cache`; returns log-probabilities over the level's codes.
+    pub(crate) fn decoder_step(
+        &self,
+        x: &Tensor,
+        level: usize,
+        cache: &mut DecoderCache,
+    ) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
+        let inner = h * hd;
+        let mut x = x.clone();
+        for (i, block) in self.dec_blocks.iter().enumerate() {
+            let y = block.ln1.forward(&x, false)?;
+            let qkv = block.qkv.forward(&y)?;
+            let q = qkv.narrow(1, 0, inner)?.reshape((rows, h, 1, hd))?;
+            let k = qkv.narrow(1, inner, inner)?.reshape((rows, h, 1, hd))?;
+            let v = qkv.narrow(1, 2 * inner, inner)?.reshape((rows, h, 1, hd))?;
+            cache.keys[i].slice_set(&k.contiguous()?, 2, level)?;
+            cache.values[i].slice_set(&v.contiguous()?, 2, level)?;
+            let keys = cache.keys[i].narrow(2, 0, level + 1)?;
+            let values = cache.values[i].narrow(2, 0, level + 1)?;
+            let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let p = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = p.matmul(&values)?.reshape((rows, inner))?;
+            x = (x + block.out.forward(&o)?)?;
+            x = (&x + self.feed_forward(block, &x, false)?)?;
+        }
+        let z = self.dec_ln.forward(&x, false)?;
+        let logits = z
+            .matmul(&self.emb_t[level])?
+            .broadcast_add(&self.out_bias[level])?;
+        candle_nn::ops::log_softmax(&logits, D::Minus1)
+    }
+
+    /// A key/value cache for the SID decoder: `rows` sequences of up to one
+    /// position per level, allocated once per search.
+    pub(crate) fn decoder_cache(&self, rows: usize) -> candle_core::Result<DecoderCache> {
+        let shape = (rows, self.cfg.heads, self.cfg.levels(), self.cfg.head_dim);
+        let zeros = || Tensor::zeros(shape, DType::F32, self.device());
+        Ok(DecoderCache {
+            keys: (0..self.cfg.decoder_layers)
+                .map(|_| zeros())
+                .collect::<Result<_, _>>()?,
+            values: (0..self.cfg.decoder_layers)
+                .map(|_| zeros())
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+/// The SID decoder's keys and values, `[rows, heads, levels, head_dim]` per
+/// block. Beam search reorders the rows after every step so that row `i`
+/// always belongs to beam `i`.
+pub(crate) struct DecoderCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+}
+
+impl DecoderCache {
+    /// Row `i` of the new cache is row `parents[i]` of the old one.
+    pub(crate) fn reorder(&mut self, parents: &Tensor) -> candle_core::Result<()> {
+        for t in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *t = t.index_select(parents, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// `[1, 1, n, n]` additive causal mask.
+pub(crate) fn causal_mask(n: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let data: Vec<f32> = (0..n * n)
+        .map(|i| if i % n <= i / n { 0.0 } else { MASKED })
+        .collect();
+    Tensor::from_vec(data, (1, 1, n, n), device)
+}
+
+/// `[batch, 1, len, len]` additive mask for left-padded windows: causal, and
+/// no query sees padding (a padding query sees only itself).
+pub(crate) fn window_mask(
+    pads: &[usize],
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut data = Vec::with_capacity(pads.len() * len * len);
+    for &pad in pads {
+        for i in 0..len {
+            for j in 0..len {
+                let visible = j <= i && (j >= pad || j == i);
+                data.push(if visible { 0.0 } else { MASKED });
+            }
+        }
+    }
+    Tensor::from_vec(data, (pads.len(), 1, len, len), device)
+}

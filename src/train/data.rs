@@ -1,0 +1,173 @@
+//! Training windows and batches.
+//!
+//! The model learns from whole sequences: a window of `max_history + 1`
+//! items gives `max_history` predictions in one causal pass, each item
+//! predicted from the items before it. A user's training prefix (everything
+//! but the validation and test items) is cut into windows from its end
+//! backwards, so every training target has the longest history it can.
+//!
+//! Batches hold windows of similar length: windows are shuffled, sorted by
+//! length within pools of many batches, cut into batches, and the batches
+//! shuffled again. Padding stays small while the order stays random.
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::{window_mask, TrainBatch};
+use crate::sid::Sid;
+
+/// Items of a user's sequence that make one window: `seqs[user][start..end]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub user: u32,
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Window {
+    /// Predictions the window gives: every item but the first is a target.
+    pub fn targets(&self) -> usize {
+        (self.end - self.start - 1) as usize
+    }
+}
+
+/// The items of `seq` that training may see: all but the last `holdout`
+/// (the validation and test targets of the leave-one-out protocol), or all
+/// of a sequence too short to give them, as [`crate::dataset::Split`] does.
+pub fn training_prefix(seq: &[u32], holdout: usize) -> &[u32] {
+    if seq.len() > holdout {
+        &seq[..seq.len() - holdout]
+    } else {
+        seq
+    }
+}
+
+/// Cuts every user's training prefix into windows of at most
+/// `max_history + 1` items, newest first.
+pub fn windows(seqs: &[Vec<u32>], holdout: usize, max_history: usize) -> Vec<Window> {
+    let mut out = Vec::new();
+    for (user, seq) in seqs.iter().enumerate() {
+        let prefix = training_prefix(seq, holdout);
+        let mut end = prefix.len();
+        while end >= 2 {
+            let start = end.saturating_sub(max_history + 1);
+            out.push(Window {
+                user: user as u32,
+                start: start as u32,
+                end: end as u32,
+            });
+            // The next window ends where this one's first target was, so
+            // each item is a target exactly once.
+            end = start + 1;
+        }
+    }
+    out
+}
+
+/// The batches of one epoch, as indices into `windows`; a function of the
+/// seed and the epoch alone, so a resumed run sees the same order.
+pub fn epoch_batches(windows: &[Window], batch: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut order: Vec<usize> = (0..windows.len()).collect();
+    order.shuffle(&mut rng);
+    let pool = batch * 50;
+    let mut batches = Vec::new();
+    for chunk in order.chunks_mut(pool) {
+        chunk.sort_by_key(|&i| windows[i].end - windows[i].start);
+        batches.extend(chunk.chunks(batch).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+/// The tensors of one batch: left-padded windows, per-level codes, and the
+/// next item's codes at every real position.
+pub fn make_batch(
+    windows: &[&Window],
+    seqs: &[Vec<u32>],
+    sids: &[Sid],
+    levels: usize,
+    device: &Device,
+) -> candle_core::Result<TrainBatch> {
+    let len = windows.iter().map(|w| w.targets()).max().unwrap_or(1);
+    let b = windows.len();
+    let mut codes = vec![Vec::with_capacity(b * len); levels];
+    let mut targets = vec![Vec::new(); levels];
+    let mut positions = Vec::new();
+    let mut pads = Vec::with_capacity(b);
+    for (row, w) in windows.iter().enumerate() {
+        let items = &seqs[w.user as usize][w.start as usize..w.end as usize];
+        let (inputs, next) = (&items[..items.len() - 1], &items[1..]);
+        let pad = len - inputs.len();
+        pads.push(pad);
+        for (l, c) in codes.iter_mut().enumerate() {
+            c.extend(std::iter::repeat_n(0u32, pad));
+            c.extend(
+                inputs
+                    .iter()
+                    .map(|&i| u32::from(sids[i as usize].codes()[l])),
+            );
+        }
+        for (t, &item) in next.iter().enumerate() {
+            positions.push((row * len + pad + t) as u32);
+            for (l, tl) in targets.iter_mut().enumerate() {
+                tl.push(u32::from(sids[item as usize].codes()[l]));
+            }
+        }
+    }
+    let n = positions.len();
+    Ok(TrainBatch {
+        codes: codes
+            .into_iter()
+            .map(|c| Tensor::from_vec(c, b * len, device))
+            .collect::<candle_core::Result<_>>()?,
+        mask: window_mask(&pads, len, device)?,
+        batch: b,
+        len,
+        positions: Tensor::from_vec(positions, n, device)?,
+        targets: targets
+            .into_iter()
+            .map(|t| Tensor::from_vec(t, n, device))
+            .collect::<candle_core::Result<_>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_training_item_but_the_first_is_a_target_once() {
+        let seqs: Vec<Vec<u32>> = (0..30u32).map(|n| (0..n + 1).collect()).collect();
+        let ws = windows(&seqs, 2, 5);
+        for (user, seq) in seqs.iter().enumerate() {
+            let prefix = training_prefix(seq, 2);
+            let mut seen = vec![0; seq.len()];
+            for w in ws.iter().filter(|w| w.user as usize == user) {
+                assert!(w.end - w.start <= 6);
+                for t in w.start + 1..w.end {
+                    seen[t as usize] += 1;
+                }
+            }
+            for (i, &s) in seen.iter().enumerate() {
+                let expected = usize::from(i >= 1 && i < prefix.len());
+                assert_eq!(s, expected, "user {user} item {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn epoch_order_depends_on_seed_and_epoch_only() {
+        let seqs: Vec<Vec<u32>> = (0..200u32).map(|n| (0..n % 40 + 3).collect()).collect();
+        let ws = windows(&seqs, 2, 20);
+        let a = epoch_batches(&ws, 16, 7, 3);
+        assert_eq!(a, epoch_batches(&ws, 16, 7, 3));
+        assert_ne!(a, epoch_batches(&ws, 16, 7, 4));
+        let mut all: Vec<usize> = a.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..ws.len()).collect::<Vec<_>>());
+    }
+}
