@@ -143,3 +143,30 @@ pub fn generate(dir: &Path, cfg: &SynthConfig) -> std::io::Result<SynthFiles> {
         topics: topic_of,
     })
 }
+
+/// `n` distinct SIDs shaped like a trained tokenizer's: content levels drawn
+/// at random, the last level numbering items that share a prefix (0, 1, …).
+/// `vocab` is the codes per level; the last entry must exceed the largest
+/// group, which at 256 codes on the content levels only pathological `n`
+/// would reach.
+pub fn random_sids(n: usize, vocab: &[usize], seed: u64) -> Vec<crate::sid::Sid> {
+    use std::collections::HashMap;
+    let (last, content) = vocab.split_last().expect("at least one level");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut groups: HashMap<Vec<u16>, usize> = HashMap::new();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let mut codes: Vec<u16> = content
+            .iter()
+            .map(|&v| rng.random_range(0..v) as u16)
+            .collect();
+        let next = groups.entry(codes.clone()).or_insert(0);
+        if *next >= *last {
+            continue;
+        }
+        codes.push(*next as u16);
+        *next += 1;
+        out.push(crate::sid::Sid::new(&codes).expect("levels within MAX_LEVELS"));
+    }
+    out
+}

@@ -1,5 +1,6 @@
 //! Subcommands. Each file holds one family; this one holds the grammar.
 
+mod bench;
 mod model;
 mod synth;
 mod tokenizer;
@@ -28,6 +29,9 @@ enum Command {
     Train(Box<model::TrainArgs>),
     /// Score a trained model with the leave-one-out protocol.
     Eval(model::EvalArgs),
+    /// Measure throughput.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -36,6 +40,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
+        Command::Bench(c) => bench::run(c),
     }
 }
 

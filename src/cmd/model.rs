@@ -196,15 +196,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         seqs: &loaded.seqs,
         sids: &loaded.sids,
     };
-    let summary = train(
-        &corpus,
-        &cfg,
-        &opts,
-        &a.out,
-        a.resume,
-        &device,
-        super::bar,
-    )?;
+    let summary = train(&corpus, &cfg, &opts, &a.out, a.resume, &device, super::bar)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

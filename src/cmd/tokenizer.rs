@@ -24,6 +24,33 @@ pub enum TokenizerCommand {
     /// Measure whether first-level codes mean something: how much more often
     /// two items sharing a first-level code share a category than random pairs.
     Check(CheckArgs),
+    /// Write a copy of a catalogue with a collaborative `embedding` column:
+    /// each item's direction in a truncated SVD of the training interactions.
+    /// `tokenizer train --encoder precomputed` then clusters items by who
+    /// interacts with them rather than by their content.
+    EmbedInteractions(EmbedInteractionsArgs),
+}
+
+#[derive(Args)]
+pub struct EmbedInteractionsArgs {
+    /// The catalogue: a RecBole `.item` file.
+    #[arg(long)]
+    items: PathBuf,
+    /// The interactions (`.inter`).
+    #[arg(long)]
+    inter: PathBuf,
+    /// Items held out at the end of every user's sequence and not used: 2
+    /// keeps the validation and test targets of the leave-one-out protocol
+    /// out of the embedding.
+    #[arg(long, default_value_t = 2)]
+    holdout: usize,
+    #[arg(long, default_value_t = 64)]
+    dims: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// The new `.item` file.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -115,6 +142,7 @@ pub fn run(c: TokenizerCommand) -> anyhow::Result<()> {
         TokenizerCommand::Train(a) => run_train(a),
         TokenizerCommand::Assign(a) => run_assign(a),
         TokenizerCommand::Check(a) => run_check(a),
+        TokenizerCommand::EmbedInteractions(a) => run_embed_interactions(a),
     }
 }
 
@@ -327,5 +355,82 @@ fn run_check(a: CheckArgs) -> anyhow::Result<()> {
     }
     let agreement = category_agreement(&first, &cats, a.pairs, 1);
     println!("{}", serde_json::to_string_pretty(&agreement)?);
+    Ok(())
+}
+
+fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
+    use genfeed::tokenizer::svd::{factorize, SvdConfig};
+    use genfeed::train::data::training_prefix;
+
+    let items = load_items(&a.items)?;
+    anyhow::ensure!(
+        items.column("embedding").is_none(),
+        "{}: already has an embedding column",
+        a.items.display()
+    );
+    let seqs = load_sequences(&a.inter, Some(&items))
+        .with_context(|| format!("reading {}", a.inter.display()))?;
+    let rows: Vec<Vec<u32>> = seqs
+        .seqs
+        .iter()
+        .map(|s| training_prefix(s, a.holdout).to_vec())
+        .collect();
+    let n = seqs.items.len();
+    let f = factorize(
+        &rows,
+        n,
+        &SvdConfig {
+            dims: a.dims,
+            oversample: 16,
+            power_iters: 6,
+            seed: a.seed,
+        },
+    );
+    // Scale each dimension by its singular value, then keep only the
+    // direction: popularity sits in the length and would otherwise decide
+    // the first-level clusters.
+    let k = a.dims;
+    let mut vectors: HashMap<&str, Vec<f32>> = HashMap::with_capacity(n);
+    for (i, id) in seqs.items.iter().enumerate() {
+        let mut v: Vec<f32> = (0..k)
+            .map(|d| f.item_factors[i * k + d] * f.singular_values[d] as f32)
+            .collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+        vectors.insert(id.as_str(), v);
+    }
+    let text = std::fs::read_to_string(&a.items)
+        .with_context(|| format!("reading {}", a.items.display()))?;
+    let mut out = String::with_capacity(text.len() * 2);
+    let zero = vec![0.0f32; k];
+    let mut missing = 0;
+    for (i, line) in text.lines().enumerate() {
+        out.push_str(line);
+        if i == 0 {
+            out.push_str("\tembedding:float_seq\n");
+            continue;
+        }
+        let id = line.split('\t').next().unwrap_or_default();
+        let v = vectors.get(id).unwrap_or_else(|| {
+            missing += 1;
+            &zero
+        });
+        out.push('\t');
+        for (d, x) in v.iter().enumerate() {
+            if d > 0 {
+                out.push(' ');
+            }
+            out.push_str(&format!("{x:.6}"));
+        }
+        out.push('\n');
+    }
+    std::fs::write(&a.out, out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "{} items, {k} dims, {:.1}% of the matrix's energy; {missing} items without interactions got zeros",
+        n,
+        100.0 * f.explained
+    );
     Ok(())
 }

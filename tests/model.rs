@@ -1,0 +1,501 @@
+//! The generative model: constrained beam search against brute force, the
+//! index's live set as the only source of answers, filters, batching, and
+//! training that learns, reproduces and resumes exactly.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::Device;
+use genfeed::dataset::{Example, Split};
+use genfeed::eval::{evaluate, OfflineIndex};
+use genfeed::index::Index;
+use genfeed::model::{Filter, Generator, Model, ModelConfig, Params, Request, SearchOptions};
+use genfeed::sid::Sid;
+use genfeed::synth::random_sids;
+use genfeed::train::{train, Corpus, TrainOptions};
+use indicatif::ProgressBar;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn tiny(vocab: Vec<usize>) -> ModelConfig {
+    ModelConfig {
+        d_model: 32,
+        layers: 1,
+        decoder_layers: 2,
+        heads: 2,
+        head_dim: 16,
+        d_ff: 64,
+        max_history: 8,
+        dropout: 0.1,
+        ..ModelConfig::new(vocab, "test")
+    }
+}
+
+fn random_model(cfg: &ModelConfig, seed: u64) -> Model {
+    // Larger weights than the training init, so that the distributions are
+    // far from uniform and the search has real choices to get wrong.
+    let params = Params::init(cfg, seed, &Device::Cpu).unwrap();
+    for (_, v) in params.vars() {
+        if v.rank() == 2 {
+            v.set(&(v.as_tensor() * 40.0).unwrap()).unwrap();
+        }
+    }
+    params.model(cfg).unwrap()
+}
+
+fn histories(sids: &[Sid], n: usize, seed: u64) -> Vec<Vec<Sid>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(1..12);
+            (0..len)
+                .map(|_| sids[rng.random_range(0..sids.len())])
+                .collect()
+        })
+        .collect()
+}
+
+fn requests<'a>(hs: &'a [Vec<Sid>], filter: Option<&'a Filter>) -> Vec<Request<'a>> {
+    hs.iter().map(|h| Request { history: h, filter }).collect()
+}
+
+/// The model's log-probability of each live SID, by forcing the search onto
+/// that one SID with an allow filter.
+fn brute_force(
+    model: &Model,
+    index: &OfflineIndex,
+    history: &[Sid],
+    sids: &[Sid],
+) -> Vec<(Sid, f32)> {
+    let mut g = Generator::new(model);
+    let mut all: Vec<(Sid, f32)> = sids
+        .iter()
+        .map(|&sid| {
+            let f = Filter::default().allow([sid]);
+            let out = g
+                .generate(
+                    index.snapshot(),
+                    &[Request {
+                        history,
+                        filter: Some(&f),
+                    }],
+                    &SearchOptions {
+                        beams: 1,
+                        top_k: 1,
+                        exclude_history: false,
+                    },
+                )
+                .unwrap();
+            assert_eq!(out[0].len(), 1, "{sid} is live and allowed");
+            assert_eq!(out[0][0].sid, sid);
+            (sid, out[0][0].log_prob)
+        })
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1));
+    all
+}
+
+#[test]
+fn a_beam_as_wide_as_the_catalogue_finds_the_exact_top_items() {
+    let vocab = vec![6, 5, 4];
+    let cfg = tiny(vocab.clone());
+    let model = random_model(&cfg, 3);
+    let sids = random_sids(60, &vocab, 11);
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let hs = histories(&sids, 5, 1);
+    let opts = SearchOptions {
+        beams: 60,
+        top_k: 10,
+        exclude_history: false,
+    };
+    let got = Generator::new(&model)
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+    for (h, list) in hs.iter().zip(&got) {
+        let exact = brute_force(&model, &index, h, &sids);
+        assert_eq!(list.len(), 10);
+        for (g, (sid, lp)) in list.iter().zip(&exact) {
+            assert_eq!(g.sid, *sid);
+            assert!((g.log_prob - lp).abs() < 1e-4, "{} vs {lp}", g.log_prob);
+        }
+        // Log-probabilities of all live SIDs under the model sum to at most 1.
+        let total: f32 = exact.iter().map(|(_, lp)| lp.exp()).sum();
+        assert!(total <= 1.0 + 1e-4, "{total}");
+    }
+}
+
+#[test]
+fn narrow_beams_return_only_live_distinct_items_in_score_order() {
+    let vocab = vec![16, 16, 8, 32];
+    let cfg = tiny(vocab.clone());
+    let model = random_model(&cfg, 5);
+    let sids = random_sids(500, &vocab, 2);
+    let live: HashSet<Sid> = sids.iter().copied().collect();
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let hs = histories(&sids, 40, 9);
+    let opts = SearchOptions {
+        beams: 7,
+        top_k: 7,
+        exclude_history: false,
+    };
+    let out = Generator::new(&model)
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+    for list in &out {
+        assert_eq!(list.len(), 7);
+        let distinct: HashSet<Sid> = list.iter().map(|g| g.sid).collect();
+        assert_eq!(distinct.len(), 7);
+        for w in list.windows(2) {
+            assert!(w[0].log_prob >= w[1].log_prob);
+        }
+        for g in list {
+            assert!(live.contains(&g.sid), "{} is not live", g.sid);
+            assert_eq!(sids[g.ord as usize], g.sid);
+        }
+    }
+}
+
+#[test]
+fn a_request_gets_the_same_answer_alone_or_in_a_batch() {
+    let vocab = vec![8, 8, 16];
+    let cfg = tiny(vocab.clone());
+    let model = random_model(&cfg, 8);
+    let sids = random_sids(300, &vocab, 4);
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    // Different lengths, so the batch pads some histories on the left.
+    let hs = histories(&sids, 12, 77);
+    let opts = SearchOptions::default();
+    let mut g = Generator::new(&model);
+    let batched = g
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+    for (h, b) in hs.iter().zip(&batched) {
+        let alone = g
+            .generate(
+                index.snapshot(),
+                &requests(std::slice::from_ref(h), None),
+                &opts,
+            )
+            .unwrap();
+        let a: Vec<Sid> = alone[0].iter().map(|x| x.sid).collect();
+        let bb: Vec<Sid> = b.iter().map(|x| x.sid).collect();
+        assert_eq!(a, bb);
+        for (x, y) in alone[0].iter().zip(b) {
+            assert!((x.log_prob - y.log_prob).abs() < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn filters_and_history_exclusion_act_through_the_mask() {
+    let vocab = vec![8, 8, 16];
+    let cfg = tiny(vocab.clone());
+    let model = random_model(&cfg, 12);
+    let sids = random_sids(400, &vocab, 6);
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let hs = histories(&sids, 10, 3);
+    let mut g = Generator::new(&model);
+    let opts = SearchOptions {
+        beams: 12,
+        top_k: 10,
+        exclude_history: false,
+    };
+    let plain = g
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+
+    // Denying every item of the unfiltered answers yields ten other items.
+    let denied: Vec<Sid> = plain.iter().flatten().map(|x| x.sid).collect();
+    let deny = Filter::default().deny(denied.iter().copied());
+    let out = g
+        .generate(index.snapshot(), &requests(&hs, Some(&deny)), &opts)
+        .unwrap();
+    for list in &out {
+        assert_eq!(list.len(), 10, "the mask steers beams to other items");
+        assert!(list.iter().all(|x| !denied.contains(&x.sid)));
+    }
+
+    // An allow set of 15 items: answers come from it alone, and all 10 are found.
+    let allowed: Vec<Sid> = sids.iter().step_by(27).copied().take(15).collect();
+    let allow = Filter::default().allow(allowed.iter().copied());
+    let out = g
+        .generate(index.snapshot(), &requests(&hs, Some(&allow)), &opts)
+        .unwrap();
+    for list in &out {
+        assert_eq!(list.len(), 10);
+        assert!(list.iter().all(|x| allowed.contains(&x.sid)));
+    }
+
+    // History exclusion: put each request's top answer into its history.
+    let with_top: Vec<Vec<Sid>> = hs
+        .iter()
+        .zip(&plain)
+        .map(|(h, p)| {
+            let mut h = h.clone();
+            h.insert(0, p[0].sid);
+            h
+        })
+        .collect();
+    let excl = SearchOptions {
+        exclude_history: true,
+        ..opts.clone()
+    };
+    let out = g
+        .generate(index.snapshot(), &requests(&with_top, None), &excl)
+        .unwrap();
+    for (h, list) in with_top.iter().zip(&out) {
+        assert_eq!(list.len(), 10);
+        assert!(list.iter().all(|x| !h.contains(&x.sid)));
+    }
+}
+
+#[test]
+fn a_new_item_is_recommendable_at_the_next_snapshot_and_a_retired_one_never_again() {
+    let vocab = vec![8, 8, 32];
+    let cfg = tiny(vocab.clone());
+    let model = random_model(&cfg, 21);
+    let sids = random_sids(200, &vocab, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let mut live: Vec<(Sid, u32)> = sids.iter().copied().zip(0..).collect();
+    live.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
+    let (mut index, _) = Index::open(dir.path(), &vocab, None, &live, usize::MAX).unwrap();
+    let hs = histories(&sids, 6, 5);
+    let mut g = Generator::new(&model);
+    let opts = SearchOptions::default();
+    let before = g
+        .generate(&index.publish(), &requests(&hs, None), &opts)
+        .unwrap();
+
+    // Retire every item the model ranked first; add an item it has never seen.
+    let retired: Vec<Sid> = before.iter().map(|l| l[0].sid).collect();
+    for s in &retired {
+        index.remove(*s);
+    }
+    let fresh = (0..8u16)
+        .flat_map(|a| (0..8u16).map(move |b| Sid::new(&[a, b, 31]).unwrap()))
+        .find(|s| !sids.contains(s))
+        .unwrap();
+    index.insert(fresh, 999);
+    let snap = index.publish();
+    let after = g.generate(&snap, &requests(&hs, None), &opts).unwrap();
+    for list in &after {
+        assert!(list.iter().all(|x| !retired.contains(&x.sid)));
+    }
+    let only_fresh = Filter::default().allow([fresh]);
+    let out = g
+        .generate(&snap, &requests(&hs, Some(&only_fresh)), &opts)
+        .unwrap();
+    for list in &out {
+        assert_eq!(list.len(), 1);
+        assert_eq!((list[0].sid, list[0].ord), (fresh, 999));
+    }
+}
+
+/// Users whose items follow topics: mostly a favourite topic and its
+/// successor. SIDs name the topic first, so the pattern is learnable.
+fn topical(users: usize, items: usize, topics: usize, seed: u64) -> (Vec<Vec<u32>>, Vec<Sid>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let per = items / topics;
+    let sids = (0..items)
+        .map(|i| {
+            Sid::new(&[
+                (i % topics) as u16,
+                ((i / topics) % 4) as u16,
+                (i / topics / 4) as u16,
+            ])
+            .unwrap()
+        })
+        .collect();
+    let seqs = (0..users)
+        .map(|_| {
+            let fav = rng.random_range(0..topics);
+            let len = rng.random_range(5..14);
+            (0..len)
+                .map(|p| {
+                    let t = if p % 2 == 0 { fav } else { (fav + 1) % topics };
+                    (t + topics * rng.random_range(0..per)) as u32
+                })
+                .collect()
+        })
+        .collect();
+    (seqs, sids)
+}
+
+fn opts(epochs: usize) -> TrainOptions {
+    TrainOptions {
+        epochs,
+        batch_size: 64,
+        lr: 3e-3,
+        warmup_steps: 10,
+        patience: 100,
+        seed: 5,
+        valid_users: 200,
+        beams: 10,
+        ..TrainOptions::default()
+    }
+}
+
+fn quiet(_: u64, _: &str) -> ProgressBar {
+    ProgressBar::hidden()
+}
+
+fn test_recall(dir: &Path, seqs: &[Vec<u32>], sids: &[Sid]) -> f64 {
+    let (cfg, model) = Model::load(dir, &Device::Cpu).unwrap();
+    let split = Split::leave_one_out(seqs, cfg.max_history);
+    let test: Vec<Example<'_>> = split.test().iter().collect();
+    let index = OfflineIndex::build(sids, &cfg.vocab).unwrap();
+    let report = evaluate(
+        &model,
+        &index,
+        sids,
+        &test,
+        &SearchOptions::default(),
+        32,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_eq!(report.invalid_rate, 0.0);
+    report.recall10
+}
+
+#[test]
+fn training_learns_a_sequential_pattern() {
+    let (seqs, sids) = topical(600, 240, 12, 1);
+    let cfg = tiny(vec![12, 4, 5]);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Corpus {
+        seqs: &seqs,
+        sids: &sids,
+    };
+    let summary = train(
+        &corpus,
+        &cfg,
+        &opts(12),
+        dir.path(),
+        false,
+        &Device::Cpu,
+        quiet,
+    )
+    .unwrap();
+    assert_eq!(summary.epochs, 12);
+    // Knowing the next topic and nothing more gives 10 / 20 = 0.5; chance is
+    // 10 / 240.
+    let recall = test_recall(dir.path(), &seqs, &sids);
+    assert!(recall > 0.3, "Recall@10 {recall}");
+    let log = std::fs::read_to_string(dir.path().join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 13);
+    let png = std::fs::read(dir.path().join("train_curves.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn a_run_is_reproducible_and_resumes_exactly() {
+    let (seqs, sids) = topical(200, 120, 6, 2);
+    let cfg = tiny(vec![6, 4, 5]);
+    let corpus = Corpus {
+        seqs: &seqs,
+        sids: &sids,
+    };
+    let weights = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    let straight = tempfile::tempdir().unwrap();
+    train(
+        &corpus,
+        &cfg,
+        &opts(3),
+        straight.path(),
+        false,
+        &Device::Cpu,
+        quiet,
+    )
+    .unwrap();
+    let again = tempfile::tempdir().unwrap();
+    train(
+        &corpus,
+        &cfg,
+        &opts(3),
+        again.path(),
+        false,
+        &Device::Cpu,
+        quiet,
+    )
+    .unwrap();
+    assert_eq!(weights(straight.path()), weights(again.path()));
+
+    let resumed = tempfile::tempdir().unwrap();
+    train(
+        &corpus,
+        &cfg,
+        &opts(1),
+        resumed.path(),
+        false,
+        &Device::Cpu,
+        quiet,
+    )
+    .unwrap();
+    assert_ne!(weights(straight.path()), weights(resumed.path()));
+    let s = train(
+        &corpus,
+        &cfg,
+        &opts(3),
+        resumed.path(),
+        true,
+        &Device::Cpu,
+        quiet,
+    )
+    .unwrap();
+    assert_eq!(s.epochs, 3);
+    assert_eq!(weights(straight.path()), weights(resumed.path()));
+    let log = std::fs::read_to_string(resumed.path().join("train_log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 4);
+}
+
+#[test]
+fn weights_that_do_not_match_the_config_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(vec![8, 8]);
+    cfg.save(dir.path()).unwrap();
+    Params::init(&cfg, 1, &Device::Cpu)
+        .unwrap()
+        .save(&dir.path().join("model.safetensors"))
+        .unwrap();
+    assert!(Model::load(dir.path(), &Device::Cpu).is_ok());
+    let wider = ModelConfig {
+        d_ff: 128,
+        ..cfg.clone()
+    };
+    wider.save(dir.path()).unwrap();
+    let err = Model::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("blocks.0.ff1.w") && err.contains("shape"),
+        "{err}"
+    );
+    let broken = ModelConfig { heads: 0, ..cfg };
+    broken.save(dir.path()).unwrap();
+    let err = Model::load(dir.path(), &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("\"heads\""), "{err}");
+}
+
+#[test]
+fn an_index_of_another_vocabulary_is_refused() {
+    let cfg = tiny(vec![8, 8]);
+    let model = random_model(&cfg, 1);
+    let sids = random_sids(20, &[8, 16], 1);
+    let index = OfflineIndex::build(&sids, &[8, 16]).unwrap();
+    let h = vec![sids[0]];
+    let err = Generator::new(&model)
+        .generate(
+            index.snapshot(),
+            &requests(std::slice::from_ref(&h), None),
+            &SearchOptions::default(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("vocab"), "{err}");
+}
