@@ -499,3 +499,64 @@ fn an_index_of_another_vocabulary_is_refused() {
         .to_string();
     assert!(err.contains("vocab"), "{err}");
 }
+
+#[test]
+fn serving_scores_are_the_training_objective() {
+    use genfeed::model::Dropout;
+    use genfeed::train::data::{make_batch, Window};
+
+    let vocab = vec![8, 8, 16];
+    let cfg = ModelConfig {
+        node_buckets: 40,
+        ..tiny(vocab.clone())
+    };
+    let model = random_model(&cfg, 31);
+    let sids = random_sids(300, &vocab, 12);
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut g = Generator::new(&model);
+    for _ in 0..20 {
+        let len = rng.random_range(2..8);
+        let seq: Vec<u32> = (0..len).map(|_| rng.random_range(0..300)).collect();
+        let seqs = vec![seq.clone()];
+        let w = Window {
+            user: 0,
+            start: 0,
+            end: len as u32,
+        };
+        // A window predicts every item after the first; the loss is their
+        // mean. Serving scores each prediction from its prefix.
+        let batch = make_batch(&[&w], &seqs, &sids, &cfg, &Device::Cpu).unwrap();
+        let loss = model
+            .train_loss(&batch, &mut Dropout::new(0.0, 1))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let mut total = 0.0;
+        for t in 1..len {
+            let history: Vec<Sid> = seq[..t].iter().map(|&i| sids[i as usize]).collect();
+            let target = sids[seq[t] as usize];
+            let f = Filter::default().allow([target]);
+            let out = g
+                .generate(
+                    index.snapshot(),
+                    &[Request {
+                        history: &history,
+                        filter: Some(&f),
+                    }],
+                    &SearchOptions {
+                        beams: 1,
+                        top_k: 1,
+                        exclude_history: false,
+                    },
+                )
+                .unwrap();
+            total -= out[0][0].log_prob;
+        }
+        let mean = total / (len - 1) as f32;
+        assert!(
+            (mean - loss).abs() < 1e-3 * loss.abs().max(1.0),
+            "served {mean}, trained {loss}"
+        );
+    }
+}

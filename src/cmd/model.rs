@@ -70,6 +70,9 @@ pub struct TrainArgs {
     dropout: f32,
     #[arg(long, default_value_t = 20)]
     max_history: usize,
+    /// Rows per level of the prefix-embedding tables.
+    #[arg(long, default_value_t = 16_384)]
+    node_buckets: usize,
     #[arg(long, default_value_t = TrainOptions::default().epochs)]
     epochs: usize,
     #[arg(long, default_value_t = TrainOptions::default().batch_size)]
@@ -172,6 +175,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         d_ff: a.d_ff,
         max_history: a.max_history,
         dropout: a.dropout,
+        node_buckets: a.node_buckets,
         tokenizer_version: loaded.tokenizer.version().to_string(),
     };
     let opts = TrainOptions {

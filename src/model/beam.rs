@@ -16,7 +16,7 @@ use std::collections::BinaryHeap;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
-use super::transformer::{window_mask, Model};
+use super::transformer::{window_mask, window_positions, ItemTokens, Model};
 use crate::index::Snapshot;
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
@@ -172,7 +172,7 @@ impl<'m> Generator<'m> {
         let mut scores = vec![0f32; s];
         let mut width = 1;
         let mut cache = self.model.decoder_cache(s)?;
-        let mut input = self.model.decoder_input(0, &contexts)?;
+        let mut input = self.model.decoder_start(&contexts)?;
 
         for level in 0..levels {
             let vocab = cfg.vocab[level];
@@ -192,6 +192,7 @@ impl<'m> Generator<'m> {
             let mut next_scores = Vec::with_capacity(s * beams);
             let mut parents = Vec::with_capacity(s * beams);
             let mut chosen = Vec::with_capacity(s * beams);
+            let mut nodes = Vec::with_capacity(s * beams);
             let block = width * vocab;
             for r in 0..s {
                 self.top(&total[r * block..(r + 1) * block], beams);
@@ -226,6 +227,7 @@ impl<'m> Generator<'m> {
                     next_scores.push(score);
                     parents.push(row as u32);
                     chosen.push(u32::from(code));
+                    nodes.push(cfg.node_id(&c, level));
                 }
             }
             cursors = next_cursors;
@@ -236,7 +238,8 @@ impl<'m> Generator<'m> {
                 let parents = Tensor::from_vec(parents, s * beams, &device)?;
                 cache.reorder(&parents)?;
                 let chosen = Tensor::from_vec(chosen, s * beams, &device)?;
-                input = self.model.decoder_input(level + 1, &chosen)?;
+                let nodes = Tensor::from_vec(nodes, s * beams, &device)?;
+                input = self.model.decoder_input(level + 1, &chosen, &nodes)?;
             }
         }
 
@@ -344,6 +347,7 @@ impl<'m> Generator<'m> {
             .max()
             .unwrap_or(0);
         let mut per_level = vec![Vec::with_capacity(requests.len() * len); levels];
+        let mut node_level = vec![Vec::with_capacity(requests.len() * len); levels];
         let mut pads = Vec::with_capacity(requests.len());
         for (r, req) in requests.iter().enumerate() {
             if req.history.is_empty() {
@@ -355,8 +359,9 @@ impl<'m> Generator<'m> {
             let recent = &req.history[req.history.len().saturating_sub(cfg.max_history)..];
             let pad = len - recent.len();
             pads.push(pad);
-            for (l, codes) in per_level.iter_mut().enumerate() {
+            for (l, (codes, nodes)) in per_level.iter_mut().zip(&mut node_level).enumerate() {
                 codes.extend(std::iter::repeat_n(0u32, pad));
+                nodes.extend(std::iter::repeat_n(0u32, pad));
                 for sid in recent {
                     let c = sid.codes();
                     if c.len() != levels || usize::from(c[l]) >= cfg.vocab[l] {
@@ -369,14 +374,25 @@ impl<'m> Generator<'m> {
                         });
                     }
                     codes.push(u32::from(c[l]));
+                    nodes.push(cfg.node_id(c, l));
                 }
             }
         }
-        let codes = per_level
-            .into_iter()
-            .map(|c| Tensor::from_vec(c, requests.len() * len, device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let tensors = |v: Vec<Vec<u32>>| {
+            v.into_iter()
+                .map(|c| Tensor::from_vec(c, requests.len() * len, device))
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        let items = ItemTokens {
+            codes: tensors(per_level)?,
+            nodes: tensors(node_level)?,
+            positions: Tensor::from_vec(
+                window_positions(&pads, len),
+                requests.len() * len,
+                device,
+            )?,
+        };
         let mask = window_mask(&pads, len, device)?;
-        Ok(self.model.contexts(&codes, &mask, (requests.len(), len))?)
+        Ok(self.model.contexts(&items, &mask, (requests.len(), len))?)
     }
 }

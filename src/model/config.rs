@@ -27,6 +27,8 @@ pub struct ModelConfig {
     /// Items of history the model reads; older ones are dropped.
     pub max_history: usize,
     pub dropout: f32,
+    /// Rows of each level's prefix-embedding table (see [`ModelConfig::node_id`]).
+    pub node_buckets: usize,
     /// The tokenizer the SIDs came from; a model is meaningless with another.
     pub tokenizer_version: String,
 }
@@ -44,6 +46,7 @@ impl ModelConfig {
             d_ff: 512,
             max_history: 20,
             dropout: 0.2,
+            node_buckets: 16_384,
             tokenizer_version: tokenizer_version.into(),
         }
     }
@@ -73,6 +76,42 @@ impl ModelConfig {
         self.heads * self.head_dim
     }
 
+    /// Rows of level `level`'s prefix table: one per possible prefix of
+    /// `level + 1` codes, or `node_buckets` when there are more.
+    pub fn node_rows(&self, level: usize) -> usize {
+        let mut n = 1usize;
+        for &v in &self.vocab[..=level] {
+            n = n.saturating_mul(v);
+        }
+        n.min(self.node_buckets)
+    }
+
+    /// The row of the prefix `codes[..=level]` in level `level`'s prefix
+    /// table. Items are embedded as the sum of their prefixes' rows (and
+    /// their codes'), so the deepest prefix acts as an item-specific
+    /// embedding for items seen in training while a brand-new item still
+    /// gets every shallower prefix it shares with known items. Exact where
+    /// the table has a row per prefix, hashed where it does not.
+    pub fn node_id(&self, codes: &[crate::sid::Code], level: usize) -> u32 {
+        let rows = self.node_rows(level);
+        let mut exact = 0u64;
+        let mut hash = 0x9e37_79b9_7f4a_7c15u64;
+        for (&c, &v) in codes[..=level].iter().zip(&self.vocab) {
+            exact = exact * v as u64 + u64::from(c);
+            hash = (hash ^ u64::from(c)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            hash ^= hash >> 31;
+        }
+        let full = self.vocab[..=level]
+            .iter()
+            .try_fold(1usize, |n, &v| n.checked_mul(v))
+            .is_some_and(|n| n <= rows);
+        if full {
+            exact as u32
+        } else {
+            (hash % rows as u64) as u32
+        }
+    }
+
     /// Rejects configs the network cannot be built from, naming the field.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |field: &'static str, why: String| Err(ModelError::Config { field, why });
@@ -90,6 +129,7 @@ impl ModelConfig {
             ("head_dim", self.head_dim),
             ("d_ff", self.d_ff),
             ("max_history", self.max_history),
+            ("node_buckets", self.node_buckets),
         ] {
             if value == 0 {
                 return bad(field, "must be at least 1".into());

@@ -37,6 +37,11 @@ fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     for (l, &v) in cfg.vocab.iter().enumerate() {
         w.push((format!("emb.{l}"), vec![v, d], Init::Normal(std)));
         w.push((format!("out_bias.{l}"), vec![v], Init::Zeros));
+        w.push((
+            format!("node.{l}"),
+            vec![cfg.node_rows(l), d],
+            Init::Normal(std),
+        ));
     }
     w.push(("pos".into(), vec![cfg.max_history, d], Init::Normal(std)));
     w.push(("dec_pos".into(), vec![cfg.levels(), d], Init::Normal(std)));
@@ -199,6 +204,9 @@ impl Params {
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Model {
             cfg: cfg.clone(),
+            node: (0..cfg.levels())
+                .map(|l| self.get(&format!("node.{l}")))
+                .collect(),
             emb,
             emb_t,
             out_bias: (0..cfg.levels())
@@ -297,8 +305,8 @@ impl Dropout {
 
 /// A training batch: `batch` windows of `len` items, left-padded.
 pub struct TrainBatch {
-    /// Per level, the codes of every position, `[batch * len]` (0 at padding).
-    pub codes: Vec<Tensor>,
+    /// The items of every position, `[batch * len]` per level (0 at padding).
+    pub items: ItemTokens,
     /// Additive attention mask, `[batch, 1, len, len]`: causal and padding.
     pub mask: Tensor,
     pub batch: usize,
@@ -307,11 +315,38 @@ pub struct TrainBatch {
     pub positions: Tensor,
     /// Per level, the next item's code at each of `positions`.
     pub targets: Vec<Tensor>,
+    /// Per level, the next item's prefix row at each of `positions`.
+    pub target_nodes: Vec<Tensor>,
+}
+
+/// Items as the model reads them: per level, the code and the row of the
+/// prefix ending at that level ([`ModelConfig::node_id`]).
+pub struct ItemTokens {
+    pub codes: Vec<Tensor>,
+    pub nodes: Vec<Tensor>,
+    /// Each item's place in its window, counted from the window's oldest
+    /// item. Counting from the start, not from the newest item, gives a
+    /// prediction inside a training window the same positions as serving
+    /// the same history alone, so training and serving compute the same
+    /// function.
+    pub positions: Tensor,
+}
+
+/// [`ItemTokens::positions`] for left-padded windows (0 at padding).
+pub(crate) fn window_positions(pads: &[usize], len: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(pads.len() * len);
+    for &pad in pads {
+        out.extend(std::iter::repeat_n(0, pad));
+        out.extend(0..(len - pad) as u32);
+    }
+    out
 }
 
 /// The network. Cheap to build from [`Params`]; holds no mutable state.
 pub struct Model {
     cfg: ModelConfig,
+    /// Per level, the prefix ("trie node") embeddings.
+    node: Vec<Tensor>,
     emb: Vec<Tensor>,
     /// `emb` transposed once, for the tied output layer at serving time.
     emb_t: Vec<Tensor>,
@@ -404,11 +439,22 @@ impl Model {
         x + f
     }
 
-    /// Item input vectors: the sum of the item's token embeddings.
-    fn embed_items(&self, codes: &[Tensor]) -> candle_core::Result<Tensor> {
-        let mut x = self.emb[0].index_select(&codes[0], 0)?;
-        for (e, c) in self.emb.iter().zip(codes).skip(1) {
-            x = (x + e.index_select(c, 0)?)?;
+    /// One level's share of an item's input vector: its code's embedding
+    /// plus its prefix's.
+    fn embed_level(
+        &self,
+        level: usize,
+        codes: &Tensor,
+        nodes: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.emb[level].index_select(codes, 0)? + self.node[level].index_select(nodes, 0)?
+    }
+
+    /// Item input vectors: the sum over levels.
+    fn embed_items(&self, items: &ItemTokens) -> candle_core::Result<Tensor> {
+        let mut x = self.embed_level(0, &items.codes[0], &items.nodes[0])?;
+        for l in 1..self.cfg.levels() {
+            x = (x + self.embed_level(l, &items.codes[l], &items.nodes[l])?)?;
         }
         Ok(x)
     }
@@ -416,20 +462,15 @@ impl Model {
     /// The history transformer over left-padded windows, `[batch * len, d]`.
     fn history(
         &self,
-        codes: &[Tensor],
+        items: &ItemTokens,
         mask: &Tensor,
         (b, t): (usize, usize),
         mut dropout: Option<&mut Dropout>,
     ) -> candle_core::Result<Tensor> {
         let d = self.cfg.d_model;
         let train = dropout.is_some();
-        // Positions count back from the most recent item.
-        let pos = self.pos.narrow(0, self.cfg.max_history - t, t)?;
-        let mut x = self
-            .embed_items(codes)?
-            .reshape((b, t, d))?
-            .broadcast_add(&pos)?
-            .reshape((b * t, d))?;
+        let mut x = (self.embed_items(items)? + self.pos.index_select(&items.positions, 0)?)?;
+        debug_assert_eq!(x.dims(), &[b * t, d]);
         if let Some(dr) = dropout.as_deref_mut() {
             x = dr.apply(&x)?;
         }
@@ -447,12 +488,12 @@ impl Model {
         dropout: &mut Dropout,
     ) -> candle_core::Result<Tensor> {
         let (b, t, d, levels) = (batch.batch, batch.len, self.cfg.d_model, self.cfg.levels());
-        let h = self.history(&batch.codes, &batch.mask, (b, t), Some(dropout))?;
+        let h = self.history(&batch.items, &batch.mask, (b, t), Some(dropout))?;
         let ctx = h.index_select(&batch.positions, 0)?;
         let n = ctx.dim(0)?;
         let mut inputs = vec![ctx];
-        for (l, target) in batch.targets.iter().enumerate().take(levels - 1) {
-            inputs.push(self.emb[l].index_select(target, 0)?);
+        for l in 0..levels - 1 {
+            inputs.push(self.embed_level(l, &batch.targets[l], &batch.target_nodes[l])?);
         }
         let z = Tensor::stack(&inputs, 1)?.broadcast_add(&self.dec_pos)?;
         let mut z = z.reshape((n * levels, d))?;
@@ -481,30 +522,32 @@ impl Model {
     /// each request's most recent item, `[requests, d]`.
     pub(crate) fn contexts(
         &self,
-        codes: &[Tensor],
+        items: &ItemTokens,
         mask: &Tensor,
         shape: (usize, usize),
     ) -> candle_core::Result<Tensor> {
         let (b, t) = shape;
-        let h = self.history(codes, mask, shape, None)?;
+        let h = self.history(items, mask, shape, None)?;
         h.reshape((b, t, self.cfg.d_model))?
             .narrow(1, t - 1, 1)?
             .squeeze(1)
     }
 
-    /// The SID decoder's input at `level`: the context at level 0, the
-    /// previous level's chosen code after that.
+    /// The SID decoder's first input: the context.
+    pub(crate) fn decoder_start(&self, context: &Tensor) -> candle_core::Result<Tensor> {
+        context.broadcast_add(&self.dec_pos_rows[0])
+    }
+
+    /// The SID decoder's input at `level` (≥ 1): the code chosen at the
+    /// previous level and the prefix it completes.
     pub(crate) fn decoder_input(
         &self,
         level: usize,
-        context_or_codes: &Tensor,
+        codes: &Tensor,
+        nodes: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let x = if level == 0 {
-            context_or_codes.clone()
-        } else {
-            self.emb[level - 1].index_select(context_or_codes, 0)?
-        };
-        x.broadcast_add(&self.dec_pos_rows[level])
+        self.embed_level(level - 1, codes, nodes)?
+            .broadcast_add(&self.dec_pos_rows[level])
     }
 
     /// One SID-decoder step for `x` (`[rows, d]`) at `level`, reading and

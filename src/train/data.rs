@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{window_mask, TrainBatch};
+use crate::model::{window_mask, window_positions, ItemTokens, ModelConfig, TrainBatch};
 use crate::sid::Sid;
 
 /// Items of a user's sequence that make one window: `seqs[user][start..end]`.
@@ -89,13 +89,16 @@ pub fn make_batch(
     windows: &[&Window],
     seqs: &[Vec<u32>],
     sids: &[Sid],
-    levels: usize,
+    cfg: &ModelConfig,
     device: &Device,
 ) -> candle_core::Result<TrainBatch> {
+    let levels = cfg.levels();
     let len = windows.iter().map(|w| w.targets()).max().unwrap_or(1);
     let b = windows.len();
     let mut codes = vec![Vec::with_capacity(b * len); levels];
+    let mut nodes = vec![Vec::with_capacity(b * len); levels];
     let mut targets = vec![Vec::new(); levels];
+    let mut target_nodes = vec![Vec::new(); levels];
     let mut positions = Vec::new();
     let mut pads = Vec::with_capacity(b);
     for (row, w) in windows.iter().enumerate() {
@@ -103,35 +106,42 @@ pub fn make_batch(
         let (inputs, next) = (&items[..items.len() - 1], &items[1..]);
         let pad = len - inputs.len();
         pads.push(pad);
-        for (l, c) in codes.iter_mut().enumerate() {
-            c.extend(std::iter::repeat_n(0u32, pad));
-            c.extend(
-                inputs
-                    .iter()
-                    .map(|&i| u32::from(sids[i as usize].codes()[l])),
-            );
+        for l in 0..levels {
+            codes[l].extend(std::iter::repeat_n(0u32, pad));
+            nodes[l].extend(std::iter::repeat_n(0u32, pad));
+            for &i in inputs {
+                let c = sids[i as usize].codes();
+                codes[l].push(u32::from(c[l]));
+                nodes[l].push(cfg.node_id(c, l));
+            }
         }
         for (t, &item) in next.iter().enumerate() {
             positions.push((row * len + pad + t) as u32);
-            for (l, tl) in targets.iter_mut().enumerate() {
-                tl.push(u32::from(sids[item as usize].codes()[l]));
+            let c = sids[item as usize].codes();
+            for l in 0..levels {
+                targets[l].push(u32::from(c[l]));
+                target_nodes[l].push(cfg.node_id(c, l));
             }
         }
     }
     let n = positions.len();
+    let tensors = |v: Vec<Vec<u32>>, n: usize| {
+        v.into_iter()
+            .map(|c| Tensor::from_vec(c, n, device))
+            .collect::<candle_core::Result<Vec<_>>>()
+    };
     Ok(TrainBatch {
-        codes: codes
-            .into_iter()
-            .map(|c| Tensor::from_vec(c, b * len, device))
-            .collect::<candle_core::Result<_>>()?,
+        items: ItemTokens {
+            codes: tensors(codes, b * len)?,
+            nodes: tensors(nodes, b * len)?,
+            positions: Tensor::from_vec(window_positions(&pads, len), b * len, device)?,
+        },
         mask: window_mask(&pads, len, device)?,
         batch: b,
         len,
         positions: Tensor::from_vec(positions, n, device)?,
-        targets: targets
-            .into_iter()
-            .map(|t| Tensor::from_vec(t, n, device))
-            .collect::<candle_core::Result<_>>()?,
+        targets: tensors(targets, n)?,
+        target_nodes: tensors(target_nodes, n)?,
     })
 }
 

@@ -233,7 +233,7 @@ pub fn train(
         for batch in epoch_batches(&train_windows, opts.batch_size, opts.seed, epoch) {
             let ws: Vec<_> = batch.iter().map(|&i| &train_windows[i]).collect();
             let n: u64 = ws.iter().map(|w| w.targets() as u64).sum();
-            let b = make_batch(&ws, corpus.seqs, corpus.sids, cfg.levels(), device)?;
+            let b = make_batch(&ws, corpus.seqs, corpus.sids, cfg, device)?;
             let loss = model.train_loss(&b, &mut dropout)?;
             let grads = loss.backward()?;
             lr = schedule.at(state.steps);
