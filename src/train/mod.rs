@@ -258,8 +258,11 @@ pub fn train(
         let train_secs = started.elapsed().as_secs_f64();
 
         let vbar = progress(valid.len() as u64, &format!("validate {epoch}"));
+        // Serving keeps derived tensors (the transposed output table), so
+        // it gets a model built from this epoch's weights.
+        let serving = params.model(cfg)?;
         let report = evaluate(
-            &model,
+            &serving,
             &index,
             corpus.sids,
             &valid,
