@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
 use super::transformer::{window_mask, window_positions, ItemTokens, Model};
-use crate::index::Snapshot;
+use crate::index::{Cursor, Snapshot};
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
 /// Per-request restrictions, applied through the decoding mask so that beams
@@ -118,13 +118,40 @@ impl PartialOrd for Candidate {
     }
 }
 
-/// Beam search with buffers reused across calls.
+/// Beam state, request-major: beam `b` of request `r` is row `r * width + b`.
+#[derive(Default)]
+struct Beams {
+    cursors: Vec<Cursor>,
+    codes: Vec<[Code; MAX_LEVELS]>,
+    scores: Vec<f32>,
+    /// The row each beam extends in the previous level's state.
+    parents: Vec<u32>,
+    /// The code each beam chose last, and the prefix row it completes.
+    chosen: Vec<u32>,
+    nodes: Vec<u32>,
+}
+
+impl Beams {
+    fn clear(&mut self) {
+        self.cursors.clear();
+        self.codes.clear();
+        self.scores.clear();
+        self.parents.clear();
+        self.chosen.clear();
+        self.nodes.clear();
+    }
+}
+
+/// Beam search with host buffers reused across levels and calls: the only
+/// allocations per step are the tensors handed to candle.
 pub struct Generator<'m> {
     model: &'m Model,
     mask: Vec<f32>,
     row: Vec<f32>,
     heap: BinaryHeap<Candidate>,
     kept: Vec<Candidate>,
+    beams: Beams,
+    next: Beams,
 }
 
 impl<'m> Generator<'m> {
@@ -135,6 +162,8 @@ impl<'m> Generator<'m> {
             row: Vec::new(),
             heap: BinaryHeap::new(),
             kept: Vec::new(),
+            beams: Beams::default(),
+            next: Beams::default(),
         }
     }
 
@@ -166,10 +195,10 @@ impl<'m> Generator<'m> {
 
         let contexts = self.contexts(requests, &device)?;
 
-        // Beam state, request-major: beam `b` of request `r` is row `r * beams + b`.
-        let mut cursors = vec![snapshot.root(); s];
-        let mut codes = vec![[0 as Code; MAX_LEVELS]; s];
-        let mut scores = vec![0f32; s];
+        self.beams.clear();
+        self.beams.cursors.resize(s, snapshot.root());
+        self.beams.codes.resize(s, [0; MAX_LEVELS]);
+        self.beams.scores.resize(s, 0.0);
         let mut width = 1;
         let mut cache = self.model.decoder_cache(s)?;
         let mut input = self.model.decoder_start(&contexts)?;
@@ -179,20 +208,15 @@ impl<'m> Generator<'m> {
             let logp = self.model.decoder_step(&input, level, &mut cache)?;
             let rows = s * width;
             self.mask.resize(rows * vocab, 0.0);
-            snapshot.fill_mask(&cursors, vocab, &mut self.mask);
-            self.apply_filters(requests, opts, &codes, level, vocab, width);
+            snapshot.fill_mask(&self.beams.cursors, vocab, &mut self.mask);
+            self.apply_filters(requests, opts, level, vocab, width);
             let mask = Tensor::from_slice(&self.mask, (rows, vocab), &device)?;
-            let prior = Tensor::from_slice(&scores, (rows, 1), &device)?;
+            let prior = Tensor::from_slice(&self.beams.scores, (rows, 1), &device)?;
             let total = logp.broadcast_add(&prior)?.add(&mask)?;
             let total = total.flatten_all()?.to_vec1::<f32>()?;
 
             // Top `beams` per request over its `width × vocab` continuations.
-            let mut next_cursors = Vec::with_capacity(s * beams);
-            let mut next_codes = Vec::with_capacity(s * beams);
-            let mut next_scores = Vec::with_capacity(s * beams);
-            let mut parents = Vec::with_capacity(s * beams);
-            let mut chosen = Vec::with_capacity(s * beams);
-            let mut nodes = Vec::with_capacity(s * beams);
+            self.next.clear();
             let block = width * vocab;
             for r in 0..s {
                 self.top(&total[r * block..(r + 1) * block], beams);
@@ -210,38 +234,40 @@ impl<'m> Generator<'m> {
                         // that can never be chosen again.
                         None => (r * width, 0, f32::NEG_INFINITY),
                     };
+                    let from = self.beams.cursors[row];
                     let cursor = if score.is_finite() {
                         snapshot
-                            .step(cursors[row], code)
+                            .step(from, code)
                             .ok_or_else(|| ModelError::Request {
                                 request: r,
                                 why: "the index changed under the search".into(),
                             })?
                     } else {
-                        cursors[row]
+                        from
                     };
-                    let mut c = codes[row];
+                    let mut c = self.beams.codes[row];
                     c[level] = code;
-                    next_cursors.push(cursor);
-                    next_codes.push(c);
-                    next_scores.push(score);
-                    parents.push(row as u32);
-                    chosen.push(u32::from(code));
-                    nodes.push(cfg.node_id(&c, level));
+                    let next = &mut self.next;
+                    next.cursors.push(cursor);
+                    next.codes.push(c);
+                    next.scores.push(score);
+                    next.parents.push(row as u32);
+                    next.chosen.push(u32::from(code));
+                    next.nodes.push(cfg.node_id(&c, level));
                 }
             }
-            cursors = next_cursors;
-            codes = next_codes;
-            scores = next_scores;
+            std::mem::swap(&mut self.beams, &mut self.next);
             width = beams;
             if level + 1 < levels {
-                let parents = Tensor::from_vec(parents, s * beams, &device)?;
+                let n = s * beams;
+                let parents = Tensor::from_slice(&self.beams.parents, n, &device)?;
                 cache.reorder(&parents)?;
-                let chosen = Tensor::from_vec(chosen, s * beams, &device)?;
-                let nodes = Tensor::from_vec(nodes, s * beams, &device)?;
+                let chosen = Tensor::from_slice(&self.beams.chosen, n, &device)?;
+                let nodes = Tensor::from_slice(&self.beams.nodes, n, &device)?;
                 input = self.model.decoder_input(level + 1, &chosen, &nodes)?;
             }
         }
+        let (codes, scores) = (&self.beams.codes, &self.beams.scores);
 
         let mut out = Vec::with_capacity(s);
         for r in 0..s {
@@ -294,7 +320,6 @@ impl<'m> Generator<'m> {
         &mut self,
         requests: &[Request<'_>],
         opts: &SearchOptions,
-        codes: &[[Code; MAX_LEVELS]],
         level: usize,
         vocab: usize,
         width: usize,
@@ -308,7 +333,7 @@ impl<'m> Generator<'m> {
             }
             for b in 0..width {
                 let i = r * width + b;
-                let prefix = &codes[i][..level];
+                let prefix = &self.beams.codes[i][..level];
                 let row = &mut self.mask[i * vocab..(i + 1) * vocab];
                 if let Some(f) = filter {
                     if let Some(allow) = &f.allow {
