@@ -66,12 +66,12 @@ pub struct TrainArgs {
     head_dim: usize,
     #[arg(long, default_value_t = 512)]
     d_ff: usize,
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.4)]
     dropout: f32,
     #[arg(long, default_value_t = 20)]
     max_history: usize,
     /// Rows per level of the prefix-embedding tables.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = 65_536)]
     node_buckets: usize,
     #[arg(long, default_value_t = TrainOptions::default().epochs)]
     epochs: usize,

@@ -45,8 +45,8 @@ impl ModelConfig {
             head_dim: 32,
             d_ff: 512,
             max_history: 20,
-            dropout: 0.2,
-            node_buckets: 16_384,
+            dropout: 0.4,
+            node_buckets: 65_536,
             tokenizer_version: tokenizer_version.into(),
         }
     }
@@ -184,4 +184,35 @@ pub enum ModelError {
     Request { request: usize, why: String },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rows_are_exact_while_they_fit_and_hashed_in_range_after() {
+        let cfg = ModelConfig {
+            node_buckets: 100,
+            ..ModelConfig::new(vec![8, 8, 16], "t")
+        };
+        assert_eq!(
+            (cfg.node_rows(0), cfg.node_rows(1), cfg.node_rows(2)),
+            (8, 64, 100)
+        );
+        let mut seen = std::collections::HashSet::new();
+        for a in 0..8u16 {
+            assert_eq!(cfg.node_id(&[a, 0, 0], 0), u32::from(a));
+            for b in 0..8u16 {
+                assert!(seen.insert(cfg.node_id(&[a, b, 0], 1)), "level 1 is exact");
+                for c in 0..16u16 {
+                    assert!(cfg.node_id(&[a, b, c], 2) < 100);
+                }
+            }
+        }
+        // Hashing depends on the whole prefix, not only its last code.
+        let rows: std::collections::HashSet<u32> =
+            (0..8u16).map(|a| cfg.node_id(&[a, 3, 5], 2)).collect();
+        assert!(rows.len() > 4, "{rows:?}");
+    }
 }

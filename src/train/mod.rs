@@ -67,10 +67,10 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
-            epochs: 60,
+            epochs: 30,
             batch_size: 128,
             lr: 2e-3,
-            warmup_steps: 200,
+            warmup_steps: 300,
             min_lr_ratio: 0.05,
             weight_decay: 0.05,
             patience: 6,
