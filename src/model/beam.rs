@@ -16,7 +16,7 @@ use std::collections::BinaryHeap;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
-use super::transformer::{window_mask, window_positions, ItemTokens, Model};
+use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
 use crate::index::{Cursor, Snapshot};
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
@@ -193,7 +193,7 @@ impl<'m> Generator<'m> {
         let device = self.model.device().clone();
         let s = requests.len();
 
-        let contexts = self.contexts(requests, &device)?;
+        let (contexts, memory) = self.contexts(requests, &device)?;
 
         self.beams.clear();
         self.beams.cursors.resize(s, snapshot.root());
@@ -205,7 +205,9 @@ impl<'m> Generator<'m> {
 
         for level in 0..levels {
             let vocab = cfg.vocab[level];
-            let logp = self.model.decoder_step(&input, level, &mut cache)?;
+            let logp = self
+                .model
+                .decoder_step(&input, level, &mut cache, &memory)?;
             let rows = s * width;
             self.mask.resize(rows * vocab, 0.0);
             snapshot.fill_mask(&self.beams.cursors, vocab, &mut self.mask);
@@ -363,7 +365,11 @@ impl<'m> Generator<'m> {
     }
 
     /// The history transformer over all requests at once.
-    fn contexts(&self, requests: &[Request<'_>], device: &Device) -> Result<Tensor, ModelError> {
+    fn contexts(
+        &self,
+        requests: &[Request<'_>],
+        device: &Device,
+    ) -> Result<(Tensor, Memory), ModelError> {
         let cfg = self.model.config();
         let levels = cfg.levels();
         let len = requests
@@ -418,6 +424,8 @@ impl<'m> Generator<'m> {
             )?,
         };
         let mask = window_mask(&pads, len, device)?;
-        Ok(self.model.contexts(&items, &mask, (requests.len(), len))?)
+        Ok(self
+            .model
+            .contexts(&items, &mask, &pads, (requests.len(), len))?)
     }
 }

@@ -45,6 +45,17 @@ fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     }
     w.push(("pos".into(), vec![cfg.max_history, d], Init::Normal(std)));
     w.push(("dec_pos".into(), vec![cfg.levels(), d], Init::Normal(std)));
+    for i in 0..cfg.decoder_layers {
+        let p = format!("dec_blocks.{i}");
+        w.push((format!("{p}.lnc.g"), vec![d], Init::Ones));
+        w.push((format!("{p}.lnc.b"), vec![d], Init::Zeros));
+        w.push((format!("{p}.xq.w"), vec![d, inner], Init::Normal(std)));
+        w.push((format!("{p}.xq.b"), vec![inner], Init::Zeros));
+        w.push((format!("{p}.xkv.w"), vec![d, 2 * inner], Init::Normal(std)));
+        w.push((format!("{p}.xkv.b"), vec![2 * inner], Init::Zeros));
+        w.push((format!("{p}.xo.w"), vec![inner, d], Init::Normal(resid)));
+        w.push((format!("{p}.xo.b"), vec![d], Init::Zeros));
+    }
     let blocks = (0..cfg.layers)
         .map(|i| format!("blocks.{i}"))
         .chain((0..cfg.decoder_layers).map(|i| format!("dec_blocks.{i}")));
@@ -183,10 +194,16 @@ impl Params {
             w: self.get(&format!("{p}.w")),
             b: self.get(&format!("{p}.b")),
         };
-        let block = |p: String| Block {
+        let block = |p: String, cross: bool| Block {
             ln1: norm(&format!("{p}.ln1")),
             qkv: linear(&format!("{p}.qkv")),
             out: linear(&format!("{p}.out")),
+            cross: cross.then(|| Cross {
+                ln: norm(&format!("{p}.lnc")),
+                q: linear(&format!("{p}.xq")),
+                kv: linear(&format!("{p}.xkv")),
+                out: linear(&format!("{p}.xo")),
+            }),
             ln2: norm(&format!("{p}.ln2")),
             ff1: linear(&format!("{p}.ff1")),
             ff2: linear(&format!("{p}.ff2")),
@@ -216,11 +233,11 @@ impl Params {
             dec_pos,
             dec_pos_rows,
             blocks: (0..cfg.layers)
-                .map(|i| block(format!("blocks.{i}")))
+                .map(|i| block(format!("blocks.{i}"), false))
                 .collect(),
             ln_f: norm("ln_f"),
             dec_blocks: (0..cfg.decoder_layers)
-                .map(|i| block(format!("dec_blocks.{i}")))
+                .map(|i| block(format!("dec_blocks.{i}"), true))
                 .collect(),
             dec_ln: norm("dec_ln"),
         })
@@ -258,9 +275,28 @@ struct Block {
     ln1: Norm,
     qkv: Linear,
     out: Linear,
+    /// The SID decoder's attention to the history transformer's outputs.
+    cross: Option<Cross>,
     ln2: Norm,
     ff1: Linear,
     ff2: Linear,
+}
+
+struct Cross {
+    ln: Norm,
+    q: Linear,
+    kv: Linear,
+    out: Linear,
+}
+
+/// The history as the SID decoder's cross-attention reads it, computed once
+/// per request and shared by all its beams: per decoder block, keys and
+/// values `[requests, heads, len, head_dim]`, and a `[requests, 1, 1, len]`
+/// mask hiding left padding.
+pub(crate) struct Memory {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    mask: Tensor,
 }
 
 /// Where a forward pass gets its dropout masks; `None` at serving time.
@@ -315,8 +351,12 @@ pub struct TrainBatch {
     pub positions: Tensor,
     /// Per level, the next item's code at each of `positions`.
     pub targets: Vec<Tensor>,
-    /// Per level, the next item's prefix row at each of `positions`.
-    pub target_nodes: Vec<Tensor>,
+    /// The next item of every position (zeros where there is none), which
+    /// the SID decoder reads as its inputs after the first.
+    pub next: ItemTokens,
+    /// `[batch, 1, len * levels, len]`: the decoder tokens of position `t`
+    /// see the history up to `t`.
+    pub cross_mask: Tensor,
 }
 
 /// Items as the model reads them: per level, the code and the row of the
@@ -412,6 +452,59 @@ impl Model {
         block.ff2.forward(&block.ff1.forward(&y)?.relu()?)
     }
 
+    /// Keys and values of the history for one decoder block's
+    /// cross-attention: `memory` is `[batch * len, d]`.
+    fn memory_kv(
+        &self,
+        cross: &Cross,
+        memory: &Tensor,
+        (b, t): (usize, usize),
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
+        let kv = cross.kv.forward(memory)?.reshape((b, t, 2, h, hd))?;
+        let part = |i: usize| {
+            kv.narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        Ok((part(0)?, part(1)?))
+    }
+
+    /// Cross-attention of `x` (`[b * q, d]`, `q` queries per group) to keys
+    /// and values `[b, heads, len, head_dim]`, returning `[b * q, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_attend(
+        &self,
+        cross: &Cross,
+        x: &Tensor,
+        (b, q): (usize, usize),
+        keys: &Tensor,
+        values: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
+        let y = cross.ln.forward(x, train)?;
+        let qs = cross
+            .q
+            .forward(&y)?
+            .reshape((b, q, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let scores = (qs.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
+        let p = if train {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let o = p
+            .matmul(values)?
+            .transpose(1, 2)?
+            .reshape((b * q, h * hd))?;
+        cross.out.forward(&o)
+    }
+
     /// One pre-norm block over `x` (`[batch * len, d]`).
     fn block(
         &self,
@@ -482,6 +575,10 @@ impl Model {
 
     /// Mean training loss over a batch: the negative log-likelihood of each
     /// next item's SID, summed over levels (nats per item).
+    ///
+    /// The SID decoder runs at every position of every window, so its
+    /// cross-attention is one batched product per window; positions without
+    /// a next item (padding) are dropped before the loss.
     pub fn train_loss(
         &self,
         batch: &TrainBatch,
@@ -489,20 +586,30 @@ impl Model {
     ) -> candle_core::Result<Tensor> {
         let (b, t, d, levels) = (batch.batch, batch.len, self.cfg.d_model, self.cfg.levels());
         let h = self.history(&batch.items, &batch.mask, (b, t), Some(dropout))?;
-        let ctx = h.index_select(&batch.positions, 0)?;
-        let n = ctx.dim(0)?;
-        let mut inputs = vec![ctx];
+        let mut inputs = vec![h.clone()];
         for l in 0..levels - 1 {
-            inputs.push(self.embed_level(l, &batch.targets[l], &batch.target_nodes[l])?);
+            inputs.push(self.embed_level(l, &batch.next.codes[l], &batch.next.nodes[l])?);
         }
         let z = Tensor::stack(&inputs, 1)?.broadcast_add(&self.dec_pos)?;
-        let mut z = z.reshape((n * levels, d))?;
+        let mut z = dropout.apply(&z.reshape((b * t * levels, d))?)?;
         let causal = causal_mask(levels, self.device())?;
-        z = dropout.apply(&z)?;
         for block in &self.dec_blocks {
-            z = self.block(block, z, (n, levels), &causal, Some(dropout))?;
+            let y = block.ln1.forward(&z, true)?.reshape((b * t, levels, d))?;
+            let a = dropout.apply(&self.attend(block, &y, &causal, true)?)?;
+            z = (z + a)?;
+            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
+            let (k, v) = self.memory_kv(cross, &h, (b, t))?;
+            let c =
+                self.cross_attend(cross, &z, (b, t * levels), &k, &v, &batch.cross_mask, true)?;
+            z = (z + dropout.apply(&c)?)?;
+            let f = dropout.apply(&self.feed_forward(block, &z, true)?)?;
+            z = (z + f)?;
         }
-        let z = self.dec_ln.forward(&z, true)?.reshape((n, levels, d))?;
+        let z = self
+            .dec_ln
+            .forward(&z, true)?
+            .reshape((b * t, levels, d))?
+            .index_select(&batch.positions, 0)?;
         let mut loss: Option<Tensor> = None;
         for l in 0..levels {
             let zl = z.narrow(1, l, 1)?.squeeze(1)?;
@@ -519,18 +626,35 @@ impl Model {
     }
 
     /// Context vectors for serving: the history transformer's output after
-    /// each request's most recent item, `[requests, d]`.
+    /// each request's most recent item, `[requests, d]`; and the whole
+    /// history as the decoder's cross-attention reads it.
     pub(crate) fn contexts(
         &self,
         items: &ItemTokens,
         mask: &Tensor,
+        pads: &[usize],
         shape: (usize, usize),
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Memory)> {
         let (b, t) = shape;
         let h = self.history(items, mask, shape, None)?;
-        h.reshape((b, t, self.cfg.d_model))?
+        let last = h
+            .reshape((b, t, self.cfg.d_model))?
             .narrow(1, t - 1, 1)?
-            .squeeze(1)
+            .squeeze(1)?;
+        let mut keys = Vec::with_capacity(self.dec_blocks.len());
+        let mut values = Vec::with_capacity(self.dec_blocks.len());
+        for block in &self.dec_blocks {
+            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
+            let (k, v) = self.memory_kv(cross, &h, shape)?;
+            keys.push(k);
+            values.push(v);
+        }
+        let data: Vec<f32> = pads
+            .iter()
+            .flat_map(|&p| (0..t).map(move |j| if j >= p { 0.0 } else { MASKED }))
+            .collect();
+        let mask = Tensor::from_vec(data, (b, 1, 1, t), self.device())?;
+        Ok((last, Memory { keys, values, mask }))
     }
 
     /// The SID decoder's first input: the context.
@@ -557,7 +681,9 @@ impl Model {
         x: &Tensor,
         level: usize,
         cache: &mut DecoderCache,
+        memory: &Memory,
     ) -> candle_core::Result<Tensor> {
+        let requests = memory.mask.dim(0)?;
         let rows = x.dim(0)?;
         let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
         let inner = h * hd;
@@ -576,6 +702,19 @@ impl Model {
             let p = candle_nn::ops::softmax_last_dim(&scores)?;
             let o = p.matmul(&values)?.reshape((rows, inner))?;
             x = (x + block.out.forward(&o)?)?;
+            // Rows are request-major, so each request's beams form one
+            // group of queries against that request's keys.
+            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
+            let c = self.cross_attend(
+                cross,
+                &x,
+                (requests, rows / requests),
+                &memory.keys[i],
+                &memory.values[i],
+                &memory.mask,
+                false,
+            )?;
+            x = (x + c)?;
             x = (&x + self.feed_forward(block, &x, false)?)?;
         }
         let z = self.dec_ln.forward(&x, false)?;

@@ -98,7 +98,8 @@ pub fn make_batch(
     let mut codes = vec![Vec::with_capacity(b * len); levels];
     let mut nodes = vec![Vec::with_capacity(b * len); levels];
     let mut targets = vec![Vec::new(); levels];
-    let mut target_nodes = vec![Vec::new(); levels];
+    let mut next_codes = vec![Vec::with_capacity(b * len); levels];
+    let mut next_nodes = vec![Vec::with_capacity(b * len); levels];
     let mut positions = Vec::new();
     let mut pads = Vec::with_capacity(b);
     for (row, w) in windows.iter().enumerate() {
@@ -115,12 +116,17 @@ pub fn make_batch(
                 nodes[l].push(cfg.node_id(c, l));
             }
         }
+        for l in 0..levels {
+            next_codes[l].extend(std::iter::repeat_n(0u32, pad));
+            next_nodes[l].extend(std::iter::repeat_n(0u32, pad));
+        }
         for (t, &item) in next.iter().enumerate() {
             positions.push((row * len + pad + t) as u32);
             let c = sids[item as usize].codes();
             for l in 0..levels {
                 targets[l].push(u32::from(c[l]));
-                target_nodes[l].push(cfg.node_id(c, l));
+                next_codes[l].push(u32::from(c[l]));
+                next_nodes[l].push(cfg.node_id(c, l));
             }
         }
     }
@@ -141,8 +147,36 @@ pub fn make_batch(
         len,
         positions: Tensor::from_vec(positions, n, device)?,
         targets: tensors(targets, n)?,
-        target_nodes: tensors(target_nodes, n)?,
+        next: ItemTokens {
+            codes: tensors(next_codes, b * len)?,
+            nodes: tensors(next_nodes, b * len)?,
+            positions: Tensor::from_vec(window_positions(&pads, len), b * len, device)?,
+        },
+        cross_mask: cross_mask(&pads, len, levels, device)?,
     })
+}
+
+/// `[batch, 1, len * levels, len]`: decoder token `(t, l)` of a window sees
+/// the history positions up to `t` that are not padding (a padding position
+/// sees only itself, so that no row is empty).
+fn cross_mask(
+    pads: &[usize],
+    len: usize,
+    levels: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut data = Vec::with_capacity(pads.len() * len * levels * len);
+    for &pad in pads {
+        for t in 0..len {
+            for _ in 0..levels {
+                for j in 0..len {
+                    let visible = j <= t && (j >= pad || j == t);
+                    data.push(if visible { 0.0f32 } else { -1e9 });
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (pads.len(), 1, len * levels, len), device)
 }
 
 #[cfg(test)]
