@@ -12,6 +12,19 @@ fn block(cfg: &ModelConfig, keys: f64) -> f64 {
     2.0 * (d * 3.0 * inner + inner * d + 2.0 * d * ff) + 2.0 * 2.0 * keys * inner
 }
 
+/// One decoder token's cross-attention to `keys` history positions
+/// (query and output projections, scores and weighted sum).
+fn cross(cfg: &ModelConfig, keys: f64) -> f64 {
+    let (d, inner) = (cfg.d_model as f64, cfg.inner() as f64);
+    2.0 * 2.0 * d * inner + 2.0 * 2.0 * keys * inner
+}
+
+/// The history's keys and values for cross-attention, per position and
+/// decoder block.
+fn memory(cfg: &ModelConfig) -> f64 {
+    2.0 * cfg.d_model as f64 * 2.0 * cfg.inner() as f64
+}
+
 /// Forward operations of one beam search: `history` items read once, then
 /// one decoder step for the request at level 0 and `beams` steps at each
 /// level after it, each ending in the level's output layer.
@@ -36,8 +49,9 @@ pub fn flops_per_train_position(cfg: &ModelConfig, window: usize) -> f64 {
     let t = window.min(cfg.max_history) as f64;
     let levels = cfg.levels() as f64;
     let d = cfg.d_model as f64;
-    let hist = cfg.layers as f64 * block(cfg, (t + 1.0) / 2.0);
-    let dec = levels * cfg.decoder_layers as f64 * block(cfg, (levels + 1.0) / 2.0);
+    let dl = cfg.decoder_layers as f64;
+    let hist = cfg.layers as f64 * block(cfg, (t + 1.0) / 2.0) + dl * memory(cfg);
+    let dec = levels * dl * (block(cfg, (levels + 1.0) / 2.0) + cross(cfg, (t + 1.0) / 2.0));
     let out: f64 = cfg.vocab.iter().map(|&v| 2.0 * d * v as f64).sum();
     3.0 * (hist + dec + out)
 }
