@@ -100,13 +100,7 @@ pub fn evaluate(
                 .iter()
                 .map(|e| e.history.iter().map(|&i| sids[i as usize]).collect()),
         );
-        let requests: Vec<Request<'_>> = histories
-            .iter()
-            .map(|h| Request {
-                history: h,
-                filter: None,
-            })
-            .collect();
+        let requests: Vec<Request<'_>> = histories.iter().map(|h| Request::new(h)).collect();
         let t = Instant::now();
         let lists = generator.generate(index.snapshot(), &requests, &opts)?;
         batch_ms.push(t.elapsed().as_secs_f64() * 1e3);

@@ -43,6 +43,19 @@ fn random_model(cfg: &ModelConfig, seed: u64) -> Model {
     params.model(cfg).unwrap()
 }
 
+/// A random model over `vocab` and a catalogue of `items` random SIDs.
+fn fixture(
+    vocab: &[usize],
+    items: usize,
+    model_seed: u64,
+    sid_seed: u64,
+) -> (Model, Vec<Sid>, OfflineIndex) {
+    let model = random_model(&tiny(vocab.to_vec()), model_seed);
+    let sids = random_sids(items, vocab, sid_seed);
+    let index = OfflineIndex::build(&sids, vocab).unwrap();
+    (model, sids, index)
+}
+
 fn histories(sids: &[Sid], n: usize, seed: u64) -> Vec<Vec<Sid>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
@@ -59,6 +72,25 @@ fn requests<'a>(hs: &'a [Vec<Sid>], filter: Option<&'a Filter>) -> Vec<Request<'
     hs.iter().map(|h| Request { history: h, filter }).collect()
 }
 
+/// The model's log-probability of `sid` after `history`, found by forcing
+/// the search onto that one SID with an allow filter.
+fn forced_log_prob(g: &mut Generator<'_>, index: &OfflineIndex, history: &[Sid], sid: Sid) -> f32 {
+    let f = Filter::default().allow([sid]);
+    let request = Request {
+        history,
+        filter: Some(&f),
+    };
+    let opts = SearchOptions {
+        beams: 1,
+        top_k: 1,
+        exclude_history: false,
+    };
+    let out = g.generate(index.snapshot(), &[request], &opts).unwrap();
+    assert_eq!(out[0].len(), 1, "{sid} is live and allowed");
+    assert_eq!(out[0][0].sid, sid);
+    out[0][0].log_prob
+}
+
 /// The model's log-probability of each live SID, by forcing the search onto
 /// that one SID with an allow filter.
 fn brute_force(
@@ -70,26 +102,7 @@ fn brute_force(
     let mut g = Generator::new(model);
     let mut all: Vec<(Sid, f32)> = sids
         .iter()
-        .map(|&sid| {
-            let f = Filter::default().allow([sid]);
-            let out = g
-                .generate(
-                    index.snapshot(),
-                    &[Request {
-                        history,
-                        filter: Some(&f),
-                    }],
-                    &SearchOptions {
-                        beams: 1,
-                        top_k: 1,
-                        exclude_history: false,
-                    },
-                )
-                .unwrap();
-            assert_eq!(out[0].len(), 1, "{sid} is live and allowed");
-            assert_eq!(out[0][0].sid, sid);
-            (sid, out[0][0].log_prob)
-        })
+        .map(|&sid| (sid, forced_log_prob(&mut g, index, history, sid)))
         .collect();
     all.sort_by(|a, b| b.1.total_cmp(&a.1));
     all
@@ -98,10 +111,7 @@ fn brute_force(
 #[test]
 fn a_beam_as_wide_as_the_catalogue_finds_the_exact_top_items() {
     let vocab = vec![6, 5, 4];
-    let cfg = tiny(vocab.clone());
-    let model = random_model(&cfg, 3);
-    let sids = random_sids(60, &vocab, 11);
-    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let (model, sids, index) = fixture(&vocab, 60, 3, 11);
     let hs = histories(&sids, 5, 1);
     let opts = SearchOptions {
         beams: 60,
@@ -127,11 +137,8 @@ fn a_beam_as_wide_as_the_catalogue_finds_the_exact_top_items() {
 #[test]
 fn narrow_beams_return_only_live_distinct_items_in_score_order() {
     let vocab = vec![16, 16, 8, 32];
-    let cfg = tiny(vocab.clone());
-    let model = random_model(&cfg, 5);
-    let sids = random_sids(500, &vocab, 2);
+    let (model, sids, index) = fixture(&vocab, 500, 5, 2);
     let live: HashSet<Sid> = sids.iter().copied().collect();
-    let index = OfflineIndex::build(&sids, &vocab).unwrap();
     let hs = histories(&sids, 40, 9);
     let opts = SearchOptions {
         beams: 7,
@@ -158,10 +165,7 @@ fn narrow_beams_return_only_live_distinct_items_in_score_order() {
 #[test]
 fn a_request_gets_the_same_answer_alone_or_in_a_batch() {
     let vocab = vec![8, 8, 16];
-    let cfg = tiny(vocab.clone());
-    let model = random_model(&cfg, 8);
-    let sids = random_sids(300, &vocab, 4);
-    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let (model, sids, index) = fixture(&vocab, 300, 8, 4);
     // Different lengths, so the batch pads some histories on the left.
     let hs = histories(&sids, 12, 77);
     let opts = SearchOptions::default();
@@ -189,10 +193,7 @@ fn a_request_gets_the_same_answer_alone_or_in_a_batch() {
 #[test]
 fn filters_and_history_exclusion_act_through_the_mask() {
     let vocab = vec![8, 8, 16];
-    let cfg = tiny(vocab.clone());
-    let model = random_model(&cfg, 12);
-    let sids = random_sids(400, &vocab, 6);
-    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let (model, sids, index) = fixture(&vocab, 400, 12, 6);
     let hs = histories(&sids, 10, 3);
     let mut g = Generator::new(&model);
     let opts = SearchOptions {
@@ -555,22 +556,7 @@ fn serving_scores_are_the_training_objective() {
         for t in 1..len {
             let history: Vec<Sid> = seq[..t].iter().map(|&i| sids[i as usize]).collect();
             let target = sids[seq[t] as usize];
-            let f = Filter::default().allow([target]);
-            let out = g
-                .generate(
-                    index.snapshot(),
-                    &[Request {
-                        history: &history,
-                        filter: Some(&f),
-                    }],
-                    &SearchOptions {
-                        beams: 1,
-                        top_k: 1,
-                        exclude_history: false,
-                    },
-                )
-                .unwrap();
-            total -= out[0][0].log_prob;
+            total -= forced_log_prob(&mut g, &index, &history, target);
         }
         let mean = total / (len - 1) as f32;
         assert!(

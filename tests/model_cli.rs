@@ -28,6 +28,24 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A small RQ-KMeans tokenizer over the catalogue's hashed attributes.
+fn tokenizer(items: &Path, out: &Path) {
+    ok(genfeed(&[
+        "tokenizer",
+        "train",
+        "--items",
+        p(items),
+        "--method",
+        "rq-kmeans",
+        "--encoder",
+        "attributes",
+        "--codebook-size",
+        "16",
+        "--out",
+        p(out),
+    ]));
+}
+
 #[test]
 fn train_then_eval_reports_quality_with_no_invalid_ids() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,20 +61,7 @@ fn train_then_eval_reports_quality_with_no_invalid_ids() {
     )
     .unwrap();
     let tok = dir.path().join("tok");
-    ok(genfeed(&[
-        "tokenizer",
-        "train",
-        "--items",
-        p(&files.items),
-        "--method",
-        "rq-kmeans",
-        "--encoder",
-        "attributes",
-        "--codebook-size",
-        "16",
-        "--out",
-        p(&tok),
-    ]));
+    tokenizer(&files.items, &tok);
     let model = dir.path().join("model");
     let summary = ok(genfeed(&[
         "train",
@@ -125,20 +130,7 @@ fn train_then_eval_reports_quality_with_no_invalid_ids() {
         },
     )
     .unwrap();
-    ok(genfeed(&[
-        "tokenizer",
-        "train",
-        "--items",
-        p(&files2.items),
-        "--method",
-        "rq-kmeans",
-        "--encoder",
-        "attributes",
-        "--codebook-size",
-        "16",
-        "--out",
-        p(&other),
-    ]));
+    tokenizer(&files2.items, &other);
     let o = genfeed(&[
         "eval",
         "--data",

@@ -118,13 +118,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 .collect()
         })
         .collect();
-    let requests: Vec<Request<'_>> = histories
-        .iter()
-        .map(|h| Request {
-            history: h,
-            filter: None,
-        })
-        .collect();
+    let requests: Vec<Request<'_>> = histories.iter().map(|h| Request::new(h)).collect();
     let opts = SearchOptions {
         beams: a.beams,
         top_k: a.beams.min(10),

@@ -61,6 +61,16 @@ pub struct Request<'a> {
     pub filter: Option<&'a Filter>,
 }
 
+impl<'a> Request<'a> {
+    /// A request without a filter.
+    pub fn new(history: &'a [Sid]) -> Request<'a> {
+        Request {
+            history,
+            filter: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SearchOptions {
     pub beams: usize,
