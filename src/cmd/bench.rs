@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use genfeed::eval::OfflineIndex;
 use genfeed::model::{
-    flops_per_request, Generator, Model, ModelConfig, Params, Request, SearchOptions,
+    flops_per_request, param_count, Generator, Model, ModelConfig, Params, Request, SearchOptions,
 };
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
@@ -107,7 +107,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             )
         }
     };
-    let params = Params::init(&cfg, 0, &Device::Cpu).map(|p| p.count())?;
+    let params = param_count(&cfg);
     let index = OfflineIndex::build(&sids, &cfg.vocab)?;
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
     let batch = a.batch.max(1);

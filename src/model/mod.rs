@@ -39,5 +39,5 @@ mod transformer;
 pub use beam::{Filter, Generated, Generator, Request, SearchOptions};
 pub use config::{ModelConfig, ModelError, CONFIG_FILE, WEIGHTS_FILE};
 pub use flops::{flops_per_request, flops_per_train_position};
+pub use transformer::{param_count, Dropout, ItemTokens, Model, Params, TrainBatch};
 pub(crate) use transformer::{window_mask, window_positions};
-pub use transformer::{Dropout, ItemTokens, Model, Params, TrainBatch};

@@ -80,6 +80,14 @@ fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
     w
 }
 
+/// Weights a config implies, counted without allocating them.
+pub fn param_count(cfg: &ModelConfig) -> usize {
+    layout(cfg)
+        .iter()
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum()
+}
+
 /// Standard normal draws by Box–Muller, so initialisation depends on the seed
 /// alone and not on a distribution crate's algorithm.
 fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
