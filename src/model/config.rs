@@ -93,22 +93,21 @@ impl ModelConfig {
     /// gets every shallower prefix it shares with known items. Exact where
     /// the table has a row per prefix, hashed where it does not.
     pub fn node_id(&self, codes: &[crate::sid::Code], level: usize) -> u32 {
-        let rows = self.node_rows(level);
-        let mut exact = 0u64;
+        // One pass: the mixed-radix index, the number of possible prefixes
+        // and a hash; this runs per beam per level.
+        let (mut exact, mut size) = (0u64, 1u64);
         let mut hash = 0x9e37_79b9_7f4a_7c15u64;
         for (&c, &v) in codes[..=level].iter().zip(&self.vocab) {
-            exact = exact * v as u64 + u64::from(c);
+            exact = exact.wrapping_mul(v as u64).wrapping_add(u64::from(c));
+            size = size.saturating_mul(v as u64);
             hash = (hash ^ u64::from(c)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             hash ^= hash >> 31;
         }
-        let full = self.vocab[..=level]
-            .iter()
-            .try_fold(1usize, |n, &v| n.checked_mul(v))
-            .is_some_and(|n| n <= rows);
-        if full {
+        let rows = self.node_buckets as u64;
+        if size <= rows {
             exact as u32
         } else {
-            (hash % rows as u64) as u32
+            (hash % rows) as u32
         }
     }
 
