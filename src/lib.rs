@@ -49,6 +49,7 @@ pub mod eval;
 pub mod index;
 pub mod model;
 pub mod registry;
+pub mod service;
 pub mod sid;
 pub mod synth;
 pub mod tokenizer;

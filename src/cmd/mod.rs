@@ -2,6 +2,7 @@
 
 mod bench;
 mod model;
+mod run;
 mod synth;
 mod tokenizer;
 
@@ -29,6 +30,8 @@ enum Command {
     Train(Box<model::TrainArgs>),
     /// Score a trained model with the leave-one-out protocol.
     Eval(model::EvalArgs),
+    /// Run the streaming service: Kafka in, live feeds out.
+    Run(run::RunArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -40,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
+        Command::Run(a) => run::run(a),
         Command::Bench(c) => bench::run(c),
     }
 }

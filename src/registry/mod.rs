@@ -682,6 +682,22 @@ impl Registry {
             .transpose()
     }
 
+    /// Every item the registry knows, with its entry, in item-id order: what
+    /// a reader that maps ids to ords starts from.
+    pub fn items(&self) -> impl Iterator<Item = Result<(String, ItemEntry), RegistryError>> + '_ {
+        let written = self.write_staged().err();
+        let items = self.db.scan_prefix([Table::Items.prefix()]).map(move |kv| {
+            let (key, value) = kv?;
+            let key = &key[1..];
+            let id =
+                std::str::from_utf8(key).map_err(|e| corrupt(Table::Items, key, e.to_string()))?;
+            let entry = codec::decode_entry(&value, self.levels)
+                .map_err(|d| corrupt(Table::Items, key, d))?;
+            Ok((id.to_string(), entry))
+        });
+        written.map(Err).into_iter().chain(items)
+    }
+
     /// The live SIDs and their items' ords, in SID order: what the index is
     /// built from.
     pub fn live(&self) -> impl Iterator<Item = Result<(Sid, u32), RegistryError>> + '_ {

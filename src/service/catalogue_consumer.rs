@@ -1,0 +1,307 @@
+//! The catalogue topic in, decodable SIDs out.
+//!
+//! Every instance reads the whole catalogue (it is compacted and small next
+//! to the interactions), so this consumer is not in a group: it assigns
+//! itself every partition and keeps its own offsets in the registry, beside
+//! the effects they stand for. Events are applied in batches; after each
+//! batch the index is published, the registry flushed, and only then are
+//! the batch's offsets recorded. A crash replays at most the batches after
+//! the last record, and replays change nothing (the registry remembers each
+//! item's last position).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::content::{content, vector, ContentError};
+use super::delivery::{Outbox, Sent};
+use super::kafka::{now_ms, METADATA_TIMEOUT};
+use super::metrics::{Metrics, Reason};
+use super::view::{ItemRef, SharedView, View};
+use crate::catalogue::{Catalogue, CatalogueError};
+use crate::contract::{CatalogueEvent, Change as Event, DecodeError};
+use crate::embed::text::TextEncoder;
+use crate::registry::{Change, RegistryError};
+
+/// Registry meta key of a partition's next offset.
+fn offset_key(topic: &str, partition: i32) -> String {
+    format!("catalogue-offset/{topic}/{partition}")
+}
+
+/// The catalogue is *loaded* once no event came for this long after start.
+/// (A high watermark would be the exact test, but not every Kafka-protocol
+/// broker reports it right.)
+const LOADED_AFTER_IDLE: Duration = Duration::from_millis(1500);
+
+pub struct CatalogueConsumer {
+    pub consumer: StreamConsumer,
+    pub topic: String,
+    pub catalogue: Catalogue,
+    pub text: Option<TextEncoder>,
+    pub view: SharedView,
+    pub outbox: Arc<Outbox>,
+    pub metrics: Arc<Metrics>,
+    pub batch_max: usize,
+    pub publish_every: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogueConsumerError {
+    #[error("catalogue topic {topic:?}: {source}")]
+    Kafka {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error(transparent)]
+    Catalogue(#[from] CatalogueError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// The view of what the registry holds now.
+pub fn initial_view(catalogue: &Catalogue) -> Result<View, RegistryError> {
+    let mut ords = imbl::HashMap::new();
+    let mut items = imbl::HashMap::new();
+    for kv in catalogue.registry().items() {
+        let (id, entry) = kv?;
+        if entry.position.is_none() {
+            continue; // reserved for a training item, never seen online
+        }
+        let id: Arc<str> = id.into();
+        ords.insert(id.clone(), entry.ord);
+        items.insert(entry.ord, ItemRef::of(id, &entry));
+    }
+    Ok(View {
+        snapshot: catalogue.reader().snapshot(),
+        ords,
+        items,
+    })
+}
+
+impl CatalogueConsumer {
+    /// Assigns every partition, each from its recorded offset (or the start).
+    pub fn assign(&self) -> Result<(), CatalogueConsumerError> {
+        let kafka = |source| CatalogueConsumerError::Kafka {
+            topic: self.topic.clone(),
+            source,
+        };
+        let md = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)
+            .map_err(kafka)?;
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics().iter().filter(|t| t.name() == self.topic) {
+            for p in t.partitions() {
+                let stored = self
+                    .catalogue
+                    .registry()
+                    .meta_get(&offset_key(&self.topic, p.id()))?;
+                let offset = match stored.as_deref().map(<[u8; 8]>::try_from) {
+                    Some(Ok(b)) => Offset::Offset(i64::from_be_bytes(b)),
+                    _ => Offset::Beginning,
+                };
+                tpl.add_partition_offset(&self.topic, p.id(), offset)
+                    .map_err(kafka)?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Err(kafka(rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+            )));
+        }
+        self.consumer.assign(&tpl).map_err(kafka)
+    }
+
+    pub async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), CatalogueConsumerError> {
+        let mut view = initial_view(&self.catalogue)?;
+        self.metrics
+            .live_items
+            .store(self.catalogue.registry().live_count() as u64, Relaxed);
+        self.view.store(Arc::new(view.clone()));
+        let mut batch = Batch::default();
+        let mut last_event = Instant::now();
+        loop {
+            let publish_at = batch.first.map(|t| t + self.publish_every);
+            let loaded_at =
+                (!self.metrics.ready.load(Relaxed)).then(|| last_event + LOADED_AFTER_IDLE);
+            tokio::select! {
+                m = self.consumer.recv() => {
+                    let m = m.map_err(|source| CatalogueConsumerError::Kafka { topic: self.topic.clone(), source })?.detach();
+                    last_event = Instant::now();
+                    self.metrics.catalogue_events.fetch_add(1, Relaxed);
+                    let (p, o) = (m.partition(), m.offset());
+                    let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
+                    let raw = m.payload().unwrap_or(&[]);
+                    let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, o))?;
+                    if let Err((reason, detail)) = out {
+                        self.metrics.dead_letter(reason);
+                        batch.dead.push(self.outbox.dead_letter((&self.topic, p, o), reason, &detail, raw, Vec::new()));
+                    }
+                    batch.first.get_or_insert_with(Instant::now);
+                    batch.timestamps.push(ts);
+                    batch.next.retain(|(q, _)| *q != p);
+                    batch.next.push((p, o + 1));
+                    if batch.timestamps.len() >= self.batch_max {
+                        self.publish(&mut view, &mut batch).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(publish_at.unwrap_or_else(Instant::now)), if publish_at.is_some() => {
+                    self.publish(&mut view, &mut batch).await?;
+                }
+                _ = tokio::time::sleep_until(loaded_at.unwrap_or_else(Instant::now)), if loaded_at.is_some() => {
+                    if batch.first.is_none() {
+                        tracing::info!(live = self.catalogue.registry().live_count(), "catalogue loaded");
+                        self.metrics.ready.store(true, Relaxed);
+                    }
+                }
+                _ = stop.changed() => break,
+            }
+        }
+        self.publish(&mut view, &mut batch).await?;
+        self.catalogue.flush()?;
+        Ok(())
+    }
+
+    /// Applies one message to the registry and the view; an error is the
+    /// dead letter's reason.
+    fn apply(
+        &mut self,
+        view: &mut View,
+        raw: &[u8],
+        o: i64,
+    ) -> Result<Rejected, CatalogueConsumerError> {
+        let event: CatalogueEvent = match self.outbox.wire().decode(raw) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(decode_reason(e))),
+        };
+        let position = o as u64;
+        let change = match &event.change {
+            Event::Upsert(up) => {
+                let spec = &self.catalogue.tokenizer().manifest().input.encoder;
+                let c = match content(up, spec) {
+                    Ok(c) => c,
+                    Err(e) => return Ok(Err(content_reason(e))),
+                };
+                let hash = c.hash();
+                let known = self.catalogue.registry().get(&up.item_id)?;
+                // Reserved training items and replays never reach the
+                // tokenizer; only they skip the (possibly slow) embedding.
+                let needs_vector = match &known {
+                    None => true,
+                    Some(e) => e.position.is_some_and(|q| position > q) && e.content_hash != hash,
+                };
+                let v = if needs_vector {
+                    match vector(&up.item_id, &c, self.text.as_ref()) {
+                        Ok(v) => v,
+                        Err(e) => return Ok(Err(content_reason(e))),
+                    }
+                } else {
+                    vec![0.0; self.catalogue.tokenizer().input_dim()]
+                };
+                self.catalogue.upsert(&up.item_id, hash, &v, position)
+            }
+            Event::Retire(r) => self.catalogue.retire(&r.item_id, position),
+        };
+        let change = match change {
+            Ok(c) => c,
+            Err(CatalogueError::Registry(e @ RegistryError::UnknownItem(_))) => {
+                return Ok(Err((Reason::UnknownItem, e.to_string())))
+            }
+            Err(CatalogueError::Registry(
+                e @ (RegistryError::PrefixFull { .. } | RegistryError::Codes { .. }),
+            )) => return Ok(Err((Reason::Tokenizer, e.to_string()))),
+            Err(e) => return Err(e.into()),
+        };
+        let id = event.item_id();
+        let entry = match change {
+            Change::Unchanged => return Ok(Ok(())),
+            _ => self.catalogue.registry().get(id)?,
+        };
+        if let Some(e) = entry {
+            let id: Arc<str> = view
+                .item(e.ord)
+                .map(|i| i.id.clone())
+                .unwrap_or_else(|| id.into());
+            view.ords.insert(id.clone(), e.ord);
+            view.items.insert(e.ord, ItemRef::of(id, &e));
+        }
+        Ok(Ok(()))
+    }
+
+    async fn publish(
+        &mut self,
+        view: &mut View,
+        batch: &mut Batch,
+    ) -> Result<(), CatalogueConsumerError> {
+        if batch.first.is_none() {
+            return Ok(());
+        }
+        let snapshot = tokio::task::block_in_place(|| self.catalogue.publish())?;
+        view.snapshot = snapshot;
+        self.view.store(Arc::new(view.clone()));
+        let now = now_ms();
+        for &ts in &batch.timestamps {
+            self.metrics
+                .decodable_latency
+                .observe((now - ts) as f64 / 1000.0);
+        }
+        self.metrics
+            .index_generation
+            .store(view.snapshot.seq(), Relaxed);
+        self.metrics
+            .live_items
+            .store(self.catalogue.registry().live_count() as u64, Relaxed);
+        for d in batch.dead.drain(..) {
+            self.outbox.delivered(d, &self.metrics).await;
+        }
+        tokio::task::block_in_place(|| -> Result<(), CatalogueConsumerError> {
+            self.catalogue.flush()?;
+            for &(p, next) in &batch.next {
+                self.catalogue
+                    .registry()
+                    .meta_set(&offset_key(&self.topic, p), &next.to_be_bytes())?;
+            }
+            Ok(())
+        })?;
+        *batch = Batch::default();
+        Ok(())
+    }
+}
+
+/// Why a message goes to the dead-letter topic.
+type Rejected = Result<(), (Reason, String)>;
+
+#[derive(Default)]
+struct Batch {
+    first: Option<Instant>,
+    timestamps: Vec<i64>,
+    /// Next offset per partition, once the batch is durable.
+    next: Vec<(i32, i64)>,
+    dead: Vec<Sent>,
+}
+
+pub fn decode_reason(e: DecodeError) -> (Reason, String) {
+    let reason = match &e {
+        DecodeError::UnknownSchemaId(_) | DecodeError::WrongRecord { .. } => Reason::UnknownSchema,
+        DecodeError::Invalid { .. } => Reason::InvalidRecord,
+        _ => Reason::Undecodable,
+    };
+    (reason, e.to_string())
+}
+
+fn content_reason(e: ContentError) -> (Reason, String) {
+    let reason = match &e {
+        ContentError::Vector(_) => Reason::BadEmbedding,
+        _ => Reason::NoContent,
+    };
+    (reason, e.to_string())
+}

@@ -1,0 +1,354 @@
+//! The service's configuration: one TOML file, every key optional but the
+//! paths to the model artifacts.
+//!
+//! `configs/genfeed.toml` lists every key with its default and what it does.
+//! Unknown keys are refused, so a typo fails at start-up naming the key,
+//! instead of silently leaving a default in place.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    pub paths: PathsConfig,
+    #[serde(default)]
+    pub feed: FeedConfig,
+    #[serde(default)]
+    pub catalogue: CatalogueSettings,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// The consumer group of the interactions topic; instances in one group
+    /// split its partitions.
+    pub group_id: String,
+    pub catalogue_topic: String,
+    pub interactions_topic: String,
+    pub recommendations_topic: String,
+    pub dead_letter_topic: String,
+    pub session_timeout_ms: u64,
+    /// How long a delivery may take, retries included, before the producer
+    /// gives up on it (and the service tries again).
+    pub message_timeout_ms: u64,
+    pub wire: WireConfig,
+    /// Passed to librdkafka as they are (security, tuning).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".into(),
+            group_id: "genfeed".into(),
+            catalogue_topic: "catalogue".into(),
+            interactions_topic: "interactions".into(),
+            recommendations_topic: "recommendations".into(),
+            dead_letter_topic: "dead-letters".into(),
+            session_timeout_ms: 10_000,
+            message_timeout_ms: 30_000,
+            wire: WireConfig::default(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WireKind {
+    #[default]
+    Plain,
+    Confluent,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WireConfig {
+    pub format: WireKind,
+    /// Confluent only: the schema id each of genfeed's current schemas is
+    /// registered under. Accepted on read, used on write.
+    pub catalogue_id: u32,
+    pub interaction_id: u32,
+    pub recommendation_id: u32,
+    pub dead_letter_id: u32,
+    /// Confluent only: older writer schemas to accept, id → `.avsc` file.
+    pub writers: BTreeMap<String, PathBuf>,
+}
+
+impl Default for WireConfig {
+    fn default() -> Self {
+        WireConfig {
+            format: WireKind::Plain,
+            catalogue_id: 1,
+            interaction_id: 2,
+            recommendation_id: 3,
+            dead_letter_id: 4,
+            writers: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathsConfig {
+    /// sled databases (registry, histories) and index segments.
+    pub state_dir: PathBuf,
+    /// The frozen tokenizer artifact.
+    pub tokenizer: PathBuf,
+    /// The trained model (`config.json`, `model.safetensors`).
+    pub model: PathBuf,
+    /// The sentence encoder, needed only when catalogue events carry text
+    /// instead of an embedding and the tokenizer was trained on text.
+    #[serde(default)]
+    pub text_model: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedConfig {
+    pub beams: usize,
+    pub top_k: usize,
+    /// Leave out items the user already interacted with (the stored history).
+    pub exclude_seen: bool,
+    /// Interactions kept per user.
+    pub history_len: usize,
+    /// A user's events within this window after the first one make one feed.
+    pub coalesce_ms: u64,
+    /// Users per model batch at most.
+    pub batch_max: usize,
+    /// How long a ready user waits at most for its batch to fill.
+    pub batch_wait_ms: u64,
+    /// Users waiting for a feed at most; beyond it the consumer waits.
+    pub max_pending: usize,
+    /// CPU threads of the model (candle).
+    pub threads: usize,
+    /// Business rule: items that are never recommended.
+    pub deny_items: Vec<String>,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            beams: 20,
+            top_k: 10,
+            exclude_seen: true,
+            history_len: 50,
+            coalesce_ms: 20,
+            batch_max: 64,
+            batch_wait_ms: 10,
+            max_pending: 10_000,
+            threads: 1,
+            deny_items: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogueSettings {
+    /// Catalogue events applied per publish at most.
+    pub batch_max: usize,
+    /// How long an applied event waits at most before it is published.
+    pub publish_ms: u64,
+    /// Overlay changes that trigger a background merge of the index.
+    pub merge_threshold: usize,
+}
+
+impl Default for CatalogueSettings {
+    fn default() -> Self {
+        CatalogueSettings {
+            batch_max: 1024,
+            publish_ms: 20,
+            merge_threshold: 65_536,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serves `/metrics`, `/healthz`, `/readyz`. Port 0 picks a free port
+    /// (logged, and written to `state_dir/http.addr`).
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9100)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter (`RUST_LOG` overrides it).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{path}: {key}: {why}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        why: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a config file. Relative paths in it are relative to
+    /// the file's directory, so a config works from any working directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve(base);
+        cfg.check().map_err(|(key, why)| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            why,
+        })?;
+        Ok(cfg)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.paths.state_dir);
+        fix(&mut self.paths.tokenizer);
+        fix(&mut self.paths.model);
+        if let Some(p) = self.paths.text_model.as_mut() {
+            fix(p);
+        }
+        for p in self.kafka.wire.writers.values_mut() {
+            fix(p);
+        }
+    }
+
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let f = &self.feed;
+        let positive = [
+            ("feed.beams", f.beams),
+            ("feed.top_k", f.top_k),
+            ("feed.history_len", f.history_len),
+            ("feed.batch_max", f.batch_max),
+            ("feed.max_pending", f.max_pending),
+            ("feed.threads", f.threads),
+            ("catalogue.batch_max", self.catalogue.batch_max),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        if f.top_k > f.beams {
+            return Err((
+                "feed.top_k",
+                format!("{} items cannot come from {} beams", f.top_k, f.beams),
+            ));
+        }
+        for id in self.kafka.wire.writers.keys() {
+            if id.parse::<u32>().is_err() {
+                return Err(("kafka.wire.writers", format!("{id:?} is not a schema id")));
+            }
+        }
+        let topics = [
+            ("kafka.catalogue_topic", &self.kafka.catalogue_topic),
+            ("kafka.interactions_topic", &self.kafka.interactions_topic),
+            (
+                "kafka.recommendations_topic",
+                &self.kafka.recommendations_topic,
+            ),
+            ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
+        ];
+        for (key, t) in topics {
+            if t.is_empty() {
+                return Err((key, "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    const PATHS: &str = "[paths]\nstate_dir = \"s\"\ntokenizer = \"t\"\nmodel = \"m\"\n";
+
+    #[test]
+    fn defaults_fill_what_is_left_out_and_paths_are_relative_to_the_file() {
+        let cfg = load(PATHS).unwrap();
+        assert_eq!(cfg.feed.beams, 20);
+        assert_eq!(cfg.kafka.wire.format, WireKind::Plain);
+        assert!(cfg.paths.model.is_absolute());
+        assert!(cfg.paths.model.ends_with("m"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = load(&format!("{PATHS}[feed]\nbeam = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("beam"), "{err}");
+        let err = load(&format!("{PATHS}[feed]\nbeams = 5\ntop_k = 10\n")).unwrap_err();
+        assert!(err.to_string().contains("feed.top_k"), "{err}");
+        let err = load("[feed]\nbeams = 5\n").unwrap_err();
+        assert!(err.to_string().contains("paths"), "{err}");
+    }
+}

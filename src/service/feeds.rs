@@ -1,0 +1,133 @@
+//! The model side: batches of users in, delivered-to-be feeds out.
+//!
+//! Runs on its own OS thread, so that model work never delays the consumers'
+//! polling (a consumer that does not poll within `max.poll.interval.ms` is
+//! thrown out of its group). For each batch it reads the users' histories,
+//! runs one beam search for all of them against the current catalogue view,
+//! drops anything that stopped being live while it searched, makes the
+//! histories durable, and hands the feeds to the producer. Deliveries are
+//! awaited elsewhere ([`super::delivery::acknowledge`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::delivery::{Outbox, Sent};
+use super::histories::Histories;
+use super::kafka::now_ms;
+use super::metrics::Metrics;
+use super::scheduler::Job;
+use super::view::SharedView;
+use crate::contract::{InputPosition, RankedItem, Recommendation};
+use crate::model::{Filter, Generator, Model, Request, SearchOptions};
+use crate::sid::Sid;
+
+pub struct FeedWorker {
+    pub model: Model,
+    pub model_version: String,
+    pub tokenizer_version: String,
+    pub interactions_topic: String,
+    pub view: SharedView,
+    pub histories: Arc<Histories>,
+    pub outbox: Arc<Outbox>,
+    pub metrics: Arc<Metrics>,
+    pub search: SearchOptions,
+    /// Business rule: item ids never recommended.
+    pub deny_items: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    History(#[from] super::histories::HistoryError),
+    #[error("beam search: {0}")]
+    Model(#[from] crate::model::ModelError),
+}
+
+impl FeedWorker {
+    /// Serves batches until `jobs` closes; every delivery goes to `sent`.
+    pub fn run(
+        self,
+        mut jobs: mpsc::Receiver<Vec<Job>>,
+        sent: mpsc::Sender<Sent>,
+    ) -> Result<(), FeedError> {
+        let mut generator = Generator::new(&self.model);
+        let mut ords = Vec::new();
+        let mut histories: Vec<Vec<Sid>> = Vec::new();
+        let mut deny = (u64::MAX, Filter::default());
+        while let Some(batch) = jobs.blocking_recv() {
+            let start = Instant::now();
+            let view = self.view.load_full();
+            if deny.0 != view.snapshot.seq() {
+                let sids = self
+                    .deny_items
+                    .iter()
+                    .filter_map(|id| view.ord(id).and_then(|o| view.item(o)?.sid));
+                deny = (view.snapshot.seq(), Filter::default().deny(sids));
+            }
+            histories.resize_with(batch.len(), Vec::new);
+            for (job, h) in batch.iter().zip(&mut histories) {
+                self.histories.get(&job.user, &mut ords)?;
+                h.clear();
+                h.extend(ords.iter().filter_map(|&o| view.item(o)?.sid));
+            }
+            // Users whose history has no item the model can read get an
+            // empty feed rather than none: their events are answered.
+            let asked: Vec<usize> = (0..batch.len())
+                .filter(|&i| !histories[i].is_empty())
+                .collect();
+            let requests: Vec<Request<'_>> = asked
+                .iter()
+                .map(|&i| Request {
+                    history: &histories[i],
+                    filter: Some(&deny.1),
+                })
+                .collect();
+            let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
+            self.metrics
+                .generate_seconds
+                .observe(start.elapsed().as_secs_f64());
+            self.metrics.batch_users.observe(batch.len() as f64);
+            // Items retired while the search ran are dropped here: a retire
+            // is never followed by a feed holding the item.
+            let now = self.view.load_full();
+            let mut feeds: Vec<Vec<RankedItem>> = vec![Vec::new(); batch.len()];
+            for (&i, items) in asked.iter().zip(generated) {
+                feeds[i] = items
+                    .into_iter()
+                    .filter(|g| now.is_live(g.ord, g.sid))
+                    .filter_map(|g| {
+                        Some(RankedItem {
+                            item_id: now.item(g.ord)?.id.to_string(),
+                            sid: g.sid.codes().to_vec(),
+                            score: g.log_prob,
+                        })
+                    })
+                    .collect();
+            }
+            self.histories.flush()?;
+            for (job, items) in batch.into_iter().zip(feeds) {
+                let last = job.triggers.last().expect("a job has a trigger");
+                let rec = Recommendation {
+                    user_id: job.user.clone(),
+                    items,
+                    model_version: self.model_version.clone(),
+                    tokenizer_version: self.tokenizer_version.clone(),
+                    generated_at: now_ms(),
+                    trigger: InputPosition {
+                        topic: self.interactions_topic.clone(),
+                        partition: last.partition,
+                        offset: last.offset,
+                    },
+                };
+                let payload = self.outbox.wire().recommendation(&rec);
+                let s = self.outbox.feed(&job.user, payload, job.triggers);
+                if sent.blocking_send(s).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}

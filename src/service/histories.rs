@@ -1,0 +1,151 @@
+//! Per-user interaction histories: durable, bounded, replay-safe.
+//!
+//! A history is the user's last `N` items (registry ords, oldest first) and
+//! the input position of the last interaction applied to it. That position
+//! is what makes replays harmless: after a crash the consumer re-reads from
+//! the last committed offset, and every interaction at or before the stored
+//! position is recognised and skipped, so no item is counted twice.
+//!
+//! Ords, not SIDs, are stored: an item that moves to a new SID (its content
+//! changed) is read under its current SID at request time.
+//!
+//! One sled tree, key = user id, value = `[partition: i32][offset: i64]
+//! [ord: u32]*`, all big-endian. Writes go to sled's log in memory; the feed
+//! worker calls [`Histories::flush`] before it produces the feeds those
+//! writes caused, which is what lets their offsets be committed.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("histories: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("histories: the record of user {user:?} is corrupt ({len} bytes)")]
+    Corrupt { user: String, len: usize },
+}
+
+const HEADER: usize = 12;
+
+/// Where in the interactions topic an event was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+pub struct Histories {
+    db: sled::Db,
+    capacity: usize,
+}
+
+impl Histories {
+    /// Opens (or creates) the histories in `dir`, keeping `capacity` items
+    /// per user.
+    pub fn open(dir: &Path, capacity: usize) -> Result<Histories, HistoryError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Histories { db, capacity })
+    }
+
+    /// Appends `ord` to `user`'s history unless the event at `at` was
+    /// applied already. Returns whether it was appended.
+    pub fn append(&self, user: &str, at: Position, ord: u32) -> Result<bool, HistoryError> {
+        let old = self.db.get(user.as_bytes())?;
+        let (last, ords) = match &old {
+            Some(v) => decode(user, v)?,
+            None => (None, &[][..]),
+        };
+        if last.is_some_and(|p| p.partition == at.partition && at.offset <= p.offset) {
+            return Ok(false);
+        }
+        let keep = ords.len().min(self.capacity - 1);
+        let mut value = Vec::with_capacity(HEADER + 4 * (keep + 1));
+        value.extend_from_slice(&at.partition.to_be_bytes());
+        value.extend_from_slice(&at.offset.to_be_bytes());
+        value.extend_from_slice(&ords[(ords.len() - keep) * 4..]);
+        value.extend_from_slice(&ord.to_be_bytes());
+        self.db.insert(user.as_bytes(), value)?;
+        Ok(true)
+    }
+
+    /// `user`'s items, oldest first, into `out` (cleared first).
+    pub fn get(&self, user: &str, out: &mut Vec<u32>) -> Result<(), HistoryError> {
+        out.clear();
+        if let Some(v) = self.db.get(user.as_bytes())? {
+            let (_, ords) = decode(user, &v)?;
+            out.extend(
+                ords.chunks_exact(4)
+                    .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        Ok(())
+    }
+
+    /// Users with a history.
+    pub fn users(&self) -> usize {
+        self.db.len()
+    }
+
+    /// Returns once every append so far is on disk.
+    pub fn flush(&self) -> Result<(), HistoryError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// The last applied position and the ords' bytes.
+fn decode<'a>(user: &str, v: &'a [u8]) -> Result<(Option<Position>, &'a [u8]), HistoryError> {
+    if v.len() < HEADER || (v.len() - HEADER) % 4 != 0 {
+        return Err(HistoryError::Corrupt {
+            user: user.to_string(),
+            len: v.len(),
+        });
+    }
+    let partition = i32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
+    let offset = i64::from_be_bytes(v[4..12].try_into().expect("8 bytes"));
+    Ok((Some(Position { partition, offset }), &v[HEADER..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(partition: i32, offset: i64) -> Position {
+        Position { partition, offset }
+    }
+
+    #[test]
+    fn replays_are_skipped_and_the_history_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Histories::open(dir.path(), 3).unwrap();
+        let mut out = Vec::new();
+        for (o, ord) in [(10, 1), (11, 2), (12, 3), (13, 4)] {
+            assert!(h.append("u", at(0, o), ord).unwrap());
+        }
+        assert!(!h.append("u", at(0, 12), 9).unwrap(), "a replay");
+        assert!(!h.append("u", at(0, 13), 9).unwrap(), "a replay");
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [2, 3, 4]);
+        assert!(h.append("u", at(1, 0), 5).unwrap(), "another partition");
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [3, 4, 5]);
+        h.get("nobody", &mut out).unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn histories_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let h = Histories::open(dir.path(), 5).unwrap();
+            h.append("a", at(0, 1), 7).unwrap();
+            h.append("b", at(0, 2), 8).unwrap();
+            h.flush().unwrap();
+        }
+        let h = Histories::open(dir.path(), 5).unwrap();
+        let mut out = Vec::new();
+        h.get("a", &mut out).unwrap();
+        assert_eq!(out, [7]);
+        assert_eq!(h.users(), 2);
+        assert!(!h.append("a", at(0, 1), 7).unwrap());
+    }
+}

@@ -1,0 +1,163 @@
+//! Kafka clients and the wire format, built from the config.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+
+use super::config::{KafkaConfig, WireKind};
+use crate::contract::{
+    decode, encode, CatalogueEvent, DeadLetter, DecodeError, Interaction, ReadFormat,
+    Recommendation, Record, SchemaIds, WireFormat,
+};
+
+/// How records are framed on this deployment's topics.
+pub struct Wire {
+    kind: WireKind,
+    ids: SchemaIds,
+    recommendation_id: u32,
+    dead_letter_id: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("kafka.wire.writers.{id}: reading {path}: {source}")]
+    Read {
+        id: String,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kafka.wire.writers.{id}: {detail}")]
+    Schema { id: String, detail: String },
+}
+
+impl Wire {
+    pub fn new(cfg: &KafkaConfig) -> Result<Wire, WireError> {
+        let w = &cfg.wire;
+        let mut ids = SchemaIds::new();
+        let current = |id: u32, r: Result<(), crate::contract::SchemaIdError>| {
+            r.map_err(|e| WireError::Schema {
+                id: id.to_string(),
+                detail: e.to_string(),
+            })
+        };
+        if w.format == WireKind::Confluent {
+            current(
+                w.catalogue_id,
+                ids.insert::<CatalogueEvent>(w.catalogue_id, CatalogueEvent::schema().clone()),
+            )?;
+            current(
+                w.interaction_id,
+                ids.insert::<Interaction>(w.interaction_id, Interaction::schema().clone()),
+            )?;
+            for (id, path) in &w.writers {
+                let text = std::fs::read_to_string(path).map_err(|source| WireError::Read {
+                    id: id.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
+                let bad = |detail: String| WireError::Schema {
+                    id: id.clone(),
+                    detail,
+                };
+                let schema =
+                    apache_avro::Schema::parse_str(&text).map_err(|e| bad(e.to_string()))?;
+                let n: u32 = id.parse().map_err(|_| bad("not a schema id".into()))?;
+                let name = schema.name().map(|n| n.fullname(None)).unwrap_or_default();
+                let r = if name == CatalogueEvent::NAME {
+                    ids.insert::<CatalogueEvent>(n, schema)
+                } else if name == Interaction::NAME {
+                    ids.insert::<Interaction>(n, schema)
+                } else {
+                    return Err(bad(format!(
+                        "{name:?} is not a record genfeed reads ({} or {})",
+                        CatalogueEvent::NAME,
+                        Interaction::NAME
+                    )));
+                };
+                r.map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Ok(Wire {
+            kind: w.format,
+            ids,
+            recommendation_id: w.recommendation_id,
+            dead_letter_id: w.dead_letter_id,
+        })
+    }
+
+    pub fn decode<T: Record>(&self, bytes: &[u8]) -> Result<T, DecodeError> {
+        match self.kind {
+            WireKind::Plain => decode(bytes, ReadFormat::Plain),
+            WireKind::Confluent => decode(bytes, ReadFormat::Confluent(&self.ids)),
+        }
+    }
+
+    fn format(&self, id: u32) -> WireFormat {
+        match self.kind {
+            WireKind::Plain => WireFormat::Plain,
+            WireKind::Confluent => WireFormat::Confluent { schema_id: id },
+        }
+    }
+
+    /// Our own records always encode: they are built valid.
+    pub fn recommendation(&self, r: &Recommendation) -> Vec<u8> {
+        encode(r, self.format(self.recommendation_id)).expect("a valid recommendation")
+    }
+
+    pub fn dead_letter(&self, d: &DeadLetter) -> Vec<u8> {
+        encode(d, self.format(self.dead_letter_id)).expect("a valid dead letter")
+    }
+}
+
+/// The settings every client shares, then the user's pass-through ones.
+pub fn client(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A consumer that stores offsets only when told to (after delivery) and
+/// commits what was stored in the background.
+pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = client(cfg);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set(
+            "heartbeat.interval.ms",
+            (cfg.session_timeout_ms / 3).max(100).to_string(),
+        )
+        .set("enable.partition.eof", "false");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = client(cfg);
+    c.set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set("linger.ms", "2")
+        .set("acks", "all");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Timeout of blocking metadata calls.
+pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,380 @@
+//! The streaming service: Kafka in, a live feed per user out.
+//!
+//! ```text
+//! catalogue topic ─► CatalogueConsumer ─► registry + index ─► View (swapped whole)
+//!                     (assigns all partitions; offsets kept in the registry)   │
+//! interactions ────► InteractionConsumer ─► histories (sled) ─► scheduler ─► FeedWorker ─► recommendations
+//!   (consumer group)   decode, look up, append            coalesce,   beam search,   │
+//!         ▲                                               micro-batch filters       ▼
+//!         └──── offsets stored once the feed/dead letter is acknowledged ◄── acknowledge
+//! ```
+//!
+//! The parts, one module each: [`catalogue_consumer`] keeps registry, index
+//! and [`view`] in step with the catalogue topic; [`interaction_consumer`]
+//! updates [`histories`] and hands users to the [`scheduler`], which forms
+//! batches for the [`feeds`] worker (an OS thread: the model never blocks
+//! polling); [`delivery`] produces feeds and dead letters and, once the
+//! broker has them, tells [`offsets`] which input offsets may be committed.
+//!
+//! # Guarantees
+//!
+//! - **At least once.** An interaction's offset is stored for commit only
+//!   after its history write is durable and its feed (or dead letter) is
+//!   acknowledged. A crash re-reads from the last commit; replays do not
+//!   duplicate history entries and do produce the feeds that may be missing.
+//! - **Only live items.** Beams are constrained to the snapshot's live SIDs,
+//!   and every item is checked against the newest view again after the
+//!   search, so a retire that was published is never followed by a feed
+//!   holding the item.
+//! - **Bad input never stops the pipeline.** Every message that cannot be
+//!   applied goes to the dead-letter topic with a reason naming the field
+//!   and the record, and is counted by reason.
+//! - **Bounded memory.** Every queue is bounded; a full one makes the stage
+//!   before it wait, back to the consumer.
+//! - **Clean stop.** SIGTERM or SIGINT stops reading, answers every pending
+//!   user, waits for the deliveries and commits.
+
+pub mod catalogue_consumer;
+pub mod config;
+pub mod content;
+pub mod delivery;
+pub mod feeds;
+pub mod histories;
+pub mod http;
+pub mod interaction_consumer;
+pub mod kafka;
+pub mod metrics;
+pub mod offsets;
+pub mod scheduler;
+pub mod view;
+
+use std::io::Read;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
+use candle_core::Device;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::{mpsc, watch};
+
+use crate::catalogue::{Catalogue, CatalogueConfig};
+use crate::embed::text::TextEncoder;
+use crate::embed::EncoderSpec;
+use crate::model::{Model, SearchOptions};
+use crate::tokenizer::FrozenTokenizer;
+use catalogue_consumer::CatalogueConsumer;
+use config::Config;
+use delivery::Outbox;
+use feeds::FeedWorker;
+use histories::Histories;
+use interaction_consumer::{InteractionConsumer, Rebalancing};
+use metrics::Metrics;
+use offsets::Offsets;
+use scheduler::Timing;
+
+/// Deliveries awaiting acknowledgement at most, before the model waits.
+const IN_FLIGHT_DELIVERIES: usize = 4096;
+
+/// Runs the service until SIGTERM or SIGINT, then drains and commits.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    std::env::set_var("RAYON_NUM_THREADS", cfg.feed.threads.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let paths = &cfg.paths;
+    let tokenizer = Arc::new(
+        FrozenTokenizer::load(&paths.tokenizer)
+            .with_context(|| format!("loading the tokenizer {}", paths.tokenizer.display()))?,
+    );
+    let (model_cfg, model) = Model::load(&paths.model, &Device::Cpu)
+        .with_context(|| format!("loading the model {}", paths.model.display()))?;
+    if model_cfg.tokenizer_version != tokenizer.version() {
+        bail!(
+            "the model {} was trained on tokenizer {:?}, but paths.tokenizer is {:?}",
+            paths.model.display(),
+            model_cfg.tokenizer_version,
+            tokenizer.version()
+        );
+    }
+    let model_version = model_version(&paths.model)?;
+    let text = match (&tokenizer.manifest().input.encoder, &paths.text_model) {
+        (EncoderSpec::Text { model, .. }, Some(dir)) => {
+            let enc = TextEncoder::load(dir, &Device::Cpu)
+                .with_context(|| format!("paths.text_model: loading {}", dir.display()))?;
+            if enc.model_id() != model {
+                bail!(
+                    "paths.text_model is {:?}, but the tokenizer was trained on {model:?}",
+                    enc.model_id()
+                );
+            }
+            Some(enc)
+        }
+        _ => None,
+    };
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("creating {}", paths.state_dir.display()))?;
+    let mut cat_cfg = CatalogueConfig::new(paths.state_dir.join("catalogue"));
+    cat_cfg.merge_threshold = cfg.catalogue.merge_threshold;
+    let (catalogue, _) =
+        Catalogue::open(tokenizer.clone(), &cat_cfg).context("opening the catalogue")?;
+    let histories = Arc::new(
+        Histories::open(&paths.state_dir.join("histories"), cfg.feed.history_len)
+            .context("opening the histories")?,
+    );
+
+    let k = &cfg.kafka;
+    let wire = Arc::new(kafka::Wire::new(k)?);
+    let producer: FutureProducer = kafka::producer_config(k)
+        .create()
+        .context("creating the producer")?;
+    let outbox = Arc::new(Outbox::new(
+        producer,
+        wire,
+        &k.recommendations_topic,
+        &k.dead_letter_topic,
+    ));
+    let metrics = Arc::new(Metrics::default());
+    let (stop_tx, stop) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("http.listen: binding {}", cfg.http.listen))?;
+    let addr = listener.local_addr()?;
+    std::fs::write(paths.state_dir.join("http.addr"), addr.to_string())?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    let http = tokio::spawn(http::serve(listener, metrics.clone(), stop.clone()));
+
+    let view = Arc::new(ArcSwap::from_pointee(catalogue_consumer::initial_view(
+        &catalogue,
+    )?));
+    let mut cat_client = kafka::consumer_config(k, &format!("{}-catalogue", k.group_id));
+    cat_client.set("enable.auto.commit", "false");
+    let cat = CatalogueConsumer {
+        consumer: cat_client
+            .create()
+            .context("creating the catalogue consumer")?,
+        topic: k.catalogue_topic.clone(),
+        catalogue,
+        text,
+        view: view.clone(),
+        outbox: outbox.clone(),
+        metrics: metrics.clone(),
+        batch_max: cfg.catalogue.batch_max,
+        publish_every: Duration::from_millis(cfg.catalogue.publish_ms),
+    };
+    cat.assign()?;
+    let mut cat_task = tokio::spawn(cat.run(stop.clone()));
+
+    // Interactions name items: read them once the catalogue is loaded, or
+    // a backlog would dead-letter every item not read yet.
+    let mut signals = Signals::new()?;
+    while !metrics.ready.load(Relaxed) {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            r = &mut cat_task => {
+                r??;
+                bail!("the catalogue consumer stopped before the catalogue was loaded");
+            }
+            _ = signals.recv() => {
+                let _ = stop_tx.send(true);
+                cat_task.await??;
+                return Ok(());
+            }
+        }
+    }
+
+    let offsets = Arc::new(Offsets::default());
+    let consumer: Arc<StreamConsumer<Rebalancing>> = Arc::new(
+        kafka::consumer_config(k, &k.group_id)
+            .create_with_context(Rebalancing {
+                offsets: offsets.clone(),
+            })
+            .context("creating the interactions consumer")?,
+    );
+    consumer
+        .subscribe(&[&k.interactions_topic])
+        .with_context(|| format!("subscribing to {:?}", k.interactions_topic))?;
+
+    let f = &cfg.feed;
+    let (events_tx, events_rx) = mpsc::channel(f.batch_max * 4);
+    let (jobs_tx, jobs_rx) = mpsc::channel(1);
+    let (sent_tx, sent_rx) = mpsc::channel(IN_FLIGHT_DELIVERIES);
+    let timing = Timing {
+        coalesce: Duration::from_millis(f.coalesce_ms),
+        batch_max: f.batch_max,
+        batch_wait: Duration::from_millis(f.batch_wait_ms),
+        max_pending: f.max_pending,
+    };
+    let scheduler = tokio::spawn(scheduler::schedule(
+        events_rx,
+        jobs_tx,
+        timing,
+        metrics.clone(),
+    ));
+    let worker = FeedWorker {
+        model,
+        model_version,
+        tokenizer_version: tokenizer.version().to_string(),
+        interactions_topic: k.interactions_topic.clone(),
+        view: view.clone(),
+        histories: histories.clone(),
+        outbox: outbox.clone(),
+        metrics: metrics.clone(),
+        search: SearchOptions {
+            beams: f.beams,
+            top_k: f.top_k,
+            exclude_history: f.exclude_seen,
+        },
+        deny_items: f.deny_items.clone(),
+    };
+    let worker_sent = sent_tx.clone();
+    let worker = std::thread::Builder::new()
+        .name("feeds".into())
+        .spawn(move || worker.run(jobs_rx, worker_sent))?;
+    let acker = tokio::spawn(delivery::acknowledge(
+        sent_rx,
+        outbox.clone(),
+        offsets.clone(),
+        consumer.clone(),
+        k.interactions_topic.clone(),
+        metrics.clone(),
+    ));
+    let lag = tokio::spawn(watch_lag(consumer.clone(), metrics.clone(), stop.clone()));
+    let interactions = InteractionConsumer {
+        consumer: consumer.clone(),
+        topic: k.interactions_topic.clone(),
+        view,
+        histories: histories.clone(),
+        offsets: offsets.clone(),
+        outbox,
+        metrics: metrics.clone(),
+        scheduler: events_tx,
+        sent: sent_tx,
+    };
+    let mut input = tokio::spawn(interactions.run(stop.clone()));
+    tracing::info!("running");
+
+    let failure = tokio::select! {
+        _ = signals.recv() => None,
+        r = &mut input => Some(r.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into))),
+        r = &mut cat_task => Some(r.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into))),
+    };
+    tracing::info!("stopping: draining pending feeds");
+    let _ = stop_tx.send(true);
+    if failure.is_none() {
+        input.await??;
+    }
+    scheduler.await?;
+    let worker_result = tokio::task::spawn_blocking(move || worker.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the feed worker panicked"))?;
+    acker.await?;
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(())
+        | Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit"),
+    }
+    histories.flush()?;
+    if !cat_task.is_finished() || failure.is_none() {
+        cat_task.await??;
+    }
+    let _ = lag.await;
+    let _ = http.await;
+    tracing::info!(
+        feeds = metrics.feeds.load(Relaxed),
+        dead_letters = metrics.dead_letters(),
+        "stopped"
+    );
+    worker_result?;
+    match failure {
+        Some(r) => r,
+        None => Ok(()),
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// A digest of the weights: what feeds name as their model version.
+fn model_version(dir: &std::path::Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let path = dir.join(crate::model::WEIGHTS_FILE);
+    let mut f =
+        std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("model-{hex}"))
+}
+
+/// Every 5 s: how far the assigned partitions are behind their high
+/// watermarks.
+async fn watch_lag(
+    consumer: Arc<StreamConsumer<Rebalancing>>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.changed() => return,
+        }
+        let c = consumer.clone();
+        let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
+            let positions = c.position().ok()?;
+            let mut lag = 0;
+            for e in positions.elements() {
+                let (_, high) = c
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+                    .ok()?;
+                if let rdkafka::Offset::Offset(p) = e.offset() {
+                    lag += (high - p).max(0);
+                }
+            }
+            Some(lag)
+        })
+        .await;
+        if let Ok(Some(lag)) = lag {
+            metrics.consumer_lag.store(lag, Relaxed);
+        }
+    }
+}

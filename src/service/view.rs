@@ -1,0 +1,66 @@
+//! What the feed side sees of the catalogue: one immutable view, swapped
+//! whole.
+//!
+//! The catalogue consumer owns the registry and the index and is the only
+//! writer. Everyone else (the interactions consumer mapping item ids to ords,
+//! the feed worker decoding and naming items) reads an [`Arc<View>`] that is
+//! never mutated: a new one is published after each catalogue batch. The maps
+//! are persistent (`imbl`), so publishing shares all unchanged structure and
+//! costs a few allocations, and readers never take a lock.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::index::Snapshot;
+use crate::registry::{ItemEntry, Status};
+use crate::sid::Sid;
+
+/// An item as the feed side needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ItemRef {
+    pub id: Arc<str>,
+    /// The SID the model reads it by; `None` once a retired item's SID was
+    /// released.
+    pub sid: Option<Sid>,
+    pub live: bool,
+}
+
+impl ItemRef {
+    pub fn of(id: Arc<str>, e: &ItemEntry) -> ItemRef {
+        ItemRef {
+            id,
+            sid: e.sid,
+            live: e.status == Status::Live,
+        }
+    }
+}
+
+/// One published state of the catalogue.
+#[derive(Clone)]
+pub struct View {
+    /// Decoding tables of the live SIDs.
+    pub snapshot: Arc<Snapshot>,
+    /// Item id → ord, for every item that was ever live.
+    pub ords: imbl::HashMap<Arc<str>, u32>,
+    /// Ord → item.
+    pub items: imbl::HashMap<u32, ItemRef>,
+}
+
+impl View {
+    pub fn ord(&self, item_id: &str) -> Option<u32> {
+        self.ords.get(item_id).copied()
+    }
+
+    pub fn item(&self, ord: u32) -> Option<&ItemRef> {
+        self.items.get(&ord)
+    }
+
+    /// Whether `ord` may be recommended under `sid` right now.
+    pub fn is_live(&self, ord: u32, sid: Sid) -> bool {
+        self.snapshot.get(sid) == Some(ord)
+    }
+}
+
+/// The current view, readable from any thread without a lock.
+pub type SharedView = Arc<ArcSwap<View>>;

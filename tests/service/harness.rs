@@ -1,0 +1,594 @@
+//! What the service tests share: a real broker, a small trained model, a
+//! service process, and Kafka clients to feed it and read its outputs.
+//!
+//! The broker is the one `scripts/test.sh` starts (`GENFEED_TEST_BROKER`);
+//! without it the first test starts one with `scripts/broker.sh` and stops it
+//! when the test binary exits.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use genfeed::contract::{
+    decode, encode, CatalogueEvent, Change, DeadLetter, Interaction, InteractionKind, ItemRetire,
+    ItemUpsert, ReadFormat, Recommendation, Record, SchemaIds, WireFormat,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// How long a test waits for something the service should do before it
+/// fails (generous: two test binaries may share two cores).
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+static BROKER: OnceLock<String> = OnceLock::new();
+static BROKER_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn stop_broker() {
+    if let Some(dir) = BROKER_DIR.get() {
+        let _ = Command::new("bash")
+            .arg(repo().join("scripts/broker.sh"))
+            .arg("stop")
+            .arg(dir)
+            .status();
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn broker() -> &'static str {
+    BROKER.get_or_init(|| {
+        if let Ok(addr) = std::env::var("GENFEED_TEST_BROKER") {
+            return addr;
+        }
+        let dir = tempfile::tempdir().unwrap().keep();
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/broker.sh"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/broker.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        BROKER_DIR.set(dir).unwrap();
+        // SAFETY: registers a plain function to run at process exit.
+        unsafe { libc::atexit(stop_broker) };
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+/// A synthetic catalogue, its tokenizer and a model trained on it: built
+/// once per test binary.
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub tokenizer: PathBuf,
+    pub model: PathBuf,
+    /// Item ids and content embeddings, in file order.
+    pub items: Vec<(String, Vec<f32>)>,
+}
+
+fn genfeed(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_genfeed"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "genfeed {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let files = genfeed::synth::generate(
+            &data,
+            &genfeed::synth::SynthConfig {
+                items: 200,
+                users: 300,
+                topics: 8,
+                embedding_dim: 16,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let tokenizer = dir.path().join("tokenizer");
+        genfeed(&[
+            "tokenizer",
+            "train",
+            "--items",
+            s(&files.items),
+            "--method",
+            "rq-kmeans",
+            "--encoder",
+            "precomputed",
+            "--levels",
+            "2",
+            "--codebook-size",
+            "8",
+            "--out",
+            s(&tokenizer),
+        ]);
+        let model = dir.path().join("model");
+        genfeed(&[
+            "train",
+            "--data",
+            s(&data),
+            "--tokenizer",
+            s(&tokenizer),
+            "--out",
+            s(&model),
+            "--epochs",
+            "2",
+            "--d-model",
+            "32",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--d-ff",
+            "64",
+            "--layers",
+            "1",
+            "--batch-size",
+            "64",
+            "--threads",
+            "1",
+        ]);
+        let parsed = genfeed::dataset::read_items(&files.items).unwrap();
+        let col = parsed.column("embedding").unwrap();
+        let items = parsed
+            .rows
+            .iter()
+            .map(|r| {
+                let v = match &r.values[col] {
+                    genfeed::dataset::Value::FloatSeq(v) => v.clone(),
+                    other => panic!("embedding column holds {other:?}"),
+                };
+                (r.id.clone(), v)
+            })
+            .collect();
+        Fixture {
+            _dir: dir,
+            tokenizer,
+            model,
+            items,
+        }
+    })
+}
+
+/// One test's topics, named uniquely so tests can share the broker.
+#[derive(Clone)]
+pub struct Topics {
+    pub catalogue: String,
+    pub interactions: String,
+    pub recommendations: String,
+    pub dead_letters: String,
+}
+
+pub fn topics(test: &str, interaction_partitions: i32) -> Topics {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let tag = format!(
+        "{test}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let t = Topics {
+        catalogue: format!("{tag}-catalogue"),
+        interactions: format!("{tag}-interactions"),
+        recommendations: format!("{tag}-recommendations"),
+        dead_letters: format!("{tag}-dead-letters"),
+    };
+    let admin: AdminClient<DefaultClientContext> = client("admin").create().unwrap();
+    let new = [
+        NewTopic::new(&t.catalogue, 2, TopicReplication::Fixed(1)),
+        NewTopic::new(
+            &t.interactions,
+            interaction_partitions,
+            TopicReplication::Fixed(1),
+        ),
+        NewTopic::new(&t.recommendations, 2, TopicReplication::Fixed(1)),
+        NewTopic::new(&t.dead_letters, 1, TopicReplication::Fixed(1)),
+    ];
+    let rt = runtime();
+    let results = rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+    t
+}
+
+fn client(group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", broker())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    c
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// How the test's records are framed.
+#[derive(Clone, Copy)]
+pub enum Framing {
+    Plain,
+    Confluent,
+}
+
+impl Framing {
+    fn format(self, id: u32) -> WireFormat {
+        match self {
+            Framing::Plain => WireFormat::Plain,
+            Framing::Confluent => WireFormat::Confluent { schema_id: id },
+        }
+    }
+
+    fn toml(self) -> &'static str {
+        match self {
+            Framing::Plain => "plain",
+            Framing::Confluent => "confluent",
+        }
+    }
+}
+
+/// Writes a service config for `topics` and returns its path.
+pub fn config(dir: &Path, name: &str, t: &Topics, framing: Framing, feed: &str) -> PathBuf {
+    let f = fixture();
+    let state = dir.join(name);
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        r#"[kafka]
+brokers = "{broker}"
+group_id = "{group}"
+catalogue_topic = "{cat}"
+interactions_topic = "{int}"
+recommendations_topic = "{rec}"
+dead_letter_topic = "{dlq}"
+session_timeout_ms = 6000
+
+[kafka.wire]
+format = "{framing}"
+
+[paths]
+state_dir = "{state}"
+tokenizer = "{tok}"
+model = "{model}"
+
+[feed]
+{feed}
+
+[catalogue]
+publish_ms = 5
+
+[http]
+listen = "127.0.0.1:0"
+"#,
+        broker = broker(),
+        group = format!("{}-group", t.interactions),
+        cat = t.catalogue,
+        int = t.interactions,
+        rec = t.recommendations,
+        dlq = t.dead_letters,
+        framing = framing.toml(),
+        state = state.display(),
+        tok = f.tokenizer.display(),
+        model = f.model.display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A `genfeed run` process.
+pub struct Service {
+    child: Option<Child>,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    http: String,
+}
+
+impl Service {
+    /// Starts the service and waits until it is ready (catalogue loaded).
+    pub fn start(config: &Path) -> Service {
+        let text = std::fs::read_to_string(config).unwrap();
+        let state: PathBuf = text
+            .lines()
+            .find_map(|l| l.strip_prefix("state_dir = \""))
+            .map(|v| v.trim_end_matches('"').into())
+            .unwrap();
+        let _ = std::fs::remove_file(state.join("http.addr"));
+        let log = PathBuf::from(format!("{}.log", state.display()));
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_genfeed"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .unwrap();
+        let mut svc = Service {
+            child: Some(child),
+            state,
+            log,
+            http: String::new(),
+        };
+        svc.http = svc.wait_for(
+            |s| std::fs::read_to_string(s.state.join("http.addr")).ok(),
+            "its http address",
+        );
+        svc.wait_for(
+            |s| s.get("/readyz").filter(|(code, _)| *code == 200),
+            "readiness",
+        );
+        svc
+    }
+
+    /// Polls `f` until it gives a value; fails if the process exits or
+    /// [`PATIENCE`] runs out.
+    pub fn wait_for<T>(&mut self, mut f: impl FnMut(&Service) -> Option<T>, what: &str) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f(self) {
+                return v;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "the service exited ({status}) waiting for {what}:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "timed out waiting for {what}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut c = TcpStream::connect(&self.http).ok()?;
+        c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut text = String::new();
+        c.read_to_string(&mut text).ok()?;
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split("\r\n\r\n").nth(1)?.to_string();
+        Some((code, body))
+    }
+
+    pub fn metric_text(&self) -> Option<String> {
+        self.get("/metrics").map(|(_, body)| body)
+    }
+
+    /// The value of an unlabelled metric, or of `name{labels}`.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits until `series` satisfies `ok`.
+    pub fn wait_metric(&mut self, series: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        self.wait_for(
+            |s| s.metric(series).filter(|v| ok(*v)),
+            &format!("metric {series}"),
+        )
+    }
+
+    pub fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: sends a signal to our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes the test's events and remembers where each landed.
+pub struct Input {
+    producer: FutureProducer,
+    rt: tokio::runtime::Runtime,
+    pub topics: Topics,
+    pub framing: Framing,
+}
+
+/// Where a record landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct At {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Input {
+    pub fn new(topics: &Topics, framing: Framing) -> Input {
+        let producer = client("producer").set("linger.ms", "1").create().unwrap();
+        Input {
+            producer,
+            rt: runtime(),
+            topics: topics.clone(),
+            framing,
+        }
+    }
+
+    pub fn raw(&self, topic: &str, key: &str, payload: &[u8]) -> At {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let d = self
+            .rt
+            .block_on(self.producer.send(record, Duration::from_secs(30)))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        At {
+            partition: d.partition,
+            offset: d.offset,
+        }
+    }
+
+    fn record<T: Record>(&self, v: &T, id: u32) -> Vec<u8> {
+        encode(v, self.framing.format(id)).unwrap()
+    }
+
+    pub fn upsert(&self, id: &str, embedding: Vec<f32>) -> At {
+        let e = CatalogueEvent {
+            change: Change::Upsert(ItemUpsert {
+                item_id: id.into(),
+                embedding: Some(embedding),
+                ..Default::default()
+            }),
+        };
+        self.raw(&self.topics.catalogue.clone(), id, &self.record(&e, 1))
+    }
+
+    pub fn retire(&self, id: &str) -> At {
+        let e = CatalogueEvent {
+            change: Change::Retire(ItemRetire {
+                item_id: id.into(),
+                reason: "test".into(),
+            }),
+        };
+        self.raw(&self.topics.catalogue.clone(), id, &self.record(&e, 1))
+    }
+
+    pub fn interaction(&self, user: &str, item: &str) -> At {
+        let i = Interaction {
+            user_id: user.into(),
+            item_id: item.into(),
+            kind: InteractionKind::Click,
+            timestamp: 1_700_000_000_000,
+        };
+        self.raw(&self.topics.interactions.clone(), user, &self.record(&i, 2))
+    }
+}
+
+/// Reads a topic from the start, across calls.
+pub struct Output {
+    consumer: BaseConsumer,
+}
+
+impl Output {
+    pub fn new(topic: &str, partitions: i32) -> Output {
+        let consumer: BaseConsumer = client(&format!("{topic}-reader")).create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        Output { consumer }
+    }
+
+    /// Reads until `done` holds for everything read so far.
+    pub fn read_until<T: Record>(
+        &self,
+        framing: Framing,
+        seen: &mut Vec<T>,
+        mut done: impl FnMut(&[T]) -> bool,
+        what: &str,
+    ) {
+        let mut ids = SchemaIds::new();
+        ids.insert::<Recommendation>(3, Recommendation::schema().clone())
+            .unwrap();
+        ids.insert::<DeadLetter>(4, DeadLetter::schema().clone())
+            .unwrap();
+        let start = Instant::now();
+        while !done(seen) {
+            assert!(
+                start.elapsed() < PATIENCE,
+                "timed out waiting for {what} ({} records read)",
+                seen.len()
+            );
+            if let Some(m) = self.consumer.poll(Duration::from_millis(200)) {
+                let m = m.unwrap();
+                let format = match framing {
+                    Framing::Plain => ReadFormat::Plain,
+                    Framing::Confluent => ReadFormat::Confluent(&ids),
+                };
+                seen.push(decode(m.payload().unwrap(), format).unwrap());
+            }
+        }
+    }
+}
+
+/// Each user's feed that answers their latest interaction, once every user
+/// in `last` has one.
+pub fn feeds_answering(
+    out: &Output,
+    framing: Framing,
+    feeds: &mut Vec<Recommendation>,
+    last: &HashMap<String, At>,
+) -> HashMap<String, Recommendation> {
+    let answered = |feeds: &[Recommendation]| {
+        let mut got: HashMap<String, Recommendation> = HashMap::new();
+        for f in feeds {
+            let at = last.get(&f.user_id);
+            let t = &f.trigger;
+            if at.is_some_and(|a| a.partition == t.partition && t.offset >= a.offset) {
+                got.insert(f.user_id.clone(), f.clone());
+            }
+        }
+        got
+    };
+    out.read_until(
+        framing,
+        feeds,
+        |f| answered(f).len() == last.len(),
+        "a feed for every user",
+    );
+    answered(feeds)
+}

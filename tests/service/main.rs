@@ -1,0 +1,211 @@
+//! The service against a real Kafka-protocol broker (tansu): live feeds,
+//! retirement, new items, poison messages, crashes and rebalances.
+//!
+//! The catalogue here is kept smaller than the beam (at most 20 live items,
+//! 20 beams, 20 items per feed), so that a feed must hold *every* live item
+//! the user has not seen: what each feed contains is then known exactly,
+//! whatever the (tiny, briefly trained) model prefers.
+
+mod harness;
+
+use std::collections::{BTreeSet, HashMap};
+
+use harness::{config, feeds_answering, fixture, topics, At, Framing, Input, Output, Service};
+
+const FEED: &str = "beams = 20\ntop_k = 20\ncoalesce_ms = 5\nbatch_wait_ms = 5";
+
+/// The items a feed must hold: the live ones the user has not seen.
+fn expected(live: &BTreeSet<String>, seen: &[String]) -> BTreeSet<String> {
+    live.iter().filter(|i| !seen.contains(i)).cloned().collect()
+}
+
+fn items_of(f: &genfeed::contract::Recommendation) -> BTreeSet<String> {
+    f.items.iter().map(|i| i.item_id.clone()).collect()
+}
+
+#[test]
+fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("live", 3);
+    let input = Input::new(&t, Framing::Plain);
+    let mut live: BTreeSet<String> = BTreeSet::new();
+    for (id, v) in f.items.iter().take(15) {
+        input.upsert(id, v.clone());
+        live.insert(id.clone());
+    }
+    let mut svc = Service::start(&config(dir.path(), "a", &t, Framing::Plain, FEED));
+    svc.wait_metric("genfeed_live_items", |v| v == 15.0);
+
+    // Round 1: 30 users, two items each.
+    let ids: Vec<String> = live.iter().cloned().collect();
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let mut last: HashMap<String, At> = HashMap::new();
+    for u in 0..30 {
+        let user = format!("user-{u}");
+        for k in 0..2 {
+            let item = &ids[(u * 3 + k * 5) % ids.len()];
+            last.insert(user.clone(), input.interaction(&user, item));
+            seen.entry(user.clone()).or_default().push(item.clone());
+        }
+    }
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    for (user, feed) in &got {
+        assert_eq!(items_of(feed), expected(&live, &seen[user]), "{user}");
+        let scores: Vec<f32> = feed.items.iter().map(|i| i.score).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    }
+
+    // Retire three items; once the service has processed it, no feed may
+    // hold them.
+    let retired: Vec<String> = live.iter().take(3).cloned().collect();
+    for id in &retired {
+        input.retire(id);
+        live.remove(id);
+    }
+    svc.wait_metric("genfeed_live_items", |v| v == 12.0);
+    // A brand-new item, never seen in training, with content next to an
+    // existing item's.
+    let mut v = f.items[20].1.clone();
+    v[0] += 1e-3;
+    input.upsert("brand-new", v);
+    live.insert("brand-new".into());
+    svc.wait_metric("genfeed_live_items", |v| v == 13.0);
+
+    let mut last = HashMap::new();
+    for u in 0..30 {
+        let user = format!("user-{u}");
+        let item = &ids[5 + u % 5];
+        last.insert(user.clone(), input.interaction(&user, item));
+        seen.get_mut(&user).unwrap().push(item.clone());
+    }
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    for (user, feed) in &got {
+        let items = items_of(feed);
+        for r in &retired {
+            assert!(!items.contains(r), "{user} got retired {r}");
+        }
+        assert!(items.contains("brand-new"), "{user}: {items:?}");
+        assert_eq!(items, expected(&live, &seen[user]), "{user}");
+    }
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
+#[test]
+fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
+    use genfeed::contract::DeadLetter;
+
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("poison", 1);
+    let input = Input::new(&t, Framing::Confluent);
+    for (id, v) in f.items.iter().take(10) {
+        input.upsert(id, v.clone());
+    }
+    let mut svc = Service::start(&config(dir.path(), "a", &t, Framing::Confluent, FEED));
+    svc.wait_metric("genfeed_live_items", |v| v == 10.0);
+
+    let item = &f.items[0].0;
+    let mut poison: Vec<(String, At, &str)> = Vec::new();
+    let mut push =
+        |topic: &str, at: At, reason: &'static str| poison.push((topic.to_string(), at, reason));
+    // Catalogue: wrong dimension, NaN, a retire of an unknown item.
+    push(
+        &t.catalogue,
+        input.upsert("short", vec![0.5; 3]),
+        "bad_embedding",
+    );
+    let mut nan = f.items[30].1.clone();
+    nan[2] = f32::NAN;
+    push(&t.catalogue, input.upsert("nan", nan), "bad_embedding");
+    push(&t.catalogue, input.retire("never-seen"), "unknown_item");
+    // Interactions: garbage, an unknown schema id, a datum missing its last
+    // field, an unknown item, an empty user id.
+    push(
+        &t.interactions,
+        input.raw(&t.interactions, "x", b"\x07garbage bytes"),
+        "undecodable",
+    );
+    let mut framed = vec![0, 0, 0, 0, 99];
+    framed.extend_from_slice(b"\x02u\x02i\x02");
+    push(
+        &t.interactions,
+        input.raw(&t.interactions, "x", &framed),
+        "unknown_schema",
+    );
+    let mut truncated = vec![0, 0, 0, 0, 2];
+    truncated.extend_from_slice(b"\x04u1\x04i1\x02"); // no timestamp
+    push(
+        &t.interactions,
+        input.raw(&t.interactions, "x", &truncated),
+        "undecodable",
+    );
+    let good_user_before = input.interaction("good-1", item);
+    push(
+        &t.interactions,
+        input.interaction("u2", "no-such-item"),
+        "unknown_item",
+    );
+    let mut empty = vec![0, 0, 0, 0, 2];
+    empty.extend_from_slice(b"\x00\x04i1\x02\x02");
+    push(
+        &t.interactions,
+        input.raw(&t.interactions, "x", &empty),
+        "invalid_record",
+    );
+    let good_user_after = input.interaction("good-2", item);
+
+    let dlq = Output::new(&t.dead_letters, 1);
+    let mut letters: Vec<DeadLetter> = Vec::new();
+    dlq.read_until(
+        Framing::Confluent,
+        &mut letters,
+        |l| l.len() >= poison.len(),
+        "dead letters",
+    );
+    assert_eq!(letters.len(), poison.len());
+    for (topic, at, reason) in &poison {
+        let l = letters
+            .iter()
+            .find(|l| {
+                &l.source_topic == topic && l.partition == at.partition && l.offset == at.offset
+            })
+            .unwrap_or_else(|| panic!("no dead letter for {topic} {at:?} ({reason})"));
+        assert!(l.reason.starts_with(reason), "{} for {reason}", l.reason);
+        assert!(!l.raw.is_empty());
+    }
+    let by_reason = |r: &str| {
+        letters
+            .iter()
+            .find(|l| l.reason.starts_with(r))
+            .unwrap()
+            .reason
+            .clone()
+    };
+    assert!(by_reason("bad_embedding").contains("\"embedding\""));
+    assert!(by_reason("unknown_schema").contains("99"));
+    let unknown = letters
+        .iter()
+        .find(|l| l.reason.contains("no-such-item"))
+        .unwrap();
+    assert!(unknown.reason.contains("item_id"), "{}", unknown.reason);
+
+    // The good messages around the poison were served.
+    let out = Output::new(&t.recommendations, 2);
+    let last = HashMap::from([
+        ("good-1".to_string(), good_user_before),
+        ("good-2".to_string(), good_user_after),
+    ]);
+    let got = feeds_answering(&out, Framing::Confluent, &mut Vec::new(), &last);
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        svc.metric("genfeed_dead_letters_total{reason=\"bad_embedding\"}"),
+        Some(2.0),
+        "{:?}",
+        svc.log_text()
+    );
+    assert_eq!(svc.metric("genfeed_live_items"), Some(10.0));
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
