@@ -29,6 +29,7 @@ use crate::contract::Interaction;
 /// for partitions another instance now owns.
 pub struct Rebalancing {
     pub offsets: Arc<Offsets>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ClientContext for Rebalancing {}
@@ -39,6 +40,7 @@ impl ConsumerContext for Rebalancing {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions revoked");
             self.offsets.revoke(parts);
+            self.metrics.assigned_partitions.store(0, Relaxed);
         }
     }
 
@@ -46,6 +48,9 @@ impl ConsumerContext for Rebalancing {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions assigned");
+            self.metrics
+                .assigned_partitions
+                .store(parts.len() as i64, Relaxed);
         }
     }
 }

@@ -142,6 +142,8 @@ pub struct Metrics {
     pub live_items: AtomicU64,
     pub pending_users: AtomicU64,
     pub consumer_lag: AtomicI64,
+    /// Interaction partitions this instance owns now.
+    pub assigned_partitions: AtomicI64,
     /// The catalogue was read up to where it stood at start-up.
     pub ready: AtomicBool,
 }
@@ -163,6 +165,7 @@ impl Default for Metrics {
             live_items: AtomicU64::new(0),
             pending_users: AtomicU64::new(0),
             consumer_lag: AtomicI64::new(0),
+            assigned_partitions: AtomicI64::new(0),
             ready: AtomicBool::new(false),
         }
     }
@@ -250,6 +253,11 @@ impl Metrics {
             "genfeed_consumer_lag",
             "Interactions behind the partitions' high watermarks (approximate on brokers whose watermark is approximate).",
             self.consumer_lag.load(Relaxed),
+        );
+        gauge(
+            "genfeed_assigned_partitions",
+            "Interaction partitions this instance owns.",
+            self.assigned_partitions.load(Relaxed),
         );
         gauge(
             "genfeed_ready",

@@ -197,6 +197,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         kafka::consumer_config(k, &k.group_id)
             .create_with_context(Rebalancing {
                 offsets: offsets.clone(),
+                metrics: metrics.clone(),
             })
             .context("creating the interactions consumer")?,
     );

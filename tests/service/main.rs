@@ -209,3 +209,119 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     assert_eq!(svc.metric("genfeed_live_items"), Some(10.0));
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
+
+/// The interactions of `users` users, `per_user` each, as (user, item).
+fn wave(f: &harness::Fixture, users: usize, per_user: usize, seed: usize) -> Vec<(String, String)> {
+    (0..per_user)
+        .flat_map(|k| {
+            (0..users).map(move |u| {
+                let item = &f.items[(u * 7 + k * 3 + seed) % 15].0;
+                (format!("user-{u}"), item.clone())
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_loses_no_interaction() {
+    use genfeed::catalogue::{Catalogue, CatalogueConfig};
+    use genfeed::service::histories::Histories;
+    use genfeed::tokenizer::FrozenTokenizer;
+
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("crash", 2);
+    let input = Input::new(&t, Framing::Plain);
+    for (id, v) in f.items.iter().take(15) {
+        input.upsert(id, v.clone());
+    }
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    let mut last: HashMap<String, At> = HashMap::new();
+    let mut send = |events: Vec<(String, String)>| {
+        for (user, item) in events {
+            last.insert(user.clone(), input.interaction(&user, &item));
+            sent.entry(user).or_default().push(item);
+        }
+    };
+    send(wave(f, 40, 3, 0));
+    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let mut svc = Service::start(&cfg);
+    svc.wait_metric("genfeed_feeds_total", |v| v >= 1.0);
+    svc.kill9();
+    send(wave(f, 40, 2, 1));
+
+    let mut svc = Service::start(&cfg);
+    let out = Output::new(&t.recommendations, 2);
+    let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &last);
+    assert_eq!(got.len(), 40);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+
+    // Every interaction is in its user's history exactly once, in order.
+    let tokenizer = std::sync::Arc::new(FrozenTokenizer::load(&f.tokenizer).unwrap());
+    let state = dir.path().join("a");
+    let (catalogue, _) =
+        Catalogue::open(tokenizer, &CatalogueConfig::new(state.join("catalogue"))).unwrap();
+    let histories = Histories::open(&state.join("histories"), 50).unwrap();
+    let mut ords = Vec::new();
+    for (user, items) in &sent {
+        histories.get(user, &mut ords).unwrap();
+        let want: Vec<u32> = items
+            .iter()
+            .map(|i| catalogue.registry().get(i).unwrap().unwrap().ord)
+            .collect();
+        assert_eq!(ords, want, "{user}");
+    }
+}
+
+#[test]
+fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("group", 4);
+    let input = Input::new(&t, Framing::Plain);
+    for (id, v) in f.items.iter().take(15) {
+        input.upsert(id, v.clone());
+    }
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let mut round = |seed: usize| {
+        let mut last = HashMap::new();
+        for (user, item) in wave(f, 40, 2, seed) {
+            last.insert(user.clone(), input.interaction(&user, &item));
+        }
+        let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+        for feed in got.values() {
+            assert!(feed
+                .items
+                .iter()
+                .all(|i| f.items[..15].iter().any(|(id, _)| *id == i.item_id)));
+        }
+        got.len()
+    };
+
+    let mut a = Service::start(&config(dir.path(), "a", &t, Framing::Plain, FEED));
+    a.wait_metric("genfeed_assigned_partitions", |v| v == 4.0);
+    assert_eq!(round(0), 40);
+
+    let mut b = Service::start(&config(dir.path(), "b", &t, Framing::Plain, FEED));
+    b.wait_metric("genfeed_assigned_partitions", |v| v >= 1.0);
+    a.wait_metric("genfeed_assigned_partitions", |v| (1.0..4.0).contains(&v));
+    let before = (
+        a.metric("genfeed_feeds_total").unwrap(),
+        b.metric("genfeed_feeds_total").unwrap(),
+    );
+    assert_eq!(round(1), 40);
+    let after = (
+        a.metric("genfeed_feeds_total").unwrap(),
+        b.metric("genfeed_feeds_total").unwrap(),
+    );
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "both serve: {before:?} → {after:?}"
+    );
+
+    assert!(a.stop().success(), "{}", a.log_text());
+    b.wait_metric("genfeed_assigned_partitions", |v| v == 4.0);
+    assert_eq!(round(2), 40);
+    assert!(b.stop().success(), "{}", b.log_text());
+}
