@@ -27,7 +27,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     pub brokers: String,
@@ -72,7 +72,7 @@ pub enum WireKind {
     Confluent,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WireConfig {
     pub format: WireKind,
@@ -114,7 +114,7 @@ pub struct PathsConfig {
     pub text_model: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeedConfig {
     pub beams: usize,
@@ -154,7 +154,7 @@ impl Default for FeedConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogueSettings {
     /// Catalogue events applied per publish at most.
@@ -175,7 +175,7 @@ impl Default for CatalogueSettings {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Serves `/metrics`, `/healthz`, `/readyz`. Port 0 picks a free port
@@ -199,7 +199,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
@@ -340,6 +340,20 @@ mod tests {
         assert_eq!(cfg.kafka.wire.format, WireKind::Plain);
         assert!(cfg.paths.model.is_absolute());
         assert!(cfg.paths.model.ends_with("m"));
+    }
+
+    #[test]
+    fn the_documented_config_shows_the_defaults_and_the_deploy_one_loads() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = Config::load(&root.join("configs/genfeed.toml")).unwrap();
+        assert_eq!(cfg.kafka, KafkaConfig::default());
+        assert_eq!(cfg.feed, FeedConfig::default());
+        assert_eq!(cfg.catalogue, CatalogueSettings::default());
+        assert_eq!(cfg.http, HttpConfig::default());
+        assert_eq!(cfg.log, LogConfig::default());
+        let deployed = Config::load(&root.join("deploy/genfeed.toml")).unwrap();
+        assert_eq!(deployed.feed, FeedConfig::default());
+        assert_eq!(deployed.log.format, LogFormat::Json);
     }
 
     #[test]

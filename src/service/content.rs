@@ -28,11 +28,11 @@ pub enum ContentError {
     )]
     NoEncoder { item: String },
     #[error(transparent)]
-    Vector(#[from] crate::embed::EmbedError),
+    Vector(#[from] Box<crate::embed::EmbedError>),
     #[error("item {item:?}: embedding its text failed: {source}")]
     Encode {
         item: String,
-        source: crate::embed::text::TextEncoderError,
+        source: Box<crate::embed::text::TextEncoderError>,
     },
 }
 
@@ -57,7 +57,7 @@ impl Content {
 pub fn content(up: &ItemUpsert, spec: &EncoderSpec) -> Result<Content, ContentError> {
     let item = &up.item_id;
     if let Some(v) = &up.embedding {
-        check_vector(item, "embedding", v, spec.dim())?;
+        check_vector(item, "embedding", v, spec.dim()).map_err(Box::new)?;
         return Ok(Content::Vector(v.clone()));
     }
     match spec {
@@ -101,7 +101,7 @@ pub fn vector(
             enc.encode(&[t.as_str()])
                 .map_err(|source| ContentError::Encode {
                     item: item.to_string(),
-                    source,
+                    source: Box::new(source),
                 })
         }
     }

@@ -57,11 +57,12 @@ impl Histories {
         if last.is_some_and(|p| p.partition == at.partition && at.offset <= p.offset) {
             return Ok(false);
         }
-        let keep = ords.len().min(self.capacity - 1);
+        let held = ords.len() / 4;
+        let keep = held.min(self.capacity - 1);
         let mut value = Vec::with_capacity(HEADER + 4 * (keep + 1));
         value.extend_from_slice(&at.partition.to_be_bytes());
         value.extend_from_slice(&at.offset.to_be_bytes());
-        value.extend_from_slice(&ords[(ords.len() - keep) * 4..]);
+        value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
         self.db.insert(user.as_bytes(), value)?;
         Ok(true)

@@ -151,7 +151,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     std::fs::write(paths.state_dir.join("http.addr"), addr.to_string())?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    let http = tokio::spawn(http::serve(listener, metrics.clone(), stop.clone()));
+    // Health and metrics stay up through the drain; they stop last.
+    let (http_stop_tx, http_stop) = watch::channel(false);
+    let http = tokio::spawn(http::serve(listener, metrics.clone(), http_stop));
 
     let view = Arc::new(ArcSwap::from_pointee(catalogue_consumer::initial_view(
         &catalogue,
@@ -187,6 +189,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             _ = signals.recv() => {
                 let _ = stop_tx.send(true);
                 cat_task.await??;
+                let _ = http_stop_tx.send(true);
                 return Ok(());
             }
         }
@@ -291,6 +294,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cat_task.await??;
     }
     let _ = lag.await;
+    let _ = http_stop_tx.send(true);
     let _ = http.await;
     tracing::info!(
         feeds = metrics.feeds.load(Relaxed),

@@ -186,6 +186,7 @@ pub struct Topics {
     pub interactions: String,
     pub recommendations: String,
     pub dead_letters: String,
+    pub group: String,
 }
 
 pub fn topics(test: &str, interaction_partitions: i32) -> Topics {
@@ -200,6 +201,7 @@ pub fn topics(test: &str, interaction_partitions: i32) -> Topics {
         interactions: format!("{tag}-interactions"),
         recommendations: format!("{tag}-recommendations"),
         dead_letters: format!("{tag}-dead-letters"),
+        group: format!("{tag}-group"),
     };
     let admin: AdminClient<DefaultClientContext> = client("admin").create().unwrap();
     let new = [
@@ -294,7 +296,7 @@ publish_ms = 5
 listen = "127.0.0.1:0"
 "#,
         broker = broker(),
-        group = format!("{}-group", t.interactions),
+        group = t.group,
         cat = t.catalogue,
         int = t.interactions,
         rec = t.recommendations,
@@ -396,10 +398,6 @@ impl Service {
         let code = text.split_whitespace().nth(1)?.parse().ok()?;
         let body = text.split("\r\n\r\n").nth(1)?.to_string();
         Some((code, body))
-    }
-
-    pub fn metric_text(&self) -> Option<String> {
-        self.get("/metrics").map(|(_, body)| body)
     }
 
     /// The value of an unlabelled metric, or of `name{labels}`.
