@@ -38,6 +38,10 @@ pub struct KafkaConfig {
     pub interactions_topic: String,
     pub recommendations_topic: String,
     pub dead_letter_topic: String,
+    /// The changelog of user histories: compacted, keyed by user id, with
+    /// as many partitions as the interactions topic. An instance that takes
+    /// over a partition restores its users from it.
+    pub histories_topic: String,
     pub session_timeout_ms: u64,
     /// How long a delivery may take, retries included, before the producer
     /// gives up on it (and the service tries again).
@@ -56,6 +60,7 @@ impl Default for KafkaConfig {
             interactions_topic: "interactions".into(),
             recommendations_topic: "recommendations".into(),
             dead_letter_topic: "dead-letters".into(),
+            histories_topic: "histories".into(),
             session_timeout_ms: 10_000,
             message_timeout_ms: 30_000,
             wire: WireConfig::default(),
@@ -310,6 +315,7 @@ impl Config {
                 &self.kafka.recommendations_topic,
             ),
             ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
+            ("kafka.histories_topic", &self.kafka.histories_topic),
         ];
         for (key, t) in topics {
             if t.is_empty() {

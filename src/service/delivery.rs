@@ -34,11 +34,20 @@ pub struct Trigger {
 pub struct Sent {
     future: DeliveryFuture,
     topic: Arc<str>,
+    partition: Option<i32>,
     key: Vec<u8>,
     payload: Vec<u8>,
     /// The interaction messages this record finishes once delivered.
     pub triggers: Vec<Trigger>,
-    pub is_feed: bool,
+    pub kind: Kind,
+}
+
+/// What a record is, for the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Feed,
+    DeadLetter,
+    Changelog,
 }
 
 /// The producer and the two output topics.
@@ -47,6 +56,7 @@ pub struct Outbox {
     wire: Arc<Wire>,
     feeds: Arc<str>,
     dead_letters: Arc<str>,
+    histories: Arc<str>,
 }
 
 impl Outbox {
@@ -55,12 +65,23 @@ impl Outbox {
         wire: Arc<Wire>,
         feeds: &str,
         dead_letters: &str,
+        histories: &str,
     ) -> Outbox {
         Outbox {
             producer,
             wire,
             feeds: feeds.into(),
             dead_letters: dead_letters.into(),
+            histories: histories.into(),
+        }
+    }
+
+    /// Waits until everything handed to the producer is delivered (or
+    /// `timeout` passes): what an instance owes the next owner of a
+    /// partition before it lets go.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = rdkafka::producer::Producer::flush(&self.producer, timeout) {
+            tracing::warn!(error = %e, "flushing the producer");
         }
     }
 
@@ -70,9 +91,16 @@ impl Outbox {
 
     /// Hands a record to the producer, waiting while its queue is full
     /// (backpressure from the broker). Callable from any thread.
-    fn enqueue(&self, topic: &str, key: &[u8], payload: &[u8]) -> DeliveryFuture {
+    fn enqueue(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        payload: &[u8],
+    ) -> DeliveryFuture {
         loop {
-            let record = FutureRecord::to(topic).key(key).payload(payload);
+            let mut record = FutureRecord::to(topic).key(key).payload(payload);
+            record.partition = partition;
             match self.producer.send_result(record) {
                 Ok(future) => return future,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -87,14 +115,31 @@ impl Outbox {
     }
 
     pub fn feed(&self, user: &str, payload: Vec<u8>, triggers: Vec<Trigger>) -> Sent {
-        let future = self.enqueue(&self.feeds, user.as_bytes(), &payload);
+        let future = self.enqueue(&self.feeds, None, user.as_bytes(), &payload);
         Sent {
             future,
             topic: self.feeds.clone(),
+            partition: None,
             key: user.as_bytes().to_vec(),
             payload,
             triggers,
-            is_feed: true,
+            kind: Kind::Feed,
+        }
+    }
+
+    /// A user's history, to the changelog partition of the interactions
+    /// partition it was read from.
+    pub fn changelog(&self, user: &str, record: Vec<u8>, trigger: Trigger) -> Sent {
+        let partition = Some(trigger.partition);
+        let future = self.enqueue(&self.histories, partition, user.as_bytes(), &record);
+        Sent {
+            future,
+            topic: self.histories.clone(),
+            partition,
+            key: user.as_bytes().to_vec(),
+            payload: record,
+            triggers: vec![trigger],
+            kind: Kind::Changelog,
         }
     }
 
@@ -127,14 +172,15 @@ impl Outbox {
         };
         let payload = self.wire.dead_letter(&letter);
         let key = format!("{topic}/{partition}/{offset}").into_bytes();
-        let future = self.enqueue(&self.dead_letters, &key, &payload);
+        let future = self.enqueue(&self.dead_letters, None, &key, &payload);
         Sent {
             future,
             topic: self.dead_letters.clone(),
+            partition: None,
             key,
             payload,
             triggers,
-            is_feed: false,
+            kind: Kind::DeadLetter,
         }
     }
 
@@ -155,7 +201,7 @@ impl Outbox {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let (topic, key, payload) =
                 (sent.topic.clone(), sent.key.clone(), sent.payload.clone());
-            sent.future = self.enqueue(&topic, &key, &payload);
+            sent.future = self.enqueue(&topic, sent.partition, &key, &payload);
         }
     }
 }
@@ -174,12 +220,13 @@ pub async fn acknowledge<C: ConsumerContext + 'static>(
     while let Some(sent) = rx.recv().await {
         let sent = outbox.delivered(sent, &metrics).await;
         let now = now_ms();
-        if sent.is_feed {
+        let is_feed = sent.kind == Kind::Feed;
+        if is_feed {
             metrics.feeds.fetch_add(1, Relaxed);
         }
         let mut tpl = TopicPartitionList::new();
         for t in &sent.triggers {
-            if sent.is_feed {
+            if is_feed {
                 metrics
                     .feed_latency
                     .observe((now - t.timestamp_ms) as f64 / 1000.0);

@@ -13,6 +13,10 @@
 //! [ord: u32]*`, all big-endian. Writes go to sled's log in memory; the feed
 //! worker calls [`Histories::flush`] before it produces the feeds those
 //! writes caused, which is what lets their offsets be committed.
+//!
+//! The same value is what the changelog topic carries (the Kafka Streams
+//! pattern): when a partition moves to another instance, that instance
+//! [`restore`](Histories::restore)s the partition's users from it.
 
 use std::path::Path;
 
@@ -47,15 +51,21 @@ impl Histories {
     }
 
     /// Appends `ord` to `user`'s history unless the event at `at` was
-    /// applied already. Returns whether it was appended.
-    pub fn append(&self, user: &str, at: Position, ord: u32) -> Result<bool, HistoryError> {
+    /// applied already. Returns the new record (for the changelog) when it
+    /// was appended.
+    pub fn append(
+        &self,
+        user: &str,
+        at: Position,
+        ord: u32,
+    ) -> Result<Option<Vec<u8>>, HistoryError> {
         let old = self.db.get(user.as_bytes())?;
         let (last, ords) = match &old {
             Some(v) => decode(user, v)?,
             None => (None, &[][..]),
         };
         if last.is_some_and(|p| p.partition == at.partition && at.offset <= p.offset) {
-            return Ok(false);
+            return Ok(None);
         }
         let held = ords.len() / 4;
         let keep = held.min(self.capacity - 1);
@@ -64,7 +74,23 @@ impl Histories {
         value.extend_from_slice(&at.offset.to_be_bytes());
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
-        self.db.insert(user.as_bytes(), value)?;
+        self.db.insert(user.as_bytes(), value.as_slice())?;
+        Ok(Some(value))
+    }
+
+    /// Takes `record` (a changelog value) as `user`'s history unless the
+    /// history held here is as recent. Returns whether it was taken.
+    pub fn restore(&self, user: &str, record: &[u8]) -> Result<bool, HistoryError> {
+        let (theirs, _) = decode(user, record)?;
+        if let Some(mine) = self.db.get(user.as_bytes())? {
+            let (mine, _) = decode(user, &mine)?;
+            if let (Some(m), Some(t)) = (mine, theirs) {
+                if m.partition == t.partition && m.offset >= t.offset {
+                    return Ok(false);
+                }
+            }
+        }
+        self.db.insert(user.as_bytes(), record)?;
         Ok(true)
     }
 
@@ -120,13 +146,16 @@ mod tests {
         let h = Histories::open(dir.path(), 3).unwrap();
         let mut out = Vec::new();
         for (o, ord) in [(10, 1), (11, 2), (12, 3), (13, 4)] {
-            assert!(h.append("u", at(0, o), ord).unwrap());
+            assert!(h.append("u", at(0, o), ord).unwrap().is_some());
         }
-        assert!(!h.append("u", at(0, 12), 9).unwrap(), "a replay");
-        assert!(!h.append("u", at(0, 13), 9).unwrap(), "a replay");
+        assert!(h.append("u", at(0, 12), 9).unwrap().is_none(), "a replay");
+        assert!(h.append("u", at(0, 13), 9).unwrap().is_none(), "a replay");
         h.get("u", &mut out).unwrap();
         assert_eq!(out, [2, 3, 4]);
-        assert!(h.append("u", at(1, 0), 5).unwrap(), "another partition");
+        assert!(
+            h.append("u", at(1, 0), 5).unwrap().is_some(),
+            "another partition"
+        );
         h.get("u", &mut out).unwrap();
         assert_eq!(out, [3, 4, 5]);
         h.get("nobody", &mut out).unwrap();
@@ -147,6 +176,35 @@ mod tests {
         h.get("a", &mut out).unwrap();
         assert_eq!(out, [7]);
         assert_eq!(h.users(), 2);
-        assert!(!h.append("a", at(0, 1), 7).unwrap());
+        assert!(h.append("a", at(0, 1), 7).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_changelog_record_restores_a_history_unless_it_is_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Histories::open(&dir.path().join("old"), 5).unwrap();
+        old.append("u", at(2, 1), 7).unwrap();
+        let record = old.append("u", at(2, 5), 8).unwrap().unwrap();
+        let stale = {
+            let d = Histories::open(&dir.path().join("stale"), 5).unwrap();
+            d.append("u", at(2, 1), 7).unwrap().unwrap()
+        };
+        let new = Histories::open(&dir.path().join("new"), 5).unwrap();
+        assert!(new.restore("u", &record).unwrap());
+        assert!(
+            !new.restore("u", &stale).unwrap(),
+            "older than what is held"
+        );
+        let mut out = Vec::new();
+        new.get("u", &mut out).unwrap();
+        assert_eq!(out, [7, 8]);
+        assert!(
+            new.append("u", at(2, 5), 9).unwrap().is_none(),
+            "restored position"
+        );
+        assert!(matches!(
+            new.restore("v", b"short"),
+            Err(HistoryError::Corrupt { .. })
+        ));
     }
 }

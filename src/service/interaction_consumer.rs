@@ -4,15 +4,18 @@
 //! look the item up in the current view, append to the user's history (a
 //! sled write to memory) and pass the user on. The model runs elsewhere.
 //! Each message is *begun* in [`Offsets`] when read and *finished* when its
-//! feed (or its dead letter) is delivered; only finished offsets are stored
-//! for commit.
+//! outputs are delivered (its history's changelog record and its feed, or
+//! its dead letter); only finished offsets are stored for commit.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::ClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 use super::catalogue_consumer::decode_reason;
@@ -25,11 +28,15 @@ use super::scheduler::Event;
 use super::view::SharedView;
 use crate::contract::Interaction;
 
-/// Forgets revoked partitions, so that late finishes cannot store offsets
-/// for partitions another instance now owns.
+/// Reacts to rebalances: a revoked partition is forgotten (late finishes
+/// cannot store offsets another instance now owns) after its changelog
+/// records are flushed to the broker; an assigned partition's histories are
+/// restored from the changelog before any of its interactions is read.
 pub struct Rebalancing {
     pub offsets: Arc<Offsets>,
     pub metrics: Arc<Metrics>,
+    pub outbox: Arc<Outbox>,
+    pub restore: Restore,
 }
 
 impl ClientContext for Rebalancing {}
@@ -39,6 +46,7 @@ impl ConsumerContext for Rebalancing {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions revoked");
+            self.outbox.flush(Duration::from_secs(10));
             self.offsets.revoke(parts);
             self.metrics.assigned_partitions.store(0, Relaxed);
         }
@@ -48,10 +56,106 @@ impl ConsumerContext for Rebalancing {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions assigned");
+            // This runs on the poll path, before any message of these
+            // partitions is handed out: the histories are whole when the
+            // first interaction arrives.
+            for &p in &parts {
+                self.restore.partition(p);
+            }
             self.metrics
                 .assigned_partitions
                 .store(parts.len() as i64, Relaxed);
         }
+    }
+}
+
+/// Reads a partition of the histories changelog into the local histories.
+///
+/// Where the partition ends is found with a marker: a record this instance
+/// writes to the partition and then reads back. (A high watermark would do
+/// where the broker reports it right; not every Kafka-protocol broker does.)
+pub struct Restore {
+    pub histories: Arc<Histories>,
+    pub topic: String,
+    pub reader: BaseConsumer,
+    pub marker: BaseProducer,
+    pub instance: String,
+    pub timeout: Duration,
+}
+
+/// The key of marker records; no user id starts with a NUL byte.
+const MARKER_KEY: &[u8] = b"\0genfeed-restore-marker";
+
+impl Restore {
+    fn partition(&self, p: i32) {
+        let start = std::time::Instant::now();
+        let token = format!("{}/{}", self.instance, super::kafka::now_ms());
+        let record = BaseRecord::<[u8], str>::to(&self.topic)
+            .partition(p)
+            .key(MARKER_KEY)
+            .payload(token.as_str());
+        let sent = self
+            .marker
+            .send(record)
+            .map_err(|(e, _)| e)
+            .and_then(|()| self.marker.flush(self.timeout));
+        if let Err(e) = sent {
+            tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored");
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        if let Err(e) = tpl
+            .add_partition_offset(&self.topic, p, Offset::Beginning)
+            .and_then(|()| self.reader.assign(&tpl))
+        {
+            tracing::error!(partition = p, error = %e, "reading the changelog");
+            return;
+        }
+        let (mut read, mut taken) = (0u64, 0u64);
+        loop {
+            if start.elapsed() > self.timeout {
+                tracing::error!(
+                    partition = p,
+                    read,
+                    "changelog marker not seen in time; restore incomplete"
+                );
+                break;
+            }
+            let Some(m) = self.reader.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "reading the changelog");
+                    continue;
+                }
+            };
+            let key = m.key().unwrap_or(&[]);
+            if key == MARKER_KEY {
+                if m.payload() == Some(token.as_bytes()) {
+                    break;
+                }
+                continue;
+            }
+            read += 1;
+            let user = String::from_utf8_lossy(key);
+            match self.histories.restore(&user, m.payload().unwrap_or(&[])) {
+                Ok(true) => taken += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(partition = p, offset = m.offset(), error = %e, "skipping a changelog record")
+                }
+            }
+        }
+        let _ = self.reader.unassign();
+        tracing::info!(
+            partition = p,
+            read,
+            taken,
+            ms = start.elapsed().as_millis() as u64,
+            "histories restored"
+        );
     }
 }
 
@@ -95,17 +199,26 @@ impl InteractionConsumer {
                 offset: m.offset(),
                 timestamp_ms: m.timestamp().to_millis().unwrap_or_else(now_ms),
             };
-            self.offsets.begin(trigger.partition, trigger.offset);
             let raw = m.payload().unwrap_or(&[]);
             let outcome = self.apply(raw, trigger)?;
             let sent = match outcome {
-                Ok(event) => {
+                Ok((event, record)) => {
+                    let outputs = 1 + u32::from(record.is_some());
+                    self.offsets
+                        .begin(trigger.partition, trigger.offset, outputs);
+                    if let Some(record) = record {
+                        let log = self.outbox.changelog(&event.user, record, trigger);
+                        if self.sent.send(log).await.is_err() {
+                            return Ok(());
+                        }
+                    }
                     if self.scheduler.send(event).await.is_err() {
                         return Ok(());
                     }
                     continue;
                 }
                 Err((reason, detail)) => {
+                    self.offsets.begin(trigger.partition, trigger.offset, 1);
                     self.metrics.dead_letter(reason);
                     let source = (self.topic.as_str(), trigger.partition, trigger.offset);
                     self.outbox
@@ -118,11 +231,14 @@ impl InteractionConsumer {
         }
     }
 
+    /// The user to schedule and, when the history changed, its changelog
+    /// record; or why the message is a dead letter.
+    #[allow(clippy::type_complexity)]
     fn apply(
         &self,
         raw: &[u8],
         trigger: Trigger,
-    ) -> Result<Result<Event, (Reason, String)>, InteractionError> {
+    ) -> Result<Result<(Event, Option<Vec<u8>>), (Reason, String)>, InteractionError> {
         let i: Interaction = match self.outbox.wire().decode(raw) {
             Ok(i) => i,
             Err(e) => return Ok(Err(decode_reason(e))),
@@ -140,12 +256,16 @@ impl InteractionConsumer {
             partition: trigger.partition,
             offset: trigger.offset,
         };
-        if !self.histories.append(&i.user_id, at, ord)? {
+        let record = self.histories.append(&i.user_id, at, ord)?;
+        if record.is_none() {
             self.metrics.replayed.fetch_add(1, Relaxed);
         }
-        Ok(Ok(Event {
-            user: i.user_id,
-            trigger,
-        }))
+        Ok(Ok((
+            Event {
+                user: i.user_id,
+                trigger,
+            },
+            record,
+        )))
     }
 }

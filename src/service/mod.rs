@@ -70,7 +70,7 @@ use config::Config;
 use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
-use interaction_consumer::{InteractionConsumer, Rebalancing};
+use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
@@ -141,6 +141,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         wire,
         &k.recommendations_topic,
         &k.dead_letter_topic,
+        &k.histories_topic,
     ));
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop) = watch::channel(false);
@@ -201,6 +202,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .create_with_context(Rebalancing {
                 offsets: offsets.clone(),
                 metrics: metrics.clone(),
+                outbox: outbox.clone(),
+                restore: Restore {
+                    histories: histories.clone(),
+                    topic: k.histories_topic.clone(),
+                    reader: {
+                        let mut c = kafka::consumer_config(k, &format!("{}-restore", k.group_id));
+                        c.set("enable.auto.commit", "false");
+                        c.create().context("creating the changelog reader")?
+                    },
+                    marker: kafka::producer_config(k)
+                        .create()
+                        .context("creating the changelog marker producer")?,
+                    instance: instance_id(&paths.state_dir),
+                    timeout: Duration::from_secs(60),
+                },
             })
             .context("creating the interactions consumer")?,
     );
@@ -329,6 +345,11 @@ impl Signals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// Names this instance in changelog markers: its state directory and pid.
+fn instance_id(state: &std::path::Path) -> String {
+    format!("{}#{}", state.display(), std::process::id())
 }
 
 /// A digest of the weights: what feeds name as their model version.

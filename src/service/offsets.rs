@@ -8,16 +8,20 @@
 //! Vector's Kafka source: the consumer commits what it stored, and it only
 //! stores what is finished.
 //!
+//! A message may cause several outputs (its history's changelog record and
+//! its feed); it is finished when the last of them is delivered.
+//!
 //! A partition taken away in a rebalance is forgotten; finishes that arrive
 //! for it later are ignored (its new owner reads from the last commit, and
 //! replays are idempotent).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[derive(Default)]
 struct Partition {
-    in_flight: BTreeSet<i64>,
+    /// Offset → outputs still undelivered.
+    in_flight: BTreeMap<i64, u32>,
     /// One past the highest offset read.
     next: i64,
     /// The last watermark handed out for storing.
@@ -26,7 +30,10 @@ struct Partition {
 
 impl Partition {
     fn watermark(&self) -> i64 {
-        self.in_flight.first().copied().unwrap_or(self.next)
+        self.in_flight
+            .first_key_value()
+            .map(|(&o, _)| o)
+            .unwrap_or(self.next)
     }
 }
 
@@ -36,26 +43,30 @@ pub struct Offsets {
 }
 
 impl Offsets {
-    /// A message was read and is now in flight.
-    pub fn begin(&self, partition: i32, offset: i64) {
+    /// A message was read and waits for `outputs` deliveries (at least one).
+    pub fn begin(&self, partition: i32, offset: i64, outputs: u32) {
         let mut parts = self.parts.lock().expect("offsets lock");
         let p = parts.entry(partition).or_insert_with(|| Partition {
             next: offset,
             stored: offset,
             ..Partition::default()
         });
-        p.in_flight.insert(offset);
+        p.in_flight.insert(offset, outputs.max(1));
         p.next = p.next.max(offset + 1);
     }
 
-    /// A message finished. Returns the offset to store for commit when the
-    /// partition's watermark moved.
+    /// One output of a message was delivered. Returns the offset to store
+    /// for commit when that finished the message and moved the partition's
+    /// watermark.
     pub fn finish(&self, partition: i32, offset: i64) -> Option<i64> {
         let mut parts = self.parts.lock().expect("offsets lock");
         let p = parts.get_mut(&partition)?;
-        if !p.in_flight.remove(&offset) {
+        let left = p.in_flight.get_mut(&offset)?;
+        *left -= 1;
+        if *left > 0 {
             return None;
         }
+        p.in_flight.remove(&offset);
         let w = p.watermark();
         (w > p.stored).then(|| {
             p.stored = w;
@@ -86,7 +97,7 @@ mod tests {
     fn the_watermark_waits_for_the_oldest_unfinished_message() {
         let o = Offsets::default();
         for off in 5..9 {
-            o.begin(0, off);
+            o.begin(0, off, 1);
         }
         assert_eq!(o.finish(0, 6), None, "5 is still in flight");
         assert_eq!(o.finish(0, 7), None);
@@ -99,12 +110,20 @@ mod tests {
     #[test]
     fn partitions_are_independent_and_revoked_ones_forgotten() {
         let o = Offsets::default();
-        o.begin(0, 0);
-        o.begin(1, 10);
-        o.begin(1, 11);
+        o.begin(0, 0, 1);
+        o.begin(1, 10, 1);
+        o.begin(1, 11, 1);
         assert_eq!(o.finish(1, 10), Some(11));
         o.revoke([0]);
         assert_eq!(o.finish(0, 0), None);
         assert_eq!(o.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_message_with_two_outputs_waits_for_both() {
+        let o = Offsets::default();
+        o.begin(0, 3, 2);
+        assert_eq!(o.finish(0, 3), None);
+        assert_eq!(o.finish(0, 3), Some(4));
     }
 }

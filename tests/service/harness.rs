@@ -186,6 +186,7 @@ pub struct Topics {
     pub interactions: String,
     pub recommendations: String,
     pub dead_letters: String,
+    pub histories: String,
     pub group: String,
 }
 
@@ -201,6 +202,7 @@ pub fn topics(test: &str, interaction_partitions: i32) -> Topics {
         interactions: format!("{tag}-interactions"),
         recommendations: format!("{tag}-recommendations"),
         dead_letters: format!("{tag}-dead-letters"),
+        histories: format!("{tag}-histories"),
         group: format!("{tag}-group"),
     };
     let admin: AdminClient<DefaultClientContext> = client("admin").create().unwrap();
@@ -213,6 +215,12 @@ pub fn topics(test: &str, interaction_partitions: i32) -> Topics {
         ),
         NewTopic::new(&t.recommendations, 2, TopicReplication::Fixed(1)),
         NewTopic::new(&t.dead_letters, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(
+            &t.histories,
+            interaction_partitions,
+            TopicReplication::Fixed(1),
+        )
+        .set("cleanup.policy", "compact"),
     ];
     let rt = runtime();
     let results = rt
@@ -276,6 +284,7 @@ catalogue_topic = "{cat}"
 interactions_topic = "{int}"
 recommendations_topic = "{rec}"
 dead_letter_topic = "{dlq}"
+histories_topic = "{hist}"
 session_timeout_ms = 6000
 
 [kafka.wire]
@@ -301,6 +310,7 @@ listen = "127.0.0.1:0"
         int = t.interactions,
         rec = t.recommendations,
         dlq = t.dead_letters,
+        hist = t.histories,
         framing = framing.toml(),
         state = state.display(),
         tok = f.tokenizer.display(),
