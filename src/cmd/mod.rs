@@ -2,6 +2,7 @@
 
 mod bench;
 mod model;
+mod replay;
 mod run;
 mod synth;
 mod tokenizer;
@@ -32,6 +33,9 @@ enum Command {
     Eval(model::EvalArgs),
     /// Run the streaming service: Kafka in, live feeds out.
     Run(run::RunArgs),
+    /// Drive a running service from a RecBole folder at a fixed rate and
+    /// measure feeds and latency.
+    Replay(replay::ReplayArgs),
     /// Measure throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -44,6 +48,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
         Command::Run(a) => run::run(a),
+        Command::Replay(a) => replay::run(a),
         Command::Bench(c) => bench::run(c),
     }
 }

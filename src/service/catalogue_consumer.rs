@@ -9,6 +9,7 @@
 //! the last record, and replays change nothing (the registry remembers each
 //! item's last position).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,10 +35,48 @@ fn offset_key(topic: &str, partition: i32) -> String {
     format!("catalogue-offset/{topic}/{partition}")
 }
 
-/// The catalogue is *loaded* once no event came for this long after start.
-/// (A high watermark would be the exact test, but not every Kafka-protocol
-/// broker reports it right.)
+/// The catalogue is *loaded* (and the interactions may be read) once every
+/// partition has either given an event written after the service started
+/// (what came before it is applied: a partition is read in order) or been
+/// silent for this long. (The high watermark at start-up would be the exact
+/// test, but not every Kafka-protocol broker reports it right.)
 const LOADED_AFTER_IDLE: Duration = Duration::from_millis(1500);
+
+/// How far each partition is towards the catalogue being loaded.
+struct Loading {
+    started_ms: i64,
+    /// Partition → (last event seen, an event written after start applied).
+    parts: HashMap<i32, (Instant, bool)>,
+}
+
+impl Loading {
+    fn new(partitions: &[i32]) -> Loading {
+        let now = Instant::now();
+        Loading {
+            started_ms: now_ms(),
+            parts: partitions.iter().map(|&p| (p, (now, false))).collect(),
+        }
+    }
+
+    fn seen(&mut self, partition: i32, timestamp_ms: i64, published: bool) {
+        let e = self
+            .parts
+            .entry(partition)
+            .or_insert((Instant::now(), false));
+        e.0 = Instant::now();
+        e.1 |= published && timestamp_ms >= self.started_ms;
+    }
+
+    /// When the catalogue is loaded if nothing else arrives.
+    fn loaded_at(&self) -> Instant {
+        self.parts
+            .values()
+            .filter(|(_, current)| !current)
+            .map(|(last, _)| *last + LOADED_AFTER_IDLE)
+            .max()
+            .unwrap_or_else(Instant::now)
+    }
+}
 
 pub struct CatalogueConsumer {
     pub consumer: StreamConsumer,
@@ -49,6 +88,8 @@ pub struct CatalogueConsumer {
     pub metrics: Arc<Metrics>,
     pub batch_max: usize,
     pub publish_every: Duration,
+    /// The catalogue's partitions, once assigned.
+    pub partitions: Vec<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +127,7 @@ pub fn initial_view(catalogue: &Catalogue) -> Result<View, RegistryError> {
 
 impl CatalogueConsumer {
     /// Assigns every partition, each from its recorded offset (or the start).
-    pub fn assign(&self) -> Result<(), CatalogueConsumerError> {
+    pub fn assign(&mut self) -> Result<(), CatalogueConsumerError> {
         let kafka = |source| CatalogueConsumerError::Kafka {
             topic: self.topic.clone(),
             source,
@@ -108,6 +149,7 @@ impl CatalogueConsumer {
                 };
                 tpl.add_partition_offset(&self.topic, p.id(), offset)
                     .map_err(kafka)?;
+                self.partitions.push(p.id());
             }
         }
         if tpl.count() == 0 {
@@ -128,15 +170,14 @@ impl CatalogueConsumer {
             .store(self.catalogue.registry().live_count() as u64, Relaxed);
         self.view.store(Arc::new(view.clone()));
         let mut batch = Batch::default();
-        let mut last_event = Instant::now();
+        let mut loading = Loading::new(&self.partitions);
         loop {
             let publish_at = batch.first.map(|t| t + self.publish_every);
-            let loaded_at =
-                (!self.metrics.ready.load(Relaxed)).then(|| last_event + LOADED_AFTER_IDLE);
+            let loaded_at = (!self.metrics.ready.load(Relaxed)).then(|| loading.loaded_at());
             tokio::select! {
                 m = self.consumer.recv() => {
                     let m = m.map_err(|source| CatalogueConsumerError::Kafka { topic: self.topic.clone(), source })?.detach();
-                    last_event = Instant::now();
+                    loading.seen(m.partition(), m.timestamp().to_millis().unwrap_or(0), false);
                     self.metrics.catalogue_events.fetch_add(1, Relaxed);
                     let (p, o) = (m.partition(), m.offset());
                     let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
@@ -148,27 +189,46 @@ impl CatalogueConsumer {
                     }
                     batch.first.get_or_insert_with(Instant::now);
                     batch.timestamps.push(ts);
+                    let newest = batch.newest.entry(p).or_insert(ts);
+                    *newest = (*newest).max(ts);
                     batch.next.retain(|(q, _)| *q != p);
                     batch.next.push((p, o + 1));
                     if batch.timestamps.len() >= self.batch_max {
-                        self.publish(&mut view, &mut batch).await?;
+                        self.publish(&mut view, &mut batch, &mut loading).await?;
                     }
                 }
                 _ = tokio::time::sleep_until(publish_at.unwrap_or_else(Instant::now)), if publish_at.is_some() => {
-                    self.publish(&mut view, &mut batch).await?;
+                    self.publish(&mut view, &mut batch, &mut loading).await?;
                 }
                 _ = tokio::time::sleep_until(loaded_at.unwrap_or_else(Instant::now)), if loaded_at.is_some() => {
                     if batch.first.is_none() {
-                        tracing::info!(live = self.catalogue.registry().live_count(), "catalogue loaded");
-                        self.metrics.ready.store(true, Relaxed);
+                        self.check_loaded(&loading);
                     }
                 }
                 _ = stop.changed() => break,
             }
         }
-        self.publish(&mut view, &mut batch).await?;
+        self.publish(&mut view, &mut batch, &mut loading).await?;
         self.catalogue.flush()?;
         Ok(())
+    }
+
+    fn check_loaded(&self, loading: &Loading) {
+        if self.metrics.ready.load(Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        let loaded = loading
+            .parts
+            .values()
+            .all(|&(last, current)| current || now >= last + LOADED_AFTER_IDLE);
+        if loaded {
+            tracing::info!(
+                live = self.catalogue.registry().live_count(),
+                "catalogue loaded"
+            );
+            self.metrics.ready.store(true, Relaxed);
+        }
     }
 
     /// Applies one message to the registry and the view; an error is the
@@ -241,6 +301,7 @@ impl CatalogueConsumer {
         &mut self,
         view: &mut View,
         batch: &mut Batch,
+        loading: &mut Loading,
     ) -> Result<(), CatalogueConsumerError> {
         if batch.first.is_none() {
             return Ok(());
@@ -272,6 +333,10 @@ impl CatalogueConsumer {
             }
             Ok(())
         })?;
+        for (&p, &newest) in &batch.newest {
+            loading.seen(p, newest, true);
+        }
+        self.check_loaded(loading);
         *batch = Batch::default();
         Ok(())
     }
@@ -286,6 +351,8 @@ struct Batch {
     timestamps: Vec<i64>,
     /// Next offset per partition, once the batch is durable.
     next: Vec<(i32, i64)>,
+    /// Newest event timestamp per partition.
+    newest: HashMap<i32, i64>,
     dead: Vec<Sent>,
 }
 

@@ -173,7 +173,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         batch_max: cfg.catalogue.batch_max,
         publish_every: Duration::from_millis(cfg.catalogue.publish_ms),
+        partitions: Vec::new(),
     };
+    let mut cat = cat;
     cat.assign()?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone()));
 
