@@ -173,7 +173,8 @@ impl CatalogueConsumer {
         let mut loading = Loading::new(&self.partitions);
         loop {
             let publish_at = batch.first.map(|t| t + self.publish_every);
-            let loaded_at = (!self.metrics.ready.load(Relaxed)).then(|| loading.loaded_at());
+            let loaded_at =
+                (!self.metrics.catalogue_loaded.load(Relaxed)).then(|| loading.loaded_at());
             tokio::select! {
                 m = self.consumer.recv() => {
                     let m = m.map_err(|source| CatalogueConsumerError::Kafka { topic: self.topic.clone(), source })?.detach();
@@ -214,7 +215,7 @@ impl CatalogueConsumer {
     }
 
     fn check_loaded(&self, loading: &Loading) {
-        if self.metrics.ready.load(Relaxed) {
+        if self.metrics.catalogue_loaded.load(Relaxed) {
             return;
         }
         let now = Instant::now();
@@ -227,7 +228,7 @@ impl CatalogueConsumer {
                 live = self.catalogue.registry().live_count(),
                 "catalogue loaded"
             );
-            self.metrics.ready.store(true, Relaxed);
+            self.metrics.catalogue_loaded.store(true, Relaxed);
         }
     }
 

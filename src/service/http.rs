@@ -3,7 +3,6 @@
 //! Three GET routes with no body to read do not need a web framework: this
 //! reads the request line, answers and closes the connection.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,10 +44,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch
             let (status, body) = match path {
                 "/metrics" => ("200 OK", metrics.render()),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/readyz" if metrics.ready.load(Relaxed) => ("200 OK", "ready\n".to_string()),
+                "/readyz" if metrics.is_ready() => ("200 OK", "ready\n".to_string()),
                 "/readyz" => (
                     "503 Service Unavailable",
-                    "loading the catalogue\n".to_string(),
+                    "loading the catalogue or joining the group\n".to_string(),
                 ),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };

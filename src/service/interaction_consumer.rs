@@ -65,6 +65,7 @@ impl ConsumerContext for Rebalancing {
             self.metrics
                 .assigned_partitions
                 .store(parts.len() as i64, Relaxed);
+            self.metrics.joined.store(true, Relaxed);
         }
     }
 }

@@ -133,7 +133,12 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
             "heartbeat.interval.ms",
             (cfg.session_timeout_ms / 3).max(100).to_string(),
         )
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // A fetch waits at most this long for data. Kafka answers as soon as
+        // data arrives, but some Kafka-protocol brokers (tansu) hold every
+        // fetch for the full wait, which librdkafka's 500 ms default turns
+        // into half a second of latency per hop.
+        .set("fetch.wait.max.ms", "10");
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }

@@ -145,7 +145,10 @@ pub struct Metrics {
     /// Interaction partitions this instance owns now.
     pub assigned_partitions: AtomicI64,
     /// The catalogue was read up to where it stood at start-up.
-    pub ready: AtomicBool,
+    pub catalogue_loaded: AtomicBool,
+    /// The interactions consumer joined its group and got its partitions
+    /// (maybe none) with their histories restored.
+    pub joined: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -166,7 +169,8 @@ impl Default for Metrics {
             pending_users: AtomicU64::new(0),
             consumer_lag: AtomicI64::new(0),
             assigned_partitions: AtomicI64::new(0),
-            ready: AtomicBool::new(false),
+            catalogue_loaded: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
         }
     }
 }
@@ -178,6 +182,11 @@ impl Metrics {
             .position(|&r| r == reason)
             .expect("in ALL");
         self.dead_letters[i].fetch_add(1, Relaxed);
+    }
+
+    /// Serving: the catalogue is loaded and interactions are being read.
+    pub fn is_ready(&self) -> bool {
+        self.catalogue_loaded.load(Relaxed) && self.joined.load(Relaxed)
     }
 
     pub fn dead_letters(&self) -> u64 {
@@ -261,8 +270,8 @@ impl Metrics {
         );
         gauge(
             "genfeed_ready",
-            "1 once the catalogue is loaded.",
-            i64::from(self.ready.load(Relaxed)),
+            "1 once the catalogue is loaded and the consumer group joined.",
+            i64::from(self.is_ready()),
         );
         self.batch_users
             .render(&mut out, "genfeed_batch_users", "Users per model batch.");

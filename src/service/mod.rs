@@ -182,7 +182,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // Interactions name items: read them once the catalogue is loaded, or
     // a backlog would dead-letter every item not read yet.
     let mut signals = Signals::new()?;
-    while !metrics.ready.load(Relaxed) {
+    while !metrics.catalogue_loaded.load(Relaxed) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             r = &mut cat_task => {

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The service benchmark: a broker, `genfeed run` and `genfeed replay` at a fixed
+# input rate; prints the replay's JSON summary (sustained interactions/s and
+# feeds/s, interaction→feed latency p50/p99, catalogue event→decodable latency).
+#
+#   scripts/bench-service.sh DATA TOKENIZER MODEL [RATE] [SECONDS] [BEAMS]
+#
+# DATA is the RecBole folder the tokenizer and model were trained on (e.g. the
+# ones scripts/demo.sh leaves in runs/demo). Everything runs on this machine:
+# broker, service and load generator share its cores, as they would in the demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+data=$(cd "$1" && pwd); tokenizer=$(cd "$2" && pwd); model=$(cd "$3" && pwd)
+rate=${4:-100}; seconds=${5:-30}; beams=${6:-20}
+work=$(mktemp -d)
+cargo build --release --locked --quiet
+genfeed="$root/target/release/genfeed"
+service_pid=""
+cleanup() {
+  if [ -n "$service_pid" ] && kill -0 "$service_pid" 2>/dev/null; then kill -TERM "$service_pid"; wait "$service_pid" || true; fi
+  bash scripts/broker.sh stop "$work/broker" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+mkdir -p "$work/broker"
+addr=$(bash scripts/broker.sh start "$work/broker")
+bash scripts/broker.sh topics "$addr" catalogue:1:cleanup.policy=compact interactions:4 \
+  recommendations:4 dead-letters:1 histories:4:cleanup.policy=compact >/dev/null
+text_model=""
+[ -d "$root/models/all-minilm-l6-v2" ] && text_model="text_model = \"$root/models/all-minilm-l6-v2\""
+cat >"$work/service.toml" <<TOML
+[kafka]
+brokers = "$addr"
+session_timeout_ms = 6000
+[paths]
+state_dir = "$work/state"
+tokenizer = "$tokenizer"
+model = "$model"
+$text_model
+[feed]
+beams = $beams
+[http]
+listen = "127.0.0.1:0"
+TOML
+"$genfeed" run --config "$work/service.toml" 2>"$work/service.log" &
+service_pid=$!
+for _ in $(seq 1 600); do
+  [ -s "$work/state/http.addr" ] && break
+  kill -0 "$service_pid" 2>/dev/null || { tail -n 20 "$work/service.log"; exit 1; }
+  sleep 0.1
+done
+"$genfeed" replay --config "$work/service.toml" --data "$data" --catalogue \
+  --rate "$rate" --seconds "$seconds" --new-items 2 --show 0 --json
