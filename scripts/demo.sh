@@ -35,8 +35,8 @@ fi
 items=$(ls "$data"/*.item | head -n 1)
 echo "== catalogue: $items ($(($(wc -l <"$items") - 1)) items)"
 
-echo "== train an RQ-KMeans tokenizer on the items' text"
-"$genfeed" tokenizer train --items "$items" --method rq-kmeans --encoder text --out "$work/tokenizer" | tail -n 3
+echo "== train an RQ-KMeans tokenizer on the items' content (text where there is, else attributes)"
+"$genfeed" tokenizer train --items "$items" --method rq-kmeans --encoder auto --out "$work/tokenizer" | tail -n 3
 
 echo "== train the generative model (${DEMO_EPOCHS:-8} epochs, 1 thread)"
 "$genfeed" train --data "$data" --tokenizer "$work/tokenizer" --out "$work/model" \

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::catalogue::vector_hash;
 use crate::contract::ItemUpsert;
+use crate::embed::attributes::AttributeEncoder;
 use crate::embed::text::TextEncoder;
 use crate::embed::{check_vector, EncoderSpec};
 
@@ -38,6 +39,7 @@ pub enum ContentError {
 
 /// What the registry compares to tell a replay from a change, and what the
 /// tokenizer needs if it is a change.
+#[derive(Debug)]
 pub enum Content {
     Vector(Vec<f32>),
     Text(String),
@@ -75,10 +77,22 @@ pub fn content(up: &ItemUpsert, spec: &EncoderSpec) -> Result<Content, ContentEr
             item: item.clone(),
             spec: "a precomputed embedding",
         }),
-        EncoderSpec::Attributes { .. } => Err(ContentError::NeedsEmbedding {
-            item: item.clone(),
-            spec: "hashed attributes",
-        }),
+        EncoderSpec::Attributes { fields, dim, seed } => {
+            let texts: Vec<String> = fields.iter().map(|f| field_text(up, f)).collect();
+            let tokens = fields
+                .iter()
+                .zip(&texts)
+                .flat_map(|(f, t)| t.split_whitespace().map(move |tok| (f.as_str(), tok)));
+            if texts.iter().all(|t| t.trim().is_empty()) {
+                return Err(ContentError::NoText {
+                    item: item.clone(),
+                    fields: fields.clone(),
+                });
+            }
+            let mut v = vec![0.0; *dim];
+            AttributeEncoder::new(*dim, *seed).encode(tokens, &mut v);
+            Ok(Content::Vector(v))
+        }
         EncoderSpec::Interactions { .. } => Err(ContentError::NeedsEmbedding {
             item: item.clone(),
             spec: "interaction factors",
@@ -109,11 +123,10 @@ pub fn vector(
 
 /// The upsert's text in the manifest's field order, joined with ". " as the
 /// training items' text was ([`crate::embed::catalogue::item_text`]).
-/// Categories are joined with ", " and attribute values with " ", the way
-/// RecBole files spell token sequences.
 pub fn text_of(up: &ItemUpsert, fields: &[String]) -> String {
     let mut text = String::new();
-    let mut push = |s: &str| {
+    for f in fields {
+        let s = field_text(up, f);
         let s = s.trim();
         if !s.is_empty() {
             if !text.is_empty() {
@@ -121,19 +134,86 @@ pub fn text_of(up: &ItemUpsert, fields: &[String]) -> String {
             }
             text.push_str(s);
         }
-    };
-    for f in fields {
-        match f.as_str() {
-            "title" => push(up.title.as_deref().unwrap_or("")),
-            "description" => push(up.description.as_deref().unwrap_or("")),
-            "brand" => push(up.brand.as_deref().unwrap_or("")),
-            "categories" => push(&up.categories.join(", ")),
-            "attributes" => {
-                let values: Vec<&str> = up.attributes.values().map(String::as_str).collect();
-                push(&values.join(" "))
-            }
-            other => push(up.attributes.get(other).map(String::as_str).unwrap_or("")),
-        }
     }
     text
+}
+
+/// The value of the item-file column `name` as an upsert carries it: the
+/// named fields, categories joined with ", " (as RecBole files spell them),
+/// any other column from the attributes map under its own name (or, for
+/// `attributes` itself, the map's values in key order).
+pub fn field_text(up: &ItemUpsert, name: &str) -> String {
+    match name {
+        "title" => up.title.clone().unwrap_or_default(),
+        "description" => up.description.clone().unwrap_or_default(),
+        "brand" => up.brand.clone().unwrap_or_default(),
+        "categories" => up.categories.join(", "),
+        other => match up.attributes.get(other) {
+            Some(v) => v.clone(),
+            None if other == "attributes" => up
+                .attributes
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" "),
+            None => String::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert() -> ItemUpsert {
+        ItemUpsert {
+            item_id: "i".into(),
+            title: Some("Red shoe".into()),
+            categories: vec!["Shoes".into(), "Red".into()],
+            attributes: [("attributes".to_string(), "attr1 attr2".to_string())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn text_follows_the_manifest_fields_as_item_files_spell_them() {
+        let fields = ["title", "categories", "attributes", "missing"].map(String::from);
+        assert_eq!(
+            text_of(&upsert(), &fields),
+            "Red shoe. Shoes, Red. attr1 attr2"
+        );
+    }
+
+    #[test]
+    fn attribute_content_is_the_training_encoding_and_empty_content_is_named() {
+        let spec = EncoderSpec::Attributes {
+            fields: vec!["attributes".into()],
+            dim: 32,
+            seed: 7,
+        };
+        let Content::Vector(v) = content(&upsert(), &spec).unwrap() else {
+            panic!("attributes make a vector")
+        };
+        let mut want = vec![0.0; 32];
+        AttributeEncoder::new(32, 7).encode(
+            [("attributes", "attr1"), ("attributes", "attr2")],
+            &mut want,
+        );
+        assert_eq!(v, want);
+        let bare = ItemUpsert {
+            item_id: "bare".into(),
+            ..Default::default()
+        };
+        let err = content(&bare, &spec).unwrap_err();
+        assert!(err.to_string().contains("\"bare\""), "{err}");
+        let err = content(
+            &bare,
+            &EncoderSpec::Precomputed {
+                field: "embedding".into(),
+                dim: 4,
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("\"embedding\""), "{err}");
+    }
 }

@@ -274,7 +274,9 @@ pub fn train(
         state.elapsed_secs += started.elapsed().as_secs_f64();
         state.epochs_done = epoch;
 
-        let improved = report.ndcg10 > state.best_ndcg10;
+        // The first epoch always counts as the best so far: a run whose
+        // validation never rises above zero must still leave a model.
+        let improved = state.best_epoch == 0 || report.ndcg10 > state.best_ndcg10;
         if improved {
             state.best_ndcg10 = report.ndcg10;
             state.best_epoch = epoch;
