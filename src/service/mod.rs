@@ -176,6 +176,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         partitions: Vec::new(),
     };
     let mut cat = cat;
+    check_topics(&cat.consumer, k)?;
     cat.assign()?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone()));
 
@@ -324,6 +325,41 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(r) => r,
         None => Ok(()),
     }
+}
+
+/// Refuses to start against topics that are missing or do not fit: a
+/// missing output topic would stall every commit behind retried deliveries,
+/// and a changelog with other partitions than the interactions would restore
+/// the wrong users.
+fn check_topics(client: &StreamConsumer, k: &config::KafkaConfig) -> anyhow::Result<()> {
+    let partitions = |key: &str, topic: &str| -> anyhow::Result<usize> {
+        let md = client
+            .fetch_metadata(Some(topic), kafka::METADATA_TIMEOUT)
+            .with_context(|| format!("{key}: reading the metadata of topic {topic:?}"))?;
+        let n = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len());
+        if n == 0 {
+            bail!("{key}: topic {topic:?} does not exist on {}", k.brokers);
+        }
+        Ok(n)
+    };
+    partitions("kafka.catalogue_topic", &k.catalogue_topic)?;
+    partitions("kafka.recommendations_topic", &k.recommendations_topic)?;
+    partitions("kafka.dead_letter_topic", &k.dead_letter_topic)?;
+    let interactions = partitions("kafka.interactions_topic", &k.interactions_topic)?;
+    let histories = partitions("kafka.histories_topic", &k.histories_topic)?;
+    if histories != interactions {
+        bail!(
+            "kafka.histories_topic: {:?} has {histories} partitions but {:?} has {interactions}; \
+             the changelog needs exactly one partition per interactions partition",
+            k.histories_topic,
+            k.interactions_topic
+        );
+    }
+    Ok(())
 }
 
 /// SIGTERM or SIGINT, whichever comes first.

@@ -322,3 +322,46 @@ fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
     assert_eq!(round(2), 40);
     assert!(b.stop().success(), "{}", b.log_text());
 }
+
+#[test]
+fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("misfit", 3);
+    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let cases = [
+        (
+            format!("histories_topic = \"{}\"", t.dead_letters),
+            "kafka.histories_topic",
+            "partitions",
+        ),
+        (
+            format!("recommendations_topic = \"{}-nowhere\"", t.recommendations),
+            "kafka.recommendations_topic",
+            "does not exist",
+        ),
+    ];
+    for (line, key, why) in cases {
+        let field = line.split(" = ").next().unwrap();
+        let changed: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(field) {
+                    line.as_str()
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&cfg, changed).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(key) && err.contains(why), "{err}");
+    }
+}
