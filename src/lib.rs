@@ -26,6 +26,11 @@
 //!   snapshots with STATIC-style decoding tables.
 //! - [`catalogue`]: the catalogue path that keeps tokenizer, registry and
 //!   index in step: an upsert is decodable at the next publish.
+//! - [`model`], [`train`], [`eval`]: the transformer that spells the next
+//!   item's SID, its training, and the field's leave-one-out protocol.
+//! - [`service`]: the streaming service behind `genfeed run`: Kafka
+//!   consumers, durable per-user histories, a scheduler that micro-batches
+//!   users for the model, delivery-gated offsets, dead letters and metrics.
 //! - [`synth`]: generated catalogues and interaction logs with known structure,
 //!   for tests, demos and benchmarks on any machine.
 //!

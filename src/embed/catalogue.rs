@@ -89,16 +89,24 @@ fn available(items: &Items) -> String {
 
 /// The text an item is embedded from: its fields' text joined by ". ".
 pub fn item_text(items: &Items, row: usize, fields: &[usize]) -> String {
+    join_fields(
+        fields
+            .iter()
+            .filter_map(|&f| items.rows[row].values[f].as_str()),
+    )
+}
+
+/// Field values joined by ". ", empty ones skipped: the one recipe for the
+/// text of an item, offline and live, so that both embed the same string.
+pub fn join_fields<'a>(values: impl IntoIterator<Item = &'a str>) -> String {
     let mut text = String::new();
-    for &f in fields {
-        if let Some(s) = items.rows[row].values[f].as_str() {
-            let s = s.trim();
-            if !s.is_empty() {
-                if !text.is_empty() {
-                    text.push_str(". ");
-                }
-                text.push_str(s);
+    for s in values {
+        let s = s.trim();
+        if !s.is_empty() {
+            if !text.is_empty() {
+                text.push_str(". ");
             }
+            text.push_str(s);
         }
     }
     text

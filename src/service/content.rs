@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::catalogue::vector_hash;
 use crate::contract::ItemUpsert;
 use crate::embed::attributes::AttributeEncoder;
+use crate::embed::catalogue::join_fields;
 use crate::embed::text::TextEncoder;
 use crate::embed::{check_vector, EncoderSpec};
 
@@ -124,18 +125,8 @@ pub fn vector(
 /// The upsert's text in the manifest's field order, joined with ". " as the
 /// training items' text was ([`crate::embed::catalogue::item_text`]).
 pub fn text_of(up: &ItemUpsert, fields: &[String]) -> String {
-    let mut text = String::new();
-    for f in fields {
-        let s = field_text(up, f);
-        let s = s.trim();
-        if !s.is_empty() {
-            if !text.is_empty() {
-                text.push_str(". ");
-            }
-            text.push_str(s);
-        }
-    }
-    text
+    let values: Vec<String> = fields.iter().map(|f| field_text(up, f)).collect();
+    join_fields(values.iter().map(String::as_str))
 }
 
 /// The value of the item-file column `name` as an upsert carries it: the

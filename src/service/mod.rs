@@ -161,7 +161,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     )?));
     let mut cat_client = kafka::consumer_config(k, &format!("{}-catalogue", k.group_id));
     cat_client.set("enable.auto.commit", "false");
-    let cat = CatalogueConsumer {
+    let mut cat = CatalogueConsumer {
         consumer: cat_client
             .create()
             .context("creating the catalogue consumer")?,
@@ -175,7 +175,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         publish_every: Duration::from_millis(cfg.catalogue.publish_ms),
         partitions: Vec::new(),
     };
-    let mut cat = cat;
     check_topics(&cat.consumer, k)?;
     cat.assign()?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone()));
