@@ -77,10 +77,12 @@ impl Pending {
         });
     }
 
-    /// Ready users (window closed), oldest first.
+    /// Ready users (window closed), counted up to `batch_max`: no more are
+    /// ever needed, and a long backlog is not walked on every event.
     fn ready(&self, now: Instant, t: &Timing) -> usize {
         self.order
             .iter()
+            .take(t.batch_max)
             .take_while(|j| now >= j.since + t.coalesce)
             .count()
     }
