@@ -28,7 +28,7 @@ use super::view::{ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
 use crate::contract::{CatalogueEvent, Change as Event, DecodeError};
 use crate::embed::text::TextEncoder;
-use crate::registry::{Change, RegistryError};
+use crate::registry::{Change, RegistryError, Status};
 
 /// Registry meta key of a partition's next offset.
 fn offset_key(topic: &str, partition: i32) -> String {
@@ -254,11 +254,17 @@ impl CatalogueConsumer {
                 };
                 let hash = c.hash();
                 let known = self.catalogue.registry().get(&up.item_id)?;
-                // Reserved training items and replays never reach the
-                // tokenizer; only they skip the (possibly slow) embedding.
+                // The registry runs the tokenizer only for a new item, new
+                // content, or a returning item whose SID was released; a
+                // reserved training item, a replay and an unchanged live
+                // item skip the (possibly slow) embedding.
                 let needs_vector = match &known {
                     None => true,
-                    Some(e) => e.position.is_some_and(|q| position > q) && e.content_hash != hash,
+                    Some(e) => match e.position {
+                        None => false,
+                        Some(q) if position <= q => false,
+                        Some(_) => !(e.status == Status::Live && e.content_hash == hash),
+                    },
                 };
                 let v = if needs_vector {
                     match vector(&up.item_id, &c, self.text.as_ref()) {

@@ -49,7 +49,10 @@ pub fn repo() -> PathBuf {
 
 pub fn broker() -> &'static str {
     BROKER.get_or_init(|| {
-        if let Ok(addr) = std::env::var("GENFEED_TEST_BROKER") {
+        if let Some(addr) = std::env::var("GENFEED_TEST_BROKER")
+            .ok()
+            .filter(|a| !a.is_empty())
+        {
             return addr;
         }
         let dir = tempfile::tempdir().unwrap().keep();

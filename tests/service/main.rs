@@ -90,6 +90,34 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
         assert!(items.contains("brand-new"), "{user}: {items:?}");
         assert_eq!(items, expected(&live, &seen[user]), "{user}");
     }
+
+    // A retired item comes back with its content: live again, under a SID
+    // whose content codes are its content's (whether or not its old SID was
+    // released meanwhile).
+    let back = &retired[0];
+    let content = &f.items.iter().find(|(id, _)| id == back).unwrap().1;
+    input.upsert(back, content.clone());
+    live.insert(back.clone());
+    svc.wait_metric("genfeed_live_items", |v| v == 14.0);
+    let tokenizer = genfeed::tokenizer::FrozenTokenizer::load(&f.tokenizer).unwrap();
+    let mut codes = vec![0; tokenizer.sid_levels() - 1];
+    tokenizer.content_codes(back, content, &mut codes).unwrap();
+    let mut last = HashMap::new();
+    for u in 0..30 {
+        let user = format!("user-{u}");
+        last.insert(user.clone(), input.interaction(&user, &ids[5]));
+        seen.get_mut(&user).unwrap().push(ids[5].clone());
+    }
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    let mut returned = 0;
+    for (user, feed) in &got {
+        assert_eq!(items_of(feed), expected(&live, &seen[user]), "{user}");
+        if let Some(ranked) = feed.items.iter().find(|i| &i.item_id == back) {
+            assert_eq!(ranked.sid[..codes.len()], codes[..], "{user}");
+            returned += 1;
+        }
+    }
+    assert!(returned > 0, "no unseen user got the returning item");
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
