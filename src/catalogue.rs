@@ -31,6 +31,8 @@ use crate::registry::{Change, Registry, RegistryError, TokenizerBinding};
 use crate::sid::{Code, Sid};
 use crate::tokenizer::FrozenTokenizer;
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Where the catalogue lives and how it behaves.
 #[derive(Clone, Debug)]
 pub struct CatalogueConfig {
@@ -136,16 +138,38 @@ impl Catalogue {
         vector: &[f32],
         position: u64,
     ) -> Result<Change, CatalogueError> {
+        self.upsert_with(item_id, content_hash, position, || {
+            Ok::<_, std::convert::Infallible>(vector.to_vec())
+        })
+    }
+
+    /// [`upsert`](Self::upsert) with the content vector made on demand:
+    /// `vector` runs only when the registry needs new codes (a new item, new
+    /// content, a returning item whose SID was released), so replays and
+    /// reserved training items never pay for embedding. Its error comes back
+    /// as [`RegistryError::Codes`], whose source can be downcast to `E`.
+    pub fn upsert_with<E>(
+        &mut self,
+        item_id: &str,
+        content_hash: [u8; 32],
+        position: u64,
+        vector: impl FnOnce() -> Result<Vec<f32>, E>,
+    ) -> Result<Change, CatalogueError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
         let generation = self.index.next_seq();
         let tokenizer = &self.tokenizer;
         let levels = tokenizer.sid_levels() - 1;
         let change =
             self.registry
                 .apply_upsert(item_id, content_hash, position, generation, || {
+                    let v = vector().map_err(BoxError::from)?;
                     let mut codes = vec![0 as Code; levels];
                     tokenizer
-                        .content_codes(item_id, vector, &mut codes)
-                        .map(|_| codes)
+                        .content_codes(item_id, &v, &mut codes)
+                        .map_err(BoxError::from)?;
+                    Ok::<_, BoxError>(codes)
                 })?;
         self.follow(change);
         Ok(change)

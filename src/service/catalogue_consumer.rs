@@ -28,7 +28,7 @@ use super::view::{ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
 use crate::contract::{CatalogueEvent, Change as Event, DecodeError};
 use crate::embed::text::TextEncoder;
-use crate::registry::{Change, RegistryError, Status};
+use crate::registry::{Change, RegistryError};
 
 /// Registry meta key of a partition's next offset.
 fn offset_key(topic: &str, partition: i32) -> String {
@@ -253,28 +253,10 @@ impl CatalogueConsumer {
                     Err(e) => return Ok(Err(content_reason(e))),
                 };
                 let hash = c.hash();
-                let known = self.catalogue.registry().get(&up.item_id)?;
-                // The registry runs the tokenizer only for a new item, new
-                // content, or a returning item whose SID was released; a
-                // reserved training item, a replay and an unchanged live
-                // item skip the (possibly slow) embedding.
-                let needs_vector = match &known {
-                    None => true,
-                    Some(e) => match e.position {
-                        None => false,
-                        Some(q) if position <= q => false,
-                        Some(_) => !(e.status == Status::Live && e.content_hash == hash),
-                    },
-                };
-                let v = if needs_vector {
-                    match vector(&up.item_id, &c, self.text.as_ref()) {
-                        Ok(v) => v,
-                        Err(e) => return Ok(Err(content_reason(e))),
-                    }
-                } else {
-                    vec![0.0; self.catalogue.tokenizer().input_dim()]
-                };
-                self.catalogue.upsert(&up.item_id, hash, &v, position)
+                let text = self.text.as_ref();
+                self.catalogue.upsert_with(&up.item_id, hash, position, || {
+                    vector(&up.item_id, &c, text)
+                })
             }
             Event::Retire(r) => self.catalogue.retire(&r.item_id, position),
         };
@@ -282,6 +264,12 @@ impl CatalogueConsumer {
             Ok(c) => c,
             Err(CatalogueError::Registry(e @ RegistryError::UnknownItem(_))) => {
                 return Ok(Err((Reason::UnknownItem, e.to_string())))
+            }
+            Err(CatalogueError::Registry(RegistryError::Codes { source, .. }))
+                if source.is::<ContentError>() =>
+            {
+                let e = source.downcast::<ContentError>().expect("checked");
+                return Ok(Err(content_reason(*e)));
             }
             Err(CatalogueError::Registry(
                 e @ (RegistryError::PrefixFull { .. } | RegistryError::Codes { .. }),
