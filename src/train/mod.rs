@@ -38,7 +38,7 @@ use crate::model::{
 };
 use crate::sid::Sid;
 use curves::{EpochRecord, TrainLog};
-use data::{epoch_batches, make_batch, windows};
+use data::{epoch_batches, make_batch, thinned, windows};
 use optim::{AdamW, AdamWConfig, Schedule};
 
 /// Knobs of a run; the defaults are the ones the README's results used.
@@ -62,6 +62,11 @@ pub struct TrainOptions {
     pub beams: usize,
     /// Requests per validation search batch.
     pub eval_batch: usize,
+    /// Probability of deleting each item of a training sequence, drawn
+    /// afresh every epoch ([`data::thinned`]); 0 trains on the sequences
+    /// as they are.
+    #[serde(default)]
+    pub item_drop: f64,
 }
 
 impl Default for TrainOptions {
@@ -78,6 +83,7 @@ impl Default for TrainOptions {
             valid_users: 0,
             beams: 20,
             eval_batch: 64,
+            item_drop: 0.0,
         }
     }
 }
@@ -106,6 +112,8 @@ pub enum TrainError {
     },
     #[error("{}: {why}", path.display())]
     Resume { path: PathBuf, why: String },
+    #[error("item_drop is {0}; it must be at least 0 and below 1")]
+    ItemDrop(f64),
     #[error("the training data has no window of two or more items")]
     NoData,
     #[error("training diverged at epoch {epoch}: the loss is {loss}; lower --lr")]
@@ -154,6 +162,9 @@ pub fn train(
     progress: impl Fn(u64, &str) -> ProgressBar,
 ) -> Result<Summary, TrainError> {
     cfg.validate()?;
+    if !(0.0..1.0).contains(&opts.item_drop) {
+        return Err(TrainError::ItemDrop(opts.item_drop));
+    }
     std::fs::create_dir_all(out).map_err(io(out))?;
     let ckpt = out.join("checkpoint");
     let log_path = out.join("train_log.csv");
@@ -226,14 +237,24 @@ pub fn train(
     let mut stopped_early = false;
     for epoch in state.epochs_done + 1..=opts.epochs {
         let started = Instant::now();
-        let bar = progress(targets, &format!("epoch {epoch}"));
         let mut dropout = Dropout::new(cfg.dropout, opts.seed ^ (epoch as u64) << 32);
         let (mut loss_sum, mut loss_n, mut seen) = (0.0, 0.0, 0u64);
         let mut lr = schedule.at(state.steps);
-        for batch in epoch_batches(&train_windows, opts.batch_size, opts.seed, epoch) {
-            let ws: Vec<_> = batch.iter().map(|&i| &train_windows[i]).collect();
+        let thin_seqs;
+        let thin_windows;
+        let (seqs, epoch_windows) = if opts.item_drop > 0.0 {
+            thin_seqs = thinned(corpus.seqs, 2, opts.item_drop, opts.seed, epoch);
+            thin_windows = windows(&thin_seqs, 0, cfg.max_history);
+            (&thin_seqs[..], &thin_windows[..])
+        } else {
+            (corpus.seqs, &train_windows[..])
+        };
+        let epoch_targets = epoch_windows.iter().map(|w| w.targets() as u64).sum();
+        let bar = progress(epoch_targets, &format!("epoch {epoch}"));
+        for batch in epoch_batches(epoch_windows, opts.batch_size, opts.seed, epoch) {
+            let ws: Vec<_> = batch.iter().map(|&i| &epoch_windows[i]).collect();
             let n: u64 = ws.iter().map(|w| w.targets() as u64).sum();
-            let b = make_batch(&ws, corpus.seqs, corpus.sids, cfg, device)?;
+            let b = make_batch(&ws, seqs, corpus.sids, cfg, device)?;
             let loss = model.train_loss(&b, &mut dropout)?;
             let grads = loss.backward()?;
             lr = schedule.at(state.steps);
