@@ -67,6 +67,10 @@ pub struct Report {
     /// Per-batch wall time, 50th and 99th percentile.
     pub batch_ms_p50: f64,
     pub batch_ms_p99: f64,
+    /// Per example, in input order, the target's 0-based rank in the top 10,
+    /// or `None` for a miss: what per-user analysis joins against.
+    #[serde(skip)]
+    pub ranks: Vec<Option<u8>>,
 }
 
 /// Ranks the catalogue for every example and scores the target's rank.
@@ -90,6 +94,7 @@ pub fn evaluate(
     let (mut generated, mut invalid) = (0usize, 0usize);
     let mut reached = vec![false; sids.len()];
     let mut batch_ms = Vec::new();
+    let mut ranks = Vec::with_capacity(examples.len());
     let mut histories: Vec<Vec<Sid>> = Vec::with_capacity(batch);
     let started = Instant::now();
     progress.set_length(examples.len() as u64);
@@ -106,6 +111,7 @@ pub fn evaluate(
         batch_ms.push(t.elapsed().as_secs_f64() * 1e3);
         for (e, list) in chunk.iter().zip(&lists) {
             let target = sids[e.target as usize];
+            let mut hit = None;
             for (rank, g) in list.iter().take(10).enumerate() {
                 generated += 1;
                 match sids.get(g.ord as usize) {
@@ -113,6 +119,7 @@ pub fn evaluate(
                     _ => invalid += 1,
                 }
                 if g.sid == target {
+                    hit = Some(rank as u8);
                     let gain = 1.0 / ((rank + 2) as f64).log2();
                     r10 += 1.0;
                     n10 += gain;
@@ -122,6 +129,7 @@ pub fn evaluate(
                     }
                 }
             }
+            ranks.push(hit);
         }
         progress.inc(chunk.len() as u64);
     }
@@ -148,5 +156,6 @@ pub fn evaluate(
         ms_per_request: secs * 1e3 / users,
         batch_ms_p50: pct(0.5),
         batch_ms_p99: pct(0.99),
+        ranks,
     })
 }

@@ -112,17 +112,49 @@ fn brute_force(
 fn a_beam_as_wide_as_the_catalogue_finds_the_exact_top_items() {
     let vocab = vec![6, 5, 4];
     let (model, sids, index) = fixture(&vocab, 60, 3, 11);
-    let hs = histories(&sids, 5, 1);
+    exact_top_items(&model, &sids, &index);
+}
+
+#[test]
+fn with_prefix_scored_outputs_the_search_still_finds_the_exact_top_items() {
+    let vocab = vec![6, 5, 4];
+    let cfg = ModelConfig {
+        prefix_output: true,
+        ..tiny(vocab.clone())
+    };
+    assert!((0..3).all(|l| cfg.prefix_scored(l)));
+    let model = random_model(&cfg, 3);
+    let sids = random_sids(60, &vocab, 11);
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    exact_top_items(&model, &sids, &index);
+    // The same weights without prefix scoring score items differently: the
+    // prefix rows are really part of the output.
+    let plain = random_model(&tiny(vocab.clone()), 3);
+    let h = &histories(&sids, 1, 2)[0];
+    let with = brute_force(&model, &index, h, &sids);
+    let without = brute_force(&plain, &index, h, &sids);
+    let differ = with
+        .iter()
+        .filter(|(sid, lp)| {
+            let other = without.iter().find(|(s, _)| s == sid).unwrap().1;
+            (lp - other).abs() > 1e-3
+        })
+        .count();
+    assert!(differ > 50, "only {differ} of 60 items scored differently");
+}
+
+fn exact_top_items(model: &Model, sids: &[Sid], index: &OfflineIndex) {
+    let hs = histories(sids, 5, 1);
     let opts = SearchOptions {
         beams: 60,
         top_k: 10,
         exclude_history: false,
     };
-    let got = Generator::new(&model)
+    let got = Generator::new(model)
         .generate(index.snapshot(), &requests(&hs, None), &opts)
         .unwrap();
     for (h, list) in hs.iter().zip(&got) {
-        let exact = brute_force(&model, &index, h, &sids);
+        let exact = brute_force(model, index, h, sids);
         assert_eq!(list.len(), 10);
         for (g, (sid, lp)) in list.iter().zip(&exact) {
             assert_eq!(g.sid, *sid);
@@ -522,15 +554,26 @@ fn an_index_of_another_vocabulary_is_refused() {
 
 #[test]
 fn serving_scores_are_the_training_objective() {
+    // Hashed prefixes from level 1 on; then exact through level 1 with
+    // prefix-scored outputs on levels 0 and 1 (level 2 stays hashed).
+    for (buckets, prefix_output) in [(40, false), (100, true)] {
+        let cfg = ModelConfig {
+            node_buckets: buckets,
+            prefix_output,
+            ..tiny(vec![8, 8, 16])
+        };
+        assert_eq!(cfg.prefix_scored(1), prefix_output);
+        assert!(!cfg.prefix_scored(2));
+        training_matches_serving(&cfg);
+    }
+}
+
+fn training_matches_serving(cfg: &ModelConfig) {
     use genfeed::model::Dropout;
     use genfeed::train::data::{make_batch, Window};
 
-    let vocab = vec![8, 8, 16];
-    let cfg = ModelConfig {
-        node_buckets: 40,
-        ..tiny(vocab.clone())
-    };
-    let model = random_model(&cfg, 31);
+    let vocab = cfg.vocab.clone();
+    let model = random_model(cfg, 31);
     let sids = random_sids(300, &vocab, 12);
     let index = OfflineIndex::build(&sids, &vocab).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(4);
@@ -546,7 +589,7 @@ fn serving_scores_are_the_training_objective() {
         };
         // A window predicts every item after the first; the loss is their
         // mean. Serving scores each prediction from its prefix.
-        let batch = make_batch(&[&w], &seqs, &sids, &cfg, &Device::Cpu).unwrap();
+        let batch = make_batch(&[&w], &seqs, &sids, cfg, &Device::Cpu).unwrap();
         let loss = model
             .train_loss(&batch, &mut Dropout::new(0.0, 1))
             .unwrap()

@@ -49,6 +49,10 @@ pub struct GenerateArgs {
     /// items; 12,101 is the figure the issue fixed.
     #[arg(long, default_value_t = 12_101)]
     items: usize,
+    /// Give the random model prefix-scored outputs (`train
+    /// --prefix-output`), to measure what they cost.
+    #[arg(long)]
+    prefix_output: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     #[arg(long, default_value_t = 7)]
@@ -95,7 +99,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
         None => {
             let vocab = vec![256, 256, 256, 256];
-            let cfg = ModelConfig::tiger(vocab.clone(), "synthetic");
+            let cfg = ModelConfig {
+                prefix_output: a.prefix_output,
+                ..ModelConfig::tiger(vocab.clone(), "synthetic")
+            };
             let params = Params::init(&cfg, a.seed, &device)?;
             let model = params.model(&cfg)?;
             let sids = random_sids(a.items, &vocab, a.seed);

@@ -73,6 +73,10 @@ pub struct TrainArgs {
     /// Rows per level of the prefix-embedding tables.
     #[arg(long, default_value_t = 65_536)]
     node_buckets: usize,
+    /// Score each code by its prefix's row too (item-specific output
+    /// vectors on the levels whose prefix table is exact).
+    #[arg(long)]
+    prefix_output: bool,
     #[arg(long, default_value_t = TrainOptions::default().epochs)]
     epochs: usize,
     #[arg(long, default_value_t = TrainOptions::default().batch_size)]
@@ -93,6 +97,10 @@ pub struct TrainArgs {
     /// Beam width of validation.
     #[arg(long, default_value_t = TrainOptions::default().beams)]
     beams: usize,
+    /// Probability of deleting each item of a training sequence, afresh
+    /// every epoch, so the model learns from histories with skipped items.
+    #[arg(long, default_value_t = TrainOptions::default().item_drop)]
+    item_drop: f64,
 }
 
 /// Interaction sequences and a SID for every catalogue item, numbered so
@@ -176,6 +184,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         max_history: a.max_history,
         dropout: a.dropout,
         node_buckets: a.node_buckets,
+        prefix_output: a.prefix_output,
         tokenizer_version: loaded.tokenizer.version().to_string(),
     };
     let opts = TrainOptions {
@@ -188,6 +197,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         seed: a.seed,
         valid_users: a.valid_users,
         beams: a.beams,
+        item_drop: a.item_drop,
         ..TrainOptions::default()
     };
     eprintln!(
@@ -242,6 +252,11 @@ pub struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write one line per evaluated user, tab-separated: the user's
+    /// number in the data, the target item, and its 0-based rank in the top
+    /// 10 (empty for a miss).
+    #[arg(long)]
+    ranks: Option<PathBuf>,
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
@@ -280,6 +295,10 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let pb = super::bar(examples.len() as u64, "eval");
     let report = evaluate(&model, &index, &loaded.sids, &examples, &opts, a.batch, &pb)?;
     pb.finish_and_clear();
+    if let Some(path) = &a.ranks {
+        write_ranks(path, &examples, &loaded.items, &report.ranks)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -300,4 +319,20 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn write_ranks(
+    path: &Path,
+    examples: &[Example<'_>],
+    items: &[String],
+    ranks: &[Option<u8>],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "user\ttarget\trank")?;
+    for (e, rank) in examples.iter().zip(ranks) {
+        let rank = rank.map(|r| r.to_string()).unwrap_or_default();
+        writeln!(out, "{}\t{}\t{rank}", e.user, items[e.target as usize])?;
+    }
+    out.flush()
 }

@@ -29,6 +29,11 @@ pub struct ModelConfig {
     pub dropout: f32,
     /// Rows of each level's prefix-embedding table (see [`ModelConfig::node_id`]).
     pub node_buckets: usize,
+    /// Score a code by its prefix row as well as its code row where the
+    /// prefix table is exact ([`ModelConfig::prefix_scored`]). Absent in
+    /// configs written before it existed, hence off by default there.
+    #[serde(default)]
+    pub prefix_output: bool,
     /// The tokenizer the SIDs came from; a model is meaningless with another.
     pub tokenizer_version: String,
 }
@@ -47,6 +52,7 @@ impl ModelConfig {
             max_history: 20,
             dropout: 0.4,
             node_buckets: 65_536,
+            prefix_output: false,
             tokenizer_version: tokenizer_version.into(),
         }
     }
@@ -84,6 +90,24 @@ impl ModelConfig {
             n = n.saturating_mul(v);
         }
         n.min(self.node_buckets)
+    }
+
+    /// Whether level `level`'s output scores code `c` under prefix `p` with
+    /// the prefix row of `p + c` added to the code row. A code row is shared
+    /// by every prefix (code 17 at level 1 means something different under
+    /// each level-0 code), so on its own the output layer has a few hundred
+    /// vectors per level to spell twelve thousand items, and the decoder
+    /// must carry every item-to-item transition in its weights. Prefix rows
+    /// give the output an item-specific vector for items seen in training,
+    /// tied to the input side, as item-ID models have. Only exact levels
+    /// qualify: a prefix's children are then the contiguous rows
+    /// `parent × vocab .. parent × vocab + vocab`, one gather per beam.
+    pub fn prefix_scored(&self, level: usize) -> bool {
+        self.prefix_output
+            && self.vocab[..=level]
+                .iter()
+                .try_fold(1usize, |n, &v| n.checked_mul(v))
+                .is_some_and(|n| n <= self.node_buckets)
     }
 
     /// The row of the prefix `codes[..=level]` in level `level`'s prefix

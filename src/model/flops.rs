@@ -25,6 +25,18 @@ fn memory(cfg: &ModelConfig) -> f64 {
     2.0 * cfg.d_model as f64 * 2.0 * cfg.inner() as f64
 }
 
+/// One row's output layer at `level`: the code rows, and again as many
+/// for the children's prefix rows where the level is prefix-scored (level
+/// 0 folds them into the code rows).
+fn output(cfg: &ModelConfig, level: usize) -> f64 {
+    let per_table = 2.0 * cfg.d_model as f64 * cfg.vocab[level] as f64;
+    if level > 0 && cfg.prefix_scored(level) {
+        2.0 * per_table
+    } else {
+        per_table
+    }
+}
+
 /// Forward operations of one beam search: `history` items read once, then
 /// one decoder step for the request at level 0 and `beams` steps at each
 /// level after it, each ending in the level's output layer.
@@ -32,12 +44,11 @@ pub fn flops_per_request(cfg: &ModelConfig, history: usize, beams: usize) -> f64
     let t = history.min(cfg.max_history) as f64;
     // Causal attention: position i sees i + 1 keys, (t + 1) / 2 on average.
     let hist = t * cfg.layers as f64 * block(cfg, (t + 1.0) / 2.0);
-    let d = cfg.d_model as f64;
     let mut dec = 0.0;
-    for (level, &v) in cfg.vocab.iter().enumerate() {
+    for level in 0..cfg.levels() {
         let rows = if level == 0 { 1.0 } else { beams as f64 };
         let per_row =
-            cfg.decoder_layers as f64 * block(cfg, level as f64 + 1.0) + 2.0 * d * v as f64;
+            cfg.decoder_layers as f64 * block(cfg, level as f64 + 1.0) + output(cfg, level);
         dec += rows * per_row;
     }
     hist + dec
@@ -48,10 +59,9 @@ pub fn flops_per_request(cfg: &ModelConfig, history: usize, beams: usize) -> f64
 pub fn flops_per_train_position(cfg: &ModelConfig, window: usize) -> f64 {
     let t = window.min(cfg.max_history) as f64;
     let levels = cfg.levels() as f64;
-    let d = cfg.d_model as f64;
     let dl = cfg.decoder_layers as f64;
     let hist = cfg.layers as f64 * block(cfg, (t + 1.0) / 2.0) + dl * memory(cfg);
     let dec = levels * dl * (block(cfg, (levels + 1.0) / 2.0) + cross(cfg, (t + 1.0) / 2.0));
-    let out: f64 = cfg.vocab.iter().map(|&v| 2.0 * d * v as f64).sum();
+    let out: f64 = (0..cfg.levels()).map(|l| output(cfg, l)).sum();
     3.0 * (hist + dec + out)
 }

@@ -221,7 +221,14 @@ impl Params {
             .collect();
         let emb_t = emb
             .iter()
-            .map(|e| e.t()?.contiguous())
+            .enumerate()
+            .map(|(l, e)| {
+                if l == 0 && cfg.prefix_scored(0) {
+                    (e + self.get("node.0"))?.t()?.contiguous()
+                } else {
+                    e.t()?.contiguous()
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let dec_pos = self.get("dec_pos");
         let dec_pos_rows = (0..cfg.levels())
@@ -365,6 +372,10 @@ pub struct TrainBatch {
     /// `[batch, 1, len * levels, len]`: the decoder tokens of position `t`
     /// see the history up to `t`.
     pub cross_mask: Tensor,
+    /// Per level, for prefix-scored levels after the first
+    /// ([`ModelConfig::prefix_scored`]): the prefix rows of every code
+    /// under each target's parent prefix, `[positions * vocab]`.
+    pub children: Vec<Option<Tensor>>,
 }
 
 /// Items as the model reads them: per level, the code and the row of the
@@ -396,7 +407,9 @@ pub struct Model {
     /// Per level, the prefix ("trie node") embeddings.
     node: Vec<Tensor>,
     emb: Vec<Tensor>,
-    /// `emb` transposed once, for the tied output layer at serving time.
+    /// The output layer at serving time, transposed once: `emb`, with the
+    /// prefix rows added at level 0 when that level is prefix-scored (its
+    /// prefixes are its codes).
     emb_t: Vec<Tensor>,
     out_bias: Vec<Tensor>,
     pos: Tensor,
@@ -581,6 +594,25 @@ impl Model {
         self.ln_f.forward(&x, train)
     }
 
+    /// Each row of `z` (`[rows, d]`) scored against its own children's
+    /// prefix rows, `children` being `[rows * vocab]` row numbers of level
+    /// `level`'s table: `[rows, vocab]`.
+    fn prefix_logits(
+        &self,
+        level: usize,
+        z: &Tensor,
+        children: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, d) = z.dims2()?;
+        let vocab = self.cfg.vocab[level];
+        let rows_of = self.node[level]
+            .index_select(children, 0)?
+            .reshape((rows, vocab, d))?;
+        z.unsqueeze(1)?
+            .matmul(&rows_of.transpose(1, 2)?)?
+            .squeeze(1)
+    }
+
     /// Mean training loss over a batch: the negative log-likelihood of each
     /// next item's SID, summed over levels (nats per item).
     ///
@@ -621,9 +653,15 @@ impl Model {
         let mut loss: Option<Tensor> = None;
         for l in 0..levels {
             let zl = z.narrow(1, l, 1)?.squeeze(1)?;
-            let logits = zl
-                .matmul(&self.emb[l].t()?)?
-                .broadcast_add(&self.out_bias[l])?;
+            let table = if l == 0 && self.cfg.prefix_scored(0) {
+                (&self.emb[0] + &self.node[0])?
+            } else {
+                self.emb[l].clone()
+            };
+            let mut logits = zl.matmul(&table.t()?)?.broadcast_add(&self.out_bias[l])?;
+            if let Some(children) = &batch.children[l] {
+                logits = (logits + self.prefix_logits(l, &zl, children)?)?;
+            }
             let ce = candle_nn::loss::cross_entropy(&logits, &batch.targets[l])?;
             loss = Some(match loss {
                 None => ce,
@@ -684,12 +722,15 @@ impl Model {
 
     /// One SID-decoder step for `x` (`[rows, d]`) at `level`, reading and
     /// extending `cache`; returns log-probabilities over the level's codes.
+    /// `children` is what [`Model::prefix_logits`] reads, for levels that
+    /// need it.
     pub(crate) fn decoder_step(
         &self,
         x: &Tensor,
         level: usize,
         cache: &mut DecoderCache,
         memory: &Memory,
+        children: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let requests = memory.mask.dim(0)?;
         let rows = x.dim(0)?;
@@ -726,9 +767,12 @@ impl Model {
             x = (&x + self.feed_forward(block, &x, false)?)?;
         }
         let z = self.dec_ln.forward(&x, false)?;
-        let logits = z
+        let mut logits = z
             .matmul(&self.emb_t[level])?
             .broadcast_add(&self.out_bias[level])?;
+        if let Some(children) = children {
+            logits = (logits + self.prefix_logits(level, &z, children)?)?;
+        }
         candle_nn::ops::log_softmax(&logits, D::Minus1)
     }
 
