@@ -162,8 +162,6 @@ pub struct Generator<'m> {
     kept: Vec<Candidate>,
     beams: Beams,
     next: Beams,
-    /// Rows of the prefix table that a prefix-scored level reads.
-    children: Vec<u32>,
 }
 
 impl<'m> Generator<'m> {
@@ -176,7 +174,6 @@ impl<'m> Generator<'m> {
             kept: Vec::new(),
             beams: Beams::default(),
             next: Beams::default(),
-            children: Vec::new(),
         }
     }
 
@@ -215,13 +212,13 @@ impl<'m> Generator<'m> {
         let mut width = 1;
         let mut cache = self.model.decoder_cache(s)?;
         let mut input = self.model.decoder_start(&contexts)?;
-        let mut children: Option<Tensor> = None;
+        let mut prefixes: Option<Tensor> = None;
 
         for level in 0..levels {
             let vocab = cfg.vocab[level];
             let logp =
                 self.model
-                    .decoder_step(&input, level, &mut cache, &memory, children.as_ref())?;
+                    .decoder_step(&input, level, &mut cache, &memory, prefixes.as_ref())?;
             let rows = s * width;
             self.mask.resize(rows * vocab, 0.0);
             snapshot.fill_mask(&self.beams.cursors, vocab, &mut self.mask);
@@ -281,18 +278,8 @@ impl<'m> Generator<'m> {
                 let chosen = Tensor::from_slice(&self.beams.chosen, n, &device)?;
                 let nodes = Tensor::from_slice(&self.beams.nodes, n, &device)?;
                 input = self.model.decoder_input(level + 1, &chosen, &nodes)?;
-                children = if cfg.prefix_scored(level + 1) {
-                    // The chosen prefixes are exact rows, so their children
-                    // are contiguous rows of the next level's table.
-                    let v = cfg.vocab[level + 1] as u32;
-                    self.children.clear();
-                    for &parent in &self.beams.nodes {
-                        self.children.extend(parent * v..parent * v + v);
-                    }
-                    Some(Tensor::from_slice(&self.children, n * v as usize, &device)?)
-                } else {
-                    None
-                };
+                // The chosen prefixes are the next level's parents.
+                prefixes = cfg.prefix_scored(level + 1).then_some(nodes);
             }
         }
         let (codes, scores) = (&self.beams.codes, &self.beams.scores);

@@ -373,9 +373,9 @@ pub struct TrainBatch {
     /// see the history up to `t`.
     pub cross_mask: Tensor,
     /// Per level, for prefix-scored levels after the first
-    /// ([`ModelConfig::prefix_scored`]): the prefix rows of every code
-    /// under each target's parent prefix, `[positions * vocab]`.
-    pub children: Vec<Option<Tensor>>,
+    /// ([`ModelConfig::prefix_scored`]): each target's prefix row at the
+    /// level before, `[positions]`.
+    pub parents: Vec<Option<Tensor>>,
 }
 
 /// Items as the model reads them: per level, the code and the row of the
@@ -594,23 +594,24 @@ impl Model {
         self.ln_f.forward(&x, train)
     }
 
-    /// Each row of `z` (`[rows, d]`) scored against its own children's
-    /// prefix rows, `children` being `[rows * vocab]` row numbers of level
-    /// `level`'s table: `[rows, vocab]`.
+    /// Each row of `z` (`[rows, d]`) scored against the prefix rows of its
+    /// parent's children: `[rows, vocab]`. `parents` (`[rows]`) are exact
+    /// rows of level `level - 1`, so a parent's children are one contiguous
+    /// block of level `level`'s table, and the table viewed as one block
+    /// per parent makes the gather a copy of whole blocks.
     fn prefix_logits(
         &self,
         level: usize,
         z: &Tensor,
-        children: &Tensor,
+        parents: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (rows, d) = z.dims2()?;
         let vocab = self.cfg.vocab[level];
-        let rows_of = self.node[level]
-            .index_select(children, 0)?
+        let blocks = self.node[level]
+            .reshape((self.cfg.node_rows(level - 1), vocab * d))?
+            .index_select(parents, 0)?
             .reshape((rows, vocab, d))?;
-        z.unsqueeze(1)?
-            .matmul(&rows_of.transpose(1, 2)?)?
-            .squeeze(1)
+        z.unsqueeze(1)?.matmul(&blocks.transpose(1, 2)?)?.squeeze(1)
     }
 
     /// Mean training loss over a batch: the negative log-likelihood of each
@@ -659,8 +660,8 @@ impl Model {
                 self.emb[l].clone()
             };
             let mut logits = zl.matmul(&table.t()?)?.broadcast_add(&self.out_bias[l])?;
-            if let Some(children) = &batch.children[l] {
-                logits = (logits + self.prefix_logits(l, &zl, children)?)?;
+            if let Some(parents) = &batch.parents[l] {
+                logits = (logits + self.prefix_logits(l, &zl, parents)?)?;
             }
             let ce = candle_nn::loss::cross_entropy(&logits, &batch.targets[l])?;
             loss = Some(match loss {
@@ -722,15 +723,15 @@ impl Model {
 
     /// One SID-decoder step for `x` (`[rows, d]`) at `level`, reading and
     /// extending `cache`; returns log-probabilities over the level's codes.
-    /// `children` is what [`Model::prefix_logits`] reads, for levels that
-    /// need it.
+    /// `parents`, for prefix-scored levels after the first, are the rows'
+    /// prefix rows at the level before ([`Model::prefix_logits`]).
     pub(crate) fn decoder_step(
         &self,
         x: &Tensor,
         level: usize,
         cache: &mut DecoderCache,
         memory: &Memory,
-        children: Option<&Tensor>,
+        parents: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let requests = memory.mask.dim(0)?;
         let rows = x.dim(0)?;
@@ -770,8 +771,8 @@ impl Model {
         let mut logits = z
             .matmul(&self.emb_t[level])?
             .broadcast_add(&self.out_bias[level])?;
-        if let Some(children) = children {
-            logits = (logits + self.prefix_logits(level, &z, children)?)?;
+        if let Some(parents) = parents {
+            logits = (logits + self.prefix_logits(level, &z, parents)?)?;
         }
         candle_nn::ops::log_softmax(&logits, D::Minus1)
     }

@@ -140,7 +140,7 @@ pub fn make_batch(
     let mut next_codes = vec![Vec::with_capacity(b * len); levels];
     let mut next_nodes = vec![Vec::with_capacity(b * len); levels];
     let mut positions = Vec::new();
-    let mut children: Vec<Option<Vec<u32>>> = (0..levels)
+    let mut parents: Vec<Option<Vec<u32>>> = (0..levels)
         .map(|l| (l > 0 && cfg.prefix_scored(l)).then(Vec::new))
         .collect();
     let mut pads = Vec::with_capacity(b);
@@ -169,10 +169,8 @@ pub fn make_batch(
                 targets[l].push(u32::from(c[l]));
                 next_codes[l].push(u32::from(c[l]));
                 next_nodes[l].push(cfg.node_id(c, l));
-                if let Some(rows) = &mut children[l] {
-                    let v = cfg.vocab[l] as u32;
-                    let first = cfg.node_id(c, l - 1) * v;
-                    rows.extend(first..first + v);
+                if let Some(rows) = &mut parents[l] {
+                    rows.push(cfg.node_id(c, l - 1));
                 }
             }
         }
@@ -200,15 +198,9 @@ pub fn make_batch(
             positions: Tensor::from_vec(window_positions(&pads, len), b * len, device)?,
         },
         cross_mask: cross_mask(&pads, len, levels, device)?,
-        children: children
+        parents: parents
             .into_iter()
-            .map(|rows| {
-                rows.map(|r| {
-                    let n = r.len();
-                    Tensor::from_vec(r, n, device)
-                })
-                .transpose()
-            })
+            .map(|rows| rows.map(|r| Tensor::from_vec(r, n, device)).transpose())
             .collect::<candle_core::Result<_>>()?,
     })
 }
