@@ -101,6 +101,11 @@ pub struct TrainArgs {
     /// every epoch, so the model learns from histories with skipped items.
     #[arg(long, default_value_t = TrainOptions::default().item_drop)]
     item_drop: f64,
+    /// Probability of cutting a training window to a random shorter length,
+    /// afresh every epoch, so next items are also learnt from short
+    /// contexts.
+    #[arg(long, default_value_t = TrainOptions::default().short_windows)]
+    short_windows: f64,
 }
 
 /// Interaction sequences and a SID for every catalogue item, numbered so
@@ -198,6 +203,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         valid_users: a.valid_users,
         beams: a.beams,
         item_drop: a.item_drop,
+        short_windows: a.short_windows,
         ..TrainOptions::default()
     };
     eprintln!(

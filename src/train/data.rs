@@ -66,6 +66,50 @@ pub fn windows(seqs: &[Vec<u32>], holdout: usize, max_history: usize) -> Vec<Win
     out
 }
 
+/// [`windows`], except that each window is, with probability `p`, cut to a
+/// length drawn uniformly from 2 to `max_history + 1`, afresh per epoch.
+/// Every training item but the first still is a target exactly once.
+///
+/// Why: a window's targets are predicted from everything before them in
+/// the window, and a user's whole context is unique, so a model can learn
+/// "this user's sequence continues with B" instead of "A is followed by
+/// B". Measured on Toys: the dropout-0.2 model ranked 90% of training
+/// targets in its top 10 but found a test target reached by a known
+/// training transition only 43% of the time. Short windows ask for next
+/// items from the last few items alone.
+pub fn short_windows(
+    seqs: &[Vec<u32>],
+    holdout: usize,
+    max_history: usize,
+    p: f64,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Window> {
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed.rotate_left(29) ^ (epoch as u64).wrapping_mul(0x94d0_49bb_1331_11eb),
+    );
+    let mut out = Vec::new();
+    for (user, seq) in seqs.iter().enumerate() {
+        let prefix = training_prefix(seq, holdout);
+        let mut end = prefix.len();
+        while end >= 2 {
+            let len = if rng.random_bool(p) {
+                rng.random_range(2..=max_history + 1)
+            } else {
+                max_history + 1
+            };
+            let start = end.saturating_sub(len);
+            out.push(Window {
+                user: user as u32,
+                start: start as u32,
+                end: end as u32,
+            });
+            end = start + 1;
+        }
+    }
+    out
+}
+
 /// Every user's training prefix with each item deleted with probability
 /// `p`, drawn afresh per epoch from `seed` and `epoch`; a prefix that would
 /// keep fewer than two items is kept whole.
@@ -250,6 +294,34 @@ mod tests {
                 assert_eq!(s, expected, "user {user} item {i}");
             }
         }
+    }
+
+    #[test]
+    fn short_windows_keep_every_target_once_and_are_shorter() {
+        let seqs: Vec<Vec<u32>> = (0..200u32).map(|n| (0..n % 60 + 3).collect()).collect();
+        let full = windows(&seqs, 2, 20);
+        let short = short_windows(&seqs, 2, 20, 0.5, 3, 1);
+        assert_eq!(short, short_windows(&seqs, 2, 20, 0.5, 3, 1));
+        assert_eq!(full, short_windows(&seqs, 2, 20, 0.0, 3, 1));
+        for (user, seq) in seqs.iter().enumerate() {
+            let prefix = training_prefix(seq, 2);
+            let mut seen = vec![0; prefix.len()];
+            for w in short.iter().filter(|w| w.user as usize == user) {
+                assert!((2..=21).contains(&(w.end - w.start)));
+                for t in w.start + 1..w.end {
+                    seen[t as usize] += 1;
+                }
+            }
+            assert!(seen[1..].iter().all(|&s| s == 1), "user {user}: {seen:?}");
+        }
+        let mean =
+            |ws: &[Window]| ws.iter().map(|w| w.targets()).sum::<usize>() as f64 / ws.len() as f64;
+        assert!(
+            mean(&short) < 0.8 * mean(&full),
+            "{} vs {}",
+            mean(&short),
+            mean(&full)
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use crate::model::{
 };
 use crate::sid::Sid;
 use curves::{EpochRecord, TrainLog};
-use data::{epoch_batches, make_batch, thinned, windows};
+use data::{epoch_batches, make_batch, short_windows, thinned, windows};
 use optim::{AdamW, AdamWConfig, Schedule};
 
 /// Knobs of a run; the defaults are the ones the README's results used.
@@ -67,6 +67,10 @@ pub struct TrainOptions {
     /// as they are.
     #[serde(default)]
     pub item_drop: f64,
+    /// Probability of cutting a training window to a random shorter length
+    /// ([`data::short_windows`]); 0 cuts every window at `max_history + 1`.
+    #[serde(default)]
+    pub short_windows: f64,
 }
 
 impl Default for TrainOptions {
@@ -84,6 +88,7 @@ impl Default for TrainOptions {
             beams: 20,
             eval_batch: 64,
             item_drop: 0.0,
+            short_windows: 0.0,
         }
     }
 }
@@ -112,8 +117,8 @@ pub enum TrainError {
     },
     #[error("{}: {why}", path.display())]
     Resume { path: PathBuf, why: String },
-    #[error("item_drop is {0}; it must be at least 0 and below 1")]
-    ItemDrop(f64),
+    #[error("{0} is {1}; it must be a probability (item_drop below 1)")]
+    Probability(&'static str, f64),
     #[error("the training data has no window of two or more items")]
     NoData,
     #[error("training diverged at epoch {epoch}: the loss is {loss}; lower --lr")]
@@ -163,7 +168,10 @@ pub fn train(
 ) -> Result<Summary, TrainError> {
     cfg.validate()?;
     if !(0.0..1.0).contains(&opts.item_drop) {
-        return Err(TrainError::ItemDrop(opts.item_drop));
+        return Err(TrainError::Probability("item_drop", opts.item_drop));
+    }
+    if !(0.0..=1.0).contains(&opts.short_windows) {
+        return Err(TrainError::Probability("short_windows", opts.short_windows));
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
     let ckpt = out.join("checkpoint");
@@ -241,13 +249,25 @@ pub fn train(
         let (mut loss_sum, mut loss_n, mut seen) = (0.0, 0.0, 0u64);
         let mut lr = schedule.at(state.steps);
         let thin_seqs;
-        let thin_windows;
-        let (seqs, epoch_windows) = if opts.item_drop > 0.0 {
+        let cut_windows;
+        let (seqs, holdout) = if opts.item_drop > 0.0 {
             thin_seqs = thinned(corpus.seqs, 2, opts.item_drop, opts.seed, epoch);
-            thin_windows = windows(&thin_seqs, 0, cfg.max_history);
-            (&thin_seqs[..], &thin_windows[..])
+            (&thin_seqs[..], 0)
         } else {
-            (corpus.seqs, &train_windows[..])
+            (corpus.seqs, 2)
+        };
+        let epoch_windows: &[_] = if opts.item_drop > 0.0 || opts.short_windows > 0.0 {
+            cut_windows = short_windows(
+                seqs,
+                holdout,
+                cfg.max_history,
+                opts.short_windows,
+                opts.seed,
+                epoch,
+            );
+            &cut_windows
+        } else {
+            &train_windows
         };
         let epoch_targets = epoch_windows.iter().map(|w| w.targets() as u64).sum();
         let bar = progress(epoch_targets, &format!("epoch {epoch}"));
