@@ -66,7 +66,7 @@ pub struct TrainArgs {
     head_dim: usize,
     #[arg(long, default_value_t = 512)]
     d_ff: usize,
-    #[arg(long, default_value_t = 0.4)]
+    #[arg(long, default_value_t = 0.2)]
     dropout: f32,
     #[arg(long, default_value_t = 20)]
     max_history: usize,
@@ -74,8 +74,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 65_536)]
     node_buckets: usize,
     /// Score each code by its prefix's row too (item-specific output
-    /// vectors on the levels whose prefix table is exact).
-    #[arg(long)]
+    /// vectors on the levels whose prefix table is exact); `false` gives
+    /// the plain code output.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     prefix_output: bool,
     #[arg(long, default_value_t = TrainOptions::default().epochs)]
     epochs: usize,

@@ -88,7 +88,7 @@ impl Default for TrainOptions {
             beams: 20,
             eval_batch: 64,
             item_drop: 0.0,
-            short_windows: 0.0,
+            short_windows: 0.5,
         }
     }
 }
@@ -219,8 +219,19 @@ pub fn train(
         optimizer.load(&ckpt.join("optimizer.safetensors"), state.steps, device)?;
     }
     let model = params.model(cfg)?;
-    let batches_per_epoch =
-        epoch_batches(&train_windows, opts.batch_size, opts.seed, 0).len() as u64;
+    // Augmented epochs differ a little in their number of windows; the
+    // first one's count stands for all, so the schedule ends near the last
+    // epoch instead of early.
+    let batches_per_epoch = {
+        let planned = epoch_data(corpus.seqs, opts, cfg.max_history, 1).1;
+        epoch_batches(
+            planned.as_deref().unwrap_or(&train_windows),
+            opts.batch_size,
+            opts.seed,
+            0,
+        )
+        .len() as u64
+    };
     let schedule = Schedule {
         peak: opts.lr,
         warmup: opts.warmup_steps,
@@ -248,27 +259,9 @@ pub fn train(
         let mut dropout = Dropout::new(cfg.dropout, opts.seed ^ (epoch as u64) << 32);
         let (mut loss_sum, mut loss_n, mut seen) = (0.0, 0.0, 0u64);
         let mut lr = schedule.at(state.steps);
-        let thin_seqs;
-        let cut_windows;
-        let (seqs, holdout) = if opts.item_drop > 0.0 {
-            thin_seqs = thinned(corpus.seqs, 2, opts.item_drop, opts.seed, epoch);
-            (&thin_seqs[..], 0)
-        } else {
-            (corpus.seqs, 2)
-        };
-        let epoch_windows: &[_] = if opts.item_drop > 0.0 || opts.short_windows > 0.0 {
-            cut_windows = short_windows(
-                seqs,
-                holdout,
-                cfg.max_history,
-                opts.short_windows,
-                opts.seed,
-                epoch,
-            );
-            &cut_windows
-        } else {
-            &train_windows
-        };
+        let (thin_seqs, epoch_windows) = epoch_data(corpus.seqs, opts, cfg.max_history, epoch);
+        let seqs = thin_seqs.as_deref().unwrap_or(corpus.seqs);
+        let epoch_windows = epoch_windows.as_deref().unwrap_or(&train_windows);
         let epoch_targets = epoch_windows.iter().map(|w| w.targets() as u64).sum();
         let bar = progress(epoch_targets, &format!("epoch {epoch}"));
         for batch in epoch_batches(epoch_windows, opts.batch_size, opts.seed, epoch) {
@@ -369,6 +362,35 @@ pub fn train(
         train_secs: state.elapsed_secs,
         stopped_early,
     })
+}
+
+/// One epoch's training data where augmentation changes it: the thinned
+/// sequences (with `item_drop`) and the windows cut from them (with
+/// `item_drop` or `short_windows`); `None` means the unchanged corpus.
+#[allow(clippy::type_complexity)]
+fn epoch_data(
+    seqs: &[Vec<u32>],
+    opts: &TrainOptions,
+    max_history: usize,
+    epoch: usize,
+) -> (Option<Vec<Vec<u32>>>, Option<Vec<data::Window>>) {
+    let thin = (opts.item_drop > 0.0).then(|| thinned(seqs, 2, opts.item_drop, opts.seed, epoch));
+    let windows = (opts.item_drop > 0.0 || opts.short_windows > 0.0).then(|| {
+        // Thinned sequences already hold only the training prefix.
+        let (seqs, holdout) = match &thin {
+            Some(t) => (&t[..], 0),
+            None => (seqs, 2),
+        };
+        short_windows(
+            seqs,
+            holdout,
+            max_history,
+            opts.short_windows,
+            opts.seed,
+            epoch,
+        )
+    });
+    (thin, windows)
 }
 
 /// Every `n`-th example so that `n` of them remain (all when `n` is 0 or
