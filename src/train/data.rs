@@ -47,12 +47,18 @@ pub fn training_prefix(seq: &[u32], holdout: usize) -> &[u32] {
 /// Cuts every user's training prefix into windows of at most
 /// `max_history + 1` items, newest first.
 pub fn windows(seqs: &[Vec<u32>], holdout: usize, max_history: usize) -> Vec<Window> {
+    cut(seqs, holdout, || max_history + 1)
+}
+
+/// Cuts every user's training prefix into windows from its end backwards,
+/// each at most `len()` items long.
+fn cut(seqs: &[Vec<u32>], holdout: usize, mut len: impl FnMut() -> usize) -> Vec<Window> {
     let mut out = Vec::new();
     for (user, seq) in seqs.iter().enumerate() {
         let prefix = training_prefix(seq, holdout);
         let mut end = prefix.len();
         while end >= 2 {
-            let start = end.saturating_sub(max_history + 1);
+            let start = end.saturating_sub(len());
             out.push(Window {
                 user: user as u32,
                 start: start as u32,
@@ -88,26 +94,13 @@ pub fn short_windows(
     let mut rng = ChaCha8Rng::seed_from_u64(
         seed.rotate_left(29) ^ (epoch as u64).wrapping_mul(0x94d0_49bb_1331_11eb),
     );
-    let mut out = Vec::new();
-    for (user, seq) in seqs.iter().enumerate() {
-        let prefix = training_prefix(seq, holdout);
-        let mut end = prefix.len();
-        while end >= 2 {
-            let len = if rng.random_bool(p) {
-                rng.random_range(2..=max_history + 1)
-            } else {
-                max_history + 1
-            };
-            let start = end.saturating_sub(len);
-            out.push(Window {
-                user: user as u32,
-                start: start as u32,
-                end: end as u32,
-            });
-            end = start + 1;
+    cut(seqs, holdout, || {
+        if rng.random_bool(p) {
+            rng.random_range(2..=max_history + 1)
+        } else {
+            max_history + 1
         }
-    }
-    out
+    })
 }
 
 /// Every user's training prefix with each item deleted with probability
