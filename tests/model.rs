@@ -9,7 +9,9 @@ use candle_core::Device;
 use genfeed::dataset::{Example, Split};
 use genfeed::eval::{evaluate, OfflineIndex};
 use genfeed::index::Index;
-use genfeed::model::{Filter, Generator, Model, ModelConfig, Params, Request, SearchOptions};
+use genfeed::model::{
+    Filter, Generator, Model, ModelConfig, Params, Request, SearchOptions, SiblingTable,
+};
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
 use genfeed::train::{train, Corpus, TrainOptions};
@@ -113,6 +115,43 @@ fn a_beam_as_wide_as_the_catalogue_finds_the_exact_top_items() {
     let vocab = vec![6, 5, 4];
     let (model, sids, index) = fixture(&vocab, 60, 3, 11);
     exact_top_items(&model, &sids, &index);
+}
+
+#[test]
+fn with_sibling_scored_outputs_the_search_still_finds_the_exact_top_items() {
+    // Level 1 is exact, levels 2 and 3 are hashed and scored by siblings;
+    // 60 items of 30 possible two-code prefixes: most prefixes are shared.
+    let vocab = vec![6, 5, 4, 3];
+    let cfg = ModelConfig {
+        node_buckets: 30,
+        prefix_output: true,
+        sibling_output: true,
+        ..tiny(vocab.clone())
+    };
+    assert!(cfg.prefix_scored(1) && cfg.sibling_scored(2) && cfg.sibling_scored(3));
+    let model = random_model(&cfg, 5);
+    let sids = random_sids(60, &vocab, 13);
+    let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    exact_top_items(&model, &sids, &index);
+    // Without the sibling rows the same weights score items differently.
+    let plain = random_model(
+        &ModelConfig {
+            sibling_output: false,
+            ..cfg.clone()
+        },
+        5,
+    );
+    let h = &histories(&sids, 1, 2)[0];
+    let with = brute_force(&model, &index, h, &sids);
+    let without = brute_force(&plain, &index, h, &sids);
+    let differ = with
+        .iter()
+        .filter(|(sid, lp)| {
+            let other = without.iter().find(|(s, _)| s == sid).unwrap().1;
+            (lp - other).abs() > 1e-3
+        })
+        .count();
+    assert!(differ > 30, "only {differ} of 60 items scored differently");
 }
 
 #[test]
@@ -555,15 +594,20 @@ fn an_index_of_another_vocabulary_is_refused() {
 #[test]
 fn serving_scores_are_the_training_objective() {
     // Hashed prefixes from level 1 on; then exact through level 1 with
-    // prefix-scored outputs on levels 0 and 1 (level 2 stays hashed).
-    for (buckets, prefix_output) in [(40, false), (100, true)] {
+    // prefix-scored outputs on levels 0 and 1 (level 2 stays hashed); then
+    // level 2 scored by its listed children as well.
+    for (buckets, prefix_output, sibling_output) in
+        [(40, false, false), (100, true, false), (100, true, true)]
+    {
         let cfg = ModelConfig {
             node_buckets: buckets,
             prefix_output,
+            sibling_output,
             ..tiny(vec![8, 8, 16])
         };
         assert_eq!(cfg.prefix_scored(1), prefix_output);
         assert!(!cfg.prefix_scored(2));
+        assert_eq!(cfg.sibling_scored(2), sibling_output);
         training_matches_serving(&cfg);
     }
 }
@@ -576,6 +620,7 @@ fn training_matches_serving(cfg: &ModelConfig) {
     let model = random_model(cfg, 31);
     let sids = random_sids(300, &vocab, 12);
     let index = OfflineIndex::build(&sids, &vocab).unwrap();
+    let table = SiblingTable::new(cfg, &sids);
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let mut g = Generator::new(&model);
     for _ in 0..20 {
@@ -589,7 +634,7 @@ fn training_matches_serving(cfg: &ModelConfig) {
         };
         // A window predicts every item after the first; the loss is their
         // mean. Serving scores each prediction from its prefix.
-        let batch = make_batch(&[&w], &seqs, &sids, cfg, &Device::Cpu).unwrap();
+        let batch = make_batch(&[&w], &seqs, &sids, &table, cfg, &Device::Cpu).unwrap();
         let loss = model
             .train_loss(&batch, &mut Dropout::new(0.0, 1))
             .unwrap()
@@ -634,8 +679,25 @@ fn successors(users: usize, items: usize, seed: u64) -> (Vec<Vec<u32>>, Vec<Sid>
 
 #[test]
 fn training_learns_item_to_item_transitions_over_meaningless_sids() {
+    learns_transitions(&tiny(vec![16, 16, 8]));
+}
+
+#[test]
+fn training_learns_transitions_through_sibling_scored_outputs() {
+    // Level 1's 256 prefixes hash into 64 rows: levels 1 and 2 are scored
+    // by their listed children, so the gradient flows through the lists.
+    let cfg = ModelConfig {
+        node_buckets: 64,
+        prefix_output: true,
+        sibling_output: true,
+        ..tiny(vec![16, 16, 8])
+    };
+    assert!(cfg.sibling_scored(1) && cfg.sibling_scored(2));
+    learns_transitions(&cfg);
+}
+
+fn learns_transitions(cfg: &ModelConfig) {
     let (seqs, sids) = successors(800, 300, 3);
-    let cfg = tiny(vec![16, 16, 8]);
     let dir = tempfile::tempdir().unwrap();
     let corpus = Corpus {
         seqs: &seqs,
@@ -643,7 +705,7 @@ fn training_learns_item_to_item_transitions_over_meaningless_sids() {
     };
     train(
         &corpus,
-        &cfg,
+        cfg,
         &opts(15),
         dir.path(),
         false,

@@ -53,6 +53,10 @@ pub struct GenerateArgs {
     /// --prefix-output`), to measure what they cost.
     #[arg(long)]
     prefix_output: bool,
+    /// And sibling-scored outputs on the hashed levels (`train
+    /// --sibling-output`).
+    #[arg(long)]
+    sibling_output: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     #[arg(long, default_value_t = 7)]
@@ -101,6 +105,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             let vocab = vec![256, 256, 256, 256];
             let cfg = ModelConfig {
                 prefix_output: a.prefix_output,
+                sibling_output: a.sibling_output,
                 ..ModelConfig::tiger(vocab.clone(), "synthetic")
             };
             let params = Params::init(&cfg, a.seed, &device)?;

@@ -78,6 +78,12 @@ pub struct TrainArgs {
     /// the plain code output.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     prefix_output: bool,
+    /// Score each live child by its prefix row on the levels whose prefix
+    /// table is hashed too, from a list of its parent's children (at most
+    /// 64), so that items sharing a prefix are told apart by what was
+    /// learnt about each.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    sibling_output: bool,
     #[arg(long, default_value_t = TrainOptions::default().epochs)]
     epochs: usize,
     #[arg(long, default_value_t = TrainOptions::default().batch_size)]
@@ -191,6 +197,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         dropout: a.dropout,
         node_buckets: a.node_buckets,
         prefix_output: a.prefix_output,
+        sibling_output: a.sibling_output,
         tokenizer_version: loaded.tokenizer.version().to_string(),
     };
     let opts = TrainOptions {

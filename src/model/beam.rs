@@ -16,6 +16,7 @@ use std::collections::BinaryHeap;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
+use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
 use crate::index::{Cursor, Snapshot};
 use crate::sid::{Code, Sid, MAX_LEVELS};
@@ -162,6 +163,11 @@ pub struct Generator<'m> {
     kept: Vec<Candidate>,
     beams: Beams,
     next: Beams,
+    /// Live children of every beam's prefix, in CSR form, and the buffers
+    /// they become tensors from, for sibling-scored levels.
+    children: Vec<Code>,
+    offsets: Vec<u32>,
+    siblings: SiblingBuffer,
 }
 
 impl<'m> Generator<'m> {
@@ -174,6 +180,9 @@ impl<'m> Generator<'m> {
             kept: Vec::new(),
             beams: Beams::default(),
             next: Beams::default(),
+            children: Vec::new(),
+            offsets: Vec::new(),
+            siblings: SiblingBuffer::default(),
         }
     }
 
@@ -216,9 +225,37 @@ impl<'m> Generator<'m> {
 
         for level in 0..levels {
             let vocab = cfg.vocab[level];
-            let logp =
-                self.model
-                    .decoder_step(&input, level, &mut cache, &memory, prefixes.as_ref())?;
+            let siblings = if cfg.sibling_scored(level) {
+                self.children.clear();
+                self.offsets.clear();
+                self.offsets.push(0);
+                for (&cursor, score) in self.beams.cursors.iter().zip(&self.beams.scores) {
+                    // A dead beam's cursor stayed a level behind: it has no
+                    // children here.
+                    if score.is_finite() {
+                        snapshot.allowed(cursor, |c| self.children.push(c));
+                    }
+                    self.offsets.push(self.children.len() as u32);
+                }
+                Some(self.siblings.build(
+                    cfg,
+                    level,
+                    &self.beams.codes,
+                    &self.children,
+                    &self.offsets,
+                    &device,
+                )?)
+            } else {
+                None
+            };
+            let logp = self.model.decoder_step(
+                &input,
+                level,
+                &mut cache,
+                &memory,
+                prefixes.as_ref(),
+                siblings.as_ref(),
+            )?;
             let rows = s * width;
             self.mask.resize(rows * vocab, 0.0);
             snapshot.fill_mask(&self.beams.cursors, vocab, &mut self.mask);

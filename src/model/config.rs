@@ -34,6 +34,11 @@ pub struct ModelConfig {
     /// configs written before it existed, hence off by default there.
     #[serde(default)]
     pub prefix_output: bool,
+    /// Score a code by its prefix row as well on the levels whose prefix
+    /// table is hashed, listing each parent's children
+    /// ([`ModelConfig::sibling_scored`]). Absent in older configs: off.
+    #[serde(default)]
+    pub sibling_output: bool,
     /// The tokenizer the SIDs came from; a model is meaningless with another.
     pub tokenizer_version: String,
 }
@@ -53,6 +58,7 @@ impl ModelConfig {
             dropout: 0.4,
             node_buckets: 65_536,
             prefix_output: false,
+            sibling_output: false,
             tokenizer_version: tokenizer_version.into(),
         }
     }
@@ -108,6 +114,15 @@ impl ModelConfig {
                 .iter()
                 .try_fold(1usize, |n, &v| n.checked_mul(v))
                 .is_some_and(|n| n <= self.node_buckets)
+    }
+
+    /// Whether level `level`'s output adds each live child's prefix row to
+    /// its score from a list of the parent's children: the levels after the
+    /// first that are not prefix-scored (with prefix outputs on, those whose
+    /// table is hashed), so that no level is left to code rows alone
+    /// ([`crate::model::siblings`] says why).
+    pub fn sibling_scored(&self, level: usize) -> bool {
+        self.sibling_output && level > 0 && !self.prefix_scored(level)
     }
 
     /// The row of the prefix `codes[..=level]` in level `level`'s prefix

@@ -27,7 +27,9 @@ fn memory(cfg: &ModelConfig) -> f64 {
 
 /// One row's output layer at `level`: the code rows, and again as many
 /// for the children's prefix rows where the level is prefix-scored (level
-/// 0 folds them into the code rows).
+/// 0 folds them into the code rows). Sibling-scored levels add `2·d` per
+/// listed child, which depends on the catalogue (a few per row on Toys),
+/// and are left out.
 fn output(cfg: &ModelConfig, level: usize) -> f64 {
     let per_table = 2.0 * cfg.d_model as f64 * cfg.vocab[level] as f64;
     if level > 0 && cfg.prefix_scored(level) {

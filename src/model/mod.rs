@@ -34,10 +34,12 @@
 mod beam;
 mod config;
 mod flops;
+pub mod siblings;
 mod transformer;
 
 pub use beam::{Filter, Generated, Generator, Request, SearchOptions};
 pub use config::{ModelConfig, ModelError, CONFIG_FILE, WEIGHTS_FILE};
 pub use flops::{flops_per_request, flops_per_train_position};
+pub use siblings::{SiblingTable, MAX_SIBLINGS};
 pub use transformer::{param_count, Dropout, ItemTokens, Model, Params, TrainBatch};
 pub(crate) use transformer::{window_mask, window_positions};

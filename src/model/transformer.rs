@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{ModelConfig, ModelError};
+use super::siblings::Siblings;
 
 const LN_EPS: f32 = 1e-5;
 /// Added to attention scores a query must not see. Finite, so that a row
@@ -376,6 +377,9 @@ pub struct TrainBatch {
     /// ([`ModelConfig::prefix_scored`]): each target's prefix row at the
     /// level before, `[positions]`.
     pub parents: Vec<Option<Tensor>>,
+    /// Per level, for sibling-scored levels ([`ModelConfig::sibling_scored`]):
+    /// the children of each target's parent.
+    pub siblings: Vec<Option<Siblings>>,
 }
 
 /// Items as the model reads them: per level, the code and the row of the
@@ -614,6 +618,31 @@ impl Model {
         z.unsqueeze(1)?.matmul(&blocks.transpose(1, 2)?)?.squeeze(1)
     }
 
+    /// Each row of `z` (`[rows, d]`) scored against the prefix rows of the
+    /// children its row of `siblings` lists, placed at those children's
+    /// codes: `[rows, vocab]`, zero at codes not listed.
+    fn sibling_logits(
+        &self,
+        level: usize,
+        z: &Tensor,
+        siblings: &Siblings,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, d) = z.dims2()?;
+        let (width, vocab) = (siblings.nodes.dim(1)?, self.cfg.vocab[level]);
+        let children = self.node[level]
+            .index_select(&siblings.nodes.flatten_all()?, 0)?
+            .reshape((rows, width, d))?;
+        let scores = z
+            .unsqueeze(1)?
+            .matmul(&children.transpose(1, 2)?)?
+            .squeeze(1)?
+            .mul(&siblings.weight)?
+            .flatten_all()?;
+        Tensor::zeros(rows * vocab, z.dtype(), z.device())?
+            .index_add(&siblings.slots, &scores, 0)?
+            .reshape((rows, vocab))
+    }
+
     /// Mean training loss over a batch: the negative log-likelihood of each
     /// next item's SID, summed over levels (nats per item).
     ///
@@ -662,6 +691,9 @@ impl Model {
             let mut logits = zl.matmul(&table.t()?)?.broadcast_add(&self.out_bias[l])?;
             if let Some(parents) = &batch.parents[l] {
                 logits = (logits + self.prefix_logits(l, &zl, parents)?)?;
+            }
+            if let Some(siblings) = &batch.siblings[l] {
+                logits = (logits + self.sibling_logits(l, &zl, siblings)?)?;
             }
             let ce = candle_nn::loss::cross_entropy(&logits, &batch.targets[l])?;
             loss = Some(match loss {
@@ -724,7 +756,8 @@ impl Model {
     /// One SID-decoder step for `x` (`[rows, d]`) at `level`, reading and
     /// extending `cache`; returns log-probabilities over the level's codes.
     /// `parents`, for prefix-scored levels after the first, are the rows'
-    /// prefix rows at the level before ([`Model::prefix_logits`]).
+    /// prefix rows at the level before ([`Model::prefix_logits`]);
+    /// `siblings`, for sibling-scored levels, the rows' live children.
     pub(crate) fn decoder_step(
         &self,
         x: &Tensor,
@@ -732,6 +765,7 @@ impl Model {
         cache: &mut DecoderCache,
         memory: &Memory,
         parents: Option<&Tensor>,
+        siblings: Option<&Siblings>,
     ) -> candle_core::Result<Tensor> {
         let requests = memory.mask.dim(0)?;
         let rows = x.dim(0)?;
@@ -773,6 +807,9 @@ impl Model {
             .broadcast_add(&self.out_bias[level])?;
         if let Some(parents) = parents {
             logits = (logits + self.prefix_logits(level, &z, parents)?)?;
+        }
+        if let Some(siblings) = siblings {
+            logits = (logits + self.sibling_logits(level, &z, siblings)?)?;
         }
         candle_nn::ops::log_softmax(&logits, D::Minus1)
     }

@@ -15,8 +15,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{window_mask, window_positions, ItemTokens, ModelConfig, TrainBatch};
-use crate::sid::Sid;
+use crate::model::siblings::SiblingBuffer;
+use crate::model::{
+    window_mask, window_positions, ItemTokens, ModelConfig, SiblingTable, TrainBatch,
+};
+use crate::sid::{Sid, MAX_LEVELS};
 
 /// Items of a user's sequence that make one window: `seqs[user][start..end]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,6 +168,7 @@ pub fn make_batch(
     windows: &[&Window],
     seqs: &[Vec<u32>],
     sids: &[Sid],
+    table: &SiblingTable,
     cfg: &ModelConfig,
     device: &Device,
 ) -> candle_core::Result<TrainBatch> {
@@ -213,6 +217,27 @@ pub fn make_batch(
         }
     }
     let n = positions.len();
+    let siblings = (0..levels)
+        .map(|l| {
+            if !cfg.sibling_scored(l) {
+                return Ok(None);
+            }
+            let (mut prefixes, mut children, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
+            for w in windows {
+                for &item in &seqs[w.user as usize][w.start as usize + 1..w.end as usize] {
+                    let c = sids[item as usize].codes();
+                    let mut prefix = [0; MAX_LEVELS];
+                    prefix[..c.len()].copy_from_slice(c);
+                    prefixes.push(prefix);
+                    children.extend_from_slice(table.children(&c[..l]));
+                    offsets.push(children.len() as u32);
+                }
+            }
+            SiblingBuffer::default()
+                .build(cfg, l, &prefixes, &children, &offsets, device)
+                .map(Some)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let tensors = |v: Vec<Vec<u32>>, n: usize| {
         v.into_iter()
             .map(|c| Tensor::from_vec(c, n, device))
@@ -239,6 +264,7 @@ pub fn make_batch(
             .into_iter()
             .map(|rows| rows.map(|r| Tensor::from_vec(r, n, device)).transpose())
             .collect::<candle_core::Result<_>>()?,
+        siblings,
     })
 }
 

@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{Example, Split};
 use crate::eval::{evaluate, OfflineIndex, Report};
 use crate::model::{
-    Dropout, ModelConfig, ModelError, Params, SearchOptions, CONFIG_FILE, WEIGHTS_FILE,
+    Dropout, ModelConfig, ModelError, Params, SearchOptions, SiblingTable, CONFIG_FILE,
+    WEIGHTS_FILE,
 };
 use crate::sid::Sid;
 use curves::{EpochRecord, TrainLog};
@@ -254,6 +255,7 @@ pub fn train(
     };
     let mut best_valid = None;
     let mut stopped_early = false;
+    let siblings = SiblingTable::new(cfg, corpus.sids);
     for epoch in state.epochs_done + 1..=opts.epochs {
         let started = Instant::now();
         let mut dropout = Dropout::new(cfg.dropout, opts.seed ^ (epoch as u64) << 32);
@@ -267,7 +269,7 @@ pub fn train(
         for batch in epoch_batches(epoch_windows, opts.batch_size, opts.seed, epoch) {
             let ws: Vec<_> = batch.iter().map(|&i| &epoch_windows[i]).collect();
             let n: u64 = ws.iter().map(|w| w.targets() as u64).sum();
-            let b = make_batch(&ws, seqs, corpus.sids, cfg, device)?;
+            let b = make_batch(&ws, seqs, corpus.sids, &siblings, cfg, device)?;
             let loss = model.train_loss(&b, &mut dropout)?;
             let grads = loss.backward()?;
             lr = schedule.at(state.steps);
