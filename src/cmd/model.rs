@@ -81,8 +81,8 @@ pub struct TrainArgs {
     /// Score each live child by its prefix row on the levels whose prefix
     /// table is hashed too, from a list of its parent's children (at most
     /// 64), so that items sharing a prefix are told apart by what was
-    /// learnt about each.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    /// learnt about each; `false` leaves those levels to code rows.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sibling_output: bool,
     #[arg(long, default_value_t = TrainOptions::default().epochs)]
     epochs: usize,

@@ -13,7 +13,9 @@
 //! - The **SID decoder** turns one context vector into a SID, token by
 //!   token: a small causal transformer over `[context, token₀, …, token_{L-2}]`
 //!   whose output at position `l` scores level `l`'s codes against that
-//!   level's (tied) embedding table.
+//!   level's (tied) embedding table and, with prefix- and sibling-scored
+//!   outputs, against the (tied) rows of the prefixes they would complete
+//!   ([`ModelConfig::prefix_scored`], [`siblings`]).
 //!
 //! # Why not TIGER's encoder–decoder
 //!

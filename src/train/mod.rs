@@ -89,7 +89,7 @@ impl Default for TrainOptions {
             beams: 20,
             eval_batch: 64,
             item_drop: 0.0,
-            short_windows: 0.5,
+            short_windows: 0.8,
         }
     }
 }
