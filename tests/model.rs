@@ -141,16 +141,7 @@ fn with_sibling_scored_outputs_the_search_still_finds_the_exact_top_items() {
         },
         5,
     );
-    let h = &histories(&sids, 1, 2)[0];
-    let with = brute_force(&model, &index, h, &sids);
-    let without = brute_force(&plain, &index, h, &sids);
-    let differ = with
-        .iter()
-        .filter(|(sid, lp)| {
-            let other = without.iter().find(|(s, _)| s == sid).unwrap().1;
-            (lp - other).abs() > 1e-3
-        })
-        .count();
+    let differ = scored_differently(&model, &plain, &index, &sids);
     assert!(differ > 30, "only {differ} of 60 items scored differently");
 }
 
@@ -169,17 +160,22 @@ fn with_prefix_scored_outputs_the_search_still_finds_the_exact_top_items() {
     // The same weights without prefix scoring score items differently: the
     // prefix rows are really part of the output.
     let plain = random_model(&tiny(vocab.clone()), 3);
-    let h = &histories(&sids, 1, 2)[0];
-    let with = brute_force(&model, &index, h, &sids);
-    let without = brute_force(&plain, &index, h, &sids);
-    let differ = with
-        .iter()
+    let differ = scored_differently(&model, &plain, &index, &sids);
+    assert!(differ > 50, "only {differ} of 60 items scored differently");
+}
+
+/// How many items two models give different log-probabilities for one
+/// history.
+fn scored_differently(a: &Model, b: &Model, index: &OfflineIndex, sids: &[Sid]) -> usize {
+    let h = &histories(sids, 1, 2)[0];
+    let with = brute_force(a, index, h, sids);
+    let without = brute_force(b, index, h, sids);
+    with.iter()
         .filter(|(sid, lp)| {
             let other = without.iter().find(|(s, _)| s == sid).unwrap().1;
             (lp - other).abs() > 1e-3
         })
-        .count();
-    assert!(differ > 50, "only {differ} of 60 items scored differently");
+        .count()
 }
 
 fn exact_top_items(model: &Model, sids: &[Sid], index: &OfflineIndex) {
