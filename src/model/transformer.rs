@@ -618,17 +618,18 @@ impl Model {
         z.unsqueeze(1)?.matmul(&blocks.transpose(1, 2)?)?.squeeze(1)
     }
 
-    /// Each row of `z` (`[rows, d]`) scored against the prefix rows of the
-    /// children its row of `siblings` lists, placed at those children's
-    /// codes: `[rows, vocab]`, zero at codes not listed.
-    fn sibling_logits(
+    /// Level `level`'s `logits` (`[rows, vocab]`) with each row of `z`
+    /// (`[rows, d]`) scored against the prefix rows of the children its row
+    /// of `siblings` lists, added at those children's codes.
+    fn add_sibling_logits(
         &self,
         level: usize,
+        logits: Tensor,
         z: &Tensor,
         siblings: &Siblings,
     ) -> candle_core::Result<Tensor> {
-        let (rows, d) = z.dims2()?;
-        let (width, vocab) = (siblings.nodes.dim(1)?, self.cfg.vocab[level]);
+        let (rows, vocab) = logits.dims2()?;
+        let (width, d) = (siblings.nodes.dim(1)?, z.dim(1)?);
         let children = self.node[level]
             .index_select(&siblings.nodes.flatten_all()?, 0)?
             .reshape((rows, width, d))?;
@@ -638,7 +639,8 @@ impl Model {
             .squeeze(1)?
             .mul(&siblings.weight)?
             .flatten_all()?;
-        Tensor::zeros(rows * vocab, z.dtype(), z.device())?
+        logits
+            .flatten_all()?
             .index_add(&siblings.slots, &scores, 0)?
             .reshape((rows, vocab))
     }
@@ -693,7 +695,7 @@ impl Model {
                 logits = (logits + self.prefix_logits(l, &zl, parents)?)?;
             }
             if let Some(siblings) = &batch.siblings[l] {
-                logits = (logits + self.sibling_logits(l, &zl, siblings)?)?;
+                logits = self.add_sibling_logits(l, logits, &zl, siblings)?;
             }
             let ce = candle_nn::loss::cross_entropy(&logits, &batch.targets[l])?;
             loss = Some(match loss {
@@ -809,7 +811,7 @@ impl Model {
             logits = (logits + self.prefix_logits(level, &z, parents)?)?;
         }
         if let Some(siblings) = siblings {
-            logits = (logits + self.sibling_logits(level, &z, siblings)?)?;
+            logits = self.add_sibling_logits(level, logits, &z, siblings)?;
         }
         candle_nn::ops::log_softmax(&logits, D::Minus1)
     }

@@ -19,7 +19,7 @@ use crate::model::siblings::SiblingBuffer;
 use crate::model::{
     window_mask, window_positions, ItemTokens, ModelConfig, SiblingTable, TrainBatch,
 };
-use crate::sid::{Sid, MAX_LEVELS};
+use crate::sid::{Code, Sid, MAX_LEVELS};
 
 /// Items of a user's sequence that make one window: `seqs[user][start..end]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +184,8 @@ pub fn make_batch(
     let mut parents: Vec<Option<Vec<u32>>> = (0..levels)
         .map(|l| (l > 0 && cfg.prefix_scored(l)).then(Vec::new))
         .collect();
+    // Each target's SID, for listing its parents' children.
+    let mut target_sids: Vec<[Code; MAX_LEVELS]> = Vec::new();
     let mut pads = Vec::with_capacity(b);
     for (row, w) in windows.iter().enumerate() {
         let items = &seqs[w.user as usize][w.start as usize..w.end as usize];
@@ -206,6 +208,9 @@ pub fn make_batch(
         for (t, &item) in next.iter().enumerate() {
             positions.push((row * len + pad + t) as u32);
             let c = sids[item as usize].codes();
+            let mut sid = [0; MAX_LEVELS];
+            sid[..levels].copy_from_slice(c);
+            target_sids.push(sid);
             for l in 0..levels {
                 targets[l].push(u32::from(c[l]));
                 next_codes[l].push(u32::from(c[l]));
@@ -222,19 +227,13 @@ pub fn make_batch(
             if !cfg.sibling_scored(l) {
                 return Ok(None);
             }
-            let (mut prefixes, mut children, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
-            for w in windows {
-                for &item in &seqs[w.user as usize][w.start as usize + 1..w.end as usize] {
-                    let c = sids[item as usize].codes();
-                    let mut prefix = [0; MAX_LEVELS];
-                    prefix[..c.len()].copy_from_slice(c);
-                    prefixes.push(prefix);
-                    children.extend_from_slice(table.children(&c[..l]));
-                    offsets.push(children.len() as u32);
-                }
+            let (mut children, mut offsets) = (Vec::new(), vec![0u32]);
+            for sid in &target_sids {
+                children.extend_from_slice(table.children(&sid[..l]));
+                offsets.push(children.len() as u32);
             }
             SiblingBuffer::default()
-                .build(cfg, l, &prefixes, &children, &offsets, device)
+                .build(cfg, l, &target_sids, &children, &offsets, device)
                 .map(Some)
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
