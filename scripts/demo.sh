@@ -40,7 +40,8 @@ echo "== train an RQ-KMeans tokenizer on the items' content (text where there is
 
 echo "== train the generative model (${DEMO_EPOCHS:-8} epochs, 1 thread)"
 "$genfeed" train --data "$data" --tokenizer "$work/tokenizer" --out "$work/model" \
-  --epochs "${DEMO_EPOCHS:-8}" --valid-users 1000 --threads 1 | tail -n 3
+  --epochs "${DEMO_EPOCHS:-8}" --valid-users 1000 --threads 1 >"$work/train.json"
+grep -E '^  "(epochs|best_epoch|train_secs)"|^    "(pairs|weight)"' "$work/train.json"
 echo "== leave-one-out test on 2,000 users: Recall/NDCG@5/10, invalid-ID rate"
 "$genfeed" eval --data "$data" --model "$work/model" --tokenizer "$work/tokenizer" --users 2000 | tail -n 4
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::dataset::Example;
 use crate::index::{Index, IndexError, Snapshot};
-use crate::model::{Generator, Model, ModelError, Request, SearchOptions};
+use crate::model::{Generator, ModelError, Request, SearchOptions};
 use crate::sid::Sid;
 
 /// An index over a fixed catalogue, for offline evaluation. The directory is
@@ -73,9 +73,10 @@ pub struct Report {
     pub ranks: Vec<Option<u8>>,
 }
 
-/// Ranks the catalogue for every example and scores the target's rank.
+/// Ranks the catalogue for every example with `generator` (the model,
+/// perhaps mixed with successor counts) and scores the target's rank.
 pub fn evaluate(
-    model: &Model,
+    generator: &mut Generator<'_>,
     index: &OfflineIndex,
     sids: &[Sid],
     examples: &[Example<'_>],
@@ -89,7 +90,6 @@ pub fn evaluate(
         ..opts.clone()
     };
     let batch = batch.max(1);
-    let mut generator = Generator::new(model);
     let (mut r5, mut r10, mut n5, mut n10) = (0.0, 0.0, 0.0, 0.0);
     let (mut generated, mut invalid) = (0usize, 0usize);
     let mut reached = vec![false; sids.len()];

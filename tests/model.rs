@@ -11,6 +11,7 @@ use genfeed::eval::{evaluate, OfflineIndex};
 use genfeed::index::Index;
 use genfeed::model::{
     Filter, Generator, Model, ModelConfig, Params, Request, SearchOptions, SiblingTable,
+    Transitions,
 };
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
@@ -198,6 +199,127 @@ fn exact_top_items(model: &Model, sids: &[Sid], index: &OfflineIndex) {
         // Log-probabilities of all live SIDs under the model sum to at most 1.
         let total: f32 = exact.iter().map(|(_, lp)| lp.exp()).sum();
         assert!(total <= 1.0 + 1e-4, "{total}");
+    }
+}
+
+/// Successor counts for the last item of each history but the first (which
+/// keeps the model alone), over `pool`, which may hold items not live.
+fn random_transitions(hs: &[Vec<Sid>], pool: &[Sid], seed: u64) -> Transitions {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut pairs = Vec::new();
+    for h in &hs[1..] {
+        let last = *h.last().unwrap();
+        for _ in 0..rng.random_range(1..12) {
+            let to = pool[rng.random_range(0..pool.len())];
+            for _ in 0..rng.random_range(1..4) {
+                pairs.push((last, to));
+            }
+        }
+    }
+    Transitions::count(pairs)
+}
+
+#[test]
+fn with_successor_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
+    let vocab = vec![6, 5, 4];
+    let (model, all, _) = fixture(&vocab, 70, 3, 11);
+    // Ten items are not live; some histories' successors are among them.
+    let sids = &all[..60];
+    let index = OfflineIndex::build(sids, &vocab).unwrap();
+    let hs = histories(sids, 6, 1);
+    let transitions = random_transitions(&hs, &all, 5);
+    let w = 0.4f32;
+    let opts = SearchOptions {
+        beams: 60,
+        top_k: 10,
+        exclude_history: false,
+    };
+    let got = Generator::new(&model)
+        .with_transitions(&transitions, w)
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+    let mut mixed_any = false;
+    for (h, list) in hs.iter().zip(&got) {
+        let (to, counts) = transitions.successors(*h.last().unwrap());
+        let count = |sid: Sid| {
+            to.iter()
+                .zip(counts)
+                .find(|(t, _)| **t == sid)
+                .map_or(0, |(_, &c)| c)
+        };
+        let live_total: u32 = sids.iter().map(|&s| count(s)).sum();
+        let model_alone = brute_force(&model, &index, h, sids);
+        let mut exact: Vec<(Sid, f32)> = model_alone
+            .iter()
+            .map(|&(sid, lp)| {
+                let p = if live_total == 0 {
+                    lp.exp()
+                } else {
+                    (1.0 - w) * lp.exp() + w * count(sid) as f32 / live_total as f32
+                };
+                (sid, p.ln())
+            })
+            .collect();
+        exact.sort_by(|a, b| b.1.total_cmp(&a.1));
+        mixed_any |= live_total > 0 && exact[0].0 != model_alone[0].0;
+        // Successors with equal counts and a tiny model share tie up to
+        // rounding, so the check is by score: each returned item's own
+        // mixture log-probability, and the exact top ten's scores in order.
+        assert_eq!(list.len(), 10);
+        for (g, (_, lp)) in list.iter().zip(&exact) {
+            let own = exact
+                .iter()
+                .find(|(s, _)| *s == g.sid)
+                .expect("only live items")
+                .1;
+            assert!(
+                (g.log_prob - own).abs() < 1e-4,
+                "{}: {} vs {own}",
+                g.sid,
+                g.log_prob
+            );
+            assert!((g.log_prob - lp).abs() < 1e-4, "{} vs {lp}", g.log_prob);
+        }
+        let total: f32 = exact.iter().map(|(_, lp)| lp.exp()).sum();
+        assert!(
+            total <= 1.0 + 1e-4,
+            "the mixture is a distribution: {total}"
+        );
+    }
+    assert!(mixed_any, "the counts changed some request's best item");
+}
+
+#[test]
+fn successor_counts_never_bring_back_what_the_mask_removed() {
+    let vocab = vec![8, 8, 16];
+    let (model, sids, index) = fixture(&vocab, 400, 12, 6);
+    let hs = histories(&sids, 10, 3);
+    let transitions = random_transitions(&hs, &sids, 9);
+    let mut g = Generator::new(&model).with_transitions(&transitions, 0.9);
+    let opts = SearchOptions {
+        beams: 12,
+        top_k: 10,
+        exclude_history: true,
+    };
+    let successors: Vec<Sid> = hs
+        .iter()
+        .flat_map(|h| transitions.successors(*h.last().unwrap()).0.iter().copied())
+        .collect();
+    let plain = g
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+    assert!(
+        plain.iter().flatten().any(|x| successors.contains(&x.sid)),
+        "at weight 0.9 successors make the lists"
+    );
+    let deny = Filter::default().deny(successors.iter().copied());
+    let out = g
+        .generate(index.snapshot(), &requests(&hs, Some(&deny)), &opts)
+        .unwrap();
+    for (h, list) in hs.iter().zip(&out) {
+        assert_eq!(list.len(), 10);
+        assert!(list.iter().all(|x| !successors.contains(&x.sid)));
+        assert!(list.iter().all(|x| !h.contains(&x.sid)));
     }
 }
 
@@ -421,7 +543,7 @@ fn recall(dir: &Path, seqs: &[Vec<u32>], sids: &[Sid], valid: bool) -> (f64, f64
         ..SearchOptions::default()
     };
     let report = evaluate(
-        &model,
+        &mut Generator::new(&model),
         &index,
         sids,
         &examples,

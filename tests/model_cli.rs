@@ -88,12 +88,30 @@ fn train_then_eval_reports_quality_with_no_invalid_ids() {
     ]));
     let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
     assert_eq!(summary["epochs"], 3);
+    // The successor counts' weight was chosen on validation among those tried.
+    let mixing = &summary["transitions"];
+    let tried = mixing["tried"].as_array().unwrap();
+    assert_eq!(tried.len(), genfeed::train::transitions::WEIGHTS.len());
+    let best = tried
+        .iter()
+        .map(|t| t["ndcg10"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let chosen = tried
+        .iter()
+        .find(|t| t["weight"] == mixing["weight"])
+        .unwrap();
+    assert_eq!(chosen["ndcg10"].as_f64().unwrap(), best);
+    assert!(mixing["pairs"].as_u64().unwrap() > 0);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["transition_weight"], mixing["weight"]);
     for f in [
         "config.json",
         "model.safetensors",
         "train_log.csv",
         "train_curves.png",
         "checkpoint/state.json",
+        "transitions.safetensors",
     ] {
         assert!(model.join(f).is_file(), "{f} missing");
     }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use genfeed::eval::OfflineIndex;
 use genfeed::model::{
     flops_per_request, param_count, Generator, Model, ModelConfig, Params, Request, SearchOptions,
+    Transitions,
 };
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
@@ -57,6 +58,11 @@ pub struct GenerateArgs {
     /// --sibling-output`).
     #[arg(long)]
     sibling_output: bool,
+    /// Mix synthetic successor counts into the search at weight 0.5, this
+    /// many successors per item (Toys and Sports average 9 and 10), to
+    /// measure what mixing costs; 0 = the model alone.
+    #[arg(long, default_value_t = 0)]
+    successors: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     #[arg(long, default_value_t = 7)]
@@ -70,6 +76,8 @@ struct GenerateReport {
     model: String,
     params: usize,
     items: usize,
+    /// Synthetic successors per item mixed into the search (0: none).
+    successors: usize,
     beams: usize,
     batch: usize,
     threads: usize,
@@ -136,7 +144,15 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         top_k: a.beams.min(10),
         exclude_history: false,
     };
-    let mut generator = Generator::new(&model);
+    let transitions = Transitions::count(sids.iter().flat_map(|&from| {
+        (0..a.successors)
+            .flat_map(|_| {
+                let to = sids[rng.random_range(0..sids.len())];
+                std::iter::repeat_n((from, to), rng.random_range(1..4))
+            })
+            .collect::<Vec<_>>()
+    }));
+    let mut generator = Generator::new(&model).with_transitions(&transitions, 0.5);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();
@@ -153,6 +169,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         model: name,
         params,
         items: sids.len(),
+        successors: a.successors,
         beams: a.beams,
         batch,
         threads,

@@ -31,6 +31,9 @@ enum Command {
     Train(Box<model::TrainArgs>),
     /// Score a trained model with the leave-one-out protocol.
     Eval(model::EvalArgs),
+    /// Count a trained model's training transitions and choose their weight
+    /// in the search on validation users (`train` does this at its end).
+    FitTransitions(model::FitTransitionsArgs),
     /// Run the streaming service: Kafka in, live feeds out.
     Run(run::RunArgs),
     /// Drive a running service from a RecBole folder at a fixed rate and
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
+        Command::FitTransitions(a) => model::run_fit_transitions(a),
         Command::Run(a) => run::run(a),
         Command::Replay(a) => replay::run(a),
         Command::Bench(c) => bench::run(c),

@@ -9,9 +9,10 @@ use clap::{Args, ValueEnum};
 use genfeed::catalogue::vocab;
 use genfeed::dataset::{load_sequences, Example, Split};
 use genfeed::eval::{evaluate, OfflineIndex};
-use genfeed::model::{Model, ModelConfig, SearchOptions};
+use genfeed::model::{Generator, Model, ModelConfig, SearchOptions, Transitions};
 use genfeed::sid::Sid;
 use genfeed::tokenizer::FrozenTokenizer;
+use genfeed::train::transitions::fit_transitions;
 use genfeed::train::{train, Corpus, TrainOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -198,6 +199,7 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         node_buckets: a.node_buckets,
         prefix_output: a.prefix_output,
         sibling_output: a.sibling_output,
+        transition_weight: 0.0,
         tokenizer_version: loaded.tokenizer.version().to_string(),
     };
     let opts = TrainOptions {
@@ -225,7 +227,77 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         sids: &loaded.sids,
     };
     let summary = train(&corpus, &cfg, &opts, &a.out, a.resume, &device, super::bar)?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    let mixing = fit_transitions(
+        &corpus,
+        &a.out,
+        opts.valid_users,
+        opts.beams,
+        &device,
+        super::bar,
+    )?;
+    #[derive(serde::Serialize)]
+    struct Report<'a> {
+        #[serde(flatten)]
+        summary: &'a genfeed::train::Summary,
+        transitions: &'a genfeed::train::transitions::Mixing,
+    }
+    let report = Report {
+        summary: &summary,
+        transitions: &mixing,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct FitTransitionsArgs {
+    /// The RecBole folder (or `.inter` file) the model was trained on.
+    #[arg(long)]
+    data: PathBuf,
+    /// The tokenizer the model was trained with.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The trained model directory; its config gets the chosen weight.
+    #[arg(long)]
+    model: PathBuf,
+    /// Validation users the weight is chosen on (evenly spaced); 0 = all.
+    #[arg(long, default_value_t = TrainOptions::default().valid_users)]
+    valid_users: usize,
+    #[arg(long, default_value_t = TrainOptions::default().beams)]
+    beams: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceArg,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn run_fit_transitions(a: FitTransitionsArgs) -> anyhow::Result<()> {
+    set_threads(a.threads);
+    let device = device(a.device)?;
+    let loaded = load(&a.data, &a.tokenizer)?;
+    let cfg = ModelConfig::load(&a.model)
+        .with_context(|| format!("loading the model {}", a.model.display()))?;
+    if cfg.tokenizer_version != loaded.tokenizer.version() {
+        bail!(
+            "the model was trained with tokenizer {} but {} is {}",
+            cfg.tokenizer_version,
+            a.tokenizer.display(),
+            loaded.tokenizer.version()
+        );
+    }
+    let corpus = Corpus {
+        seqs: &loaded.seqs,
+        sids: &loaded.sids,
+    };
+    let mixing = fit_transitions(
+        &corpus,
+        &a.model,
+        a.valid_users,
+        a.beams,
+        &device,
+        super::bar,
+    )?;
+    println!("{}", serde_json::to_string_pretty(&mixing)?);
     Ok(())
 }
 
@@ -266,6 +338,10 @@ pub struct EvalArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Weight of the successor counts in the search (0 = the model alone);
+    /// default: the model's `transition_weight`, chosen on validation.
+    #[arg(long)]
+    transition_weight: Option<f32>,
     /// Also write one line per evaluated user, tab-separated: the user's
     /// number in the data, the target item, and its 0-based rank in the top
     /// 10 (empty for a miss).
@@ -307,7 +383,26 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         exclude_history: a.exclude_history,
     };
     let pb = super::bar(examples.len() as u64, "eval");
-    let report = evaluate(&model, &index, &loaded.sids, &examples, &opts, a.batch, &pb)?;
+    if let Some(w) = a.transition_weight.filter(|w| !(0.0..1.0).contains(w)) {
+        bail!("--transition-weight {w} is not in [0, 1)");
+    }
+    let transitions = match a.transition_weight.unwrap_or(cfg.transition_weight) {
+        w if w > 0.0 => Some((Transitions::load(&a.model)?, w)),
+        _ => None,
+    };
+    let mut generator = Generator::new(&model);
+    if let Some((t, w)) = &transitions {
+        generator = generator.with_transitions(t, *w);
+    }
+    let report = evaluate(
+        &mut generator,
+        &index,
+        &loaded.sids,
+        &examples,
+        &opts,
+        a.batch,
+        &pb,
+    )?;
     pb.finish_and_clear();
     if let Some(path) = &a.ranks {
         write_ranks(path, &examples, &loaded.items, &report.ranks)

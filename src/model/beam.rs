@@ -9,6 +9,13 @@
 //! filters, and a top-`beams` selection per request. Because every token is
 //! chosen under the index's mask, every finished beam spells a live item: the
 //! invalid-ID rate is zero by construction, not by filtering afterwards.
+//!
+//! With [`Generator::with_transitions`] the search runs over the mixture of
+//! the model and the successor counts of each history's last item
+//! ([`super::transitions`]). Beams then carry the model's own log-probability
+//! beside the mixture's, and the range of successors under their prefix; only
+//! the few codes that lead to a successor get a host-side correction, so the
+//! tensor work is unchanged.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -18,6 +25,7 @@ use candle_core::{Device, Tensor};
 use super::config::ModelError;
 use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
+use super::transitions::Transitions;
 use crate::index::{Cursor, Snapshot};
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
@@ -97,7 +105,8 @@ pub struct Generated {
     pub sid: Sid,
     /// The item's number in the snapshot ([`Snapshot::get`]).
     pub ord: u32,
-    /// Log-probability of the whole SID under the model.
+    /// Log-probability of the whole SID under the model, or under its
+    /// mixture with the successor counts when the generator has them.
     pub log_prob: f32,
 }
 
@@ -134,7 +143,12 @@ impl PartialOrd for Candidate {
 struct Beams {
     cursors: Vec<Cursor>,
     codes: Vec<[Code; MAX_LEVELS]>,
+    /// Log-probability of the prefix under the distribution searched.
     scores: Vec<f32>,
+    /// The same under the model alone (equal to `scores` without counts).
+    model: Vec<f32>,
+    /// The run of the request's successors under the prefix, in `succ`.
+    spans: Vec<(u32, u32)>,
     /// The row each beam extends in the previous level's state.
     parents: Vec<u32>,
     /// The code each beam chose last, and the prefix row it completes.
@@ -147,16 +161,50 @@ impl Beams {
         self.cursors.clear();
         self.codes.clear();
         self.scores.clear();
+        self.model.clear();
+        self.spans.clear();
         self.parents.clear();
         self.chosen.clear();
         self.nodes.clear();
     }
 }
 
+/// How one request mixes in its last item's successors: with `w` the weight
+/// and `n` the live successors' total count, a code whose subtree holds
+/// successor count `g` scores `ln(P_model + g · w / ((1 − w) n))`, which is
+/// the mixture's log-probability less `ln(1 − w)` (the same for every
+/// candidate of the request, so ranking is unchanged); `shift` adds it back.
+#[derive(Clone, Copy)]
+struct Mix {
+    /// `ln(w / ((1 − w) n))`.
+    bonus: f32,
+    /// `ln(1 − w)`.
+    shift: f32,
+}
+
+/// A candidate whose score got its successors' share: where it sits in the
+/// level's score block, the model's own score there, and the successors
+/// under it.
+#[derive(Clone, Copy)]
+struct Fix {
+    at: u32,
+    model: f32,
+    span: (u32, u32),
+}
+
 /// Beam search with host buffers reused across levels and calls: the only
 /// allocations per step are the tensors handed to candle.
 pub struct Generator<'m> {
     model: &'m Model,
+    transitions: Option<(&'m Transitions, f32)>,
+    /// Live successors of every request's last item, request after request,
+    /// with running count totals (`cum[j]` = counts before `succ[j]`).
+    succ: Vec<Sid>,
+    cum: Vec<f32>,
+    mixes: Vec<Option<Mix>>,
+    /// This level's corrected candidates, request-major, `fix_offsets[r]..`.
+    fixes: Vec<Fix>,
+    fix_offsets: Vec<usize>,
     mask: Vec<f32>,
     row: Vec<f32>,
     heap: BinaryHeap<Candidate>,
@@ -170,10 +218,22 @@ pub struct Generator<'m> {
     siblings: SiblingBuffer,
 }
 
+/// `ln(e^a + e^b)` without overflow.
+fn log_add_exp(a: f32, b: f32) -> f32 {
+    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+    hi + (lo - hi).exp().ln_1p()
+}
+
 impl<'m> Generator<'m> {
     pub fn new(model: &'m Model) -> Generator<'m> {
         Generator {
             model,
+            transitions: None,
+            succ: Vec::new(),
+            cum: Vec::new(),
+            mixes: Vec::new(),
+            fixes: Vec::new(),
+            fix_offsets: Vec::new(),
             mask: Vec::new(),
             row: Vec::new(),
             heap: BinaryHeap::new(),
@@ -184,6 +244,17 @@ impl<'m> Generator<'m> {
             offsets: Vec::new(),
             siblings: SiblingBuffer::default(),
         }
+    }
+
+    /// Searches the mixture of the model (weight `1 − weight`) and the
+    /// successor counts of each history's last item (weight `weight`);
+    /// a weight of 0 leaves the model alone. Weights are meant to lie in
+    /// `[0, 1)` ([`super::ModelConfig::validate`] checks the config's); one
+    /// of 1 or more is read as 0.999, so the model still ranks the items
+    /// no count reaches.
+    pub fn with_transitions(mut self, transitions: &'m Transitions, weight: f32) -> Generator<'m> {
+        self.transitions = (weight > 0.0).then_some((transitions, weight.min(0.999)));
+        self
     }
 
     /// The top `opts.top_k` live items for each request, best first.
@@ -218,6 +289,8 @@ impl<'m> Generator<'m> {
         self.beams.cursors.resize(s, snapshot.root());
         self.beams.codes.resize(s, [0; MAX_LEVELS]);
         self.beams.scores.resize(s, 0.0);
+        self.beams.model.resize(s, 0.0);
+        self.successors(snapshot, requests);
         let mut width = 1;
         let mut cache = self.model.decoder_cache(s)?;
         let mut input = self.model.decoder_start(&contexts)?;
@@ -261,9 +334,10 @@ impl<'m> Generator<'m> {
             snapshot.fill_mask(&self.beams.cursors, vocab, &mut self.mask);
             self.apply_filters(requests, opts, level, vocab, width);
             let mask = Tensor::from_slice(&self.mask, (rows, vocab), &device)?;
-            let prior = Tensor::from_slice(&self.beams.scores, (rows, 1), &device)?;
+            let prior = Tensor::from_slice(&self.beams.model, (rows, 1), &device)?;
             let total = logp.broadcast_add(&prior)?.add(&mask)?;
-            let total = total.flatten_all()?.to_vec1::<f32>()?;
+            let mut total = total.flatten_all()?.to_vec1::<f32>()?;
+            self.mix(&mut total, level, vocab, width);
 
             // Top `beams` per request over its `width × vocab` continuations.
             self.next.clear();
@@ -274,15 +348,26 @@ impl<'m> Generator<'m> {
                 self.kept.extend(self.heap.drain());
                 self.kept.sort_unstable();
                 for b in 0..beams {
-                    let (row, code, score) = match self.kept.get(b) {
-                        Some(c) => (
-                            r * width + c.at as usize / vocab,
-                            (c.at as usize % vocab) as Code,
-                            c.score,
-                        ),
+                    let (row, code, score, model, span) = match self.kept.get(b) {
+                        Some(c) => {
+                            let at = (r * block) as u32 + c.at;
+                            let fixes = &self.fixes[self.fix_offsets[r]..self.fix_offsets[r + 1]];
+                            let (model, span) = match fixes.binary_search_by_key(&at, |f| f.at) {
+                                Ok(f) => (fixes[f].model, fixes[f].span),
+                                Err(_) => (c.score, (0, 0)),
+                            };
+                            let shift = self.mixes[r].map_or(0.0, |m| m.shift);
+                            (
+                                r * width + c.at as usize / vocab,
+                                (c.at as usize % vocab) as Code,
+                                c.score + shift,
+                                model,
+                                span,
+                            )
+                        }
                         // Fewer live continuations than beams: a dead beam
                         // that can never be chosen again.
-                        None => (r * width, 0, f32::NEG_INFINITY),
+                        None => (r * width, 0, f32::NEG_INFINITY, f32::NEG_INFINITY, (0, 0)),
                     };
                     let from = self.beams.cursors[row];
                     let cursor = if score.is_finite() {
@@ -301,6 +386,8 @@ impl<'m> Generator<'m> {
                     next.cursors.push(cursor);
                     next.codes.push(c);
                     next.scores.push(score);
+                    next.model.push(model);
+                    next.spans.push(span);
                     next.parents.push(row as u32);
                     next.chosen.push(u32::from(code));
                     next.nodes.push(cfg.node_id(&c, level));
@@ -343,6 +430,75 @@ impl<'m> Generator<'m> {
             out.push(items);
         }
         Ok(out)
+    }
+
+    /// Lists the live successors of every request's last item and gives each
+    /// request's root beam their run.
+    fn successors(&mut self, snapshot: &Snapshot, requests: &[Request<'_>]) {
+        self.succ.clear();
+        self.cum.clear();
+        self.cum.push(0.0);
+        self.mixes.clear();
+        self.beams.spans.clear();
+        let Some((transitions, weight)) = self.transitions else {
+            self.mixes.resize(requests.len(), None);
+            self.beams.spans.resize(requests.len(), (0, 0));
+            return;
+        };
+        for req in requests {
+            let lo = self.succ.len();
+            let last = req.history.last().copied();
+            let (to, counts) = last.map_or((&[][..], &[][..]), |s| transitions.successors(s));
+            let mut total = 0.0;
+            for (&sid, &n) in to.iter().zip(counts) {
+                if snapshot.get(sid).is_some() {
+                    total += n as f32;
+                    self.succ.push(sid);
+                    self.cum.push(total + self.cum[lo]);
+                }
+            }
+            let hi = self.succ.len();
+            self.beams.spans.push((lo as u32, hi as u32));
+            self.mixes.push((total > 0.0).then(|| Mix {
+                bonus: (weight / ((1.0 - weight) * total)).ln(),
+                shift: (1.0 - weight).ln(),
+            }));
+        }
+    }
+
+    /// Gives every live candidate that leads to successors its share of the
+    /// mixture, recording the model's own score and the successors' run.
+    fn mix(&mut self, total: &mut [f32], level: usize, vocab: usize, width: usize) {
+        self.fixes.clear();
+        self.fix_offsets.clear();
+        self.fix_offsets.push(0);
+        for (r, mix) in self.mixes.iter().enumerate() {
+            if let Some(mix) = mix {
+                for i in r * width..(r + 1) * width {
+                    let (mut j, hi) = self.beams.spans[i];
+                    while j < hi {
+                        let code = self.succ[j as usize].codes()[level];
+                        let start = j;
+                        while j < hi && self.succ[j as usize].codes()[level] == code {
+                            j += 1;
+                        }
+                        let at = i * vocab + usize::from(code);
+                        let model = total[at];
+                        if model == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let share = self.cum[j as usize] - self.cum[start as usize];
+                        total[at] = log_add_exp(model, share.ln() + mix.bonus);
+                        self.fixes.push(Fix {
+                            at: at as u32,
+                            model,
+                            span: (start, j),
+                        });
+                    }
+                }
+            }
+            self.fix_offsets.push(self.fixes.len());
+        }
     }
 
     /// Keeps the best `k` finite entries of `block` in `self.heap`.

@@ -39,6 +39,11 @@ pub struct ModelConfig {
     /// ([`ModelConfig::sibling_scored`]). Absent in older configs: off.
     #[serde(default)]
     pub sibling_output: bool,
+    /// Weight of the successor counts in the search's mixture
+    /// ([`crate::model::transitions`]): 0 is the model alone. Chosen on
+    /// validation users after training; absent in older configs: 0.
+    #[serde(default)]
+    pub transition_weight: f32,
     /// The tokenizer the SIDs came from; a model is meaningless with another.
     pub tokenizer_version: String,
 }
@@ -59,6 +64,7 @@ impl ModelConfig {
             node_buckets: 65_536,
             prefix_output: false,
             sibling_output: false,
+            transition_weight: 0.0,
             tokenizer_version: tokenizer_version.into(),
         }
     }
@@ -175,6 +181,12 @@ impl ModelConfig {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout", format!("{} is not in [0, 1)", self.dropout));
+        }
+        if !(0.0..1.0).contains(&self.transition_weight) {
+            return bad(
+                "transition_weight",
+                format!("{} is not in [0, 1)", self.transition_weight),
+            );
         }
         Ok(())
     }

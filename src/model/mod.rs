@@ -38,6 +38,7 @@ mod config;
 mod flops;
 pub mod siblings;
 mod transformer;
+pub mod transitions;
 
 pub use beam::{Filter, Generated, Generator, Request, SearchOptions};
 pub use config::{ModelConfig, ModelError, CONFIG_FILE, WEIGHTS_FILE};
@@ -45,3 +46,4 @@ pub use flops::{flops_per_request, flops_per_train_position};
 pub use siblings::{SiblingTable, MAX_SIBLINGS};
 pub use transformer::{param_count, Dropout, ItemTokens, Model, Params, TrainBatch};
 pub(crate) use transformer::{window_mask, window_positions};
+pub use transitions::{Transitions, TRANSITIONS_FILE};

@@ -20,11 +20,14 @@ use super::metrics::Metrics;
 use super::scheduler::Job;
 use super::view::SharedView;
 use crate::contract::{InputPosition, RankedItem, Recommendation};
-use crate::model::{Filter, Generator, Model, Request, SearchOptions};
+use crate::model::{Filter, Generator, Model, Request, SearchOptions, Transitions};
 use crate::sid::Sid;
 
 pub struct FeedWorker {
     pub model: Model,
+    /// Successor counts mixed into the search, with their weight, when the
+    /// model was fitted with them ([`crate::model::transitions`]).
+    pub transitions: Option<(Transitions, f32)>,
     pub model_version: String,
     pub tokenizer_version: String,
     pub interactions_topic: String,
@@ -53,6 +56,9 @@ impl FeedWorker {
         sent: mpsc::Sender<Sent>,
     ) -> Result<(), FeedError> {
         let mut generator = Generator::new(&self.model);
+        if let Some((t, w)) = &self.transitions {
+            generator = generator.with_transitions(t, *w);
+        }
         let mut ords = Vec::new();
         let mut histories: Vec<Vec<Sid>> = Vec::new();
         let mut deny = (u64::MAX, Filter::default());

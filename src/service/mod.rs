@@ -63,7 +63,7 @@ use tokio::sync::{mpsc, watch};
 use crate::catalogue::{Catalogue, CatalogueConfig};
 use crate::embed::text::TextEncoder;
 use crate::embed::EncoderSpec;
-use crate::model::{Model, SearchOptions};
+use crate::model::{Model, SearchOptions, Transitions};
 use crate::tokenizer::FrozenTokenizer;
 use catalogue_consumer::CatalogueConsumer;
 use config::Config;
@@ -105,7 +105,19 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tokenizer.version()
         );
     }
-    let model_version = model_version(&paths.model)?;
+    let transitions = match model_cfg.transition_weight {
+        w if w > 0.0 => Some((
+            Transitions::load(&paths.model).with_context(|| {
+                format!(
+                    "the model's config mixes in successor counts (transition_weight {w}), \
+                     but they cannot be read"
+                )
+            })?,
+            w,
+        )),
+        _ => None,
+    };
+    let model_version = model_version(&paths.model, transitions.as_ref().map(|t| t.1))?;
     let text = match (&tokenizer.manifest().input.encoder, &paths.text_model) {
         (EncoderSpec::Text { model, .. }, Some(dir)) => {
             let enc = TextEncoder::load(dir, &Device::Cpu)
@@ -244,6 +256,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     let worker = FeedWorker {
         model,
+        transitions,
         model_version,
         tokenizer_version: tokenizer.version().to_string(),
         interactions_topic: k.interactions_topic.clone(),
@@ -389,20 +402,29 @@ fn instance_id(state: &std::path::Path) -> String {
     format!("{}#{}", state.display(), std::process::id())
 }
 
-/// A digest of the weights: what feeds name as their model version.
-fn model_version(dir: &std::path::Path) -> anyhow::Result<String> {
+/// A digest of what decides the feeds: the weights and, when they are
+/// mixed in, the successor counts and their weight. Feeds name it as their
+/// model version.
+fn model_version(dir: &std::path::Path, transition_weight: Option<f32>) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};
-    let path = dir.join(crate::model::WEIGHTS_FILE);
-    let mut f =
-        std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut h = Sha256::new();
+    let mut files = vec![crate::model::WEIGHTS_FILE];
+    if let Some(w) = transition_weight {
+        files.push(crate::model::TRANSITIONS_FILE);
+        h.update(w.to_le_bytes());
+    }
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+    for file in files {
+        let path = dir.join(file);
+        let mut f =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
         }
-        h.update(&buf[..n]);
     }
     let digest = h.finalize();
     let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();

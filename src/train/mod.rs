@@ -19,10 +19,12 @@
 //! | `config.json`, `model.safetensors` | the best model so far, loadable by [`crate::model::Model::load`] |
 //! | `train_log.csv`, `train_curves.png` | one row per epoch; the curves drawn from it |
 //! | `checkpoint/` | the last epoch's weights, moments and `state.json` |
+//! | `transitions.safetensors` | the training transitions, counted after training ([`transitions`]) |
 
 pub mod curves;
 pub mod data;
 pub mod optim;
+pub mod transitions;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::dataset::{Example, Split};
 use crate::eval::{evaluate, OfflineIndex, Report};
 use crate::model::{
-    Dropout, ModelConfig, ModelError, Params, SearchOptions, SiblingTable, CONFIG_FILE,
+    Dropout, Generator, ModelConfig, ModelError, Params, SearchOptions, SiblingTable, CONFIG_FILE,
     WEIGHTS_FILE,
 };
 use crate::sid::Sid;
@@ -189,6 +191,11 @@ pub fn train(
     let (params, mut state, mut log, mut records) = if resume {
         let state: RunState = read_json(&ckpt.join("state.json"))?;
         let saved = ModelConfig::load(out)?;
+        // The transition weight is chosen after training, not trained.
+        let saved = ModelConfig {
+            transition_weight: cfg.transition_weight,
+            ..saved
+        };
         if &saved != cfg {
             return Err(TrainError::Resume {
                 path: out.join(CONFIG_FILE),
@@ -298,7 +305,7 @@ pub fn train(
         // it gets a model built from this epoch's weights.
         let serving = params.model(cfg)?;
         let report = evaluate(
-            &serving,
+            &mut Generator::new(&serving),
             &index,
             corpus.sids,
             &valid,
@@ -397,7 +404,7 @@ fn epoch_data(
 
 /// Every `n`-th example so that `n` of them remain (all when `n` is 0 or
 /// at least their number): a fixed subset, comparable across epochs.
-fn sample(all: Vec<Example<'_>>, n: usize) -> Vec<Example<'_>> {
+pub(crate) fn sample(all: Vec<Example<'_>>, n: usize) -> Vec<Example<'_>> {
     if n == 0 || n >= all.len() {
         return all;
     }
