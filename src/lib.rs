@@ -27,7 +27,9 @@
 //! - [`catalogue`]: the catalogue path that keeps tokenizer, registry and
 //!   index in step: an upsert is decodable at the next publish.
 //! - [`model`], [`train`], [`eval`]: the transformer that spells the next
-//!   item's SID, its training, and the field's leave-one-out protocol.
+//!   item's SID, its training, and the field's leave-one-out protocol. The
+//!   search mixes the model with the training transitions' successor counts
+//!   ([`model::transitions`]): what the model misses, the counts know.
 //! - [`service`]: the streaming service behind `genfeed run`: Kafka
 //!   consumers, durable per-user histories, a scheduler that micro-batches
 //!   users for the model, delivery-gated offsets, dead letters and metrics.

@@ -29,9 +29,18 @@
 //! is shared by every beam; only the tiny SID decoder runs per beam, with a
 //! key/value cache of at most `L` positions.
 //!
+//! # Successor counts
+//!
+//! The search can run over a mixture of the model and the training
+//! transitions' successor counts ([`transitions`]): the model generalises to
+//! targets no transition leads to, the counts keep the sparse transitions a
+//! 128-wide model blurs. Both spell items token by token, so the mixture is
+//! searched exactly like the model alone.
+//!
 //! Weights live in `model.safetensors` beside `config.json`
 //! ([`ModelConfig`]); [`Model::load`] refuses weights whose shapes do not
 //! match the config.
+//! The counts, when fitted, are `transitions.safetensors`.
 
 mod beam;
 mod config;
