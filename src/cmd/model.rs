@@ -271,20 +271,26 @@ pub struct FitTransitionsArgs {
     threads: Option<usize>,
 }
 
+/// Refuses a model trained on SIDs from another tokenizer than `dir`'s.
+fn same_tokenizer(cfg: &ModelConfig, loaded: &Loaded, dir: &Path) -> anyhow::Result<()> {
+    if cfg.tokenizer_version != loaded.tokenizer.version() {
+        bail!(
+            "the model was trained with tokenizer {} but {} is {}",
+            cfg.tokenizer_version,
+            dir.display(),
+            loaded.tokenizer.version()
+        );
+    }
+    Ok(())
+}
+
 pub fn run_fit_transitions(a: FitTransitionsArgs) -> anyhow::Result<()> {
     set_threads(a.threads);
     let device = device(a.device)?;
     let loaded = load(&a.data, &a.tokenizer)?;
     let cfg = ModelConfig::load(&a.model)
         .with_context(|| format!("loading the model {}", a.model.display()))?;
-    if cfg.tokenizer_version != loaded.tokenizer.version() {
-        bail!(
-            "the model was trained with tokenizer {} but {} is {}",
-            cfg.tokenizer_version,
-            a.tokenizer.display(),
-            loaded.tokenizer.version()
-        );
-    }
+    same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
     let corpus = Corpus {
         seqs: &loaded.seqs,
         sids: &loaded.sids,
@@ -355,14 +361,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let loaded = load(&a.data, &a.tokenizer)?;
     let (cfg, model) = Model::load(&a.model, &device)
         .with_context(|| format!("loading the model {}", a.model.display()))?;
-    if cfg.tokenizer_version != loaded.tokenizer.version() {
-        bail!(
-            "the model was trained with tokenizer {} but {} is {}",
-            cfg.tokenizer_version,
-            a.tokenizer.display(),
-            loaded.tokenizer.version()
-        );
-    }
+    same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
     let split = Split::leave_one_out(&loaded.seqs, cfg.max_history);
     let examples: Vec<Example<'_>> = match a.split {
         SplitArg::Valid => split.valid().iter().collect(),
