@@ -160,6 +160,14 @@ pub fn fixture() -> &'static Fixture {
             "--threads",
             "1",
         ]);
+        // Whatever weight validation chose on this tiny set, the service
+        // tests search the mixture with the successor counts, so that their
+        // guarantees (retired items never return, new ones join) hold for it.
+        let config = model.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        cfg["transition_weight"] = 0.5.into();
+        std::fs::write(&config, cfg.to_string()).unwrap();
         let parsed = genfeed::dataset::read_items(&files.items).unwrap();
         let col = parsed.column("embedding").unwrap();
         let items = parsed

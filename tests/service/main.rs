@@ -393,3 +393,43 @@ fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
         assert!(err.contains(key) && err.contains(why), "{err}");
     }
 }
+
+#[test]
+fn a_model_whose_successor_counts_are_missing_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture().model.join(f), model.join(f)).unwrap();
+    }
+    let t = topics("nocounts", 1);
+    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("model = ") {
+                format!("model = \"{}\"", model.display())
+            } else if l.starts_with("recommendations_topic") {
+                // Should the model load anyway, the service stops at this
+                // topic instead of serving forever.
+                format!("recommendations_topic = \"{}-nowhere\"", t.recommendations)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("transition_weight") && err.contains("transitions.safetensors"),
+        "{err}"
+    );
+}
