@@ -225,5 +225,9 @@ mod tests {
         let t = Transitions::count([(a, b), (b, a), (a, c), (a, b), (c, c)]);
         t.save(dir.path()).unwrap();
         assert_eq!(Transitions::load(dir.path()).unwrap(), t);
+        // A corpus without transitions saves and loads too.
+        let empty = Transitions::count([]);
+        empty.save(dir.path()).unwrap();
+        assert!(Transitions::load(dir.path()).unwrap().is_empty());
     }
 }
