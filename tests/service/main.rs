@@ -351,45 +351,52 @@ fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
     assert!(b.stop().success(), "{}", b.log_text());
 }
 
+/// Rewrites the config's lines that start with a key of `lines` to the
+/// line given for it, runs `genfeed run` on it, and returns its exit code and
+/// stderr (for configs the service must refuse).
+fn refused(cfg: &std::path::Path, lines: &[(&str, String)]) -> (Option<i32>, String) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let changed: Vec<&str> = text
+        .lines()
+        .map(|l| match lines.iter().find(|(key, _)| l.starts_with(key)) {
+            Some((_, line)) => line.as_str(),
+            None => l,
+        })
+        .collect();
+    std::fs::write(cfg, changed.join("\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
+        .args(["run", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let t = topics("misfit", 3);
-    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
-    let text = std::fs::read_to_string(&cfg).unwrap();
     let cases = [
         (
+            "histories_topic",
             format!("histories_topic = \"{}\"", t.dead_letters),
             "kafka.histories_topic",
             "partitions",
         ),
         (
+            "recommendations_topic",
             format!("recommendations_topic = \"{}-nowhere\"", t.recommendations),
             "kafka.recommendations_topic",
             "does not exist",
         ),
     ];
-    for (line, key, why) in cases {
-        let field = line.split(" = ").next().unwrap();
-        let changed: String = text
-            .lines()
-            .map(|l| {
-                if l.starts_with(field) {
-                    line.as_str()
-                } else {
-                    l
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(&cfg, changed).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
+    for (field, line, key, why) in cases {
+        let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+        let (code, err) = refused(&cfg, &[(field, line)]);
+        assert_eq!(code, Some(2), "{err}");
         assert!(err.contains(key) && err.contains(why), "{err}");
     }
 }
@@ -404,30 +411,19 @@ fn a_model_whose_successor_counts_are_missing_is_refused_at_start() {
     }
     let t = topics("nocounts", 1);
     let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("model = ") {
-                format!("model = \"{}\"", model.display())
-            } else if l.starts_with("recommendations_topic") {
-                // Should the model load anyway, the service stops at this
-                // topic instead of serving forever.
-                format!("recommendations_topic = \"{}-nowhere\"", t.recommendations)
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(&cfg, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (code, err) = refused(
+        &cfg,
+        &[
+            ("model = ", format!("model = \"{}\"", model.display())),
+            // Should the model load anyway, the service stops at this topic
+            // instead of serving forever.
+            (
+                "recommendations_topic",
+                format!("recommendations_topic = \"{}-nowhere\"", t.recommendations),
+            ),
+        ],
+    );
+    assert_ne!(code, Some(0), "{err}");
     assert!(
         err.contains("transition_weight") && err.contains("transitions.safetensors"),
         "{err}"
