@@ -356,6 +356,9 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    if let Some(w) = a.transition_weight.filter(|w| !(0.0..1.0).contains(w)) {
+        bail!("--transition-weight {w} is not in [0, 1)");
+    }
     set_threads(a.threads);
     let device = device(a.device)?;
     let loaded = load(&a.data, &a.tokenizer)?;
@@ -382,13 +385,10 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         exclude_history: a.exclude_history,
     };
     let pb = super::bar(examples.len() as u64, "eval");
-    if let Some(w) = a.transition_weight.filter(|w| !(0.0..1.0).contains(w)) {
-        bail!("--transition-weight {w} is not in [0, 1)");
-    }
-    let transitions = match a.transition_weight.unwrap_or(cfg.transition_weight) {
-        w if w > 0.0 => Some((Transitions::load(&a.model)?, w)),
-        _ => None,
-    };
+    let transitions = Transitions::load_weighted(
+        &a.model,
+        a.transition_weight.unwrap_or(cfg.transition_weight),
+    )?;
     let mut generator = Generator::new(&model);
     if let Some((t, w)) = &transitions {
         generator = generator.with_transitions(t, *w);

@@ -343,20 +343,20 @@ impl<'m> Generator<'m> {
             self.next.clear();
             let block = width * vocab;
             for r in 0..s {
+                let shift = self.mixes[r].map_or(0.0, |m| m.shift);
                 self.top(&total[r * block..(r + 1) * block], beams);
                 self.kept.clear();
                 self.kept.extend(self.heap.drain());
                 self.kept.sort_unstable();
+                let fixes = &self.fixes[self.fix_offsets[r]..self.fix_offsets[r + 1]];
                 for b in 0..beams {
                     let (row, code, score, model, span) = match self.kept.get(b) {
                         Some(c) => {
                             let at = (r * block) as u32 + c.at;
-                            let fixes = &self.fixes[self.fix_offsets[r]..self.fix_offsets[r + 1]];
                             let (model, span) = match fixes.binary_search_by_key(&at, |f| f.at) {
                                 Ok(f) => (fixes[f].model, fixes[f].span),
                                 Err(_) => (c.score, (0, 0)),
                             };
-                            let shift = self.mixes[r].map_or(0.0, |m| m.shift);
                             (
                                 r * width + c.at as usize / vocab,
                                 (c.at as usize % vocab) as Code,

@@ -54,31 +54,55 @@ pub struct Transitions {
 impl Transitions {
     /// Counts the pairs `(previous item, next item)`.
     pub fn count(pairs: impl IntoIterator<Item = (Sid, Sid)>) -> Transitions {
-        let mut pairs: Vec<(Sid, Sid)> = pairs.into_iter().collect();
-        pairs.sort_unstable_by(|a, b| {
+        Transitions::from_counts(pairs.into_iter().map(|(a, b)| (a, b, 1)))
+    }
+
+    /// Sums `(previous item, next item, count)` triples given in any order.
+    fn from_counts(triples: impl IntoIterator<Item = (Sid, Sid, u32)>) -> Transitions {
+        let mut triples: Vec<(Sid, Sid, u32)> = triples.into_iter().collect();
+        triples.sort_unstable_by(|a, b| {
             a.0.codes()
                 .cmp(b.0.codes())
                 .then_with(|| a.1.codes().cmp(b.1.codes()))
         });
         let mut t = Transitions::default();
-        for (a, b) in pairs {
-            let start = t.from.get(&a).map(|r| r.0);
-            match start {
-                Some(_) if t.to.last() == Some(&b) => {
-                    *t.counts.last_mut().expect("a successor was pushed") += 1;
+        // The predecessor being grouped and where its successors start.
+        let mut group: Option<(Sid, u32)> = None;
+        for (a, b, n) in triples {
+            match group {
+                Some((g, _)) if g == a => {
+                    if t.to.last() == Some(&b) {
+                        *t.counts.last_mut().expect("the group has a successor") += n;
+                        continue;
+                    }
                 }
                 _ => {
-                    t.to.push(b);
-                    t.counts.push(1);
+                    if let Some((g, lo)) = group {
+                        t.from.insert(g, (lo, t.to.len() as u32));
+                    }
+                    group = Some((a, t.to.len() as u32));
                 }
             }
-            let end = t.to.len() as u32;
-            t.from
-                .entry(a)
-                .and_modify(|r| r.1 = end)
-                .or_insert((end - 1, end));
+            t.to.push(b);
+            t.counts.push(n);
+        }
+        if let Some((g, lo)) = group {
+            t.from.insert(g, (lo, t.to.len() as u32));
         }
         t
+    }
+
+    /// The counts a model directory's search mixes in at `weight`, with
+    /// it: none at weight 0, where the file need not exist.
+    pub fn load_weighted(
+        dir: &Path,
+        weight: f32,
+    ) -> Result<Option<(Transitions, f32)>, ModelError> {
+        if weight > 0.0 {
+            Ok(Some((Transitions::load(dir)?, weight)))
+        } else {
+            Ok(None)
+        }
     }
 
     /// `from`'s successors, sorted by SID, and how often each followed it.
@@ -191,12 +215,12 @@ impl Transitions {
             sids(&to, "to")?,
             count.to_vec1::<u32>()?,
         );
-        let pairs = from
-            .into_iter()
-            .zip(to)
-            .zip(counts)
-            .flat_map(|((a, b), c)| std::iter::repeat_n((a, b), c as usize));
-        Ok(Transitions::count(pairs))
+        Ok(Transitions::from_counts(
+            from.into_iter()
+                .zip(to)
+                .zip(counts)
+                .map(|((a, b), n)| (a, b, n)),
+        ))
     }
 }
 

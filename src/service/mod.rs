@@ -105,18 +105,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tokenizer.version()
         );
     }
-    let transitions = match model_cfg.transition_weight {
-        w if w > 0.0 => Some((
-            Transitions::load(&paths.model).with_context(|| {
-                format!(
-                    "the model's config mixes in successor counts (transition_weight {w}), \
-                     but they cannot be read"
-                )
-            })?,
-            w,
-        )),
-        _ => None,
-    };
+    let w = model_cfg.transition_weight;
+    let transitions = Transitions::load_weighted(&paths.model, w).with_context(|| {
+        format!(
+            "the model's config mixes in successor counts (transition_weight {w}), \
+             but they cannot be read"
+        )
+    })?;
     let model_version = model_version(&paths.model, transitions.as_ref().map(|t| t.1))?;
     let text = match (&tokenizer.manifest().input.encoder, &paths.text_model) {
         (EncoderSpec::Text { model, .. }, Some(dir)) => {
