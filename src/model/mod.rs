@@ -45,6 +45,7 @@
 mod beam;
 mod config;
 mod flops;
+mod prefix_scores;
 pub mod siblings;
 mod transformer;
 pub mod transitions;

@@ -14,6 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::{ModelConfig, ModelError};
+use super::prefix_scores::{self, prefix_scores};
 use super::siblings::Siblings;
 
 const LN_EPS: f32 = 1e-5;
@@ -598,26 +599,6 @@ impl Model {
         self.ln_f.forward(&x, train)
     }
 
-    /// Each row of `z` (`[rows, d]`) scored against the prefix rows of its
-    /// parent's children: `[rows, vocab]`. `parents` (`[rows]`) are exact
-    /// rows of level `level - 1`, so a parent's children are one contiguous
-    /// block of level `level`'s table, and the table viewed as one block
-    /// per parent makes the gather a copy of whole blocks.
-    fn prefix_logits(
-        &self,
-        level: usize,
-        z: &Tensor,
-        parents: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (rows, d) = z.dims2()?;
-        let vocab = self.cfg.vocab[level];
-        let blocks = self.node[level]
-            .reshape((self.cfg.node_rows(level - 1), vocab * d))?
-            .index_select(parents, 0)?
-            .reshape((rows, vocab, d))?;
-        z.unsqueeze(1)?.matmul(&blocks.transpose(1, 2)?)?.squeeze(1)
-    }
-
     /// Level `level`'s `logits` (`[rows, vocab]`) with each row of `z`
     /// (`[rows, d]`) scored against the prefix rows of the children its row
     /// of `siblings` lists, added at those children's codes.
@@ -692,7 +673,8 @@ impl Model {
             };
             let mut logits = zl.matmul(&table.t()?)?.broadcast_add(&self.out_bias[l])?;
             if let Some(parents) = &batch.parents[l] {
-                logits = (logits + self.prefix_logits(l, &zl, parents)?)?;
+                let vocab = self.cfg.vocab[l];
+                logits = (logits + prefix_scores::gathered(&zl, &self.node[l], parents, vocab)?)?;
             }
             if let Some(siblings) = &batch.siblings[l] {
                 logits = self.add_sibling_logits(l, logits, &zl, siblings)?;
@@ -758,7 +740,7 @@ impl Model {
     /// One SID-decoder step for `x` (`[rows, d]`) at `level`, reading and
     /// extending `cache`; returns log-probabilities over the level's codes.
     /// `parents`, for prefix-scored levels after the first, are the rows'
-    /// prefix rows at the level before ([`Model::prefix_logits`]);
+    /// prefix rows at the level before ([`prefix_scores`]);
     /// `siblings`, for sibling-scored levels, the rows' live children.
     pub(crate) fn decoder_step(
         &self,
@@ -808,7 +790,8 @@ impl Model {
             .matmul(&self.emb_t[level])?
             .broadcast_add(&self.out_bias[level])?;
         if let Some(parents) = parents {
-            logits = (logits + self.prefix_logits(level, &z, parents)?)?;
+            let vocab = self.cfg.vocab[level];
+            logits = (logits + prefix_scores(&z, &self.node[level], parents, vocab)?)?;
         }
         if let Some(siblings) = siblings {
             logits = self.add_sibling_logits(level, logits, &z, siblings)?;
