@@ -152,7 +152,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             })
             .collect::<Vec<_>>()
     }));
-    let mut generator = Generator::new(&model).with_transitions(&transitions, 0.5);
+    // Without successors the search is the model alone, not a mixture with
+    // an empty table.
+    let weight = if a.successors > 0 { 0.5 } else { 0.0 };
+    let mut generator = Generator::new(&model).with_transitions(&transitions, weight);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();

@@ -44,6 +44,7 @@
 
 mod beam;
 mod config;
+pub(crate) mod cpu_storage;
 mod flops;
 mod prefix_scores;
 pub mod siblings;

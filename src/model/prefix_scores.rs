@@ -21,6 +21,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use super::cpu_storage::f32s;
+
 /// `z` (`[rows, d]`) scored against the rows of its parent's children:
 /// `[rows, vocab]`, where row `r`'s children are rows `parents[r] × vocab
 /// .. (parents[r] + 1) × vocab` of `table` (`[parents × vocab, d]`).
@@ -82,8 +84,8 @@ impl CustomOp3 for PrefixScores {
                 self.vocab
             );
         }
-        let z = contiguous(z, zl, self.name())?;
-        let table = contiguous(table, tl, self.name())?;
+        let z = f32s(z, zl, self.name())?;
+        let table = f32s(table, tl, self.name())?;
         let parents = match (parents, pl.contiguous_offsets()) {
             (CpuStorage::U32(p), Some((a, b))) => &p[a..b],
             _ => candle_core::bail!("{}: parents must be contiguous u32", self.name()),
@@ -106,13 +108,6 @@ impl CustomOp3 for PrefixScores {
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((rows, vocab))))
-    }
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: needs contiguous f32 tensors"),
     }
 }
 

@@ -48,7 +48,6 @@ pub mod offsets;
 pub mod scheduler;
 pub mod view;
 
-use std::io::Read;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -408,18 +407,11 @@ fn model_version(dir: &std::path::Path, transition_weight: Option<f32>) -> anyho
         files.push(crate::model::TRANSITIONS_FILE);
         h.update(w.to_le_bytes());
     }
-    let mut buf = vec![0u8; 1 << 20];
     for file in files {
         let path = dir.join(file);
-        let mut f =
-            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
+        std::fs::File::open(&path)
+            .and_then(|mut f| std::io::copy(&mut f, &mut h))
+            .with_context(|| format!("reading {}", path.display()))?;
     }
     let digest = h.finalize();
     let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();

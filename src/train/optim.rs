@@ -10,6 +10,7 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor, Var};
 
+use crate::model::cpu_storage::{f32s, f32s_mut};
 use crate::model::{ModelError, Params};
 
 #[derive(Clone, Debug)]
@@ -186,21 +187,6 @@ impl Step {
             / ((&v / f64::from(self.bc2))?.sqrt()? + f64::from(self.eps))?)?;
         let next = ((theta * f64::from(self.keep))? - (update * f64::from(self.lr))?)?;
         Ok((Tensor::stack(&[m, v], 0)?, next))
-    }
-}
-
-/// The contiguous `f32` elements of a CPU tensor's storage.
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: needs contiguous f32 tensors"),
-    }
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("{op}: needs contiguous f32 tensors"),
     }
 }
 

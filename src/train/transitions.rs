@@ -13,7 +13,7 @@ use candle_core::Device;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use super::{sample, Corpus, TrainError};
+use super::{sample, Corpus, TrainError, TrainOptions};
 use crate::dataset::{Example, Split};
 use crate::eval::{evaluate, OfflineIndex};
 use crate::model::{Generator, Model, SearchOptions, Transitions};
@@ -80,7 +80,7 @@ pub fn fit_transitions(
             corpus.sids,
             &valid,
             &search,
-            64,
+            TrainOptions::default().eval_batch,
             &bar,
         )?;
         bar.finish_and_clear();
