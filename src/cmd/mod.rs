@@ -1,6 +1,7 @@
 //! Subcommands. Each file holds one family; this one holds the grammar.
 
 mod bench;
+mod cold_split;
 mod model;
 mod replay;
 mod run;
@@ -27,6 +28,9 @@ enum Command {
     Tokenizer(tokenizer::TokenizerCommand),
     /// Write a synthetic catalogue and interaction log (RecBole files).
     Synth(synth::SynthArgs),
+    /// Write the cold-start protocol's copy of a RecBole folder: a seeded
+    /// share of the test items kept only as their users' test targets.
+    ColdSplit(cold_split::ColdSplitArgs),
     /// Train the generative model on interaction sequences.
     Train(Box<model::TrainArgs>),
     /// Score a trained model with the leave-one-out protocol.
@@ -48,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tokenizer(c) => tokenizer::run(c),
         Command::Synth(a) => synth::run(a),
+        Command::ColdSplit(a) => cold_split::run(a),
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
         Command::FitTransitions(a) => model::run_fit_transitions(a),

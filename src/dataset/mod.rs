@@ -9,6 +9,8 @@
 //! - [`InteractionReader`] / [`load_sequences`]: interactions → per-user
 //!   [`Sequences`] of dense item indices.
 //! - [`split`]: leave-one-out [`Split`] with truncated histories.
+//! - [`cold`]: the cold-start protocol's split: items met only as test
+//!   targets.
 //!
 //! # Why stream
 //!
@@ -25,6 +27,7 @@
 //! and the column (index, name and type), and says what was expected and what
 //! was found. No input makes the loader panic.
 
+pub mod cold;
 mod error;
 pub mod header;
 mod interactions;

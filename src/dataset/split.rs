@@ -74,6 +74,26 @@ impl<'a> Split<'a> {
         split
     }
 
+    /// Per item of `items`: whether it occurs anywhere in a training prefix
+    /// (as a training target or in a training history). An item that does
+    /// not is cold for the model: it never learnt it.
+    pub fn trained_items(&self, items: usize) -> Vec<bool> {
+        let mut seen = vec![false; items];
+        for seq in self.seqs {
+            let n = if seq.len() >= 3 {
+                seq.len() - 2
+            } else {
+                seq.len()
+            };
+            for &i in &seq[..n] {
+                if let Some(s) = seen.get_mut(i as usize) {
+                    *s = true;
+                }
+            }
+        }
+        seen
+    }
+
     /// Every next-item position of every training prefix, user by user.
     pub fn train(&self) -> Examples<'_> {
         self.examples(&self.train)
@@ -186,6 +206,18 @@ mod tests {
         assert_eq!(train.get(6).unwrap().target, 7);
         assert!(train.iter().all(|e| e.history.len() <= 3));
         assert!(train.get(7).is_none());
+    }
+
+    #[test]
+    fn trained_items_are_those_of_training_prefixes() {
+        // Item 4 is only a test target, 3 only a validation target, 5 only
+        // in a two-item user's sequence (all training), 6 nowhere.
+        let seqs = vec![vec![0, 1, 2, 3, 4], vec![5, 0], vec![1, 2, 1]];
+        let split = Split::leave_one_out(&seqs, 20);
+        assert_eq!(
+            split.trained_items(7),
+            vec![true, true, true, false, false, true, false]
+        );
     }
 
     #[test]
