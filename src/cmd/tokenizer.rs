@@ -29,6 +29,33 @@ pub enum TokenizerCommand {
     /// `tokenizer train --encoder precomputed` then clusters items by who
     /// interacts with them rather than by their content.
     EmbedInteractions(EmbedInteractionsArgs),
+    /// Write a copy of a catalogue with its content vectors as an
+    /// `embedding` column, so that later runs (eval's `--content`, a
+    /// precomputed tokenizer) read them instead of running the sentence
+    /// encoder again.
+    Embed(EmbedArgs),
+}
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    /// The catalogue: a RecBole `.item` file without an `embedding` column.
+    #[arg(long)]
+    items: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    encoder: EncoderKind,
+    /// Columns to encode (comma separated); default: every content column of
+    /// the encoder's type.
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// Sentence-encoder directory [default: $GENFEED_TEXT_MODEL or models/all-minilm-l6-v2].
+    #[arg(long)]
+    text_model: Option<PathBuf>,
+    /// Width of the hashed attribute encoding.
+    #[arg(long, default_value_t = 256)]
+    attribute_dim: usize,
+    /// The new `.item` file.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -48,9 +75,33 @@ pub struct EmbedInteractionsArgs {
     dims: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// How an item without training interactions gets its vector: the
+    /// collaborative vector its content predicts, by a ridge map fitted on
+    /// the items that have both (`none`: zeros, one heap for all of them).
+    #[arg(long, value_enum, default_value = "auto")]
+    content: ContentArg,
+    /// Content columns the map reads (comma separated); default: every
+    /// column of the encoder's type.
+    #[arg(long, value_delimiter = ',')]
+    content_fields: Vec<String>,
+    /// Sentence-encoder directory [default: $GENFEED_TEXT_MODEL or models/all-minilm-l6-v2].
+    #[arg(long)]
+    text_model: Option<PathBuf>,
+    /// Width of the hashed attribute encoding.
+    #[arg(long, default_value_t = 256)]
+    attribute_dim: usize,
     /// The new `.item` file.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContentArg {
+    /// Text if the catalogue has a title, name or description; attributes otherwise.
+    Auto,
+    Text,
+    Attributes,
+    None,
 }
 
 #[derive(Args)]
@@ -102,6 +153,11 @@ pub struct TrainArgs {
     /// collision group, at least 256].
     #[arg(long)]
     last_level_capacity: Option<usize>,
+    /// Item ids left out of training, one a line (a cold split's
+    /// `cold_items.txt`): the frozen tokenizer then assigns them from their
+    /// content, as it does any item a catalogue event brings.
+    #[arg(long)]
+    exclude: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -143,21 +199,38 @@ pub fn run(c: TokenizerCommand) -> anyhow::Result<()> {
         TokenizerCommand::Assign(a) => run_assign(a),
         TokenizerCommand::Check(a) => run_check(a),
         TokenizerCommand::EmbedInteractions(a) => run_embed_interactions(a),
+        TokenizerCommand::Embed(a) => run_embed(a),
     }
 }
 
-fn load_items(path: &Path) -> anyhow::Result<Items> {
+pub(super) fn load_items(path: &Path) -> anyhow::Result<Items> {
     read_items(path).with_context(|| format!("reading the catalogue {}", path.display()))
 }
 
-fn load_text(flag: Option<PathBuf>) -> anyhow::Result<TextEncoder> {
+/// A set of item ids, one a line (blank lines skipped).
+pub(super) fn read_ids(path: &Path) -> anyhow::Result<std::collections::HashSet<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+pub(super) fn load_text(flag: Option<PathBuf>) -> anyhow::Result<TextEncoder> {
     let dir = super::text_model_dir(flag);
     TextEncoder::load(&dir, &candle_core::Device::Cpu)
         .with_context(|| format!("loading the sentence encoder from {}", dir.display()))
 }
 
 /// Vectors for `items` as `spec` says, with a progress bar and a rate line.
-fn embed(items: &Items, spec: &EncoderSpec, text: Option<&TextEncoder>) -> anyhow::Result<Vectors> {
+pub(super) fn embed(
+    items: &Items,
+    spec: &EncoderSpec,
+    text: Option<&TextEncoder>,
+) -> anyhow::Result<Vectors> {
     let start = Instant::now();
     let pb = super::bar(items.rows.len() as u64, "embed");
     let vectors = encode_items(items, spec, text, &pb)?;
@@ -172,8 +245,68 @@ fn embed(items: &Items, spec: &EncoderSpec, text: Option<&TextEncoder>) -> anyho
     Ok(vectors)
 }
 
+/// The encoder `kind` resolves to on `items`, with the sentence encoder
+/// loaded when it is a text one.
+pub(super) fn encoder_for(
+    items: &Items,
+    kind: EncoderKind,
+    fields: &[String],
+    text_model: Option<PathBuf>,
+    attribute_dim: usize,
+    seed: u64,
+) -> anyhow::Result<(EncoderSpec, Option<TextEncoder>)> {
+    let (kind, fields) = choose(items, kind, fields)?;
+    let text = if kind == EncoderKind::Text {
+        Some(load_text(text_model)?)
+    } else {
+        None
+    };
+    let spec = match kind {
+        EncoderKind::Text => {
+            let t = text.as_ref().expect("loaded above");
+            EncoderSpec::Text {
+                model: t.model_id().to_string(),
+                fields,
+                dim: t.dim(),
+            }
+        }
+        EncoderKind::Attributes => EncoderSpec::Attributes {
+            fields,
+            dim: attribute_dim,
+            seed,
+        },
+        _ => {
+            let col = items.column(&fields[0]).expect("choose checked the column");
+            let dim = items.rows.first().map_or(0, |r| match &r.values[col] {
+                genfeed::dataset::Value::FloatSeq(v) => v.len(),
+                _ => 0,
+            });
+            anyhow::ensure!(
+                dim > 0,
+                "column {:?} holds no embedding in its first row",
+                fields[0]
+            );
+            EncoderSpec::Precomputed {
+                field: fields[0].clone(),
+                dim,
+            }
+        }
+    };
+    Ok((spec, text))
+}
+
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
-    let items = load_items(&a.items)?;
+    let mut items = load_items(&a.items)?;
+    if let Some(path) = &a.exclude {
+        let excluded = read_ids(path)?;
+        let before = items.rows.len();
+        items.rows.retain(|r| !excluded.contains(r.id.as_str()));
+        eprintln!(
+            "left out {} of {before} items listed in {}",
+            before - items.rows.len(),
+            path.display()
+        );
+    }
     let ids: Vec<String> = items.rows.iter().map(|r| r.id.clone()).collect();
     let mut opts = TrainOptions::new(a.method);
     opts.levels = a.levels;
@@ -201,43 +334,14 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         };
         train(&ids, data, &opts, provenance, &a.out, &pb)?
     } else {
-        let (kind, fields) = choose(&items, a.encoder, &a.fields)?;
-        let text = if kind == EncoderKind::Text {
-            Some(load_text(a.text_model)?)
-        } else {
-            None
-        };
-        let spec = match kind {
-            EncoderKind::Text => {
-                let t = text.as_ref().expect("loaded above");
-                EncoderSpec::Text {
-                    model: t.model_id().to_string(),
-                    fields,
-                    dim: t.dim(),
-                }
-            }
-            EncoderKind::Attributes => EncoderSpec::Attributes {
-                fields,
-                dim: a.attribute_dim,
-                seed: a.seed,
-            },
-            _ => {
-                let col = items.column(&fields[0]).expect("choose checked the column");
-                let dim = items.rows.first().map_or(0, |r| match &r.values[col] {
-                    genfeed::dataset::Value::FloatSeq(v) => v.len(),
-                    _ => 0,
-                });
-                anyhow::ensure!(
-                    dim > 0,
-                    "column {:?} holds no embedding in its first row",
-                    fields[0]
-                );
-                EncoderSpec::Precomputed {
-                    field: fields[0].clone(),
-                    dim,
-                }
-            }
-        };
+        let (spec, text) = encoder_for(
+            &items,
+            a.encoder,
+            &a.fields,
+            a.text_model,
+            a.attribute_dim,
+            a.seed,
+        )?;
         eprintln!("encoder: {}", serde_json::to_string(&spec)?);
         let vectors = embed(&items, &spec, text.as_ref())?;
         let data = TrainData::Content {
@@ -358,6 +462,35 @@ fn run_check(a: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
+    let items = load_items(&a.items)?;
+    anyhow::ensure!(
+        items.column("embedding").is_none(),
+        "{}: already has an embedding column",
+        a.items.display()
+    );
+    let (spec, text) = encoder_for(
+        &items,
+        a.encoder,
+        &a.fields,
+        a.text_model,
+        a.attribute_dim,
+        42,
+    )?;
+    eprintln!("encoder: {}", serde_json::to_string(&spec)?);
+    let vectors = embed(&items, &spec, text.as_ref())?;
+    let row: HashMap<&str, usize> = items
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    write_with_embedding(&a.items, &a.out, vectors.dim(), |id| {
+        row.get(id).map(|&i| vectors.row(i))
+    })?;
+    Ok(())
+}
+
 fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
     use genfeed::tokenizer::svd::{factorize, SvdConfig};
     use genfeed::train::data::training_prefix;
@@ -401,8 +534,57 @@ fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
         }
         vectors.insert(id.as_str(), v);
     }
-    let text = std::fs::read_to_string(&a.items)
-        .with_context(|| format!("reading {}", a.items.display()))?;
+    let predicted = match a.content {
+        ContentArg::None => 0,
+        kind => {
+            let kind = match kind {
+                ContentArg::Text => EncoderKind::Text,
+                ContentArg::Attributes => EncoderKind::Attributes,
+                _ => EncoderKind::Auto,
+            };
+            let (spec, text) = encoder_for(
+                &items,
+                kind,
+                &a.content_fields,
+                a.text_model.clone(),
+                a.attribute_dim,
+                a.seed,
+            )?;
+            let content = embed(&items, &spec, text.as_ref())?;
+            let mut cf = vec![0.0f32; n * k];
+            for (i, id) in seqs.items.iter().enumerate() {
+                cf[i * k..(i + 1) * k].copy_from_slice(&vectors[id.as_str()]);
+            }
+            let predicted = predict_from_content(&content, &cf, k)?;
+            let count = predicted.len();
+            for (i, v) in predicted {
+                vectors.insert(seqs.items[i].as_str(), v);
+            }
+            count
+        }
+    };
+    let missing =
+        write_with_embedding(&a.items, &a.out, k, |id| vectors.get(id).map(Vec::as_slice))?;
+    eprintln!(
+        "{} items, {k} dims, {:.1}% of the matrix's energy; {predicted} items without training interactions \
+         placed by their content; {missing} got zeros",
+        n,
+        100.0 * f.explained
+    );
+    Ok(())
+}
+
+/// Copies the catalogue at `from` to `to` with an `embedding:float_seq`
+/// column of width `k` (zeros where `vector_of` has none); returns how many
+/// rows got zeros.
+fn write_with_embedding<'v>(
+    from: &Path,
+    to: &Path,
+    k: usize,
+    vector_of: impl Fn(&str) -> Option<&'v [f32]>,
+) -> anyhow::Result<usize> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
     let mut out = String::with_capacity(text.len() * 2);
     let zero = vec![0.0f32; k];
     let mut missing = 0;
@@ -413,7 +595,7 @@ fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
             continue;
         }
         let id = line.split('\t').next().unwrap_or_default();
-        let v = vectors.get(id).unwrap_or_else(|| {
+        let v = vector_of(id).unwrap_or_else(|| {
             missing += 1;
             &zero
         });
@@ -426,11 +608,71 @@ fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
         }
         out.push('\n');
     }
-    std::fs::write(&a.out, out).with_context(|| format!("writing {}", a.out.display()))?;
-    eprintln!(
-        "{} items, {k} dims, {:.1}% of the matrix's energy; {missing} items without interactions got zeros",
-        n,
-        100.0 * f.explained
-    );
-    Ok(())
+    std::fs::write(to, out).with_context(|| format!("writing {}", to.display()))?;
+    Ok(missing)
+}
+
+/// For every item whose collaborative vector is zero (no training
+/// interactions), the unit vector its content predicts; the ridge penalty
+/// is the one of a small grid that predicts held-out items best (every
+/// tenth item with interactions), by mean cosine, which is printed.
+fn predict_from_content(
+    content: &Vectors,
+    cf: &[f32],
+    k: usize,
+) -> anyhow::Result<Vec<(usize, Vec<f32>)>> {
+    use genfeed::embed::ridge::LinearMap;
+
+    let p = content.dim();
+    let n = content.rows();
+    let has = |i: usize| cf[i * k..(i + 1) * k].iter().any(|&x| x != 0.0);
+    let warm: Vec<usize> = (0..n).filter(|&i| has(i)).collect();
+    let cold: Vec<usize> = (0..n).filter(|&i| !has(i)).collect();
+    if cold.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (fit, held): (Vec<usize>, Vec<usize>) = warm.iter().partition(|&&i| i % 10 != 0);
+    let x = content.as_slice();
+    let mut out = vec![0.0f32; k];
+    let mut best: Option<(f64, f64)> = None;
+    for lambda in [1e-3, 1e-2, 1e-1, 1.0, 10.0] {
+        let Some(map) = LinearMap::fit(x, p, cf, k, &fit, lambda) else {
+            continue;
+        };
+        let mut cos = 0.0;
+        for &i in &held {
+            map.apply(content.row(i), &mut out);
+            let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            let dot: f32 = out
+                .iter()
+                .zip(&cf[i * k..(i + 1) * k])
+                .map(|(a, b)| a * b)
+                .sum();
+            cos += (dot / norm) as f64 / held.len().max(1) as f64;
+        }
+        eprintln!(
+            "content map, ridge {lambda}: held-out mean cosine {cos:.4} ({} items)",
+            held.len()
+        );
+        if best.is_none_or(|(_, c)| cos > c) {
+            best = Some((lambda, cos));
+        }
+    }
+    let Some((lambda, _)) = best else {
+        bail!("the content map could not be fitted (no items with both content and interactions?)");
+    };
+    let map = LinearMap::fit(x, p, cf, k, &warm, lambda)
+        .context("fitting the content map on every item with interactions")?;
+    Ok(cold
+        .into_iter()
+        .map(|i| {
+            let mut v = vec![0.0f32; k];
+            map.apply(content.row(i), &mut v);
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+            (i, v)
+        })
+        .collect())
 }

@@ -20,7 +20,9 @@
 
 pub mod attributes;
 pub mod catalogue;
+pub mod ridge;
 pub mod text;
+pub mod tfidf;
 
 use serde::{Deserialize, Serialize};
 
