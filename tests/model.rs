@@ -10,8 +10,8 @@ use genfeed::dataset::{Example, Split};
 use genfeed::eval::{evaluate, OfflineIndex};
 use genfeed::index::Index;
 use genfeed::model::{
-    Filter, Generator, Model, ModelConfig, Params, Request, SearchOptions, SiblingTable,
-    Transitions,
+    ContentTable, Filter, FreshItems, Generator, Model, ModelConfig, Params, Request,
+    SearchOptions, SiblingTable, Transitions,
 };
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
@@ -834,4 +834,71 @@ fn learns_transitions(cfg: &ModelConfig) {
     // 90% of next items are the successor of the last one.
     let recall = test_recall(dir.path(), &seqs, &sids);
     assert!(recall > 0.8, "Recall@10 {recall}");
+}
+
+/// Fresh items: items 0..=6 are unknown to the model, with one-hot content
+/// by `item % 4`; every history ends with item 10 (content 2), so items 2
+/// and 6 are its content twins and 0, 1, 3, 4, 5 unrelated.
+#[test]
+fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture() {
+    let vocab = [8, 8, 4];
+    let (model, sids, index) = fixture(&vocab, 150, 3, 4);
+    let content = ContentTable::new(
+        4,
+        (0..150)
+            .flat_map(|i| (0..4).map(move |d| if i % 4 == d { 1.0 } else { 0.0 }))
+            .collect(),
+    );
+    let fresh_items: Vec<(Sid, u32)> = (0..7).map(|i| (sids[i as usize], i)).collect();
+    let fresh = FreshItems::new(content, fresh_items, 0.05);
+    let weight = 0.5f32;
+    let opts = SearchOptions {
+        beams: 10,
+        top_k: 10,
+        exclude_history: true,
+    };
+    for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
+        let mut history = history;
+        history.retain(|s| *s != sids[2] && *s != sids[6]);
+        history.push(sids[10]);
+        let request = [Request::new(&history)];
+        let mut mixed = Generator::new(&model).with_fresh(&fresh, weight);
+        let list = mixed.generate(index.snapshot(), &request, &opts).unwrap();
+        let rank = |i: usize| list[0].iter().position(|g| g.sid == sids[i]);
+        // Half the mass goes to content, shared by the two twins: each has
+        // at least a quarter, which no list of ten can leave out.
+        let (r2, r6) = (rank(2).expect("twin 2"), rank(6).expect("twin 6"));
+        for unrelated in [0, 1, 3, 4, 5] {
+            if let Some(r) = rank(unrelated) {
+                assert!(
+                    r > r2 && r > r6,
+                    "history {h}: unrelated {unrelated} at {r}"
+                );
+            }
+        }
+        // A twin's score is the mixture's: (1 − w) P_model + w P_content.
+        let mut alone = Generator::new(&model);
+        let model_lp = forced_log_prob(&mut alone, &index, &history, sids[2]);
+        let expected = ((1.0 - weight) * model_lp.exp() + weight * 0.5).ln();
+        let got = list[0][r2].log_prob;
+        assert!(
+            (got - expected).abs() < 1e-3,
+            "history {h}: {got} vs {expected}"
+        );
+        // Items in the history stay out when the search leaves them out.
+        let mut with_twin = history.clone();
+        with_twin.insert(0, sids[2]);
+        let request = [Request::new(&with_twin)];
+        let list = mixed.generate(index.snapshot(), &request, &opts).unwrap();
+        assert!(list[0].iter().all(|g| g.sid != sids[2]));
+        assert!(list[0].iter().any(|g| g.sid == sids[6]));
+        // A deny filter reaches fresh items too.
+        let deny = Filter::default().deny([sids[6]]);
+        let request = [Request {
+            history: &history,
+            filter: Some(&deny),
+        }];
+        let list = mixed.generate(index.snapshot(), &request, &opts).unwrap();
+        assert!(list[0].iter().all(|g| g.sid != sids[6]));
+    }
 }

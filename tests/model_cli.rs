@@ -186,3 +186,178 @@ fn bench_generate_reports_throughput_against_the_matmul_peak() {
     let share = r["share_of_peak"].as_f64().unwrap();
     assert!(share > 0.0 && share.is_finite(), "{r}");
 }
+
+/// Each user's items of an `.inter` file, in timestamp order.
+fn sequences(inter: &Path) -> std::collections::HashMap<String, Vec<String>> {
+    let mut by_user: std::collections::HashMap<String, Vec<(f64, String)>> = Default::default();
+    for line in std::fs::read_to_string(inter).unwrap().lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        by_user
+            .entry(f[0].to_string())
+            .or_default()
+            .push((f[2].parse().unwrap(), f[1].to_string()));
+    }
+    by_user
+        .into_iter()
+        .map(|(u, mut v)| {
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (u, v.into_iter().map(|(_, i)| i).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn the_cold_start_protocol_keeps_cold_items_out_of_training_and_reports_them_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let files = generate(
+        &data,
+        &SynthConfig {
+            items: 400,
+            users: 500,
+            topics: 10,
+            ..SynthConfig::default()
+        },
+    )
+    .unwrap();
+    let cold_dir = dir.path().join("cold");
+    ok(genfeed(&[
+        "cold-split",
+        "--data",
+        p(&data),
+        "--out",
+        p(&cold_dir),
+        "--fraction",
+        "0.2",
+    ]));
+    let cold: std::collections::HashSet<String> =
+        std::fs::read_to_string(cold_dir.join("cold_items.txt"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+    assert!(cold.len() > 10, "{} cold items", cold.len());
+    // A cold item survives only as its user's last item, and every other
+    // interaction is kept.
+    let before = sequences(&files.inter);
+    let after = sequences(&cold_dir.join(files.inter.file_name().unwrap()));
+    let mut cold_users = 0;
+    for (user, seq) in &after {
+        let (last, rest) = seq.split_last().unwrap();
+        assert!(
+            rest.iter().all(|i| !cold.contains(i)),
+            "user {user}: {seq:?}"
+        );
+        let kept: Vec<&String> = before[user].iter().filter(|i| !cold.contains(*i)).collect();
+        assert_eq!(
+            kept,
+            rest.iter()
+                .chain([last])
+                .filter(|i| !cold.contains(*i))
+                .collect::<Vec<_>>()
+        );
+        if cold.contains(last) && seq.len() >= 3 {
+            cold_users += 1;
+        }
+    }
+    assert!(cold_users > 0);
+    assert!(cold_dir.join(files.items.file_name().unwrap()).is_file());
+
+    // The tokenizer never sees them; train and eval assign them from content.
+    let tok = dir.path().join("tok");
+    let cold_items = cold_dir.join(files.items.file_name().unwrap());
+    ok(genfeed(&[
+        "tokenizer",
+        "train",
+        "--items",
+        p(&cold_items),
+        "--method",
+        "rq-kmeans",
+        "--encoder",
+        "attributes",
+        "--codebook-size",
+        "16",
+        "--exclude",
+        p(&cold_dir.join("cold_items.txt")),
+        "--out",
+        p(&tok),
+    ]));
+    let frozen = genfeed::tokenizer::FrozenTokenizer::load(&tok).unwrap();
+    assert_eq!(frozen.training_items().len(), 400 - cold.len());
+    assert!(frozen
+        .training_items()
+        .iter()
+        .all(|(i, _)| !cold.contains(i)));
+    let model = dir.path().join("model");
+    let train = |items: Option<&Path>| {
+        let mut args = vec![
+            "train",
+            "--data",
+            p(&cold_dir),
+            "--tokenizer",
+            p(&tok),
+            "--out",
+            p(&model),
+            "--epochs",
+            "2",
+            "--d-model",
+            "32",
+            "--heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--d-ff",
+            "64",
+            "--layers",
+            "1",
+            "--batch-size",
+            "64",
+        ];
+        if let Some(items) = items {
+            args.extend(["--items", p(items)]);
+        }
+        genfeed(&args)
+    };
+    let refused = train(None);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--items"));
+    ok(train(Some(&cold_items)));
+
+    let report = ok(genfeed(&[
+        "eval",
+        "--data",
+        p(&cold_dir),
+        "--model",
+        p(&model),
+        "--tokenizer",
+        p(&tok),
+        "--items",
+        p(&cold_items),
+        "--content",
+        p(&cold_items),
+        "--baseline",
+        "--exclude-history",
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["invalid_rate"], 0.0);
+    assert_eq!(report["cold"]["users"], cold_users);
+    assert_eq!(
+        report["cold"]["users"].as_u64().unwrap() + report["warm"]["users"].as_u64().unwrap(),
+        report["users"].as_u64().unwrap()
+    );
+    assert!(report["fresh"]["items"].as_u64().unwrap() >= cold.len() as u64);
+    let baseline = &report["content_baseline"];
+    assert_eq!(baseline["cold"]["users"], cold_users);
+    // Items of one synthetic topic share attributes, so content finds some
+    // cold targets, and with the fresh mixture so does the search.
+    assert!(
+        baseline["cold"]["recall10"].as_f64().unwrap() > 0.0,
+        "{baseline}"
+    );
+    assert!(
+        report["cold"]["recall10"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(report["fresh_share10"].as_f64().unwrap() > 0.0);
+}

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use genfeed::eval::OfflineIndex;
 use genfeed::model::{
-    flops_per_request, param_count, Generator, Model, ModelConfig, Params, Request, SearchOptions,
-    Transitions,
+    flops_per_request, param_count, ContentTable, FreshItems, Generator, Model, ModelConfig,
+    Params, Request, SearchOptions, Transitions,
 };
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
@@ -63,6 +63,11 @@ pub struct GenerateArgs {
     /// measure what mixing costs; 0 = the model alone.
     #[arg(long, default_value_t = 0)]
     successors: usize,
+    /// Fresh items (never learnt by the model) mixed in by their content:
+    /// this many of the items get random 256-wide content vectors and every
+    /// request scores all of them against its last item's (0 = off).
+    #[arg(long, default_value_t = 0)]
+    fresh: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     #[arg(long, default_value_t = 7)]
@@ -78,6 +83,7 @@ struct GenerateReport {
     items: usize,
     /// Synthetic successors per item mixed into the search (0: none).
     successors: usize,
+    fresh: usize,
     beams: usize,
     batch: usize,
     threads: usize,
@@ -155,7 +161,20 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     // Without successors the search is the model alone, not a mixture with
     // an empty table.
     let weight = if a.successors > 0 { 0.5 } else { 0.0 };
-    let mut generator = Generator::new(&model).with_transitions(&transitions, weight);
+    let dim = 256;
+    let content = ContentTable::new(
+        dim,
+        (0..sids.len() * dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect(),
+    );
+    let fresh_items: Vec<(Sid, u32)> = (0..a.fresh.min(sids.len()) as u32)
+        .map(|i| (sids[i as usize], i))
+        .collect();
+    let fresh = FreshItems::new(content, fresh_items, 0.05);
+    let mut generator = Generator::new(&model)
+        .with_transitions(&transitions, weight)
+        .with_fresh(&fresh, 0.05);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();
@@ -173,6 +192,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         params,
         items: sids.len(),
         successors: a.successors,
+        fresh: a.fresh,
         beams: a.beams,
         batch,
         threads,

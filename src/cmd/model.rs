@@ -8,8 +8,11 @@ use clap::{Args, ValueEnum};
 
 use genfeed::catalogue::vocab;
 use genfeed::dataset::{load_sequences, Example, Split};
-use genfeed::eval::{evaluate, OfflineIndex};
-use genfeed::model::{Generator, Model, ModelConfig, SearchOptions, Transitions};
+use genfeed::eval::{content_neighbours, evaluate, Breakdown, OfflineIndex, Quality};
+use genfeed::model::fresh::fit_temperature;
+use genfeed::model::{
+    ContentTable, FreshItems, Generator, Model, ModelConfig, SearchOptions, Transitions,
+};
 use genfeed::sid::Sid;
 use genfeed::tokenizer::FrozenTokenizer;
 use genfeed::train::transitions::fit_transitions;
@@ -44,6 +47,10 @@ pub struct TrainArgs {
     /// The tokenizer artifact that gives every item its SID.
     #[arg(long)]
     tokenizer: PathBuf,
+    /// The catalogue the tokenizer reads (`.item`), for items it was not
+    /// trained on (a cold split's cold items): they are assigned from it.
+    #[arg(long)]
+    items: Option<PathBuf>,
     /// Output directory: model, config, log, curves, checkpoint.
     #[arg(long)]
     out: PathBuf,
@@ -125,7 +132,7 @@ struct Loaded {
     tokenizer: FrozenTokenizer,
 }
 
-fn inter_file(data: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn inter_file(data: &Path) -> anyhow::Result<PathBuf> {
     if data.is_file() {
         return Ok(data.to_path_buf());
     }
@@ -140,29 +147,40 @@ fn inter_file(data: &Path) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn load(data: &Path, tokenizer: &Path) -> anyhow::Result<Loaded> {
+/// Loads the sequences and gives every item a SID: a tokenizer training
+/// item keeps its own; any other item of the interactions (a cold split's
+/// cold items) is assigned by the frozen tokenizer from its content in
+/// `catalogue`, in item order, as the service assigns a catalogue event.
+fn load(data: &Path, tokenizer: &Path, catalogue: Option<&Path>) -> anyhow::Result<Loaded> {
     let tokenizer = FrozenTokenizer::load(tokenizer)
         .with_context(|| format!("loading the tokenizer {}", tokenizer.display()))?;
     let inter = inter_file(data)?;
     let seqs =
         load_sequences(&inter, None).with_context(|| format!("reading {}", inter.display()))?;
-    let by_id: std::collections::HashMap<&str, Sid> = tokenizer
-        .training_items()
+    let mut assigner = tokenizer.assigner();
+    let missing: Vec<&str> = seqs
+        .items
         .iter()
-        .map(|(id, sid)| (id.as_str(), *sid))
+        .filter(|id| assigner.get(id).is_none())
+        .map(String::as_str)
         .collect();
-    let mut items = seqs.items.clone();
-    let mut sids = Vec::with_capacity(by_id.len());
-    for id in &items {
-        match by_id.get(id.as_str()) {
-            Some(&s) => sids.push(s),
-            None => bail!(
-                "{}: item \"{id}\" has no SID in the tokenizer {} (trained on another catalogue?)",
+    if let Some(&first) = missing.first() {
+        let Some(path) = catalogue else {
+            bail!(
+                "{}: item \"{first}\" and {} more have no SID in the tokenizer {} \
+                 (trained without them, or on another catalogue): pass --items with their content",
                 inter.display(),
+                missing.len() - 1,
                 tokenizer.dir().display()
-            ),
-        }
+            );
+        };
+        assign_from_content(&tokenizer, &mut assigner, path, &missing)?;
     }
+    let mut items = seqs.items.clone();
+    let mut sids: Vec<Sid> = items
+        .iter()
+        .map(|id| assigner.get(id).expect("every item was assigned above"))
+        .collect();
     let known: std::collections::HashSet<&str> = items.iter().map(String::as_str).collect();
     let extra: Vec<(String, Sid)> = tokenizer
         .training_items()
@@ -182,10 +200,49 @@ fn load(data: &Path, tokenizer: &Path) -> anyhow::Result<Loaded> {
     })
 }
 
+/// Gives `missing` their SIDs from their rows of the catalogue at `path`,
+/// encoded as the tokenizer's manifest says.
+fn assign_from_content(
+    tokenizer: &FrozenTokenizer,
+    assigner: &mut genfeed::tokenizer::Assigner<'_>,
+    path: &Path,
+    missing: &[&str],
+) -> anyhow::Result<()> {
+    let mut items = super::tokenizer::load_items(path)?;
+    let wanted: std::collections::HashMap<&str, usize> =
+        missing.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    items.rows.retain(|r| wanted.contains_key(r.id.as_str()));
+    if items.rows.len() < missing.len() {
+        let absent = missing
+            .iter()
+            .find(|id| !items.rows.iter().any(|r| r.id == **id))
+            .expect("fewer rows than ids");
+        bail!(
+            "{}: no row for item \"{absent}\", which the tokenizer has no SID for",
+            path.display()
+        );
+    }
+    items.rows.sort_by_key(|r| wanted[r.id.as_str()]);
+    let spec = tokenizer.manifest().input.encoder.clone();
+    let text = matches!(spec, genfeed::embed::EncoderSpec::Text { .. })
+        .then(|| super::tokenizer::load_text(None))
+        .transpose()?;
+    let vectors = super::tokenizer::embed(&items, &spec, text.as_ref())?;
+    for (i, row) in items.rows.iter().enumerate() {
+        assigner.assign(&row.id, vectors.row(i))?;
+    }
+    eprintln!(
+        "{} items without a SID in the tokenizer assigned from {}",
+        missing.len(),
+        path.display()
+    );
+    Ok(())
+}
+
 pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     set_threads(a.threads);
     let device = device(a.device)?;
-    let loaded = load(&a.data, &a.tokenizer)?;
+    let loaded = load(&a.data, &a.tokenizer, a.items.as_deref())?;
     let cfg = ModelConfig {
         vocab: vocab(&loaded.tokenizer),
         d_model: a.d_model,
@@ -257,6 +314,10 @@ pub struct FitTransitionsArgs {
     /// The tokenizer the model was trained with.
     #[arg(long)]
     tokenizer: PathBuf,
+    /// The catalogue the tokenizer reads (`.item`), for items it was not
+    /// trained on; the same file as in training.
+    #[arg(long)]
+    items: Option<PathBuf>,
     /// The trained model directory; its config gets the chosen weight.
     #[arg(long)]
     model: PathBuf,
@@ -287,7 +348,7 @@ fn same_tokenizer(cfg: &ModelConfig, loaded: &Loaded, dir: &Path) -> anyhow::Res
 pub fn run_fit_transitions(a: FitTransitionsArgs) -> anyhow::Result<()> {
     set_threads(a.threads);
     let device = device(a.device)?;
-    let loaded = load(&a.data, &a.tokenizer)?;
+    let loaded = load(&a.data, &a.tokenizer, a.items.as_deref())?;
     let cfg = ModelConfig::load(&a.model)
         .with_context(|| format!("loading the model {}", a.model.display()))?;
     same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
@@ -324,6 +385,10 @@ pub struct EvalArgs {
     /// The tokenizer the model was trained with.
     #[arg(long)]
     tokenizer: PathBuf,
+    /// The catalogue the tokenizer reads (`.item`), for items it was not
+    /// trained on; the same file as in training.
+    #[arg(long)]
+    items: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "test")]
     split: SplitArg,
     #[arg(long, default_value_t = 20)]
@@ -353,6 +418,100 @@ pub struct EvalArgs {
     /// 10 (empty for a miss).
     #[arg(long)]
     ranks: Option<PathBuf>,
+    /// A catalogue (`.item`) whose content (text, attributes or an
+    /// embedding column, as `tokenizer train --encoder auto` picks) scores
+    /// the items that never occur in training, and the content baseline.
+    #[arg(long)]
+    content: Option<PathBuf>,
+    /// Prior that the next item is one never seen in training, the weight
+    /// of their content scores in the search (0 = the model alone);
+    /// default with `--content`: their share of the catalogue.
+    #[arg(long)]
+    fresh_weight: Option<f32>,
+    /// How `--content` becomes vectors: TF-IDF of its words and attribute
+    /// ids (hashed to 1,024 dims), or what `tokenizer train --encoder auto`
+    /// picks (an embedding column, the sentence encoder, hashed attributes).
+    #[arg(long, value_enum, default_value = "tfidf")]
+    content_encoder: ContentEncoder,
+    /// Temperature of the content softmax; default: fitted on training
+    /// transitions.
+    #[arg(long)]
+    fresh_temperature: Option<f32>,
+    /// Also score the content nearest-neighbour baseline (needs `--content`):
+    /// every item ranked by its content's cosine to the last item's.
+    #[arg(long)]
+    baseline: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ContentEncoder {
+    Tfidf,
+    Auto,
+}
+
+/// Unit content vectors for `items` (missing rows are zeros) from the
+/// catalogue at `path`.
+fn content_table(
+    path: &Path,
+    items: &[String],
+    encoder: ContentEncoder,
+) -> anyhow::Result<ContentTable> {
+    use genfeed::embed::catalogue::EncoderKind;
+    let catalogue = super::tokenizer::load_items(path)?;
+    let vectors = match encoder {
+        ContentEncoder::Tfidf => {
+            let dim = 1024;
+            genfeed::embed::Vectors::new(dim, genfeed::embed::tfidf::tfidf(&catalogue, dim))
+        }
+        ContentEncoder::Auto => {
+            let (spec, text) =
+                super::tokenizer::encoder_for(&catalogue, EncoderKind::Auto, &[], None, 256, 42)?;
+            eprintln!("content: {}", serde_json::to_string(&spec)?);
+            super::tokenizer::embed(&catalogue, &spec, text.as_ref())?
+        }
+    };
+    let row: std::collections::HashMap<&str, usize> = catalogue
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    let dim = vectors.dim();
+    let mut rows = vec![0.0f32; items.len() * dim];
+    for (id, out) in items.iter().zip(rows.chunks_exact_mut(dim)) {
+        if let Some(&i) = row.get(id.as_str()) {
+            out.copy_from_slice(vectors.row(i));
+        }
+    }
+    Ok(ContentTable::new(dim, rows))
+}
+
+/// What `eval --json` prints.
+#[derive(serde::Serialize)]
+struct EvalReport<'a> {
+    #[serde(flatten)]
+    model: &'a genfeed::eval::Report,
+    /// Users whose target never occurs in training, and the others.
+    cold: &'a Quality,
+    warm: &'a Quality,
+    fresh_share10: f64,
+    /// The fresh-item mixture's weight and temperature (absent when off).
+    fresh: Option<FreshReport>,
+    content_baseline: Option<Breakdown>,
+}
+
+#[derive(serde::Serialize)]
+struct FreshReport {
+    items: usize,
+    weight: f32,
+    temperature: f32,
+}
+
+fn print_quality(what: &str, q: &Quality) {
+    println!(
+        "{what:<16} {:>6} users  Recall@5 {:.4}  NDCG@5 {:.4}  Recall@10 {:.4}  NDCG@10 {:.4}",
+        q.users, q.recall5, q.ndcg5, q.recall10, q.ndcg10
+    );
 }
 
 pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
@@ -361,7 +520,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     }
     set_threads(a.threads);
     let device = device(a.device)?;
-    let loaded = load(&a.data, &a.tokenizer)?;
+    let loaded = load(&a.data, &a.tokenizer, a.items.as_deref())?;
     let (cfg, model) = Model::load(&a.model, &device)
         .with_context(|| format!("loading the model {}", a.model.display()))?;
     same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
@@ -384,6 +543,39 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         top_k: 10,
         exclude_history: a.exclude_history,
     };
+    let trained = split.trained_items(loaded.items.len());
+    let content = a
+        .content
+        .as_deref()
+        .map(|p| content_table(p, &loaded.items, a.content_encoder))
+        .transpose()?;
+    if a.content.is_none() && (a.baseline || a.fresh_weight.is_some_and(|w| w > 0.0)) {
+        bail!("--baseline and --fresh-weight score content: pass --content FILE");
+    }
+    let fresh = match &content {
+        Some(content) => {
+            let unseen: Vec<(Sid, u32)> = (0..loaded.items.len() as u32)
+                .filter(|&i| !trained[i as usize])
+                .map(|i| (loaded.sids[i as usize], i))
+                .collect();
+            let weight = a
+                .fresh_weight
+                .unwrap_or(unseen.len() as f32 / loaded.items.len().max(1) as f32);
+            if !(0.0..1.0).contains(&weight) {
+                bail!("--fresh-weight {weight} is not in [0, 1)");
+            }
+            let temperature = match a.fresh_temperature {
+                Some(t) => t,
+                None => fit_fresh_temperature(&split, content, &trained),
+            };
+            Some((
+                FreshItems::new(content.clone(), unseen, temperature),
+                weight,
+                temperature,
+            ))
+        }
+        None => None,
+    };
     let pb = super::bar(examples.len() as u64, "eval");
     let transitions = Transitions::load_weighted(
         &a.model,
@@ -392,6 +584,9 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     let mut generator = Generator::new(&model);
     if let Some((t, w)) = &transitions {
         generator = generator.with_transitions(t, *w);
+    }
+    if let Some((f, w, _)) = &fresh {
+        generator = generator.with_fresh(f, *w);
     }
     let report = evaluate(
         &mut generator,
@@ -403,30 +598,90 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         &pb,
     )?;
     pb.finish_and_clear();
+    let by_target = Breakdown::new(&examples, &report.ranks, &report.appearances, &trained);
+    let baseline = match (&content, a.baseline) {
+        (Some(content), true) => {
+            let pb = super::bar(examples.len() as u64, "content");
+            let (ranks, appearances) =
+                content_neighbours(content, &examples, a.exclude_history, &pb)?;
+            pb.finish_and_clear();
+            Some(Breakdown::new(&examples, &ranks, &appearances, &trained))
+        }
+        _ => None,
+    };
     if let Some(path) = &a.ranks {
         write_ranks(path, &examples, &loaded.items, &report.ranks)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    let fresh_report = fresh.as_ref().map(|(f, weight, temperature)| FreshReport {
+        items: f.len(),
+        weight: *weight,
+        temperature: *temperature,
+    });
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let out = EvalReport {
+            model: &report,
+            cold: &by_target.cold,
+            warm: &by_target.warm,
+            fresh_share10: by_target.fresh_share10,
+            fresh: fresh_report,
+            content_baseline: baseline,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
+        print_quality("all", &by_target.all);
+        print_quality("cold targets", &by_target.cold);
+        print_quality("warm targets", &by_target.warm);
         println!(
-            "{} users  Recall@5 {:.4}  NDCG@5 {:.4}  Recall@10 {:.4}  NDCG@10 {:.4}\n\
-             invalid IDs {:.4}  coverage@10 {:.4}  {:.1} recs/s  {:.2} ms/request (batch {}, beam {})",
-            report.users,
-            report.recall5,
-            report.ndcg5,
-            report.recall10,
-            report.ndcg10,
+            "invalid IDs {:.4}  coverage@10 {:.4}  unseen items' share of top-10 slots {:.4}  \
+             {:.1} recs/s  {:.2} ms/request (batch {}, beam {})",
             report.invalid_rate,
             report.coverage10,
+            by_target.fresh_share10,
             report.recs_per_sec,
             report.ms_per_request,
             report.batch,
             report.beams
         );
+        if let Some(f) = &fresh_report {
+            println!(
+                "fresh items: {} scored by content, weight {:.4}, temperature {}",
+                f.items, f.weight, f.temperature
+            );
+        }
+        if let Some(b) = &baseline {
+            print_quality("content NN all", &b.all);
+            print_quality("content NN cold", &b.cold);
+            print_quality("content NN warm", &b.warm);
+        }
     }
     Ok(())
+}
+
+/// The content softmax's temperature, fitted on up to 2,000 training
+/// transitions (evenly spaced) with the trained items as candidates.
+fn fit_fresh_temperature(split: &Split<'_>, content: &ContentTable, trained: &[bool]) -> f32 {
+    let train = split.train();
+    let step = (train.len() / 2000).max(1);
+    let pairs: Vec<(u32, u32)> = train
+        .iter()
+        .step_by(step)
+        .filter_map(|e| e.history.last().map(|&l| (l, e.target)))
+        .collect();
+    let candidates: Vec<u32> = (0..trained.len() as u32)
+        .filter(|&i| trained[i as usize])
+        .collect();
+    let (t, curve) = fit_temperature(content, &pairs, &candidates);
+    eprintln!(
+        "content temperature {t} fitted on {} training transitions (mean NLL by temperature: {})",
+        pairs.len(),
+        curve
+            .iter()
+            .map(|(t, n)| format!("{t}: {n:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    t
 }
 
 fn write_ranks(

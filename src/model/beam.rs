@@ -23,6 +23,7 @@ use std::collections::BinaryHeap;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
+use super::fresh::FreshItems;
 use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
 use super::transitions::Transitions;
@@ -51,6 +52,12 @@ impl Filter {
         self.deny = sids.into_iter().collect();
         self.deny.sort_unstable_by(|a, b| a.codes().cmp(b.codes()));
         self
+    }
+
+    /// Whether `sid` may be recommended.
+    fn permits(&self, sid: Sid) -> bool {
+        let find = |v: &[Sid]| v.binary_search_by(|s| s.codes().cmp(sid.codes())).is_ok();
+        self.allow.as_deref().is_none_or(find) && !find(&self.deny)
     }
 }
 
@@ -197,6 +204,11 @@ struct Fix {
 pub struct Generator<'m> {
     model: &'m Model,
     transitions: Option<(&'m Transitions, f32)>,
+    fresh: Option<(&'m FreshItems, f32)>,
+    /// Per fresh item: live in this call's snapshot; and its content score.
+    fresh_live: Vec<bool>,
+    fresh_log_p: Vec<f32>,
+    fresh_order: Vec<u32>,
     /// Live successors of every request's last item, request after request,
     /// with running count totals (`cum[j]` = counts before `succ[j]`).
     succ: Vec<Sid>,
@@ -229,6 +241,10 @@ impl<'m> Generator<'m> {
         Generator {
             model,
             transitions: None,
+            fresh: None,
+            fresh_live: Vec::new(),
+            fresh_log_p: Vec::new(),
+            fresh_order: Vec::new(),
             succ: Vec::new(),
             cum: Vec::new(),
             mixes: Vec::new(),
@@ -254,6 +270,14 @@ impl<'m> Generator<'m> {
     /// no count reaches.
     pub fn with_transitions(mut self, transitions: &'m Transitions, weight: f32) -> Generator<'m> {
         self.transitions = (weight > 0.0).then_some((transitions, weight.min(0.999)));
+        self
+    }
+
+    /// Searches the mixture of this generator's distribution (weight
+    /// `1 − weight`) and the content of items the model never learnt
+    /// ([`super::fresh`]); a weight of 0 leaves them to the model.
+    pub fn with_fresh(mut self, fresh: &'m FreshItems, weight: f32) -> Generator<'m> {
+        self.fresh = (weight > 0.0 && !fresh.is_empty()).then_some((fresh, weight.min(0.999)));
         self
     }
 
@@ -429,7 +453,69 @@ impl<'m> Generator<'m> {
             }
             out.push(items);
         }
+        if let Some((fresh, weight)) = self.fresh {
+            self.fresh_live.clear();
+            self.fresh_live
+                .extend((0..fresh.len()).map(|i| snapshot.get(fresh.item(i).0).is_some()));
+            for (req, items) in requests.iter().zip(&mut out) {
+                self.merge_fresh(fresh, weight, snapshot, req, opts, items);
+            }
+        }
         Ok(out)
+    }
+
+    /// Mixes one request's list with its best fresh items by content. Both
+    /// lists are their part's top `top_k`, so the merge is the mixture's.
+    fn merge_fresh(
+        &mut self,
+        fresh: &FreshItems,
+        weight: f32,
+        snapshot: &Snapshot,
+        req: &Request<'_>,
+        opts: &SearchOptions,
+        items: &mut Vec<Generated>,
+    ) {
+        let Some(last) = req.history.last().and_then(|&s| snapshot.get(s)) else {
+            return;
+        };
+        let live = &self.fresh_live;
+        let blocked = |i: usize, sid: Sid| {
+            !live[i]
+                || (opts.exclude_history && req.history.contains(&sid))
+                || req.filter.is_some_and(|f| !f.permits(sid))
+        };
+        if !fresh.score(last, blocked, &mut self.fresh_log_p) {
+            return;
+        }
+        let (model_w, fresh_w) = ((1.0 - weight).ln(), weight.ln());
+        let log_p = &self.fresh_log_p;
+        for g in items.iter_mut() {
+            g.log_prob += model_w;
+            if let Some(i) = fresh.position(g.sid) {
+                g.log_prob = log_add_exp(g.log_prob, fresh_w + log_p[i]);
+            }
+        }
+        self.fresh_order.clear();
+        self.fresh_order
+            .extend((0..log_p.len() as u32).filter(|&i| log_p[i as usize].is_finite()));
+        let k = opts.top_k.min(self.fresh_order.len());
+        if k == 0 {
+            return;
+        }
+        let by_score = |a: &u32, b: &u32| log_p[*b as usize].total_cmp(&log_p[*a as usize]);
+        self.fresh_order.select_nth_unstable_by(k - 1, by_score);
+        for &i in &self.fresh_order[..k] {
+            let (sid, ord) = fresh.item(i as usize);
+            if !items.iter().any(|g| g.sid == sid) {
+                items.push(Generated {
+                    sid,
+                    ord,
+                    log_prob: fresh_w + log_p[i as usize],
+                });
+            }
+        }
+        items.sort_by(|a, b| b.log_prob.total_cmp(&a.log_prob));
+        items.truncate(opts.top_k);
     }
 
     /// Lists the live successors of every request's last item and gives each

@@ -29,6 +29,13 @@
 //! is shared by every beam; only the tiny SID decoder runs per beam, with a
 //! key/value cache of at most `L` positions.
 //!
+//! # Fresh items
+//!
+//! Items the model never saw as a target (new arrivals, a cold split's cold
+//! items) get their share of the distribution from their content
+//! ([`fresh`]): a softmax over fresh items of their content's cosine to the
+//! history's last item, mixed in at the prior that the next item is fresh.
+//!
 //! # Successor counts
 //!
 //! The search can run over a mixture of the model and the training
@@ -46,6 +53,7 @@ mod beam;
 mod config;
 pub(crate) mod cpu_storage;
 mod flops;
+pub mod fresh;
 mod prefix_scores;
 pub mod siblings;
 mod transformer;
@@ -54,6 +62,7 @@ pub mod transitions;
 pub use beam::{Filter, Generated, Generator, Request, SearchOptions};
 pub use config::{ModelConfig, ModelError, CONFIG_FILE, WEIGHTS_FILE};
 pub use flops::{flops_per_request, flops_per_train_position};
+pub use fresh::{ContentTable, FreshItems};
 pub use siblings::{SiblingTable, MAX_SIBLINGS};
 pub use transformer::{param_count, Dropout, ItemTokens, Model, Params, TrainBatch};
 pub(crate) use transformer::{window_mask, window_positions};
