@@ -433,6 +433,15 @@ pub struct EvalArgs {
     /// picks (an embedding column, the sentence encoder, hashed attributes).
     #[arg(long, value_enum, default_value = "tfidf")]
     content_encoder: ContentEncoder,
+    /// History items the content query reads, newest first, each older one
+    /// at half the weight (1 = the last item alone).
+    #[arg(long, default_value_t = 1)]
+    fresh_history: usize,
+    /// Normalise the content softmax over the whole catalogue (known items
+    /// estimated from an even sample of this many) instead of over the
+    /// fresh items alone; 0 = fresh items alone.
+    #[arg(long, default_value_t = 0)]
+    fresh_normaliser: usize,
     /// Temperature of the content softmax; default: fitted on training
     /// transitions.
     #[arg(long)]
@@ -569,7 +578,20 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 None => fit_fresh_temperature(&split, content, &trained),
             };
             Some((
-                FreshItems::new(content.clone(), unseen, temperature),
+                {
+                    let known: Vec<u32> = (0..loaded.items.len() as u32)
+                        .filter(|&i| trained[i as usize])
+                        .collect();
+                    let fresh = FreshItems::new(content.clone(), unseen, temperature)
+                        .with_query_items(a.fresh_history);
+                    if a.fresh_normaliser > 0 {
+                        let step = known.len().div_ceil(a.fresh_normaliser).max(1);
+                        let sample = known.iter().copied().step_by(step).collect();
+                        fresh.with_known_sample(sample, known.len())
+                    } else {
+                        fresh
+                    }
+                },
                 weight,
                 temperature,
             ))

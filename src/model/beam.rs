@@ -209,6 +209,8 @@ pub struct Generator<'m> {
     fresh_live: Vec<bool>,
     fresh_log_p: Vec<f32>,
     fresh_order: Vec<u32>,
+    fresh_recent: Vec<u32>,
+    fresh_query: Vec<f32>,
     /// Live successors of every request's last item, request after request,
     /// with running count totals (`cum[j]` = counts before `succ[j]`).
     succ: Vec<Sid>,
@@ -245,6 +247,8 @@ impl<'m> Generator<'m> {
             fresh_live: Vec::new(),
             fresh_log_p: Vec::new(),
             fresh_order: Vec::new(),
+            fresh_recent: Vec::new(),
+            fresh_query: Vec::new(),
             succ: Vec::new(),
             cum: Vec::new(),
             mixes: Vec::new(),
@@ -475,16 +479,22 @@ impl<'m> Generator<'m> {
         opts: &SearchOptions,
         items: &mut Vec<Generated>,
     ) {
-        let Some(last) = req.history.last().and_then(|&s| snapshot.get(s)) else {
-            return;
-        };
+        let start = req.history.len().saturating_sub(fresh.query_items());
+        self.fresh_recent.clear();
+        self.fresh_recent
+            .extend(req.history[start..].iter().filter_map(|&s| snapshot.get(s)));
         let live = &self.fresh_live;
         let blocked = |i: usize, sid: Sid| {
             !live[i]
                 || (opts.exclude_history && req.history.contains(&sid))
                 || req.filter.is_some_and(|f| !f.permits(sid))
         };
-        if !fresh.score(last, blocked, &mut self.fresh_log_p) {
+        if !fresh.score(
+            &self.fresh_recent,
+            blocked,
+            &mut self.fresh_query,
+            &mut self.fresh_log_p,
+        ) {
             return;
         }
         let (model_w, fresh_w) = ((1.0 - weight).ln(), weight.ln());

@@ -13,7 +13,8 @@
 //! P_content(f | last) = softmax over fresh items f of cos(c_last, c_f) / τ
 //! ```
 //!
-//! `w` is the prior that the next item is a fresh one (by default the fresh
+//! The query is the last item's content (or a decayed sum over the last
+//! few, [`FreshItems::with_query_items`]). `w` is the prior that the next item is a fresh one (by default the fresh
 //! items' share of the catalogue: each item equally likely to be next before
 //! anything is known), and `τ` is fitted on training transitions by
 //! [`fit_temperature`]: how sharply a next item follows its predecessor's
@@ -98,6 +99,11 @@ pub struct FreshItems {
     sids: Vec<Sid>,
     ords: Vec<u32>,
     temperature: f32,
+    query_items: usize,
+    /// A sample of known items' ords and how many known items each stands
+    /// for, when the softmax runs over the whole catalogue.
+    known: Vec<u32>,
+    known_scale: f32,
 }
 
 impl FreshItems {
@@ -113,7 +119,23 @@ impl FreshItems {
             sids,
             ords,
             temperature: temperature.max(1e-4),
+            query_items: 1,
+            known: Vec::new(),
+            known_scale: 0.0,
         }
+    }
+
+    /// Normalises the content softmax over the whole catalogue instead of
+    /// the fresh items alone, with the known items' part estimated from
+    /// `sample` (ords), which stands for `known` items. A fresh item then
+    /// gets the share content gives it against every item: much when it is
+    /// the best content match there is, little when known items match
+    /// better (the model ranks those), where a softmax over fresh items
+    /// alone hands out the whole weight whatever the match.
+    pub fn with_known_sample(mut self, sample: Vec<u32>, known: usize) -> FreshItems {
+        self.known_scale = known as f32 / sample.len().max(1) as f32;
+        self.known = sample;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -124,34 +146,56 @@ impl FreshItems {
         self.sids.is_empty()
     }
 
-    pub fn content(&self) -> &ContentTable {
-        &self.content
-    }
-
-    pub fn is_fresh(&self, sid: Sid) -> bool {
-        self.position(sid).is_some()
-    }
-
     pub(super) fn position(&self, sid: Sid) -> Option<usize> {
         self.sids
             .binary_search_by(|s| s.codes().cmp(sid.codes()))
             .ok()
     }
 
-    /// Scores every fresh item for a history ending with `last` into
-    /// `log_p` (`ln P_content`, `-inf` where `blocked` says so or the item
-    /// has no content) and returns false when there is nothing to score
-    /// (no last item's content, or every fresh item blocked).
+    /// How many of the history's last items the content query reads.
+    pub fn query_items(&self) -> usize {
+        self.query_items
+    }
+
+    /// Reads the `items` last items of a history into the content query
+    /// (each older item at half the weight of the next); default 1, the
+    /// last item alone.
+    pub fn with_query_items(mut self, items: usize) -> FreshItems {
+        self.query_items = items.max(1);
+        self
+    }
+
+    /// Scores every fresh item for a history whose last items are `recent`
+    /// (oldest first) into `log_p` (`ln P_content`, `-inf` where `blocked`
+    /// says so or the item has no content) and returns false when there is
+    /// nothing to score (no content in `recent`, or every fresh item
+    /// blocked). `query` is scratch space.
     pub fn score(
         &self,
-        last: u32,
+        recent: &[u32],
         blocked: impl Fn(usize, Sid) -> bool,
+        query: &mut Vec<f32>,
         log_p: &mut Vec<f32>,
     ) -> bool {
         log_p.clear();
-        let Some(query) = self.content.row(last) else {
+        query.clear();
+        query.resize(self.content.dim, 0.0);
+        let mut weight = 1.0;
+        for &ord in recent.iter().rev().take(self.query_items) {
+            if let Some(row) = self.content.row(ord) {
+                query
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(q, r)| *q += weight * r);
+            }
+            weight *= 0.5;
+        }
+        let norm = query.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if norm == 0.0 {
             return false;
-        };
+        }
+        query.iter_mut().for_each(|q| *q /= norm);
+        let query = &query[..];
         let inv = 1.0 / self.temperature;
         let mut max = f32::NEG_INFINITY;
         for (i, (&sid, &ord)) in self.sids.iter().zip(&self.ords).enumerate() {
@@ -165,7 +209,14 @@ impl FreshItems {
         if max == f32::NEG_INFINITY {
             return false;
         }
-        let lse = max + log_p.iter().map(|&s| (s - max).exp()).sum::<f32>().ln();
+        let known: f32 = self
+            .known
+            .iter()
+            .filter_map(|&o| self.content.row(o))
+            .map(|v| (dot(query, v) * inv - max).exp())
+            .sum();
+        let z = log_p.iter().map(|&s| (s - max).exp()).sum::<f32>() + self.known_scale * known;
+        let lse = max + z.ln();
         log_p.iter_mut().for_each(|s| *s -= lse);
         true
     }
@@ -233,17 +284,26 @@ mod tests {
             vec![(sid(&[0, 1]), 1), (sid(&[0, 2]), 2), (sid(&[0, 3]), 3)],
             0.1,
         );
-        let mut log_p = Vec::new();
-        assert!(fresh.score(0, |_, _| false, &mut log_p));
+        let (mut q, mut log_p) = (Vec::new(), Vec::new());
+        assert!(fresh.score(&[0], |_, _| false, &mut q, &mut log_p));
         let p: Vec<f32> = log_p.iter().map(|l| l.exp()).collect();
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         // Item 2 (same direction as 0) beats item 1; item 3 has no content.
         assert!(p[1] > 0.99 && p[0] < 0.01 && p[2] == 0.0, "{p:?}");
         // Blocking item 2 hands its mass to item 1.
-        assert!(fresh.score(0, |_, s| s == sid(&[0, 2]), &mut log_p));
+        assert!(fresh.score(&[0], |_, s| s == sid(&[0, 2]), &mut q, &mut log_p));
         assert!((log_p[0].exp() - 1.0).abs() < 1e-5);
         // A last item without content scores nothing.
-        assert!(!fresh.score(3, |_, _| false, &mut log_p));
+        assert!(!fresh.score(&[3], |_, _| false, &mut q, &mut log_p));
+        // With two query items the older one counts half: item 1 (content
+        // of item 1) before item 0 still leaves item 2 ahead, but item 1
+        // gets a real share.
+        let two = fresh.clone().with_query_items(2);
+        assert!(two.score(&[1, 0], |_, _| false, &mut q, &mut log_p));
+        assert!(log_p[1] > log_p[0] && log_p[0] > -10.0, "{log_p:?}");
+        // The last item alone ignores it.
+        assert!(fresh.score(&[1, 0], |_, _| false, &mut q, &mut log_p));
+        assert!(log_p[0] < -9.0, "{log_p:?}");
     }
 
     #[test]
