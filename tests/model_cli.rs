@@ -28,6 +28,36 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A tiny model, trained in seconds.
+const TINY: [&str; 12] = [
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--head-dim",
+    "16",
+    "--d-ff",
+    "64",
+    "--layers",
+    "1",
+    "--batch-size",
+    "64",
+];
+
+/// 400 items in 10 topics, 500 users.
+fn synth(dir: &Path) -> genfeed::synth::SynthFiles {
+    generate(
+        dir,
+        &SynthConfig {
+            items: 400,
+            users: 500,
+            topics: 10,
+            ..SynthConfig::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A small RQ-KMeans tokenizer over the catalogue's hashed attributes.
 fn tokenizer(items: &Path, out: &Path) {
     ok(genfeed(&[
@@ -50,42 +80,26 @@ fn tokenizer(items: &Path, out: &Path) {
 fn train_then_eval_reports_quality_with_no_invalid_ids() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let files = generate(
-        &data,
-        &SynthConfig {
-            items: 400,
-            users: 500,
-            topics: 10,
-            ..SynthConfig::default()
-        },
-    )
-    .unwrap();
+    let files = synth(&data);
     let tok = dir.path().join("tok");
     tokenizer(&files.items, &tok);
     let model = dir.path().join("model");
-    let summary = ok(genfeed(&[
-        "train",
-        "--data",
-        p(&data),
-        "--tokenizer",
-        p(&tok),
-        "--out",
-        p(&model),
-        "--epochs",
-        "3",
-        "--d-model",
-        "32",
-        "--heads",
-        "2",
-        "--head-dim",
-        "16",
-        "--d-ff",
-        "64",
-        "--layers",
-        "1",
-        "--batch-size",
-        "64",
-    ]));
+    let summary = ok(genfeed(
+        &[
+            "train",
+            "--data",
+            p(&data),
+            "--tokenizer",
+            p(&tok),
+            "--out",
+            p(&model),
+            "--epochs",
+            "3",
+        ]
+        .into_iter()
+        .chain(TINY)
+        .collect::<Vec<_>>(),
+    ));
     let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
     assert_eq!(summary["epochs"], 3);
     // The successor counts' weight was chosen on validation among those tried.
@@ -210,16 +224,7 @@ fn sequences(inter: &Path) -> std::collections::HashMap<String, Vec<String>> {
 fn the_cold_start_protocol_keeps_cold_items_out_of_training_and_reports_them_apart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let files = generate(
-        &data,
-        &SynthConfig {
-            items: 400,
-            users: 500,
-            topics: 10,
-            ..SynthConfig::default()
-        },
-    )
-    .unwrap();
+    let files = synth(&data);
     let cold_dir = dir.path().join("cold");
     ok(genfeed(&[
         "cold-split",
@@ -300,19 +305,8 @@ fn the_cold_start_protocol_keeps_cold_items_out_of_training_and_reports_them_apa
             p(&model),
             "--epochs",
             "2",
-            "--d-model",
-            "32",
-            "--heads",
-            "2",
-            "--head-dim",
-            "16",
-            "--d-ff",
-            "64",
-            "--layers",
-            "1",
-            "--batch-size",
-            "64",
         ];
+        args.extend(TINY);
         if let Some(items) = items {
             args.extend(["--items", p(items)]);
         }

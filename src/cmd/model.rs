@@ -473,8 +473,13 @@ fn content_table(
             genfeed::embed::Vectors::new(dim, genfeed::embed::tfidf::tfidf(&catalogue, dim))
         }
         ContentEncoder::Auto => {
-            let (spec, text) =
-                super::tokenizer::encoder_for(&catalogue, EncoderKind::Auto, &[], None, 256, 42)?;
+            let args = super::tokenizer::ContentEncoderArgs {
+                encoder: EncoderKind::Auto,
+                fields: Vec::new(),
+                text_model: None,
+                attribute_dim: 256,
+            };
+            let (spec, text) = args.resolve(&catalogue, 42)?;
             eprintln!("content: {}", serde_json::to_string(&spec)?);
             super::tokenizer::embed(&catalogue, &spec, text.as_ref())?
         }

@@ -36,23 +36,31 @@ pub enum TokenizerCommand {
     Embed(EmbedArgs),
 }
 
+/// How a catalogue's content becomes vectors.
+#[derive(Args)]
+pub struct ContentEncoderArgs {
+    /// How content becomes a vector.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub encoder: EncoderKind,
+    /// Columns to encode (comma separated); default: every content column of
+    /// the encoder's type.
+    #[arg(long, value_delimiter = ',')]
+    pub fields: Vec<String>,
+    /// Sentence-encoder directory [default: $GENFEED_TEXT_MODEL or models/all-minilm-l6-v2].
+    #[arg(long)]
+    pub text_model: Option<PathBuf>,
+    /// Width of the hashed attribute encoding.
+    #[arg(long, default_value_t = 256)]
+    pub attribute_dim: usize,
+}
+
 #[derive(Args)]
 pub struct EmbedArgs {
     /// The catalogue: a RecBole `.item` file without an `embedding` column.
     #[arg(long)]
     items: PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
-    encoder: EncoderKind,
-    /// Columns to encode (comma separated); default: every content column of
-    /// the encoder's type.
-    #[arg(long, value_delimiter = ',')]
-    fields: Vec<String>,
-    /// Sentence-encoder directory [default: $GENFEED_TEXT_MODEL or models/all-minilm-l6-v2].
-    #[arg(long)]
-    text_model: Option<PathBuf>,
-    /// Width of the hashed attribute encoding.
-    #[arg(long, default_value_t = 256)]
-    attribute_dim: usize,
+    #[command(flatten)]
+    content: ContentEncoderArgs,
     /// The new `.item` file.
     #[arg(long)]
     out: PathBuf,
@@ -117,19 +125,8 @@ pub struct TrainArgs {
     /// Output directory (created; files in it are replaced).
     #[arg(long)]
     out: PathBuf,
-    /// How content becomes a vector.
-    #[arg(long, value_enum, default_value = "auto")]
-    encoder: EncoderKind,
-    /// Columns to encode (comma separated); default: every content column of
-    /// the encoder's type.
-    #[arg(long, value_delimiter = ',')]
-    fields: Vec<String>,
-    /// Sentence-encoder directory [default: $GENFEED_TEXT_MODEL or models/all-minilm-l6-v2].
-    #[arg(long)]
-    text_model: Option<PathBuf>,
-    /// Width of the hashed attribute encoding.
-    #[arg(long, default_value_t = 256)]
-    attribute_dim: usize,
+    #[command(flatten)]
+    content: ContentEncoderArgs,
     /// Content levels (the SID has one more, the collision level).
     #[arg(long, default_value_t = 3)]
     levels: usize,
@@ -245,54 +242,54 @@ pub(super) fn embed(
     Ok(vectors)
 }
 
-/// The encoder `kind` resolves to on `items`, with the sentence encoder
-/// loaded when it is a text one.
-pub(super) fn encoder_for(
-    items: &Items,
-    kind: EncoderKind,
-    fields: &[String],
-    text_model: Option<PathBuf>,
-    attribute_dim: usize,
-    seed: u64,
-) -> anyhow::Result<(EncoderSpec, Option<TextEncoder>)> {
-    let (kind, fields) = choose(items, kind, fields)?;
-    let text = if kind == EncoderKind::Text {
-        Some(load_text(text_model)?)
-    } else {
-        None
-    };
-    let spec = match kind {
-        EncoderKind::Text => {
-            let t = text.as_ref().expect("loaded above");
-            EncoderSpec::Text {
-                model: t.model_id().to_string(),
+impl ContentEncoderArgs {
+    /// The encoder these arguments resolve to on `items`, with the sentence
+    /// encoder loaded when it is a text one.
+    pub(super) fn resolve(
+        &self,
+        items: &Items,
+        seed: u64,
+    ) -> anyhow::Result<(EncoderSpec, Option<TextEncoder>)> {
+        let (kind, fields) = choose(items, self.encoder, &self.fields)?;
+        let text = if kind == EncoderKind::Text {
+            Some(load_text(self.text_model.clone())?)
+        } else {
+            None
+        };
+        let attribute_dim = self.attribute_dim;
+        let spec = match kind {
+            EncoderKind::Text => {
+                let t = text.as_ref().expect("loaded above");
+                EncoderSpec::Text {
+                    model: t.model_id().to_string(),
+                    fields,
+                    dim: t.dim(),
+                }
+            }
+            EncoderKind::Attributes => EncoderSpec::Attributes {
                 fields,
-                dim: t.dim(),
+                dim: attribute_dim,
+                seed,
+            },
+            _ => {
+                let col = items.column(&fields[0]).expect("choose checked the column");
+                let dim = items.rows.first().map_or(0, |r| match &r.values[col] {
+                    genfeed::dataset::Value::FloatSeq(v) => v.len(),
+                    _ => 0,
+                });
+                anyhow::ensure!(
+                    dim > 0,
+                    "column {:?} holds no embedding in its first row",
+                    fields[0]
+                );
+                EncoderSpec::Precomputed {
+                    field: fields[0].clone(),
+                    dim,
+                }
             }
-        }
-        EncoderKind::Attributes => EncoderSpec::Attributes {
-            fields,
-            dim: attribute_dim,
-            seed,
-        },
-        _ => {
-            let col = items.column(&fields[0]).expect("choose checked the column");
-            let dim = items.rows.first().map_or(0, |r| match &r.values[col] {
-                genfeed::dataset::Value::FloatSeq(v) => v.len(),
-                _ => 0,
-            });
-            anyhow::ensure!(
-                dim > 0,
-                "column {:?} holds no embedding in its first row",
-                fields[0]
-            );
-            EncoderSpec::Precomputed {
-                field: fields[0].clone(),
-                dim,
-            }
-        }
-    };
-    Ok((spec, text))
+        };
+        Ok((spec, text))
+    }
 }
 
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
@@ -334,14 +331,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         };
         train(&ids, data, &opts, provenance, &a.out, &pb)?
     } else {
-        let (spec, text) = encoder_for(
-            &items,
-            a.encoder,
-            &a.fields,
-            a.text_model,
-            a.attribute_dim,
-            a.seed,
-        )?;
+        let (spec, text) = a.content.resolve(&items, a.seed)?;
         eprintln!("encoder: {}", serde_json::to_string(&spec)?);
         let vectors = embed(&items, &spec, text.as_ref())?;
         let data = TrainData::Content {
@@ -469,14 +459,7 @@ fn run_embed(a: EmbedArgs) -> anyhow::Result<()> {
         "{}: already has an embedding column",
         a.items.display()
     );
-    let (spec, text) = encoder_for(
-        &items,
-        a.encoder,
-        &a.fields,
-        a.text_model,
-        a.attribute_dim,
-        42,
-    )?;
+    let (spec, text) = a.content.resolve(&items, 42)?;
     eprintln!("encoder: {}", serde_json::to_string(&spec)?);
     let vectors = embed(&items, &spec, text.as_ref())?;
     let row: HashMap<&str, usize> = items
@@ -542,14 +525,13 @@ fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
                 ContentArg::Attributes => EncoderKind::Attributes,
                 _ => EncoderKind::Auto,
             };
-            let (spec, text) = encoder_for(
-                &items,
-                kind,
-                &a.content_fields,
-                a.text_model.clone(),
-                a.attribute_dim,
-                a.seed,
-            )?;
+            let args = ContentEncoderArgs {
+                encoder: kind,
+                fields: a.content_fields.clone(),
+                text_model: a.text_model.clone(),
+                attribute_dim: a.attribute_dim,
+            };
+            let (spec, text) = args.resolve(&items, a.seed)?;
             let content = embed(&items, &spec, text.as_ref())?;
             let mut cf = vec![0.0f32; n * k];
             for (i, id) in seqs.items.iter().enumerate() {

@@ -25,6 +25,7 @@
 //! Cost per request: one dot product per fresh item, the query being the
 //! last item's content row; nothing runs on the model.
 
+use super::prefix_scores::dot;
 use crate::sid::Sid;
 
 /// Unit content vectors by item number (a snapshot's ord); a row of zeros
@@ -71,23 +72,6 @@ impl ContentTable {
         let row = self.rows.get(i * self.dim..(i + 1) * self.dim)?;
         row.iter().any(|&x| x != 0.0).then_some(row)
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// The items the model has not learnt, with their content, and how their

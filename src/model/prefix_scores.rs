@@ -112,7 +112,7 @@ impl CustomOp3 for PrefixScores {
 }
 
 /// Eight independent sums, so the compiler keeps them in vector registers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()
