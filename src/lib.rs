@@ -29,7 +29,10 @@
 //! - [`model`], [`train`], [`eval`]: the transformer that spells the next
 //!   item's SID, its training, and the field's leave-one-out protocol. The
 //!   search mixes the model with the training transitions' successor counts
-//!   ([`model::transitions`]): what the model misses, the counts know.
+//!   ([`model::transitions`]): what the model misses, the counts know; and
+//!   items the model never learnt get their share from their content
+//!   ([`model::fresh`]). [`dataset::cold`] is the cold-start protocol that
+//!   measures it.
 //! - [`service`]: the streaming service behind `genfeed run`: Kafka
 //!   consumers, durable per-user histories, a scheduler that micro-batches
 //!   users for the model, delivery-gated offsets, dead letters and metrics.
