@@ -19,8 +19,9 @@
 //! anything is known), and `τ` is fitted on training transitions by
 //! [`fit_temperature`]: how sharply a next item follows its predecessor's
 //! content. The model's top items and the best fresh items by content are
-//! merged exactly: both lists are each part's best, so their union holds
-//! the mixture's top `k`.
+//! merged: both lists are each part's best, so their union holds the
+//! mixture's top `k`; a fresh item the beam pruned is scored by its content
+//! part alone, its (pruned, small) model share left out.
 //!
 //! Cost per request: one dot product per fresh item, the query being the
 //! last item's content row; nothing runs on the model.
