@@ -35,6 +35,8 @@ use crate::sid::Sid;
 pub struct ContentTable {
     dim: usize,
     rows: Vec<f32>,
+    /// Per row: it is not all zeros (found once, not on every lookup).
+    present: Vec<bool>,
 }
 
 impl ContentTable {
@@ -46,7 +48,11 @@ impl ContentTable {
                 row.iter_mut().for_each(|x| *x /= norm);
             }
         }
-        ContentTable { dim, rows }
+        let present = rows
+            .chunks_exact(dim.max(1))
+            .map(|r| r.iter().any(|&x| x != 0.0))
+            .collect();
+        ContentTable { dim, rows, present }
     }
 
     pub fn dim(&self) -> usize {
@@ -70,8 +76,10 @@ impl ContentTable {
     /// without content.
     pub fn row(&self, ord: u32) -> Option<&[f32]> {
         let i = ord as usize;
-        let row = self.rows.get(i * self.dim..(i + 1) * self.dim)?;
-        row.iter().any(|&x| x != 0.0).then_some(row)
+        if !self.present.get(i).copied().unwrap_or(false) {
+            return None;
+        }
+        self.rows.get(i * self.dim..(i + 1) * self.dim)
     }
 }
 
