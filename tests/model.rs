@@ -902,3 +902,55 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
         assert!(list[0].iter().all(|g| g.sid != sids[6]));
     }
 }
+
+#[test]
+fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item() {
+    let vocab = [8, 8, 4];
+    let (model, sids, index) = fixture(&vocab, 150, 3, 4);
+    let content = ContentTable::new(
+        4,
+        (0..150)
+            .flat_map(|i| (0..4).map(move |d| if i % 4 == d { 1.0 } else { 0.0 }))
+            .collect(),
+    );
+    let fresh_items: Vec<(Sid, u32)> = (0..7).map(|i| (sids[i as usize], i)).collect();
+    let opts = SearchOptions {
+        beams: 20,
+        top_k: 10,
+        exclude_history: true,
+    };
+    let uncapped = FreshItems::new(content.clone(), fresh_items.clone(), 0.05);
+    let capped = FreshItems::new(content, fresh_items, 0.05).with_slots(1);
+    let is_fresh = |s: Sid| (0..7).any(|i| sids[i] == s);
+    for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
+        let mut history = history;
+        history.retain(|s| *s != sids[2] && *s != sids[6]);
+        history.push(sids[10]);
+        let request = [Request::new(&history)];
+        let all = Generator::new(&model)
+            .with_fresh(&uncapped, 0.5)
+            .generate(index.snapshot(), &request, &opts)
+            .unwrap();
+        let one = Generator::new(&model)
+            .with_fresh(&capped, 0.5)
+            .generate(index.snapshot(), &request, &opts)
+            .unwrap();
+        let (all, one) = (&all[0], &one[0]);
+        assert!(
+            all.iter().filter(|g| is_fresh(g.sid)).count() >= 2,
+            "history {h}"
+        );
+        // The cap keeps the best fresh item where it was, and the list
+        // is as long as before: the known items move up into the slots the
+        // other fresh items leave.
+        let fresh_in_one: Vec<Sid> = one.iter().map(|g| g.sid).filter(|&s| is_fresh(s)).collect();
+        let best = all.iter().find(|g| is_fresh(g.sid)).unwrap();
+        assert_eq!(fresh_in_one, [best.sid], "history {h}");
+        assert_eq!(one.len(), all.len(), "history {h}");
+        let known = |l: &[genfeed::model::Generated]| -> Vec<Sid> {
+            l.iter().map(|g| g.sid).filter(|&s| !is_fresh(s)).collect()
+        };
+        let (known_all, known_one) = (known(all), known(one));
+        assert_eq!(known_one[..known_all.len()], known_all[..], "history {h}");
+    }
+}

@@ -424,10 +424,11 @@ pub struct EvalArgs {
     #[arg(long)]
     content: Option<PathBuf>,
     /// Prior that the next item is one never seen in training, the weight
-    /// of their content scores in the search (0 = the model alone);
-    /// default with `--content`: their share of the catalogue.
-    #[arg(long)]
-    fresh_weight: Option<f32>,
+    /// of their content scores in the search (0 = the model alone). The
+    /// default, with `--fresh-slots 1`, was chosen on the Toys cold split
+    /// (README, "Cold start").
+    #[arg(long, default_value_t = 0.1)]
+    fresh_weight: f32,
     /// How `--content` becomes vectors: TF-IDF of its words and attribute
     /// ids (hashed to 1,024 dims), or what `tokenizer train --encoder auto`
     /// picks (an embedding column, the sentence encoder, hashed attributes).
@@ -442,6 +443,9 @@ pub struct EvalArgs {
     /// fresh items alone; 0 = fresh items alone.
     #[arg(long, default_value_t = 0)]
     fresh_normaliser: usize,
+    /// At most this many fresh items in one top 10 (TIGER's ε); 0 = no cap.
+    #[arg(long, default_value_t = 1)]
+    fresh_slots: usize,
     /// Temperature of the content softmax; default: fitted on training
     /// transitions.
     #[arg(long)]
@@ -563,8 +567,8 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|p| content_table(p, &loaded.items, a.content_encoder))
         .transpose()?;
-    if a.content.is_none() && (a.baseline || a.fresh_weight.is_some_and(|w| w > 0.0)) {
-        bail!("--baseline and --fresh-weight score content: pass --content FILE");
+    if a.content.is_none() && a.baseline {
+        bail!("--baseline scores content: pass --content FILE");
     }
     let fresh = match &content {
         Some(content) => {
@@ -572,9 +576,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 .filter(|&i| !trained[i as usize])
                 .map(|i| (loaded.sids[i as usize], i))
                 .collect();
-            let weight = a
-                .fresh_weight
-                .unwrap_or(unseen.len() as f32 / loaded.items.len().max(1) as f32);
+            let weight = a.fresh_weight;
             if !(0.0..1.0).contains(&weight) {
                 bail!("--fresh-weight {weight} is not in [0, 1)");
             }
@@ -588,7 +590,12 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                         .filter(|&i| trained[i as usize])
                         .collect();
                     let fresh = FreshItems::new(content.clone(), unseen, temperature)
-                        .with_query_items(a.fresh_history);
+                        .with_query_items(a.fresh_history)
+                        .with_slots(if a.fresh_slots == 0 {
+                            usize::MAX
+                        } else {
+                            a.fresh_slots
+                        });
                     if a.fresh_normaliser > 0 {
                         let step = known.len().div_ceil(a.fresh_normaliser).max(1);
                         let sample = known.iter().copied().step_by(step).collect();

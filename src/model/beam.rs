@@ -436,12 +436,19 @@ impl<'m> Generator<'m> {
         }
         let (codes, scores) = (&self.beams.codes, &self.beams.scores);
 
+        // With fresh items the whole beam is kept: a capped fresh item's
+        // slot goes to the next known one.
+        let keep = if self.fresh.is_some() {
+            beams.max(opts.top_k)
+        } else {
+            opts.top_k
+        };
         let mut out = Vec::with_capacity(s);
         for r in 0..s {
-            let mut items = Vec::with_capacity(opts.top_k);
+            let mut items = Vec::with_capacity(keep);
             for b in 0..beams {
                 let i = r * beams + b;
-                if items.len() == opts.top_k || !scores[i].is_finite() {
+                if items.len() == keep || !scores[i].is_finite() {
                     break;
                 }
                 let sid = Sid::new(&codes[i][..levels]).expect("levels checked by the config");
@@ -463,6 +470,7 @@ impl<'m> Generator<'m> {
                 .extend((0..fresh.len()).map(|i| snapshot.get(fresh.item(i).0).is_some()));
             for (req, items) in requests.iter().zip(&mut out) {
                 self.merge_fresh(fresh, weight, snapshot, req, opts, items);
+                items.truncate(opts.top_k);
             }
         }
         Ok(out)
@@ -525,7 +533,12 @@ impl<'m> Generator<'m> {
             }
         }
         items.sort_by(|a, b| b.log_prob.total_cmp(&a.log_prob));
-        items.truncate(opts.top_k);
+        let mut taken = 0;
+        items.retain(|g| {
+            let fresh_item = fresh.position(g.sid).is_some();
+            taken += usize::from(fresh_item);
+            !fresh_item || taken <= fresh.slots()
+        });
     }
 
     /// Lists the live successors of every request's last item and gives each

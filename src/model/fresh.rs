@@ -97,6 +97,7 @@ pub struct FreshItems {
     /// for, when the softmax runs over the whole catalogue.
     known: Vec<u32>,
     known_scale: f32,
+    slots: usize,
 }
 
 impl FreshItems {
@@ -115,6 +116,7 @@ impl FreshItems {
             query_items: 1,
             known: Vec::new(),
             known_scale: 0.0,
+            slots: usize::MAX,
         }
     }
 
@@ -143,6 +145,19 @@ impl FreshItems {
         self.sids
             .binary_search_by(|s| s.codes().cmp(sid.codes()))
             .ok()
+    }
+
+    /// At most how many fresh items one list may hold.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Caps the fresh items in one list (TIGER's ε), whatever their
+    /// scores: the ones past the cap give their slots back to the next
+    /// known items. Default: no cap.
+    pub fn with_slots(mut self, slots: usize) -> FreshItems {
+        self.slots = slots;
+        self
     }
 
     /// How many of the history's last items the content query reads.
