@@ -57,6 +57,13 @@ pub enum DecodeError {
         field: &'static str,
         detail: String,
     },
+    /// A field is larger than the reader's limits allow.
+    #[error("{record}: field {field} is too large: {detail}")]
+    OverLimit {
+        record: &'static str,
+        field: &'static str,
+        detail: String,
+    },
 }
 
 /// Why a record could not be encoded.

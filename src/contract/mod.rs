@@ -77,6 +77,6 @@ pub use error::{DecodeError, EncodeError, SchemaIdError};
 pub use ids::SchemaIds;
 pub use records::{
     CatalogueEvent, Change, DeadLetter, InputPosition, Interaction, InteractionKind, ItemRetire,
-    ItemUpsert, RankedItem, Recommendation, Record, Violation,
+    ItemUpsert, Limits, RankedItem, Recommendation, Record, Violation,
 };
 pub use wire::{decode, encode, ReadFormat, WireFormat, MAX_ALLOCATION_BYTES};

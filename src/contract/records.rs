@@ -29,6 +29,46 @@ pub trait Record: Serialize + DeserializeOwned {
     fn validate(&self) -> Result<(), Violation> {
         Ok(())
     }
+
+    /// Checks the sizes a reader's [`Limits`] allow. Avro bounds none: a
+    /// 1 MiB user id is a valid datum, and it would become a key, a history
+    /// entry and a feed that no topic accepts.
+    fn within(&self, _limits: &Limits) -> Result<(), Violation> {
+        Ok(())
+    }
+}
+
+/// The largest ids and texts a reader accepts, in bytes (UTF-8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// A user or item id.
+    pub id_bytes: usize,
+    /// One text field (title, description, brand, a retire reason), or all
+    /// of an item's categories, or all of its attributes, together.
+    pub text_bytes: usize,
+}
+
+impl Limits {
+    fn id(&self, field: &'static str, value: &str) -> Result<(), Violation> {
+        at_most(field, value.len(), self.id_bytes)
+    }
+
+    fn text(&self, field: &'static str, len: usize) -> Result<(), Violation> {
+        at_most(field, len, self.text_bytes)
+    }
+}
+
+/// The detail names the size and the limit, never the value: a value over
+/// its limit is too large to echo.
+fn at_most(field: &'static str, len: usize, limit: usize) -> Result<(), Violation> {
+    if len > limit {
+        Err(Violation {
+            field,
+            detail: format!("{len} bytes, over the limit of {limit}"),
+        })
+    } else {
+        Ok(())
+    }
 }
 
 /// A value that is well-formed Avro but breaks a rule of the contract.
@@ -178,6 +218,27 @@ impl Record for CatalogueEvent {
     fn validate(&self) -> Result<(), Violation> {
         non_empty("change.item_id", self.item_id())
     }
+
+    fn within(&self, limits: &Limits) -> Result<(), Violation> {
+        limits.id("change.item_id", self.item_id())?;
+        match &self.change {
+            Change::Upsert(u) => {
+                let texts = [
+                    ("change.title", &u.title),
+                    ("change.description", &u.description),
+                    ("change.brand", &u.brand),
+                ];
+                for (field, text) in texts {
+                    limits.text(field, text.as_deref().map_or(0, str::len))?;
+                }
+                let categories = u.categories.iter().map(String::len).sum();
+                limits.text("change.categories", categories)?;
+                let attributes = u.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+                limits.text("change.attributes", attributes)
+            }
+            Change::Retire(r) => limits.text("change.reason", r.reason.len()),
+        }
+    }
 }
 
 impl Record for ItemUpsert {
@@ -214,6 +275,11 @@ impl Record for Interaction {
     fn validate(&self) -> Result<(), Violation> {
         non_empty("user_id", &self.user_id)?;
         non_empty("item_id", &self.item_id)
+    }
+
+    fn within(&self, limits: &Limits) -> Result<(), Violation> {
+        limits.id("user_id", &self.user_id)?;
+        limits.id("item_id", &self.item_id)
     }
 }
 

@@ -355,6 +355,7 @@ pub fn decode_reason(e: DecodeError) -> (Reason, String) {
     let reason = match &e {
         DecodeError::UnknownSchemaId(_) | DecodeError::WrongRecord { .. } => Reason::UnknownSchema,
         DecodeError::Invalid { .. } => Reason::InvalidRecord,
+        DecodeError::OverLimit { .. } => Reason::TooLarge,
         _ => Reason::Undecodable,
     };
     (reason, e.to_string())

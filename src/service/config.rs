@@ -25,6 +25,8 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -46,6 +48,11 @@ pub struct KafkaConfig {
     /// How long a delivery may take, retries included, before the producer
     /// gives up on it (and the service tries again).
     pub message_timeout_ms: u64,
+    /// The producer's `message.max.bytes`: no feed, changelog record or dead
+    /// letter the service writes is larger. Set it to at most what the
+    /// output topics accept; a record the broker refuses anyway becomes a
+    /// dead letter, cut to fit.
+    pub message_max_bytes: usize,
     pub wire: WireConfig,
     /// Passed to librdkafka as they are (security, tuning).
     pub properties: BTreeMap<String, String>,
@@ -63,6 +70,7 @@ impl Default for KafkaConfig {
             histories_topic: "histories".into(),
             session_timeout_ms: 10_000,
             message_timeout_ms: 30_000,
+            message_max_bytes: 1_000_000,
             wire: WireConfig::default(),
             properties: BTreeMap::new(),
         }
@@ -221,6 +229,39 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Bytes of a user or item id at most; a longer one is a dead letter.
+    pub id_bytes: usize,
+    /// Bytes of one text field of an item (title, description, brand, a
+    /// retire reason), or of all its categories or all its attributes
+    /// together, at most; more is a dead letter.
+    pub text_bytes: usize,
+    /// How long a stop (SIGTERM, SIGINT) waits for pending feeds and
+    /// deliveries before it commits what was acknowledged and exits.
+    pub drain_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            id_bytes: 256,
+            text_bytes: 65_536,
+            drain_ms: 20_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn record(&self) -> crate::contract::Limits {
+        crate::contract::Limits {
+            id_bytes: self.id_bytes,
+            text_bytes: self.text_bytes,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -290,6 +331,8 @@ impl Config {
             ("feed.max_pending", f.max_pending),
             ("feed.threads", f.threads),
             ("catalogue.batch_max", self.catalogue.batch_max),
+            ("limits.id_bytes", self.limits.id_bytes),
+            ("limits.text_bytes", self.limits.text_bytes),
         ];
         for (key, v) in positive {
             if v == 0 {
@@ -300,6 +343,23 @@ impl Config {
             return Err((
                 "feed.top_k",
                 format!("{} items cannot come from {} beams", f.top_k, f.beams),
+            ));
+        }
+        // Every output must fit in one message whatever the ids: a feed (a
+        // user id twice, key and field, and top_k item ids) and a history
+        // record (a user id and 4 bytes an item), with room to spare.
+        let id = self.limits.id_bytes;
+        let feed = 2 * id + f.top_k * (id + 64);
+        let history = id + 12 + 4 * f.history_len;
+        let needed = feed.max(history) + 4096;
+        if self.kafka.message_max_bytes < needed {
+            return Err((
+                "kafka.message_max_bytes",
+                format!(
+                    "{} bytes cannot hold a feed of {} items or a history of {} with ids of up \
+                     to {id} bytes (limits.id_bytes); it needs at least {needed}",
+                    self.kafka.message_max_bytes, f.top_k, f.history_len,
+                ),
             ));
         }
         for id in self.kafka.wire.writers.keys() {
@@ -357,6 +417,7 @@ mod tests {
         assert_eq!(cfg.catalogue, CatalogueSettings::default());
         assert_eq!(cfg.http, HttpConfig::default());
         assert_eq!(cfg.log, LogConfig::default());
+        assert_eq!(cfg.limits, LimitsConfig::default());
         let deployed = Config::load(&root.join("deploy/genfeed.toml")).unwrap();
         assert_eq!(deployed.feed, FeedConfig::default());
         assert_eq!(deployed.log.format, LogFormat::Json);
@@ -368,6 +429,10 @@ mod tests {
         assert!(err.to_string().contains("beam"), "{err}");
         let err = load(&format!("{PATHS}[feed]\nbeams = 5\ntop_k = 10\n")).unwrap_err();
         assert!(err.to_string().contains("feed.top_k"), "{err}");
+        let err = load(&format!("{PATHS}[kafka]\nmessage_max_bytes = 6000\n")).unwrap_err();
+        assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
+        let err = load(&format!("{PATHS}[limits]\nid_bytes = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("limits.id_bytes"), "{err}");
         let err = load("[feed]\nbeams = 5\n").unwrap_err();
         assert!(err.to_string().contains("paths"), "{err}");
     }

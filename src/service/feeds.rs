@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::delivery::{Outbox, Sent};
 use super::histories::Histories;
 use super::kafka::now_ms;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Reason};
 use super::scheduler::Job;
 use super::view::SharedView;
 use crate::contract::{InputPosition, RankedItem, Recommendation};
@@ -50,90 +50,146 @@ pub enum FeedError {
 
 impl FeedWorker {
     /// Serves batches until `jobs` closes; every delivery goes to `sent`.
-    pub fn run(
-        self,
-        mut jobs: mpsc::Receiver<Vec<Job>>,
-        sent: mpsc::Sender<Sent>,
-    ) -> Result<(), FeedError> {
-        let mut generator = Generator::new(&self.model);
+    /// A batch that fails (a history that cannot be read, a model error)
+    /// costs its users a dead letter each, not the worker.
+    pub fn run(self, mut jobs: mpsc::Receiver<Vec<Job>>, sent: mpsc::Sender<Sent>) {
+        let mut scratch = Scratch {
+            generator: Generator::new(&self.model),
+            ords: Vec::new(),
+            histories: Vec::new(),
+            deny: (u64::MAX, Filter::default()),
+        };
         if let Some((t, w)) = &self.transitions {
-            generator = generator.with_transitions(t, *w);
+            scratch.generator = scratch.generator.with_transitions(t, *w);
         }
-        let mut ords = Vec::new();
-        let mut histories: Vec<Vec<Sid>> = Vec::new();
-        let mut deny = (u64::MAX, Filter::default());
         while let Some(batch) = jobs.blocking_recv() {
             let start = Instant::now();
-            let view = self.view.load_full();
-            if deny.0 != view.snapshot.seq() {
-                let sids = self
-                    .deny_items
-                    .iter()
-                    .filter_map(|id| view.ord(id).and_then(|o| view.item(o)?.sid));
-                deny = (view.snapshot.seq(), Filter::default().deny(sids));
-            }
-            histories.resize_with(batch.len(), Vec::new);
-            for (job, h) in batch.iter().zip(&mut histories) {
-                self.histories.get(&job.user, &mut ords)?;
-                h.clear();
-                h.extend(ords.iter().filter_map(|&o| view.item(o)?.sid));
-            }
-            // Users whose history has no item the model can read get an
-            // empty feed rather than none: their events are answered.
-            let asked: Vec<usize> = (0..batch.len())
-                .filter(|&i| !histories[i].is_empty())
-                .collect();
-            let requests: Vec<Request<'_>> = asked
-                .iter()
-                .map(|&i| Request {
-                    history: &histories[i],
-                    filter: Some(&deny.1),
-                })
-                .collect();
-            let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
-            self.metrics
-                .generate_seconds
-                .observe(start.elapsed().as_secs_f64());
-            self.metrics.batch_users.observe(batch.len() as f64);
-            // Items retired while the search ran are dropped here: a retire
-            // is never followed by a feed holding the item.
-            let now = self.view.load_full();
-            let mut feeds: Vec<Vec<RankedItem>> = vec![Vec::new(); batch.len()];
-            for (&i, items) in asked.iter().zip(generated) {
-                feeds[i] = items
-                    .into_iter()
-                    .filter(|g| now.is_live(g.ord, g.sid))
-                    .filter_map(|g| {
-                        Some(RankedItem {
-                            item_id: now.item(g.ord)?.id.to_string(),
-                            sid: g.sid.codes().to_vec(),
-                            score: g.log_prob,
+            let out: Vec<Sent> = match self.answer(&mut scratch, &batch) {
+                Ok(feeds) => {
+                    self.metrics
+                        .generate_seconds
+                        .observe(start.elapsed().as_secs_f64());
+                    self.metrics.batch_users.observe(batch.len() as f64);
+                    batch
+                        .into_iter()
+                        .zip(feeds)
+                        .map(|(job, items)| self.feed(job, items))
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, users = batch.len(), "a feed batch failed");
+                    let detail = format!("the feed batch failed: {e}");
+                    batch
+                        .into_iter()
+                        .map(|job| {
+                            self.metrics.dead_letter(Reason::FeedFailed);
+                            let last = *job.triggers.last().expect("a job has a trigger");
+                            let source = (&*self.interactions_topic, last.partition, last.offset);
+                            let detail = format!("user {:?}: {detail}", job.user);
+                            self.outbox.dead_letter(
+                                source,
+                                Reason::FeedFailed,
+                                &detail,
+                                &[],
+                                job.triggers,
+                            )
                         })
-                    })
-                    .collect();
-            }
-            self.histories.flush()?;
-            for (job, items) in batch.into_iter().zip(feeds) {
-                let last = job.triggers.last().expect("a job has a trigger");
-                let rec = Recommendation {
-                    user_id: job.user.clone(),
-                    items,
-                    model_version: self.model_version.clone(),
-                    tokenizer_version: self.tokenizer_version.clone(),
-                    generated_at: now_ms(),
-                    trigger: InputPosition {
-                        topic: self.interactions_topic.clone(),
-                        partition: last.partition,
-                        offset: last.offset,
-                    },
-                };
-                let payload = self.outbox.wire().recommendation(&rec);
-                let s = self.outbox.feed(&job.user, payload, job.triggers);
+                        .collect()
+                }
+            };
+            for s in out {
                 if sent.blocking_send(s).is_err() {
-                    return Ok(());
+                    return;
                 }
             }
         }
-        Ok(())
     }
+
+    /// One feed per job of the batch, in order: the histories read, one
+    /// beam search for all of them, and the histories made durable.
+    fn answer<'a>(
+        &'a self,
+        scratch: &mut Scratch<'a>,
+        batch: &[Job],
+    ) -> Result<Vec<Vec<RankedItem>>, FeedError> {
+        let view = self.view.load_full();
+        let Scratch {
+            generator,
+            ords,
+            histories,
+            deny,
+        } = scratch;
+        if deny.0 != view.snapshot.seq() {
+            let sids = self
+                .deny_items
+                .iter()
+                .filter_map(|id| view.ord(id).and_then(|o| view.item(o)?.sid));
+            *deny = (view.snapshot.seq(), Filter::default().deny(sids));
+        }
+        histories.resize_with(batch.len(), Vec::new);
+        for (job, h) in batch.iter().zip(histories.iter_mut()) {
+            self.histories.get(&job.user, ords)?;
+            h.clear();
+            h.extend(ords.iter().filter_map(|&o| view.item(o)?.sid));
+        }
+        // Users whose history has no item the model can read get an
+        // empty feed rather than none: their events are answered.
+        let asked: Vec<usize> = (0..batch.len())
+            .filter(|&i| !histories[i].is_empty())
+            .collect();
+        let requests: Vec<Request<'_>> = asked
+            .iter()
+            .map(|&i| Request {
+                history: &histories[i],
+                filter: Some(&deny.1),
+            })
+            .collect();
+        let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
+        // Items retired while the search ran are dropped here: a retire
+        // is never followed by a feed holding the item.
+        let now = self.view.load_full();
+        let mut feeds: Vec<Vec<RankedItem>> = vec![Vec::new(); batch.len()];
+        for (&i, items) in asked.iter().zip(generated) {
+            feeds[i] = items
+                .into_iter()
+                .filter(|g| now.is_live(g.ord, g.sid))
+                .filter_map(|g| {
+                    Some(RankedItem {
+                        item_id: now.item(g.ord)?.id.to_string(),
+                        sid: g.sid.codes().to_vec(),
+                        score: g.log_prob,
+                    })
+                })
+                .collect();
+        }
+        self.histories.flush()?;
+        Ok(feeds)
+    }
+
+    fn feed(&self, job: Job, items: Vec<RankedItem>) -> Sent {
+        let last = job.triggers.last().expect("a job has a trigger");
+        let rec = Recommendation {
+            user_id: job.user.clone(),
+            items,
+            model_version: self.model_version.clone(),
+            tokenizer_version: self.tokenizer_version.clone(),
+            generated_at: now_ms(),
+            trigger: InputPosition {
+                topic: self.interactions_topic.clone(),
+                partition: last.partition,
+                offset: last.offset,
+            },
+        };
+        let payload = self.outbox.wire().recommendation(&rec);
+        self.outbox.feed(&job.user, payload, job.triggers)
+    }
+}
+
+/// What the worker keeps between batches.
+struct Scratch<'m> {
+    generator: Generator<'m>,
+    ords: Vec<u32>,
+    histories: Vec<Vec<Sid>>,
+    /// The deny filter and the snapshot it was built for.
+    deny: (u64, Filter),
 }

@@ -11,6 +11,9 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     loop {
         let (mut conn, _) = tokio::select! {
@@ -27,13 +30,21 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut stop: watch
         tokio::spawn(async move {
             // Read the whole head: a client may write it in pieces, and
             // closing with unread bytes would reset the connection.
+            // A client that never finishes its head is dropped after
+            // HEAD_TIMEOUT: it cannot hold a task for ever.
             let mut buf = [0u8; 8192];
             let mut n = 0;
-            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
-                match conn.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => n += k,
+            let head = async {
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") && n < buf.len() {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(k) => n += k,
+                    }
                 }
+                true
+            };
+            if !matches!(tokio::time::timeout(HEAD_TIMEOUT, head).await, Ok(true)) {
+                return;
             }
             let line = std::str::from_utf8(&buf[..n])
                 .unwrap_or("")

@@ -7,13 +7,14 @@
 //! outputs are delivered (its history's changelog record and its feed, or
 //! its dead letter); only finished offsets are stored for commit.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,9 @@ use crate::contract::Interaction;
 /// records are flushed to the broker; an assigned partition's histories are
 /// restored from the changelog before any of its interactions is read.
 pub struct Rebalancing {
+    /// Set when a stop gave up draining: a revoke then does not wait for
+    /// the producer.
+    pub abandon: Arc<AtomicBool>,
     pub offsets: Arc<Offsets>,
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
@@ -46,7 +50,9 @@ impl ConsumerContext for Rebalancing {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions revoked");
-            self.outbox.flush(Duration::from_secs(10));
+            if !self.abandon.load(Relaxed) {
+                self.outbox.flush(Duration::from_secs(10));
+            }
             self.offsets.revoke(parts);
             self.metrics.assigned_partitions.store(0, Relaxed);
         }
@@ -160,8 +166,24 @@ impl Restore {
     }
 }
 
+/// Polls the consumer, off the runtime, until `out` closes: messages go to
+/// `out` as they come (a full channel makes the poll wait: backpressure),
+/// and rebalances run here, between polls.
+pub fn poll(
+    consumer: &BaseConsumer<Rebalancing>,
+    out: &mpsc::Sender<Result<OwnedMessage, KafkaError>>,
+) {
+    while !out.is_closed() {
+        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        if out.blocking_send(m.map(|m| m.detach())).is_err() {
+            return;
+        }
+    }
+}
+
 pub struct InteractionConsumer {
-    pub consumer: Arc<StreamConsumer<Rebalancing>>,
     pub topic: String,
     pub view: SharedView,
     pub histories: Arc<Histories>,
@@ -175,19 +197,24 @@ pub struct InteractionConsumer {
 #[derive(Debug, thiserror::Error)]
 pub enum InteractionError {
     #[error("interactions topic {topic:?}: {source}")]
-    Kafka {
-        topic: String,
-        source: rdkafka::error::KafkaError,
-    },
+    Kafka { topic: String, source: KafkaError },
     #[error(transparent)]
     History(#[from] HistoryError),
 }
 
 impl InteractionConsumer {
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Result<(), InteractionError> {
+    /// Applies the polled `messages` until a stop.
+    pub async fn run(
+        self,
+        mut messages: mpsc::Receiver<Result<OwnedMessage, KafkaError>>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), InteractionError> {
         loop {
             let m = tokio::select! {
-                m = self.consumer.recv() => m,
+                m = messages.recv() => match m {
+                    Some(m) => m,
+                    None => return Ok(()),
+                },
                 _ = stop.changed() => return Ok(()),
             };
             let m = m.map_err(|source| InteractionError::Kafka {

@@ -6,7 +6,7 @@ use rdkafka::config::ClientConfig;
 
 use super::config::{KafkaConfig, WireKind};
 use crate::contract::{
-    decode, encode, CatalogueEvent, DeadLetter, DecodeError, Interaction, ReadFormat,
+    decode, encode, CatalogueEvent, DeadLetter, DecodeError, Interaction, Limits, ReadFormat,
     Recommendation, Record, SchemaIds, WireFormat,
 };
 
@@ -16,6 +16,7 @@ pub struct Wire {
     ids: SchemaIds,
     recommendation_id: u32,
     dead_letter_id: u32,
+    limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +32,7 @@ pub enum WireError {
 }
 
 impl Wire {
-    pub fn new(cfg: &KafkaConfig) -> Result<Wire, WireError> {
+    pub fn new(cfg: &KafkaConfig, limits: Limits) -> Result<Wire, WireError> {
         let w = &cfg.wire;
         let mut ids = SchemaIds::new();
         let current = |id: u32, r: Result<(), crate::contract::SchemaIdError>| {
@@ -82,14 +83,24 @@ impl Wire {
             ids,
             recommendation_id: w.recommendation_id,
             dead_letter_id: w.dead_letter_id,
+            limits,
         })
     }
 
+    /// Decodes a record and checks it against the configured limits.
     pub fn decode<T: Record>(&self, bytes: &[u8]) -> Result<T, DecodeError> {
-        match self.kind {
+        let record: T = match self.kind {
             WireKind::Plain => decode(bytes, ReadFormat::Plain),
             WireKind::Confluent => decode(bytes, ReadFormat::Confluent(&self.ids)),
-        }
+        }?;
+        record
+            .within(&self.limits)
+            .map_err(|v| DecodeError::OverLimit {
+                record: T::NAME,
+                field: v.field,
+                detail: v.detail,
+            })?;
+        Ok(record)
     }
 
     fn format(&self, id: u32) -> WireFormat {
@@ -148,6 +159,7 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
 pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = client(cfg);
     c.set("message.timeout.ms", cfg.message_timeout_ms.to_string())
+        .set("message.max.bytes", cfg.message_max_bytes.to_string())
         .set("linger.ms", "2")
         .set("acks", "all");
     for (k, v) in &cfg.properties {

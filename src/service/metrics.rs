@@ -25,10 +25,17 @@ pub enum Reason {
     UnknownItem,
     /// The tokenizer could not place the item (e.g. its prefix is full).
     Tokenizer,
+    /// A field over its configured limit (`limits.*`).
+    TooLarge,
+    /// The broker refused, for good, a record the message caused (a feed
+    /// or a changelog record too large, a topic that refuses writes).
+    OutputRefused,
+    /// The model's batch holding the user failed.
+    FeedFailed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Undecodable,
         Reason::UnknownSchema,
         Reason::InvalidRecord,
@@ -36,6 +43,9 @@ impl Reason {
         Reason::NoContent,
         Reason::UnknownItem,
         Reason::Tokenizer,
+        Reason::TooLarge,
+        Reason::OutputRefused,
+        Reason::FeedFailed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -47,6 +57,9 @@ impl Reason {
             Reason::NoContent => "no_content",
             Reason::UnknownItem => "unknown_item",
             Reason::Tokenizer => "tokenizer",
+            Reason::TooLarge => "too_large",
+            Reason::OutputRefused => "output_refused",
+            Reason::FeedFailed => "feed_failed",
         }
     }
 }

@@ -28,11 +28,22 @@
 //!   holding the item.
 //! - **Bad input never stops the pipeline.** Every message that cannot be
 //!   applied goes to the dead-letter topic with a reason naming the field
-//!   and the record, and is counted by reason.
+//!   and the record, and is counted by reason; ids and texts over
+//!   `limits.*` included.
+//! - **No record can stall it either.** An output the broker refuses for
+//!   good (too large, a topic that refuses writes) becomes a dead letter of
+//!   the message that caused it, and a dead letter is cut to fit
+//!   `kafka.message_max_bytes` ([`delivery`]); only transient failures are
+//!   retried, on the runtime, without blocking it.
 //! - **Bounded memory.** Every queue is bounded; a full one makes the stage
 //!   before it wait, back to the consumer.
+//! - **Nothing blocks the runtime.** The model and the interactions
+//!   consumer's poll (with its rebalances: restores, producer flushes) run
+//!   on their own threads; a failed model batch costs its users a dead
+//!   letter each, not the service.
 //! - **Clean stop.** SIGTERM or SIGINT stops reading, answers every pending
-//!   user, waits for the deliveries and commits.
+//!   user, waits for the deliveries and commits; within `limits.drain_ms`,
+//!   or at once on a second signal, whatever is still pending.
 
 pub mod catalogue_consumer;
 pub mod config;
@@ -55,7 +66,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
 use candle_core::Device;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 
@@ -85,7 +96,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(serve(cfg))
+    let result = rt.block_on(serve(cfg));
+    // Tasks still waiting after an abandoned drain are dropped, not awaited.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -138,16 +152,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
 
     let k = &cfg.kafka;
-    let wire = Arc::new(kafka::Wire::new(k)?);
+    let wire = Arc::new(kafka::Wire::new(k, cfg.limits.record())?);
     let producer: FutureProducer = kafka::producer_config(k)
         .create()
         .context("creating the producer")?;
     let outbox = Arc::new(Outbox::new(
         producer,
         wire,
-        &k.recommendations_topic,
-        &k.dead_letter_topic,
-        &k.histories_topic,
+        delivery::Topics {
+            feeds: &k.recommendations_topic,
+            dead_letters: &k.dead_letter_topic,
+            histories: &k.histories_topic,
+            interactions: &k.interactions_topic,
+        },
+        k.message_max_bytes,
     ));
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop) = watch::channel(false);
@@ -205,9 +223,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
 
     let offsets = Arc::new(Offsets::default());
-    let consumer: Arc<StreamConsumer<Rebalancing>> = Arc::new(
+    let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
         kafka::consumer_config(k, &k.group_id)
             .create_with_context(Rebalancing {
+                abandon: abandon.clone(),
                 offsets: offsets.clone(),
                 metrics: metrics.clone(),
                 outbox: outbox.clone(),
@@ -279,7 +299,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     ));
     let lag = tokio::spawn(watch_lag(consumer.clone(), metrics.clone(), stop.clone()));
     let interactions = InteractionConsumer {
-        consumer: consumer.clone(),
         topic: k.interactions_topic.clone(),
         view,
         histories: histories.clone(),
@@ -289,7 +308,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         scheduler: events_tx,
         sent: sent_tx,
     };
-    let mut input = tokio::spawn(interactions.run(stop.clone()));
+    // The consumer is polled on its own thread: rebalances run there, and
+    // a partition's restore (up to a minute) or the producer's flush on a
+    // revoke never holds one of the runtime's two workers.
+    let (messages_tx, messages_rx) = mpsc::channel(f.batch_max * 4);
+    let poller = consumer.clone();
+    std::thread::Builder::new()
+        .name("interactions".into())
+        .spawn(move || interaction_consumer::poll(&poller, &messages_tx))?;
+    let mut input = tokio::spawn(interactions.run(messages_rx, stop.clone()));
     tracing::info!("running");
 
     let failure = tokio::select! {
@@ -299,34 +326,67 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     tracing::info!("stopping: draining pending feeds");
     let _ = stop_tx.send(true);
-    if failure.is_none() {
-        input.await??;
+    // Everything read is answered and acknowledged, unless that takes
+    // longer than `limits.drain_ms` or a second signal says not to wait.
+    let drain = async {
+        if failure.is_none() {
+            input.await??;
+        }
+        scheduler.await?;
+        tokio::task::spawn_blocking(move || worker.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the feed worker panicked"))?;
+        acker.await?;
+        anyhow::Ok(())
+    };
+    let drain_time = Duration::from_millis(cfg.limits.drain_ms);
+    let drained = tokio::select! {
+        r = tokio::time::timeout(drain_time, drain) => match r {
+            Ok(r) => { r?; true }
+            Err(_) => {
+                tracing::warn!(ms = cfg.limits.drain_ms, "limits.drain_ms is over; committing what was acknowledged and stopping");
+                false
+            }
+        },
+        _ = signals.recv() => {
+            tracing::warn!("a second signal: committing what was acknowledged and stopping");
+            false
+        }
+    };
+    if !drained {
+        // Closing the consumer revokes its partitions; nothing is left to
+        // flush that is worth waiting for.
+        abandon.store(true, Relaxed);
     }
-    scheduler.await?;
-    let worker_result = tokio::task::spawn_blocking(move || worker.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the feed worker panicked"))?;
-    acker.await?;
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(())
-        | Err(rdkafka::error::KafkaError::ConsumerCommit(
-            rdkafka::types::RDKafkaErrorCode::NoOffset,
+    let committer = consumer.clone();
+    let commit =
+        tokio::task::spawn_blocking(move || committer.commit_consumer_state(CommitMode::Sync));
+    match tokio::time::timeout(Duration::from_secs(5), commit).await {
+        Ok(Ok(
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )),
         )) => {}
-        Err(e) => tracing::warn!(error = %e, "final commit"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "final commit"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "final commit"),
+        Err(_) => tracing::warn!("final commit: no answer in 5 s"),
     }
     histories.flush()?;
-    if !cat_task.is_finished() || failure.is_none() {
+    if drained && (!cat_task.is_finished() || failure.is_none()) {
         cat_task.await??;
     }
-    let _ = lag.await;
+    if drained {
+        let _ = lag.await;
+    }
     let _ = http_stop_tx.send(true);
     let _ = http.await;
     tracing::info!(
         feeds = metrics.feeds.load(Relaxed),
         dead_letters = metrics.dead_letters(),
+        drained,
         "stopped"
     );
-    worker_result?;
     match failure {
         Some(r) => r,
         None => Ok(()),
@@ -421,7 +481,7 @@ fn model_version(dir: &std::path::Path, transition_weight: Option<f32>) -> anyho
 /// Every 5 s: how far the assigned partitions are behind their high
 /// watermarks.
 async fn watch_lag(
-    consumer: Arc<StreamConsumer<Rebalancing>>,
+    consumer: Arc<BaseConsumer<Rebalancing>>,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -504,14 +504,19 @@ impl Input {
     }
 
     pub fn upsert(&self, id: &str, embedding: Vec<f32>) -> At {
+        self.upsert_item(ItemUpsert {
+            item_id: id.into(),
+            embedding: Some(embedding),
+            ..Default::default()
+        })
+    }
+
+    pub fn upsert_item(&self, item: ItemUpsert) -> At {
+        let key = item.item_id.clone();
         let e = CatalogueEvent {
-            change: Change::Upsert(ItemUpsert {
-                item_id: id.into(),
-                embedding: Some(embedding),
-                ..Default::default()
-            }),
+            change: Change::Upsert(item),
         };
-        self.raw(&self.topics.catalogue.clone(), id, &self.record(&e, 1))
+        self.raw(&self.topics.catalogue.clone(), &key, &self.record(&e, 1))
     }
 
     pub fn retire(&self, id: &str) -> At {

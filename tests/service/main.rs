@@ -238,6 +238,126 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+#[test]
+fn oversized_messages_cost_one_dead_letter_each_cut_to_fit_and_the_service_goes_on() {
+    use genfeed::contract::{DeadLetter, ItemUpsert};
+
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("oversize", 1);
+    let input = Input::new(&t, Framing::Confluent);
+    for (id, v) in f.items.iter().take(10) {
+        input.upsert(id, v.clone());
+    }
+    // Outputs of at most 64 KiB: every oversized input below is larger.
+    let cfg = config(dir.path(), "a", &t, Framing::Confluent, FEED);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let max = 65_536;
+    let text = text.replace(
+        "session_timeout_ms = 6000",
+        &format!("session_timeout_ms = 6000\nmessage_max_bytes = {max}"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut svc = Service::start(&cfg);
+    svc.wait_metric("genfeed_live_items", |v| v == 10.0);
+
+    let item = &f.items[0].0;
+    let big = 300_000;
+    let good_before = input.interaction("good-1", item);
+    // A valid interaction whose user id is 300 kB: it would be a key, a
+    // history and a feed no output topic takes.
+    let long_user = input.interaction(&"u".repeat(big), item);
+    // 300 kB of garbage: its dead letter cannot carry it whole.
+    let garbage: Vec<u8> = (0..big).map(|i| (1 + i * 7 % 251) as u8).collect();
+    let junk = input.raw(&t.interactions, "x", &garbage);
+    // An item whose title is 300 kB.
+    let long_title = input.upsert_item(ItemUpsert {
+        item_id: "long-title".into(),
+        title: Some("t".repeat(big)),
+        embedding: Some(f.items[20].1.clone()),
+        ..Default::default()
+    });
+    let good_after = input.interaction("good-2", item);
+
+    let dlq = Output::new(&t.dead_letters, 1);
+    let mut letters: Vec<DeadLetter> = Vec::new();
+    dlq.read_until(
+        Framing::Confluent,
+        &mut letters,
+        |l| l.len() >= 3,
+        "dead letters",
+    );
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let letter = |topic: &str, at: At| {
+        letters
+            .iter()
+            .find(|l| {
+                l.source_topic == topic && l.partition == at.partition && l.offset == at.offset
+            })
+            .unwrap_or_else(|| panic!("no dead letter for {topic} {at:?}"))
+    };
+    let user = letter(&t.interactions, long_user);
+    assert!(user.reason.starts_with("too_large"), "{}", user.reason);
+    assert!(user.reason.contains("user_id"), "{}", user.reason);
+    assert!(
+        user.reason.contains(&format!("{big} bytes")),
+        "{}",
+        user.reason
+    );
+    let title = letter(&t.catalogue, long_title);
+    assert!(title.reason.starts_with("too_large"), "{}", title.reason);
+    assert!(title.reason.contains("change.title"), "{}", title.reason);
+    let junk = letter(&t.interactions, junk);
+    assert!(junk.reason.starts_with("undecodable"), "{}", junk.reason);
+    // Every letter was cut to fit and says so; what it keeps is the start
+    // of the input as it came.
+    for l in [user, title, junk] {
+        assert!(
+            l.raw.len() < max && !l.raw.is_empty(),
+            "{} bytes",
+            l.raw.len()
+        );
+        assert!(
+            l.reason.contains(&format!("raw cut to {} of", l.raw.len())),
+            "{}",
+            l.reason
+        );
+    }
+    assert_eq!(junk.raw[..], garbage[..junk.raw.len()]);
+    assert!(
+        junk.reason.ends_with(&format!("of {big} bytes")),
+        "{}",
+        junk.reason
+    );
+
+    // The service went on: the users before and after were served, and
+    // nothing else is in the catalogue.
+    let out = Output::new(&t.recommendations, 2);
+    let last = HashMap::from([
+        ("good-1".to_string(), good_before),
+        ("good-2".to_string(), good_after),
+    ]);
+    let got = feeds_answering(&out, Framing::Confluent, &mut Vec::new(), &last);
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        svc.metric("genfeed_dead_letters_total{reason=\"too_large\"}"),
+        Some(2.0)
+    );
+    assert_eq!(svc.metric("genfeed_live_items"), Some(10.0));
+    assert!(svc.stop().success(), "{}", svc.log_text());
+    // Every offset was committed, the dead letters' too: after a restart
+    // only what comes next is read (one partition, read in order).
+    let mut again = Service::start(&cfg);
+    let next = input.interaction("good-3", item);
+    let last = HashMap::from([("good-3".to_string(), next)]);
+    assert_eq!(
+        feeds_answering(&out, Framing::Confluent, &mut Vec::new(), &last).len(),
+        1
+    );
+    assert_eq!(again.metric("genfeed_interaction_events_total"), Some(1.0));
+    assert!(again.stop().success(), "{}", again.log_text());
+}
+
 /// The interactions of `users` users, `per_user` each, as (user, item).
 fn wave(f: &harness::Fixture, users: usize, per_user: usize, seed: usize) -> Vec<(String, String)> {
     (0..per_user)
