@@ -171,10 +171,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let fresh_items: Vec<(Sid, u32)> = (0..a.fresh.min(sids.len()) as u32)
         .map(|i| (sids[i as usize], i))
         .collect();
-    let fresh = FreshItems::new(content, fresh_items, 0.05);
+    // As `eval` runs it by default: one fresh slot, weight .1.
+    let fresh = FreshItems::new(content, fresh_items, 0.05).with_slots(1);
     let mut generator = Generator::new(&model)
         .with_transitions(&transitions, weight)
-        .with_fresh(&fresh, 0.05);
+        .with_fresh(&fresh, 0.1);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();
