@@ -362,6 +362,14 @@ impl Config {
                 ),
             ));
         }
+        if self.kafka.properties.contains_key("message.max.bytes") {
+            return Err((
+                "kafka.properties",
+                "\"message.max.bytes\" is kafka.message_max_bytes: set it there, where the \
+                 service checks its outputs against it"
+                    .into(),
+            ));
+        }
         for id in self.kafka.wire.writers.keys() {
             if id.parse::<u32>().is_err() {
                 return Err(("kafka.wire.writers", format!("{id:?} is not a schema id")));
@@ -430,6 +438,11 @@ mod tests {
         let err = load(&format!("{PATHS}[feed]\nbeams = 5\ntop_k = 10\n")).unwrap_err();
         assert!(err.to_string().contains("feed.top_k"), "{err}");
         let err = load(&format!("{PATHS}[kafka]\nmessage_max_bytes = 6000\n")).unwrap_err();
+        assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
+        let err = load(&format!(
+            "{PATHS}[kafka.properties]\n\"message.max.bytes\" = \"5000000\"\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
         let err = load(&format!("{PATHS}[limits]\nid_bytes = 0\n")).unwrap_err();
         assert!(err.to_string().contains("limits.id_bytes"), "{err}");
