@@ -442,12 +442,25 @@ impl Service {
         c.wait().unwrap();
     }
 
-    /// SIGTERM, then waits for the exit.
+    /// SIGTERM, then waits for the exit; fails if it takes longer than
+    /// [`PATIENCE`] (the process is then killed).
     pub fn stop(&mut self) -> ExitStatus {
-        let mut c = self.child.take().unwrap();
+        let c = self.child.as_mut().unwrap();
         // SAFETY: sends a signal to our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait().unwrap()
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "SIGTERM did not stop the service:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
