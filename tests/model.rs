@@ -837,12 +837,10 @@ fn learns_transitions(cfg: &ModelConfig) {
 }
 
 /// Fresh items: items 0..=6 are unknown to the model, with one-hot content
-/// by `item % 4`; every history ends with item 10 (content 2), so items 2
-/// and 6 are its content twins and 0, 1, 3, 4, 5 unrelated.
-#[test]
-fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture() {
-    let vocab = [8, 8, 4];
-    let (model, sids, index) = fixture(&vocab, 150, 3, 4);
+/// by `item % 4`; the tests' histories end with item 10 (content 2), so
+/// items 2 and 6 are its content twins and 0, 1, 3, 4, 5 unrelated.
+fn fresh_fixture() -> (Model, Vec<Sid>, OfflineIndex, FreshItems) {
+    let (model, sids, index) = fixture(&[8, 8, 4], 150, 3, 4);
     let content = ContentTable::new(
         4,
         (0..150)
@@ -851,6 +849,12 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
     );
     let fresh_items: Vec<(Sid, u32)> = (0..7).map(|i| (sids[i as usize], i)).collect();
     let fresh = FreshItems::new(content, fresh_items, 0.05);
+    (model, sids, index, fresh)
+}
+
+#[test]
+fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture() {
+    let (model, sids, index, fresh) = fresh_fixture();
     let weight = 0.5f32;
     let opts = SearchOptions {
         beams: 10,
@@ -905,22 +909,13 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
 
 #[test]
 fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item() {
-    let vocab = [8, 8, 4];
-    let (model, sids, index) = fixture(&vocab, 150, 3, 4);
-    let content = ContentTable::new(
-        4,
-        (0..150)
-            .flat_map(|i| (0..4).map(move |d| if i % 4 == d { 1.0 } else { 0.0 }))
-            .collect(),
-    );
-    let fresh_items: Vec<(Sid, u32)> = (0..7).map(|i| (sids[i as usize], i)).collect();
+    let (model, sids, index, uncapped) = fresh_fixture();
+    let capped = uncapped.clone().with_slots(1);
     let opts = SearchOptions {
         beams: 20,
         top_k: 10,
         exclude_history: true,
     };
-    let uncapped = FreshItems::new(content.clone(), fresh_items.clone(), 0.05);
-    let capped = FreshItems::new(content, fresh_items, 0.05).with_slots(1);
     let is_fresh = |s: Sid| (0..7).any(|i| sids[i] == s);
     for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
         let mut history = history;
