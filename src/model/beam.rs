@@ -516,7 +516,9 @@ impl<'m> Generator<'m> {
         self.fresh_order.clear();
         self.fresh_order
             .extend((0..log_p.len() as u32).filter(|&i| log_p[i as usize].is_finite()));
-        let k = opts.top_k.min(self.fresh_order.len());
+        // Under a cap of n slots only the n best by content can be kept: a
+        // fresh item outside the beam scores by content alone, below them.
+        let k = opts.top_k.min(fresh.slots()).min(self.fresh_order.len());
         if k == 0 {
             return;
         }
