@@ -5,9 +5,9 @@
 //! `cargo bench --bench index_freshness` (a plain harness: this measures a
 //! paced stream, which criterion's repeat-a-closure model does not fit).
 //! Two runs: the index alone over a 1M-item base, and the whole catalogue
-//! path (tokenizer, sled registry, index) over a 100k-item
-//! catalogue. Both exclude the registry's disk flush (sled's background flush
-//! still runs). Background merges run as they would in the service
+//! path (tokenizer, registry, index) over a 100k-item
+//! catalogue. Both exclude the registry's disk flush (an fsync at most every
+//! 500 ms still runs). Background merges run as they would in the service
 //! (threshold 20,000 changes).
 
 mod common;
@@ -128,7 +128,7 @@ fn main() {
     let live = catalogue.registry().live_count();
     let registry = dir_bytes(&dir.path().join("catalogue/registry"));
     println!(
-        "registry on disk: {registry} bytes for {live} live items = {:.0} bytes per live item (sled)",
+        "registry on disk: {registry} bytes for {live} live items = {:.0} bytes per live item (redb)",
         registry as f64 / live as f64
     );
 }

@@ -3,7 +3,7 @@
 //! Three parts, one direction:
 //!
 //! ```text
-//! upsert(item, content) ─► frozen tokenizer ─► registry (sled) ─► index overlay ─► publish
+//! upsert(item, content) ─► frozen tokenizer ─► registry (redb) ─► index overlay ─► publish
 //! retire(item)          ─────────────────────►    item ⇄ SID       tombstone        snapshot
 //! ```
 //!
@@ -36,12 +36,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Where the catalogue lives and how it behaves.
 #[derive(Clone, Debug)]
 pub struct CatalogueConfig {
-    /// Holds `registry/` (sled) and `index/` (base segments).
+    /// Holds `registry/` (a redb file) and `index/` (base segments).
     pub dir: PathBuf,
     /// Overlay changes that trigger a background merge.
     pub merge_threshold: usize,
-    /// sled's background flush period; `None` flushes only on
-    /// [`Catalogue::flush`].
+    /// How long a registry commit may stay without an fsync; `None` makes
+    /// it durable only on [`Catalogue::flush`].
     pub flush_every_ms: Option<u64>,
 }
 

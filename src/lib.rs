@@ -19,7 +19,7 @@
 //! - [`tokenizer`]: vectors to SIDs. Trained offline (RQ-KMeans, TIGER's
 //!   RQ-VAE, GPTRec's SVD), saved as a self-describing artifact, applied frozen
 //!   and deterministically online.
-//! - [`registry`]: the durable item ⇄ SID map (sled): which SID each item
+//! - [`registry`]: the durable item ⇄ SID map (in a [`store`]): which SID each item
 //!   goes by, replay-safe, and when a retired item's SID may go to another.
 //! - [`index`]: the live SIDs decoding is constrained to: an LSM of immutable
 //!   `fst` base segments and a persistent overlay, published as lock-free
@@ -61,6 +61,7 @@ pub mod model;
 pub mod registry;
 pub mod service;
 pub mod sid;
+pub mod store;
 pub mod synth;
 pub mod tokenizer;
 pub mod train;

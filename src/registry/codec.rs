@@ -6,9 +6,9 @@
 //! turns into [`RegistryError::Corrupt`](super::RegistryError::Corrupt) naming
 //! the table and key.
 //!
-//! The registry's tables share one sled tree: every key starts with its
+//! The registry's tables share one store table: every key starts with its
 //! [`Table`]'s byte, so that one event's writes, whatever tables they touch,
-//! are one atomic [`sled::Tree::apply_batch`].
+//! are one atomic commit.
 //!
 //! Integers are big-endian, so keys made of them sort numerically.
 
@@ -16,7 +16,7 @@ use crate::sid::{Code, Sid, MAX_LEVELS};
 
 const LAYOUT: u8 = 1;
 
-/// A logical table of the registry: a key prefix in its one sled tree.
+/// A logical table of the registry: a key prefix in its one store table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Table {
     /// item id (UTF-8) → [`ItemEntry`]

@@ -30,8 +30,8 @@
 //!
 //! # Storage
 //!
-//! One sled tree, split into tables by the first byte of every key
-//! ([`codec::Table`]):
+//! One [`Store`] (a redb file, `registry.redb` in the registry's directory),
+//! split into tables by the first byte of every key ([`codec::Table`]):
 //!
 //! | table   | key                        | value                                  |
 //! |---------|----------------------------|----------------------------------------|
@@ -40,14 +40,13 @@
 //! | `sids`  | SID key ([`Sid::to_key`])  | ord and state (reserved, live, left at g) |
 //! | `meta`  | name                       | format, tokenizer binding, index generation, the index's own keys |
 //!
-//! Each event's writes are staged together, and staged events are handed to
-//! sled as one [`sled::Tree::apply_batch`], which sled makes atomic: a group
-//! of whole events. The tables therefore never disagree, not even after a
-//! crash. A group is written when it reaches [`GROUP_EVENTS`] events, when
-//! the next event (or [`Registry::release`]) finds it older than
-//! [`GROUP_AGE`], on [`Registry::flush`], and when the registry is dropped.
-//! (Each sled batch costs a synchronous log write, which is why events are
-//! not written one by one.) Reads see staged writes.
+//! Each event's writes are staged together in a [`Group`], and a group of
+//! whole events is one atomic commit. The tables therefore never disagree,
+//! not even after a crash. A group is committed when it reaches
+//! [`GROUP_EVENTS`] events, when the next event (or [`Registry::release`])
+//! finds it older than [`GROUP_AGE`], on [`Registry::flush`], and when the
+//! registry is dropped. (A commit costs far more than an event, which is why
+//! events are not committed one by one.) Reads see staged writes.
 //!
 //! In memory there is only what is rebuilt from `sids` and `ords` on open: the
 //! allocator, the live count, the next ord, and the SIDs waiting for release
@@ -56,11 +55,10 @@
 //!
 //! # Durability: what survives a crash
 //!
-//! sled writes to its log in memory and makes it durable on a flush. Two things
-//! flush: [`Registry::flush`], which returns once everything applied before it
-//! is on disk, and sled's background flusher, every `flush_every_ms`
-//! ([`DEFAULT_FLUSH_EVERY_MS`] unless told otherwise), which makes durable the
-//! groups handed to sled so far. After a crash the registry holds every event
+//! Commits are made durable by [`Registry::flush`], which returns once
+//! everything applied before it is on disk, and by the first commit more than
+//! `flush_every_ms` ([`DEFAULT_FLUSH_EVERY_MS`] unless told otherwise) after
+//! the last durable one (see [`crate::store`]). After a crash the registry holds every event
 //! applied before the last completed [`Registry::flush`], possibly some
 //! applied after it, each one whole or not at all (a prefix of the applied
 //! sequence). So the service commits a catalogue offset only after `flush`
@@ -70,34 +68,35 @@
 mod codec;
 mod error;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::error::Error as StdError;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
-
-use sled::{Batch, IVec};
+use std::time::Duration;
 
 pub use codec::{ItemEntry, Status};
 pub use error::RegistryError;
 
 use crate::sid::{Code, Sid, MAX_LEVELS};
+use crate::store::{Group, Store};
 use crate::tokenizer::{FrozenTokenizer, SidAllocator};
 use codec::{Binding, SidState, Table};
 use error::show_key;
 
-/// How often sled flushes in the background unless told otherwise. Bounds the
-/// work lost in a crash when the caller never calls [`Registry::flush`]; the
-/// service does not rely on it.
+/// How long a commit may stay without an fsync unless told otherwise. Bounds
+/// the work lost in a crash when the caller never calls [`Registry::flush`];
+/// the service does not rely on it.
 pub const DEFAULT_FLUSH_EVERY_MS: u64 = 500;
 
-/// The on-disk format this build reads and writes. Format 1 had one sled
-/// tree per table and a `leaving` tree; it is refused, not converted.
-const FORMAT: u64 = 2;
+/// The on-disk format this build reads and writes. Formats 1 and 2 were sled
+/// databases; they are refused, not converted (see [`RegistryError::Sled`]).
+const FORMAT: u64 = 3;
 
-/// Staged events are handed to sled as one atomic batch at the latest when
-/// they are this many: bounds the batch, and so the pause of writing it
-/// (about 3 ms for 256 new items on a small VM).
+/// The registry's file in its directory.
+const FILE: &str = "registry.redb";
+
+/// Staged events are committed as one group at the latest when they are
+/// this many: bounds the group, and so the pause of committing it.
 pub const GROUP_EVENTS: usize = 256;
 
 /// How long a staged event waits at most for more to join its group, as
@@ -202,11 +201,11 @@ pub enum Change {
 
 /// The registry. One writer: every change goes through `&mut self`.
 pub struct Registry {
-    /// The database's default tree holds every table ([`codec::Table`]).
-    db: sled::Db,
-    /// Events applied but not handed to sled yet (see the module docs). Behind
-    /// a lock only so that `&self` methods (reads, flush) can reach it.
-    staged: Mutex<Staged>,
+    /// Every table ([`codec::Table`]).
+    db: Store,
+    /// Events applied but not committed yet (see the module docs). Behind a
+    /// lock only so that `&self` methods (reads, flush) can reach it.
+    staged: Mutex<Group>,
     levels: usize,
     allocator: SidAllocator,
     live: usize,
@@ -214,39 +213,6 @@ pub struct Registry {
     next_ord: u64,
     /// The SIDs waiting for release: generation they left at → SID → ord.
     leaving: BTreeMap<u64, BTreeMap<Sid, u32>>,
-}
-
-/// Writes of whole events, not in sled yet; `None` removes the key.
-#[derive(Default)]
-struct Staged {
-    writes: HashMap<IVec, Option<IVec>>,
-    events: usize,
-    /// When the oldest staged event was staged.
-    since: Option<Instant>,
-}
-
-impl Staged {
-    /// Hands everything staged to sled as one atomic batch.
-    fn write(&mut self, db: &sled::Db) -> Result<(), RegistryError> {
-        if !self.writes.is_empty() {
-            let mut batch = Batch::default();
-            for (key, value) in &self.writes {
-                match value {
-                    Some(value) => batch.insert(key, value),
-                    None => batch.remove(key),
-                }
-            }
-            db.apply_batch(batch)?;
-            self.writes.clear();
-        }
-        self.events = 0;
-        self.since = None;
-        Ok(())
-    }
-
-    fn due(&self) -> bool {
-        self.events >= GROUP_EVENTS || self.since.is_some_and(|t| t.elapsed() >= GROUP_AGE)
-    }
 }
 
 /// The writes of one event, staged together once the event cannot fail any
@@ -302,16 +268,26 @@ impl Writes {
 impl Registry {
     /// Opens (or creates) the registry at `path` for the tokenizer `binding`.
     ///
-    /// sled flushes in the background every `flush_every_ms` milliseconds
-    /// (`None`: only on [`Registry::flush`]); see the module docs for what
-    /// survives a crash. Creating reserves every training item's SID.
+    /// A commit is made durable at the latest `flush_every_ms` milliseconds
+    /// after the last durable one (`None`: only on [`Registry::flush`]); see
+    /// the module docs for what survives a crash. Creating reserves every
+    /// training item's SID.
     pub fn open(
         path: &Path,
         binding: &TokenizerBinding,
         flush_every_ms: Option<u64>,
     ) -> Result<Registry, RegistryError> {
-        let db = open_db(path, flush_every_ms)?;
-        refuse_format_1(&db)?;
+        if path.join("conf").is_file() && path.join("db").is_file() {
+            return Err(RegistryError::Sled {
+                path: path.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(path).map_err(|source| RegistryError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let flush_every = flush_every_ms.map_or(Duration::MAX, Duration::from_millis);
+        let db = Store::open(&path.join(FILE), flush_every)?;
         let mut registry = Registry {
             db,
             staged: Mutex::default(),
@@ -330,7 +306,7 @@ impl Registry {
             registry.create(binding)?;
         }
         registry.allocator = SidAllocator::new(binding.last_level_capacity);
-        for kv in registry.db.scan_prefix([Table::Sids.prefix()]) {
+        for kv in registry.db.scan(&[Table::Sids.prefix()])? {
             let (key, value) = kv?;
             let key = &key[1..];
             let bad = |d: String| corrupt(Table::Sids, key, d);
@@ -352,7 +328,7 @@ impl Registry {
                 SidState::Reserved => {}
             }
         }
-        if let Some((key, _)) = registry.db.get_lt([Table::Ords.prefix() + 1])? {
+        if let Some((key, _)) = registry.db.last_below(&[Table::Ords.prefix() + 1])? {
             if let Some((Table::Ords, key)) = Table::split(&key) {
                 let last = codec::decode_ord(key).map_err(|d| corrupt(Table::Ords, key, d))?;
                 registry.next_ord = u64::from(last) + 1;
@@ -366,15 +342,10 @@ impl Registry {
     /// registry that the next open creates again from scratch.
     fn create(&self, binding: &TokenizerBinding) -> Result<(), RegistryError> {
         binding.validate()?;
-        // Whatever an interrupted creation left, of this format or the last.
-        for name in self.db.tree_names() {
-            if name != self.db.name() {
-                self.db.drop_tree(&name)?;
-            }
-        }
+        // Whatever an interrupted creation left.
         self.db.clear()?;
         for (chunk_no, chunk) in binding.training.chunks(INIT_BATCH).enumerate() {
-            let mut batch = Batch::default();
+            let mut batch = Vec::with_capacity(3 * chunk.len());
             for (i, (item, sid)) in chunk.iter().enumerate() {
                 let ord = (chunk_no * INIT_BATCH + i) as u32;
                 let entry = ItemEntry {
@@ -385,38 +356,40 @@ impl Registry {
                     position: None,
                     retired_generation: None,
                 };
-                batch.insert(
+                batch.push((
                     Table::Items.key(item.as_bytes()),
                     codec::encode_entry(&entry),
-                );
-                batch.insert(Table::Ords.key(&codec::ord_bytes(ord)), item.as_bytes());
-                batch.insert(
+                ));
+                batch.push((
+                    Table::Ords.key(&codec::ord_bytes(ord)),
+                    item.as_bytes().to_vec(),
+                ));
+                batch.push((
                     Table::Sids.key(&codec::sid_key(*sid)),
                     codec::encode_binding(Binding {
                         ord,
                         state: SidState::Reserved,
-                    }),
-                );
+                    })
+                    .to_vec(),
+                ));
             }
-            self.db.apply_batch(batch)?;
+            self.db.write(
+                batch
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+            )?;
         }
         self.db.flush()?;
-        let mut meta = Batch::default();
         let u64_value = |v: u64| codec::encode_u64(v).to_vec();
-        meta.insert(Table::Meta.key(META_FORMAT.as_bytes()), u64_value(FORMAT));
-        meta.insert(
-            Table::Meta.key(META_LEVELS.as_bytes()),
-            u64_value(binding.sid_levels as u64),
-        );
-        meta.insert(
-            Table::Meta.key(META_CAPACITY.as_bytes()),
-            u64_value(binding.last_level_capacity as u64),
-        );
-        meta.insert(
-            Table::Meta.key(META_VERSION.as_bytes()),
-            binding.version.as_bytes(),
-        );
-        self.db.apply_batch(meta)?;
+        let meta = [
+            (META_FORMAT, u64_value(FORMAT)),
+            (META_LEVELS, u64_value(binding.sid_levels as u64)),
+            (META_CAPACITY, u64_value(binding.last_level_capacity as u64)),
+            (META_VERSION, binding.version.as_bytes().to_vec()),
+        ]
+        .map(|(name, value)| (Table::Meta.key(name.as_bytes()), value));
+        self.db
+            .write(meta.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
         self.db.flush()?;
         Ok(())
     }
@@ -686,7 +659,7 @@ impl Registry {
     /// a reader that maps ids to ords starts from.
     pub fn items(&self) -> impl Iterator<Item = Result<(String, ItemEntry), RegistryError>> + '_ {
         let written = self.write_staged().err();
-        let items = self.db.scan_prefix([Table::Items.prefix()]).map(move |kv| {
+        let items = self.scan(Table::Items).map(move |kv| {
             let (key, value) = kv?;
             let key = &key[1..];
             let id =
@@ -702,19 +675,16 @@ impl Registry {
     /// built from.
     pub fn live(&self) -> impl Iterator<Item = Result<(Sid, u32), RegistryError>> + '_ {
         let written = self.write_staged().err();
-        let sids = self
-            .db
-            .scan_prefix([Table::Sids.prefix()])
-            .filter_map(move |kv| {
-                let decode = |(key, value): (IVec, IVec)| {
-                    let key = &key[1..];
-                    let bad = |d: String| corrupt(Table::Sids, key, d);
-                    let sid = codec::decode_sid_key(key, self.levels).map_err(bad)?;
-                    let bound = codec::decode_binding(&value).map_err(bad)?;
-                    Ok((bound.state == SidState::Live).then_some((sid, bound.ord)))
-                };
-                kv.map_err(RegistryError::from).and_then(decode).transpose()
-            });
+        let sids = self.scan(Table::Sids).filter_map(move |kv| {
+            let decode = |(key, value): (Vec<u8>, Vec<u8>)| {
+                let key = &key[1..];
+                let bad = |d: String| corrupt(Table::Sids, key, d);
+                let sid = codec::decode_sid_key(key, self.levels).map_err(bad)?;
+                let bound = codec::decode_binding(&value).map_err(bad)?;
+                Ok((bound.state == SidState::Live).then_some((sid, bound.ord)))
+            };
+            kv.and_then(decode).transpose()
+        });
         written.map(Err).into_iter().chain(sids)
     }
 
@@ -757,7 +727,7 @@ impl Registry {
     /// and nothing else is, and the counts are right.
     pub fn check(&self) -> Result<(), RegistryError> {
         self.write_staged()?;
-        for kv in self.db.scan_prefix([Table::Items.prefix()]) {
+        for kv in self.scan(Table::Items) {
             let (key, value) = kv?;
             let key = &key[1..];
             let id =
@@ -799,7 +769,7 @@ impl Registry {
             }
         }
         let (mut items, mut ords) = (0, 0);
-        for kv in self.db.iter() {
+        for kv in self.db.scan(&[])? {
             let (key, _) = kv?;
             match Table::split(&key) {
                 Some((Table::Items, _)) => items += 1,
@@ -822,7 +792,7 @@ impl Registry {
             ));
         }
         let (mut live, mut left) = (0, 0);
-        for kv in self.db.scan_prefix([Table::Sids.prefix()]) {
+        for kv in self.scan(Table::Sids) {
             let (key, value) = kv?;
             let key = &key[1..];
             let bad = |d: String| corrupt(Table::Sids, key, d);
@@ -937,15 +907,32 @@ impl Registry {
         }
     }
 
-    /// The value of a tree key: staged, else in sled.
-    fn read(&self, key: &[u8]) -> Result<Option<IVec>, RegistryError> {
-        if let Some(value) = self.staged().writes.get(key) {
-            return Ok(value.clone());
+    /// The value of a key: staged, else committed.
+    fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RegistryError> {
+        if let Some(value) = self.staged().get(key) {
+            return Ok(value.map(<[u8]>::to_vec));
         }
         Ok(self.db.get(key)?)
     }
 
-    fn staged(&self) -> MutexGuard<'_, Staged> {
+    /// The committed entries of `table`, in key order.
+    fn scan(
+        &self,
+        table: Table,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), RegistryError>> + '_ {
+        let (entries, failed) = match self.db.scan(&[table.prefix()]) {
+            Ok(entries) => (Some(entries), None),
+            Err(e) => (None, Some(Err(e.into()))),
+        };
+        failed.into_iter().chain(
+            entries
+                .into_iter()
+                .flatten()
+                .map(|kv| kv.map_err(Into::into)),
+        )
+    }
+
+    fn staged(&self) -> MutexGuard<'_, Group> {
         self.staged.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -953,11 +940,7 @@ impl Registry {
     /// memory.
     fn stage(&mut self, w: Writes) {
         let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
-        for (key, value) in w.kv {
-            staged.writes.insert(key.into(), value.map(IVec::from));
-        }
-        staged.events += 1;
-        staged.since.get_or_insert_with(Instant::now);
+        staged.stage(w.kv);
         for (generation, sid) in w.stay {
             if let Some(sids) = self.leaving.get_mut(&generation) {
                 sids.remove(&sid);
@@ -971,26 +954,24 @@ impl Registry {
         }
     }
 
-    /// Hands the staged events to sled if their group is full or old enough.
+    /// Commits the staged events if their group is full or old enough.
     fn write_if_due(&mut self) -> Result<(), RegistryError> {
         let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
-        if staged.due() {
-            staged.write(&self.db)?;
+        if staged.due(GROUP_EVENTS, GROUP_AGE) {
+            staged.commit(&self.db)?;
         }
         Ok(())
     }
 
     fn write_staged(&self) -> Result<(), RegistryError> {
-        self.staged().write(&self.db)
+        Ok(self.staged().commit(&self.db)?)
     }
 
-    /// Stages one write after everything staged so far and hands them all to
-    /// sled.
+    /// Stages one write after everything staged so far and commits them all.
     fn put_now(&self, key: Vec<u8>, value: &[u8]) -> Result<(), RegistryError> {
         let mut staged = self.staged();
-        staged.writes.insert(key.into(), Some(value.into()));
-        staged.events += 1;
-        staged.write(&self.db)
+        staged.stage([(key, Some(value.to_vec()))]);
+        Ok(staged.commit(&self.db)?)
     }
 
     fn meta_u64(&self, name: &str) -> Result<Option<u64>, RegistryError> {
@@ -1001,53 +982,11 @@ impl Registry {
 }
 
 impl Drop for Registry {
-    /// Hands the staged events to sled, which flushes when closed.
+    /// Commits the staged events; the store flushes when dropped.
     fn drop(&mut self) {
         let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = staged.write(&self.db) {
+        if let Err(e) = staged.commit(&self.db) {
             tracing::error!(error = %e, "registry: staged events not written on close");
-        }
-    }
-}
-
-/// Format 1 kept each table in a sled tree of its own, the format in `meta`.
-fn refuse_format_1(db: &sled::Db) -> Result<(), RegistryError> {
-    if !db.tree_names().iter().any(|name| name == b"meta") {
-        return Ok(());
-    }
-    match db.open_tree("meta")?.get(META_FORMAT)? {
-        // A format-1 creation interrupted before its binding: created anew.
-        None => Ok(()),
-        Some(v) => Err(RegistryError::Format {
-            found: codec::decode_u64(&v).unwrap_or(0),
-            expected: FORMAT,
-        }),
-    }
-}
-
-/// How long opening waits for a lock that a closed registry still holds.
-///
-/// sled 0.34 releases its file lock from background threads a moment after the
-/// last handle is dropped (spacejam/sled#1234), so opening right after closing
-/// (a restart inside one process, a test) can find it still taken. A lock held
-/// longer than this belongs to someone else, and is an error.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
-
-fn open_db(path: &Path, flush_every_ms: Option<u64>) -> Result<sled::Db, sled::Error> {
-    let start = Instant::now();
-    loop {
-        let opened = sled::Config::new()
-            .path(path)
-            .flush_every_ms(flush_every_ms)
-            .open();
-        match opened {
-            Err(sled::Error::Io(e))
-                if e.to_string().starts_with("could not acquire lock")
-                    && start.elapsed() < LOCK_WAIT =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            other => return other,
         }
     }
 }
@@ -1084,7 +1023,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
         // Layout 1, then an item status that does not exist.
-        r.db.insert(Table::Items.key(b"a"), &[1, 9][..]).unwrap();
+        put(&r, Table::Items.key(b"a"), &[1, 9]);
         let err = r.get("a").unwrap_err();
         assert!(
             matches!(&err, RegistryError::Corrupt { tree: "items", key, .. } if key == "\"a\""),
@@ -1110,7 +1049,8 @@ mod tests {
         assert!(err.to_string().contains("not waiting"), "{err}");
         r.leaving.get_mut(&0).unwrap().insert(sid, waiting);
         r.check().unwrap();
-        r.db.remove(Table::Ords.key(&codec::ord_bytes(1))).unwrap();
+        r.db.write([(&Table::Ords.key(&codec::ord_bytes(1))[..], None)])
+            .unwrap();
         let err = r.check().unwrap_err();
         assert!(
             matches!(err, RegistryError::Corrupt { tree: "items", .. }),
@@ -1122,7 +1062,7 @@ mod tests {
     fn a_corrupt_sid_fails_open() {
         let dir = tempfile::tempdir().unwrap();
         let r = Registry::open(dir.path(), &binding(), None).unwrap();
-        r.db.insert(Table::Sids.key(&[0, 1, 0]), &[0][..]).unwrap();
+        put(&r, Table::Sids.key(&[0, 1, 0]), &[0]);
         drop(r);
         let err = Registry::open(dir.path(), &binding(), None).err().unwrap();
         assert!(
@@ -1131,45 +1071,60 @@ mod tests {
         );
     }
 
+    fn put(r: &Registry, key: Vec<u8>, value: &[u8]) {
+        r.db.write([(key.as_slice(), Some(value))]).unwrap();
+    }
+
     #[test]
     fn an_interrupted_creation_is_done_again() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
-            db.insert(Table::Items.key(b"stray"), &b"half-written"[..])
+            // A creation interrupted before its binding was written.
+            let db = Store::open(&dir.path().join(FILE), Duration::ZERO).unwrap();
+            let stray = Table::Items.key(b"stray");
+            db.write([(stray.as_slice(), Some(&b"half-written"[..]))])
                 .unwrap();
-            // A format-1 creation interrupted before its binding.
-            let items = db.open_tree("items").unwrap();
-            items.insert("stray", &b"half-written"[..]).unwrap();
         }
         let r = Registry::open(dir.path(), &binding(), None).unwrap();
         assert_eq!(r.get("stray").unwrap(), None);
         assert_eq!(r.get("t").unwrap().unwrap().status, Status::Reserved);
-        assert_eq!(r.db.tree_names(), vec![r.db.name()]);
         r.check().unwrap();
     }
 
     #[test]
-    fn a_format_1_registry_is_refused() {
+    fn another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
-            let meta = db.open_tree("meta").unwrap();
-            meta.insert(META_FORMAT, &codec::encode_u64(1)[..]).unwrap();
-            meta.insert(META_VERSION, "v").unwrap();
+            let r = Registry::open(dir.path(), &binding(), None).unwrap();
+            r.put_now(
+                Table::Meta.key(META_FORMAT.as_bytes()),
+                &codec::encode_u64(9),
+            )
+            .unwrap();
         }
         let err = Registry::open(dir.path(), &binding(), None).err().unwrap();
         assert!(
             matches!(
                 err,
                 RegistryError::Format {
-                    found: 1,
+                    found: 9,
                     expected: FORMAT
                 }
             ),
             "{err}"
         );
-        assert!(err.to_string().contains("format 1"), "{err}");
+        assert!(err.to_string().contains("format 9"), "{err}");
+    }
+
+    #[test]
+    fn a_sled_registry_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["conf", "db"] {
+            std::fs::write(dir.path().join(file), b"sled").unwrap();
+        }
+        let err = Registry::open(dir.path(), &binding(), None).err().unwrap();
+        assert!(matches!(err, RegistryError::Sled { .. }), "{err}");
+        assert!(err.to_string().contains("remove the directory"), "{err}");
     }
 
     #[test]
@@ -1177,19 +1132,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
         r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap();
-        assert_eq!(r.db.get(Table::Items.key(b"a")).unwrap(), None, "staged");
+        assert_eq!(r.db.get(&Table::Items.key(b"a")).unwrap(), None, "staged");
         assert_eq!(r.get("a").unwrap().unwrap().position, Some(0));
         assert_eq!(r.item_id(1).unwrap().as_deref(), Some("a"));
         std::thread::sleep(GROUP_AGE);
         r.apply_retire("a", 1, 0).unwrap();
         assert!(
-            r.db.get(Table::Items.key(b"a")).unwrap().is_some(),
+            r.db.get(&Table::Items.key(b"a")).unwrap().is_some(),
             "the old group"
         );
         assert_eq!(r.get("a").unwrap().unwrap().status, Status::Retired);
         assert_eq!(r.release(0).unwrap(), 1);
         r.flush().unwrap();
-        assert!(r.staged().writes.is_empty());
+        assert_eq!(r.staged().get(&Table::Items.key(b"a")), None);
         assert_eq!(r.get("a").unwrap().unwrap().sid, None);
         r.check().unwrap();
     }

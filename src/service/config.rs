@@ -115,7 +115,7 @@ impl Default for WireConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathsConfig {
-    /// sled databases (registry, histories) and index segments.
+    /// redb stores (registry, histories) and index segments.
     pub state_dir: PathBuf,
     /// The frozen tokenizer artifact.
     pub tokenizer: PathBuf,

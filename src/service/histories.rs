@@ -9,21 +9,38 @@
 //! Ords, not SIDs, are stored: an item that moves to a new SID (its content
 //! changed) is read under its current SID at request time.
 //!
-//! One sled tree, key = user id, value = `[partition: i32][offset: i64]
-//! [ord: u32]*`, all big-endian. Writes go to sled's log in memory; the feed
-//! worker calls [`Histories::flush`] before it produces the feeds those
-//! writes caused, which is what lets their offsets be committed.
+//! One [`Store`] (`histories.redb` in the given directory), key = user id,
+//! value = `[partition: i32][offset: i64][ord: u32]*`, all big-endian.
+//! Appends are collected in memory in a [`Group`] of up to [`GROUP`] and
+//! committed together; the feed worker calls [`Histories::flush`] before it
+//! produces the feeds those appends caused, which is what lets their offsets
+//! be committed.
 //!
 //! The same value is what the changelog topic carries (the Kafka Streams
 //! pattern): when a partition moves to another instance, that instance
 //! [`restore`](Histories::restore)s the partition's users from it.
 
 use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::store::{Group, Store, StoreError};
+
+/// Appends committed together at most (a commit costs as much as hundreds
+/// of appends).
+pub const GROUP: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
     #[error("histories: {0}")]
-    Sled(#[from] sled::Error),
+    Store(#[from] StoreError),
+    #[error("histories {path:?}: {source}")]
+    Create {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the histories at {path:?} were written by sled; this build keeps them in redb and does not convert: remove the directory, and the service restores them from the changelog topic")]
+    Sled { path: std::path::PathBuf },
     #[error("histories: the record of user {user:?} is corrupt ({len} bytes)")]
     Corrupt { user: String, len: usize },
 }
@@ -38,7 +55,9 @@ pub struct Position {
 }
 
 pub struct Histories {
-    db: sled::Db,
+    db: Store,
+    /// Appends not committed yet.
+    staged: Mutex<Group>,
     capacity: usize,
 }
 
@@ -46,8 +65,43 @@ impl Histories {
     /// Opens (or creates) the histories in `dir`, keeping `capacity` items
     /// per user.
     pub fn open(dir: &Path, capacity: usize) -> Result<Histories, HistoryError> {
-        let db = sled::Config::new().path(dir).open()?;
-        Ok(Histories { db, capacity })
+        if dir.join("conf").is_file() && dir.join("db").is_file() {
+            return Err(HistoryError::Sled {
+                path: dir.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| HistoryError::Create {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        // Durable only on flush: the service flushes before it commits.
+        let db = Store::open(&dir.join("histories.redb"), Duration::MAX)?;
+        Ok(Histories {
+            db,
+            staged: Mutex::default(),
+            capacity,
+        })
+    }
+
+    fn staged(&self) -> MutexGuard<'_, Group> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The record of `user`: staged, else committed.
+    fn read(&self, staged: &Group, user: &str) -> Result<Option<Vec<u8>>, HistoryError> {
+        match staged.get(user.as_bytes()) {
+            Some(value) => Ok(value.map(<[u8]>::to_vec)),
+            None => Ok(self.db.get(user.as_bytes())?),
+        }
+    }
+
+    /// Stages `record` as `user`'s, committing the group when it is full.
+    fn write(&self, staged: &mut Group, user: &str, record: Vec<u8>) -> Result<(), HistoryError> {
+        staged.stage([(user.as_bytes().to_vec(), Some(record))]);
+        if staged.due(GROUP, Duration::MAX) {
+            staged.commit(&self.db)?;
+        }
+        Ok(())
     }
 
     /// Appends `ord` to `user`'s history unless the event at `at` was
@@ -59,7 +113,8 @@ impl Histories {
         at: Position,
         ord: u32,
     ) -> Result<Option<Vec<u8>>, HistoryError> {
-        let old = self.db.get(user.as_bytes())?;
+        let mut staged = self.staged();
+        let old = self.read(&staged, user)?;
         let (last, ords) = match &old {
             Some(v) => decode(user, v)?,
             None => (None, &[][..]),
@@ -74,7 +129,7 @@ impl Histories {
         value.extend_from_slice(&at.offset.to_be_bytes());
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
-        self.db.insert(user.as_bytes(), value.as_slice())?;
+        self.write(&mut staged, user, value.clone())?;
         Ok(Some(value))
     }
 
@@ -82,7 +137,8 @@ impl Histories {
     /// history held here is as recent. Returns whether it was taken.
     pub fn restore(&self, user: &str, record: &[u8]) -> Result<bool, HistoryError> {
         let (theirs, _) = decode(user, record)?;
-        if let Some(mine) = self.db.get(user.as_bytes())? {
+        let mut staged = self.staged();
+        if let Some(mine) = self.read(&staged, user)? {
             let (mine, _) = decode(user, &mine)?;
             if let (Some(m), Some(t)) = (mine, theirs) {
                 if m.partition == t.partition && m.offset >= t.offset {
@@ -90,14 +146,15 @@ impl Histories {
                 }
             }
         }
-        self.db.insert(user.as_bytes(), record)?;
+        self.write(&mut staged, user, record.to_vec())?;
         Ok(true)
     }
 
     /// `user`'s items, oldest first, into `out` (cleared first).
     pub fn get(&self, user: &str, out: &mut Vec<u32>) -> Result<(), HistoryError> {
         out.clear();
-        if let Some(v) = self.db.get(user.as_bytes())? {
+        let v = self.read(&self.staged(), user)?;
+        if let Some(v) = v {
             let (_, ords) = decode(user, &v)?;
             out.extend(
                 ords.chunks_exact(4)
@@ -108,14 +165,26 @@ impl Histories {
     }
 
     /// Users with a history.
-    pub fn users(&self) -> usize {
-        self.db.len()
+    pub fn users(&self) -> Result<u64, HistoryError> {
+        self.staged().commit(&self.db)?;
+        Ok(self.db.count()?)
     }
 
     /// Returns once every append so far is on disk.
     pub fn flush(&self) -> Result<(), HistoryError> {
+        self.staged().commit(&self.db)?;
         self.db.flush()?;
         Ok(())
+    }
+}
+
+impl Drop for Histories {
+    /// Commits the staged appends; the store flushes when dropped.
+    fn drop(&mut self) {
+        let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = staged.commit(&self.db) {
+            tracing::error!(error = %e, "histories: staged appends not written on close");
+        }
     }
 }
 
@@ -175,7 +244,7 @@ mod tests {
         let mut out = Vec::new();
         h.get("a", &mut out).unwrap();
         assert_eq!(out, [7]);
-        assert_eq!(h.users(), 2);
+        assert_eq!(h.users().unwrap(), 2);
         assert!(h.append("a", at(0, 1), 7).unwrap().is_none());
     }
 
