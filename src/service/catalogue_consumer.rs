@@ -9,7 +9,7 @@
 //! the last record, and replays change nothing (the registry remembers each
 //! item's last position).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
-use super::kafka::{now_ms, METADATA_TIMEOUT};
+use super::kafka::{now_ms, MARKER_KEY, METADATA_TIMEOUT};
 use super::metrics::{Metrics, Reason};
 use super::view::{ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
@@ -36,46 +36,15 @@ fn offset_key(topic: &str, partition: i32) -> String {
 }
 
 /// The catalogue is *loaded* (and the interactions may be read) once every
-/// partition has either given an event written after the service started
-/// (what came before it is applied: a partition is read in order) or been
-/// silent for this long. (The high watermark at start-up would be the exact
-/// test, but not every Kafka-protocol broker reports it right.)
-const LOADED_AFTER_IDLE: Duration = Duration::from_millis(1500);
-
-/// How far each partition is towards the catalogue being loaded.
+/// partition's end as of start-up is read and published. To know where that
+/// is, the consumer writes an end marker ([`MARKER_KEY`]) with a token of its
+/// own to every partition at start and waits to read each back: a partition
+/// is read in order, so everything written before the marker is applied by
+/// then.
 struct Loading {
-    started_ms: i64,
-    /// Partition → (last event seen, an event written after start applied).
-    parts: HashMap<i32, (Instant, bool)>,
-}
-
-impl Loading {
-    fn new(partitions: &[i32]) -> Loading {
-        let now = Instant::now();
-        Loading {
-            started_ms: now_ms(),
-            parts: partitions.iter().map(|&p| (p, (now, false))).collect(),
-        }
-    }
-
-    fn seen(&mut self, partition: i32, timestamp_ms: i64, published: bool) {
-        let e = self
-            .parts
-            .entry(partition)
-            .or_insert((Instant::now(), false));
-        e.0 = Instant::now();
-        e.1 |= published && timestamp_ms >= self.started_ms;
-    }
-
-    /// When the catalogue is loaded if nothing else arrives.
-    fn loaded_at(&self) -> Instant {
-        self.parts
-            .values()
-            .filter(|(_, current)| !current)
-            .map(|(last, _)| *last + LOADED_AFTER_IDLE)
-            .max()
-            .unwrap_or_else(Instant::now)
-    }
+    token: String,
+    /// Partitions whose marker has not been read yet.
+    waiting: HashSet<i32>,
 }
 
 pub struct CatalogueConsumer {
@@ -90,6 +59,8 @@ pub struct CatalogueConsumer {
     pub publish_every: Duration,
     /// The catalogue's partitions, once assigned.
     pub partitions: Vec<i32>,
+    /// Names this instance in its end markers.
+    pub instance: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +68,12 @@ pub enum CatalogueConsumerError {
     #[error("catalogue topic {topic:?}: {source}")]
     Kafka {
         topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("catalogue topic {topic:?} partition {partition}: cannot write the end marker that tells the service where the catalogue ends (it needs write access to the topic): {source}")]
+    Marker {
+        topic: String,
+        partition: i32,
         source: rdkafka::error::KafkaError,
     },
     #[error(transparent)]
@@ -170,17 +147,36 @@ impl CatalogueConsumer {
             .store(self.catalogue.registry().live_count() as u64, Relaxed);
         self.view.store(Arc::new(view.clone()));
         let mut batch = Batch::default();
-        let mut loading = Loading::new(&self.partitions);
+        let mut loading = Loading {
+            token: format!("{}/{}", self.instance, now_ms()),
+            waiting: self.partitions.iter().copied().collect(),
+        };
+        for &p in &self.partitions {
+            self.outbox
+                .mark(&self.topic, p, &loading.token)
+                .await
+                .map_err(|source| CatalogueConsumerError::Marker {
+                    topic: self.topic.clone(),
+                    partition: p,
+                    source,
+                })?;
+        }
         loop {
             let publish_at = batch.first.map(|t| t + self.publish_every);
-            let loaded_at =
-                (!self.metrics.catalogue_loaded.load(Relaxed)).then(|| loading.loaded_at());
             tokio::select! {
                 m = self.consumer.recv() => {
                     let m = m.map_err(|source| CatalogueConsumerError::Kafka { topic: self.topic.clone(), source })?.detach();
-                    loading.seen(m.partition(), m.timestamp().to_millis().unwrap_or(0), false);
-                    self.metrics.catalogue_events.fetch_add(1, Relaxed);
                     let (p, o) = (m.partition(), m.offset());
+                    if m.key() == Some(MARKER_KEY) {
+                        if m.payload() == Some(loading.token.as_bytes()) {
+                            batch.marked.push(p);
+                        }
+                        batch.first.get_or_insert_with(Instant::now);
+                        batch.next.retain(|(q, _)| *q != p);
+                        batch.next.push((p, o + 1));
+                        continue;
+                    }
+                    self.metrics.catalogue_events.fetch_add(1, Relaxed);
                     let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                     let raw = m.payload().unwrap_or(&[]);
                     let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, o))?;
@@ -190,8 +186,6 @@ impl CatalogueConsumer {
                     }
                     batch.first.get_or_insert_with(Instant::now);
                     batch.timestamps.push(ts);
-                    let newest = batch.newest.entry(p).or_insert(ts);
-                    *newest = (*newest).max(ts);
                     batch.next.retain(|(q, _)| *q != p);
                     batch.next.push((p, o + 1));
                     if batch.timestamps.len() >= self.batch_max {
@@ -201,11 +195,6 @@ impl CatalogueConsumer {
                 _ = tokio::time::sleep_until(publish_at.unwrap_or_else(Instant::now)), if publish_at.is_some() => {
                     self.publish(&mut view, &mut batch, &mut loading).await?;
                 }
-                _ = tokio::time::sleep_until(loaded_at.unwrap_or_else(Instant::now)), if loaded_at.is_some() => {
-                    if batch.first.is_none() {
-                        self.check_loaded(&loading);
-                    }
-                }
                 _ = stop.changed() => break,
             }
         }
@@ -214,16 +203,12 @@ impl CatalogueConsumer {
         Ok(())
     }
 
-    fn check_loaded(&self, loading: &Loading) {
-        if self.metrics.catalogue_loaded.load(Relaxed) {
-            return;
+    /// Marks the catalogue loaded once every partition's marker is published.
+    fn check_loaded(&self, loading: &mut Loading, marked: &[i32]) {
+        for p in marked {
+            loading.waiting.remove(p);
         }
-        let now = Instant::now();
-        let loaded = loading
-            .parts
-            .values()
-            .all(|&(last, current)| current || now >= last + LOADED_AFTER_IDLE);
-        if loaded {
+        if loading.waiting.is_empty() && !self.metrics.catalogue_loaded.load(Relaxed) {
             tracing::info!(
                 live = self.catalogue.registry().live_count(),
                 "catalogue loaded"
@@ -328,10 +313,7 @@ impl CatalogueConsumer {
             }
             Ok(())
         })?;
-        for (&p, &newest) in &batch.newest {
-            loading.seen(p, newest, true);
-        }
-        self.check_loaded(loading);
+        self.check_loaded(loading, &batch.marked);
         *batch = Batch::default();
         Ok(())
     }
@@ -346,8 +328,8 @@ struct Batch {
     timestamps: Vec<i64>,
     /// Next offset per partition, once the batch is durable.
     next: Vec<(i32, i64)>,
-    /// Newest event timestamp per partition.
-    newest: HashMap<i32, i64>,
+    /// Partitions whose end marker this batch read.
+    marked: Vec<i32>,
     dead: Vec<Sent>,
 }
 

@@ -28,7 +28,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::kafka::{now_ms, Wire};
+use super::kafka::{now_ms, Wire, MARKER_KEY};
 use super::metrics::{Metrics, Reason};
 use super::offsets::Offsets;
 use crate::contract::DeadLetter;
@@ -144,6 +144,20 @@ impl Outbox {
         if let Err(e) = rdkafka::producer::Producer::flush(&self.producer, timeout) {
             tracing::warn!(error = %e, "flushing the producer");
         }
+    }
+
+    /// Writes an end marker carrying `token` to `topic`'s `partition` and
+    /// waits for its acknowledgement (see [`MARKER_KEY`]).
+    pub async fn mark(&self, topic: &str, partition: i32, token: &str) -> Result<(), KafkaError> {
+        let record = FutureRecord::<[u8], str>::to(topic)
+            .partition(partition)
+            .key(MARKER_KEY)
+            .payload(token);
+        self.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map(drop)
+            .map_err(|(e, _)| e)
     }
 
     pub fn wire(&self) -> &Wire {

@@ -2,7 +2,7 @@
 //!
 //! This is the poll path, so it does only cheap work per message: decode,
 //! look the item up in the current view, append to the user's history (a
-//! sled write to memory) and pass the user on. The model runs elsewhere.
+//! write to memory, committed in groups) and pass the user on. The model runs elsewhere.
 //! Each message is *begun* in [`Offsets`] when read and *finished* when its
 //! outputs are delivered (its history's changelog record and its feed, or
 //! its dead letter); only finished offsets are stored for commit.
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::now_ms;
+use super::kafka::{now_ms, MARKER_KEY};
 use super::metrics::{Metrics, Reason};
 use super::offsets::Offsets;
 use super::scheduler::Event;
@@ -89,9 +89,6 @@ pub struct Restore {
     pub instance: String,
     pub timeout: Duration,
 }
-
-/// The key of marker records; no user id starts with a NUL byte.
-const MARKER_KEY: &[u8] = b"\0genfeed-restore-marker";
 
 impl Restore {
     fn partition(&self, p: i32) {

@@ -10,6 +10,13 @@ use crate::contract::{
     Recommendation, Record, SchemaIds, WireFormat,
 };
 
+/// The key of end markers: records an instance writes to a partition and
+/// reads back to know it has read everything written before (a high
+/// watermark would do where the broker reports it right; tansu's lags behind
+/// batched writes). No item or user id starts with a NUL byte, and readers of
+/// the catalogue and histories topics skip these records.
+pub const MARKER_KEY: &[u8] = b"\0genfeed-end-marker";
+
 /// How records are framed on this deployment's topics.
 pub struct Wire {
     kind: WireKind,

@@ -3,7 +3,7 @@
 //! ```text
 //! catalogue topic ─► CatalogueConsumer ─► registry + index ─► View (swapped whole)
 //!                     (assigns all partitions; offsets kept in the registry)   │
-//! interactions ────► InteractionConsumer ─► histories (sled) ─► scheduler ─► FeedWorker ─► recommendations
+//! interactions ────► InteractionConsumer ─► histories (redb) ─► scheduler ─► FeedWorker ─► recommendations
 //!   (consumer group)   decode, look up, append            coalesce,   beam search,   │
 //!         ▲                                               micro-batch filters       ▼
 //!         └──── offsets stored once the feed/dead letter is acknowledged ◄── acknowledge
@@ -198,6 +198,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         batch_max: cfg.catalogue.batch_max,
         publish_every: Duration::from_millis(cfg.catalogue.publish_ms),
         partitions: Vec::new(),
+        instance: instance_id(&paths.state_dir),
     };
     check_topics(&cat.consumer, k)?;
     cat.assign()?;
@@ -451,7 +452,7 @@ impl Signals {
     }
 }
 
-/// Names this instance in changelog markers: its state directory and pid.
+/// Names this instance in end markers: its state directory and pid.
 fn instance_id(state: &std::path::Path) -> String {
     format!("{}#{}", state.display(), std::process::id())
 }

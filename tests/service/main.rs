@@ -121,6 +121,39 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+/// Ready means the whole catalogue written before start-up is read and
+/// decodable, not that the topic went quiet; the end markers that tell where
+/// it ends are skipped, not dead-lettered, on this start and the next.
+#[test]
+fn ready_means_the_catalogue_written_before_start_is_all_read_on_every_start() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("ready", 2);
+    let input = Input::new(&t, Framing::Plain);
+    for (id, v) in f.items.iter().take(150) {
+        input.upsert(id, v.clone());
+    }
+    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let undecodable = "genfeed_dead_letters_total{reason=\"undecodable\"}";
+    let mut svc = Service::start(&cfg);
+    assert_eq!(svc.metric("genfeed_live_items"), Some(150.0));
+    assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(150.0));
+    assert!(svc.stop().success());
+
+    for (id, v) in f.items.iter().skip(150) {
+        input.upsert(id, v.clone());
+    }
+    let mut svc = Service::start(&cfg);
+    assert_eq!(svc.metric("genfeed_live_items"), Some(f.items.len() as f64));
+    assert_eq!(
+        svc.metric("genfeed_catalogue_events_total"),
+        Some((f.items.len() - 150) as f64),
+        "a restart reads only what came after the stored offsets"
+    );
+    assert_eq!(svc.metric(undecodable), Some(0.0));
+    assert!(svc.stop().success());
+}
+
 #[test]
 fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     use genfeed::contract::DeadLetter;
