@@ -13,7 +13,9 @@
 #    DEMO_RATE per second (default 100) for DEMO_SECONDS (default 30) with two
 #    brand-new items per second, printing live figures every second and a few
 #    users' feeds;
-# 4. stops the service with SIGTERM (it drains and commits) and the broker.
+# 4. stops the service with SIGTERM (it drains and commits), starts it again
+#    on its state and times how long it takes to serve (DEMO_RESTART_SECONDS
+#    more of replay, default 5), stops it and the broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -64,7 +66,9 @@ cat >"$work/service.toml" <<TOML
 # Written by scripts/demo.sh; every key is documented in configs/genfeed.toml.
 [kafka]
 brokers = "$addr"
-session_timeout_ms = 6000
+# tansu completes a group join after half of this (1 s; the service joins
+# while it loads); the default 10000 would make every start wait 5 s.
+session_timeout_ms = 2000
 
 [paths]
 state_dir = "state"
@@ -76,15 +80,36 @@ text_model = "$GENFEED_TEXT_MODEL"
 listen = "127.0.0.1:0"
 TOML
 
+# Starts the service and waits until /readyz says ready (catalogue read to
+# its end, partitions assigned, histories restored); prints the seconds taken.
+start_service() {
+  rm -f "$work/state/http.addr"
+  local t0=$(date +%s%3N)
+  "$genfeed" run --config "$work/service.toml" 2>>"$work/service.log" &
+  service_pid=$!
+  for _ in $(seq 1 1200); do
+    kill -0 "$service_pid" 2>/dev/null || { tail -n 20 "$work/service.log"; exit 1; }
+    if [ -s "$work/state/http.addr" ]; then
+      local hp=$(cat "$work/state/http.addr")
+      if exec 3<>"/dev/tcp/${hp%:*}/${hp##*:}" 2>/dev/null; then
+        printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+        local status=$(head -n 1 <&3)
+        exec 3<&-
+        if [[ $status == *" 200 "* ]]; then
+          local t1=$(date +%s%3N)
+          echo "ready after $(((t1 - t0) / 1000)).$(printf '%03d' $(((t1 - t0) % 1000))) s; metrics: http://$hp/metrics"
+          return
+        fi
+      fi
+    fi
+    sleep 0.05
+  done
+  echo "not ready after 60 s"; exit 1
+}
+
 echo "== start the service (log: $work/service.log)"
-"$genfeed" run --config "$work/service.toml" 2>"$work/service.log" &
-service_pid=$!
-for _ in $(seq 1 600); do
-  [ -s "$work/state/http.addr" ] && break
-  kill -0 "$service_pid" 2>/dev/null || { tail -n 20 "$work/service.log"; exit 1; }
-  sleep 0.1
-done
-echo "metrics: http://$(cat "$work/state/http.addr")/metrics"
+: >"$work/service.log"
+start_service
 
 echo "== write the catalogue, then replay interactions with new items arriving"
 "$genfeed" replay --config "$work/service.toml" --data "$data" --catalogue \
@@ -95,3 +120,12 @@ kill -TERM "$service_pid"
 wait "$service_pid"
 service_pid=""
 grep -E "stopped|draining" "$work/service.log" | tail -n 2
+
+echo "== start it again on its state: it trusts its histories and reads only what is new"
+start_service
+"$genfeed" replay --config "$work/service.toml" --data "$data" \
+  --rate "${DEMO_RATE:-100}" --seconds "${DEMO_RESTART_SECONDS:-5}" --show 0
+kill -TERM "$service_pid"
+wait "$service_pid"
+service_pid=""
+grep -E "histories restored|stopped" "$work/service.log" | tail -n 5

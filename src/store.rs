@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -166,13 +166,6 @@ impl Store {
             }
             None => Ok(None),
         }
-    }
-
-    /// How many keys the store holds.
-    pub fn count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
-        let table = txn.open_table(TABLE).map_err(|e| self.fail(e))?;
-        table.len().map_err(|e| self.fail(e))
     }
 
     /// Removes every key, durably.

@@ -80,17 +80,22 @@ pub struct Violation {
     pub detail: String,
 }
 
-/// Rejects empty identifiers: an empty id would silently merge unrelated
-/// users or items downstream (keys, registry, histories).
+/// Rejects empty identifiers, which would silently merge unrelated users or
+/// items downstream (keys, registry, histories), and identifiers that start
+/// with a NUL byte, which the service keeps for its own keys (end markers,
+/// bookkeeping beside the histories).
 fn non_empty(field: &'static str, value: &str) -> Result<(), Violation> {
-    if value.is_empty() {
-        Err(Violation {
-            field,
-            detail: "must not be empty".to_string(),
-        })
+    let detail = if value.is_empty() {
+        "must not be empty"
+    } else if value.starts_with('\0') {
+        "must not start with a NUL byte (reserved for genfeed's own keys)"
     } else {
-        Ok(())
-    }
+        return Ok(());
+    };
+    Err(Violation {
+        field,
+        detail: detail.to_string(),
+    })
 }
 
 /// An envelope on the catalogue topic.
@@ -367,6 +372,14 @@ mod tests {
             timestamp: 0,
         };
         assert_eq!(interaction.validate().unwrap_err().field, "item_id");
+        let reserved = Interaction {
+            user_id: "\0changelog/".to_string(),
+            item_id: "i".to_string(),
+            ..interaction
+        };
+        let err = reserved.validate().unwrap_err();
+        assert_eq!(err.field, "user_id");
+        assert!(err.detail.contains("NUL"), "{err:?}");
 
         let event = CatalogueEvent {
             change: Change::Retire(ItemRetire::default()),

@@ -23,7 +23,8 @@ use tokio::time::Instant;
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
 use super::kafka::{now_ms, MARKER_KEY, METADATA_TIMEOUT};
-use super::metrics::{Metrics, Reason};
+use super::metrics::Metrics;
+use super::reason::Reason;
 use super::view::{ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
 use crate::contract::{CatalogueEvent, Change as Event, DecodeError};
@@ -144,7 +145,7 @@ impl CatalogueConsumer {
         let mut view = initial_view(&self.catalogue)?;
         self.metrics
             .live_items
-            .store(self.catalogue.registry().live_count() as u64, Relaxed);
+            .set(self.catalogue.registry().live_count() as i64);
         self.view.store(Arc::new(view.clone()));
         let mut batch = Batch::default();
         let mut loading = Loading {
@@ -176,7 +177,7 @@ impl CatalogueConsumer {
                         batch.next.push((p, o + 1));
                         continue;
                     }
-                    self.metrics.catalogue_events.fetch_add(1, Relaxed);
+                    self.metrics.catalogue_events.inc();
                     let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                     let raw = m.payload().unwrap_or(&[]);
                     let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, o))?;
@@ -297,10 +298,10 @@ impl CatalogueConsumer {
         }
         self.metrics
             .index_generation
-            .store(view.snapshot.seq(), Relaxed);
+            .set(view.snapshot.seq() as i64);
         self.metrics
             .live_items
-            .store(self.catalogue.registry().live_count() as u64, Relaxed);
+            .set(self.catalogue.registry().live_count() as i64);
         for d in batch.dead.drain(..) {
             self.outbox.delivered(d, &self.metrics).await;
         }

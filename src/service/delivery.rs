@@ -18,7 +18,6 @@
 //! Nothing is lost on the way: a message's offset is stored only once its
 //! outputs, or its dead letter, are acknowledged.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +28,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::kafka::{now_ms, Wire, MARKER_KEY};
-use super::metrics::{Metrics, Reason};
+use super::metrics::Metrics;
 use super::offsets::Offsets;
+use super::reason::Reason;
 use crate::contract::DeadLetter;
 
 /// Room kept in every message for Kafka's record and batch headers.
@@ -108,6 +108,8 @@ pub struct Outbox {
     interactions: Arc<str>,
     /// Key and payload of one record at most, headers' room taken off.
     max_record: usize,
+    /// The newest acknowledged changelog offset per partition.
+    changelog_acked: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
 }
 
 /// The output topics an [`Outbox`] writes, and the input its feeds answer.
@@ -134,6 +136,7 @@ impl Outbox {
             histories: topics.histories.into(),
             interactions: topics.interactions.into(),
             max_record: message_max_bytes.saturating_sub(RECORD_OVERHEAD),
+            changelog_acked: Default::default(),
         }
     }
 
@@ -158,6 +161,25 @@ impl Outbox {
             .await
             .map(drop)
             .map_err(|(e, _)| e)
+    }
+
+    /// The newest changelog offset of `partition` acknowledged since the
+    /// last call; forgets it.
+    pub fn changelog_acknowledged(&self, partition: i32) -> Option<i64> {
+        self.changelog_acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&partition)
+    }
+
+    /// The newest acknowledged changelog offset of every partition that has
+    /// one since the last call; forgets them.
+    pub fn changelog_acknowledged_all(&self) -> Vec<(i32, i64)> {
+        self.changelog_acked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .collect()
     }
 
     pub fn wire(&self) -> &Wire {
@@ -281,7 +303,17 @@ impl Outbox {
                     Err(e) => e,
                 },
                 Some(future) => match future.await {
-                    Ok(Ok(_)) => return sent,
+                    Ok(Ok(done)) => {
+                        if let Kind::Changelog = sent.kind {
+                            let mut acked = self
+                                .changelog_acked
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner());
+                            let newest = acked.entry(done.partition).or_insert(done.offset);
+                            *newest = (*newest).max(done.offset);
+                        }
+                        return sent;
+                    }
                     Ok(Err((e, _))) => e,
                     Err(_) => KafkaError::Canceled,
                 },
@@ -300,7 +332,7 @@ impl Outbox {
                 Some(RDKafkaErrorCode::QueueFull) => Duration::from_millis(5),
                 _ => {
                     tracing::warn!(topic = %sent.topic, error = %error, "delivery failed; sending again");
-                    metrics.feed_retries.fetch_add(1, Relaxed);
+                    metrics.feed_retries.inc();
                     if code.is_some_and(permanent) {
                         Duration::from_secs(1)
                     } else {
@@ -413,7 +445,7 @@ pub async fn acknowledge<C: ConsumerContext + 'static>(
         let now = now_ms();
         let is_feed = matches!(sent.kind, Kind::Feed);
         if is_feed {
-            metrics.feeds.fetch_add(1, Relaxed);
+            metrics.feeds.inc();
         }
         let mut tpl = TopicPartitionList::new();
         for t in &sent.triggers {

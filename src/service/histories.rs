@@ -47,6 +47,12 @@ pub enum HistoryError {
 
 const HEADER: usize = 12;
 
+/// The key under which the changelog offset of a partition is kept: no user
+/// id starts with a NUL byte (the contract refuses them).
+fn changelog_key(partition: i32) -> Vec<u8> {
+    [&b"\0changelog/"[..], &partition.to_be_bytes()].concat()
+}
+
 /// Where in the interactions topic an event was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Position {
@@ -164,10 +170,26 @@ impl Histories {
         Ok(())
     }
 
-    /// Users with a history.
-    pub fn users(&self) -> Result<u64, HistoryError> {
-        self.staged().commit(&self.db)?;
-        Ok(self.db.count()?)
+    /// The changelog offset of `partition` up to which these histories hold
+    /// every record, as last recorded.
+    pub fn changelog_offset(&self, partition: i32) -> Result<Option<i64>, HistoryError> {
+        let key = changelog_key(partition);
+        let value = match self.staged().get(&key) {
+            Some(v) => v.map(<[u8]>::to_vec),
+            None => self.db.get(&key)?,
+        };
+        Ok(value.and_then(|v| Some(i64::from_be_bytes(v.as_slice().try_into().ok()?))))
+    }
+
+    /// Records that these histories hold every changelog record of
+    /// `partition` up to `offset` (durable at the next flush).
+    pub fn set_changelog_offset(&self, partition: i32, offset: i64) -> Result<(), HistoryError> {
+        let mut staged = self.staged();
+        staged.stage([(
+            changelog_key(partition),
+            Some(offset.to_be_bytes().to_vec()),
+        )]);
+        Ok(staged.commit(&self.db)?)
     }
 
     /// Returns once every append so far is on disk.
@@ -244,8 +266,30 @@ mod tests {
         let mut out = Vec::new();
         h.get("a", &mut out).unwrap();
         assert_eq!(out, [7]);
-        assert_eq!(h.users().unwrap(), 2);
+        h.get("b", &mut out).unwrap();
+        assert_eq!(out, [8]);
         assert!(h.append("a", at(0, 1), 7).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_changelog_offset_is_kept_per_partition_apart_from_users() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let h = Histories::open(dir.path(), 5).unwrap();
+            assert_eq!(h.changelog_offset(1).unwrap(), None);
+            h.append("u", at(1, 3), 7).unwrap();
+            h.set_changelog_offset(1, 41).unwrap();
+            h.set_changelog_offset(2, 9).unwrap();
+            h.set_changelog_offset(1, 42).unwrap();
+            h.flush().unwrap();
+        }
+        let h = Histories::open(dir.path(), 5).unwrap();
+        assert_eq!(h.changelog_offset(1).unwrap(), Some(42));
+        assert_eq!(h.changelog_offset(2).unwrap(), Some(9));
+        assert_eq!(h.changelog_offset(3).unwrap(), None);
+        let mut out = Vec::new();
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [7]);
     }
 
     #[test]

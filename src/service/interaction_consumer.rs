@@ -23,8 +23,9 @@ use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
 use super::kafka::{now_ms, MARKER_KEY};
-use super::metrics::{Metrics, Reason};
+use super::metrics::Metrics;
 use super::offsets::Offsets;
+use super::reason::Reason;
 use super::scheduler::Event;
 use super::view::SharedView;
 use crate::contract::Interaction;
@@ -52,9 +53,23 @@ impl ConsumerContext for Rebalancing {
             tracing::info!(?parts, "partitions revoked");
             if !self.abandon.load(Relaxed) {
                 self.outbox.flush(Duration::from_secs(10));
+                // Every changelog record acknowledged so far is in the local
+                // histories: the next restore of these partitions here
+                // starts after them.
+                let histories = &self.restore.histories;
+                for &p in &parts {
+                    if let Some(o) = self.outbox.changelog_acknowledged(p) {
+                        if let Err(e) = histories.set_changelog_offset(p, o) {
+                            tracing::warn!(partition = p, error = %e, "recording the changelog offset");
+                        }
+                    }
+                }
+                if let Err(e) = histories.flush() {
+                    tracing::warn!(error = %e, "flushing the histories on revoke");
+                }
             }
             self.offsets.revoke(parts);
-            self.metrics.assigned_partitions.store(0, Relaxed);
+            self.metrics.assigned_partitions.set(0);
         }
     }
 
@@ -65,22 +80,21 @@ impl ConsumerContext for Rebalancing {
             // This runs on the poll path, before any message of these
             // partitions is handed out: the histories are whole when the
             // first interaction arrives.
-            for &p in &parts {
-                self.restore.partition(p);
-            }
-            self.metrics
-                .assigned_partitions
-                .store(parts.len() as i64, Relaxed);
+            self.restore.partitions(&parts, &self.metrics);
+            self.metrics.assigned_partitions.set(parts.len() as i64);
             self.metrics.joined.store(true, Relaxed);
         }
     }
 }
 
-/// Reads a partition of the histories changelog into the local histories.
+/// Reads the histories changelog of assigned partitions into the local
+/// histories.
 ///
-/// Where the partition ends is found with a marker: a record this instance
-/// writes to the partition and then reads back. (A high watermark would do
-/// where the broker reports it right; not every Kafka-protocol broker does.)
+/// The local histories are trusted up to the changelog offset they record
+/// for a partition ([`Histories::changelog_offset`]): everything up to it is
+/// in them, so only what follows is read. Where the partition ends is found
+/// with an end marker ([`MARKER_KEY`]) this instance writes to every
+/// partition and then reads back; all partitions are read together.
 pub struct Restore {
     pub histories: Arc<Histories>,
     pub topic: String,
@@ -90,75 +104,117 @@ pub struct Restore {
     pub timeout: Duration,
 }
 
+/// Where one partition's restore stands.
+struct Reading {
+    read: u64,
+    taken: u64,
+    /// The offset of this restore's marker, once read.
+    end: Option<i64>,
+}
+
 impl Restore {
-    fn partition(&self, p: i32) {
+    fn partitions(&self, parts: &[i32], metrics: &Metrics) {
         let start = std::time::Instant::now();
-        let token = format!("{}/{}", self.instance, super::kafka::now_ms());
-        let record = BaseRecord::<[u8], str>::to(&self.topic)
-            .partition(p)
-            .key(MARKER_KEY)
-            .payload(token.as_str());
-        let sent = self
-            .marker
-            .send(record)
-            .map_err(|(e, _)| e)
-            .and_then(|()| self.marker.flush(self.timeout));
-        if let Err(e) = sent {
-            tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored");
-            return;
-        }
+        let token = format!("{}/{}", self.instance, now_ms());
         let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl
-            .add_partition_offset(&self.topic, p, Offset::Beginning)
+        let mut state = std::collections::HashMap::new();
+        for &p in parts {
+            let from = match self.histories.changelog_offset(p) {
+                Ok(Some(o)) => Offset::Offset(o + 1),
+                Ok(None) => Offset::Beginning,
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "reading the restored offset; reading the whole changelog partition");
+                    Offset::Beginning
+                }
+            };
+            let record = BaseRecord::<[u8], str>::to(&self.topic)
+                .partition(p)
+                .key(MARKER_KEY)
+                .payload(token.as_str());
+            if let Err((e, _)) = self.marker.send(record) {
+                tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored");
+                continue;
+            }
+            if let Err(e) = tpl.add_partition_offset(&self.topic, p, from) {
+                tracing::error!(partition = p, error = %e, "reading the changelog");
+                continue;
+            }
+            state.insert(
+                p,
+                Reading {
+                    read: 0,
+                    taken: 0,
+                    end: None,
+                },
+            );
+        }
+        if let Err(e) = self
+            .marker
+            .flush(self.timeout)
             .and_then(|()| self.reader.assign(&tpl))
         {
-            tracing::error!(partition = p, error = %e, "reading the changelog");
+            tracing::error!(error = %e, topic = %self.topic, "cannot mark or read the changelog; histories are not restored");
             return;
         }
-        let (mut read, mut taken) = (0u64, 0u64);
-        loop {
+        while state.values().any(|r| r.end.is_none()) {
             if start.elapsed() > self.timeout {
                 tracing::error!(
-                    partition = p,
-                    read,
-                    "changelog marker not seen in time; restore incomplete"
+                    ?parts,
+                    "changelog markers not seen in time; restore incomplete"
                 );
                 break;
             }
-            let Some(m) = self.reader.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "reading the changelog");
+            let m = match self.reader.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "reading the changelog");
                     continue;
                 }
+                None => continue,
+            };
+            let Some(r) = state.get_mut(&m.partition()) else {
+                continue;
             };
             let key = m.key().unwrap_or(&[]);
             if key == MARKER_KEY {
                 if m.payload() == Some(token.as_bytes()) {
-                    break;
+                    r.end = Some(m.offset());
                 }
                 continue;
             }
-            read += 1;
+            r.read += 1;
             let user = String::from_utf8_lossy(key);
             match self.histories.restore(&user, m.payload().unwrap_or(&[])) {
-                Ok(true) => taken += 1,
+                Ok(true) => r.taken += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(partition = p, offset = m.offset(), error = %e, "skipping a changelog record")
+                    tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "skipping a changelog record")
                 }
             }
         }
         let _ = self.reader.unassign();
+        for (p, r) in &state {
+            if let Some(end) = r.end {
+                if let Err(e) = self.histories.set_changelog_offset(*p, end) {
+                    tracing::warn!(partition = p, error = %e, "recording the restored offset");
+                }
+            }
+            metrics.changelog_restored.inc_by(r.read);
+            tracing::info!(
+                partition = p,
+                read = r.read,
+                taken = r.taken,
+                complete = r.end.is_some(),
+                "histories restored"
+            );
+        }
+        if let Err(e) = self.histories.flush() {
+            tracing::warn!(error = %e, "flushing the restored histories");
+        }
         tracing::info!(
-            partition = p,
-            read,
-            taken,
+            ?parts,
             ms = start.elapsed().as_millis() as u64,
-            "histories restored"
+            "restore done"
         );
     }
 }
@@ -218,7 +274,7 @@ impl InteractionConsumer {
                 topic: self.topic.clone(),
                 source,
             })?;
-            self.metrics.interaction_events.fetch_add(1, Relaxed);
+            self.metrics.interaction_events.inc();
             let trigger = Trigger {
                 partition: m.partition(),
                 offset: m.offset(),
@@ -283,7 +339,7 @@ impl InteractionConsumer {
         };
         let record = self.histories.append(&i.user_id, at, ord)?;
         if record.is_none() {
-            self.metrics.replayed.fetch_add(1, Relaxed);
+            self.metrics.replayed.inc();
         }
         Ok(Ok((
             Event {

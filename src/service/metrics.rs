@@ -1,149 +1,46 @@
-//! Prometheus text metrics, from atomics the pipeline bumps as it goes.
+//! The service's metrics, exposed in the Prometheus text format by
+//! `prometheus-client` (the Prometheus project's own Rust client).
 //!
-//! Nothing here locks or allocates on the paths that record: counters and
-//! histogram buckets are atomics, and the text is only built when
-//! `/metrics` is scraped.
+//! Counters and gauges are atomics; the pipeline bumps them without a lock or
+//! an allocation. A histogram observation takes the histogram's own short
+//! mutex (once per feed or batch, never per item). Dead-letter counters are
+//! created for every [`Reason`] up front, so counting one never looks a label
+//! set up. The text is built only when `/metrics` is scraped.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
-/// Why an input message went to the dead-letter topic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// Not a datum of the expected schema (garbage, truncated, a field
-    /// missing, junk after it).
-    Undecodable,
-    /// A Confluent schema id the service was not configured to accept.
-    UnknownSchema,
-    /// Well-formed, but breaks a rule of the contract (an empty id).
-    InvalidRecord,
-    /// An embedding of the wrong dimension or with a non-finite value.
-    BadEmbedding,
-    /// An upsert with no content the tokenizer can read.
-    NoContent,
-    /// An interaction or retire naming an item the catalogue never had.
-    UnknownItem,
-    /// The tokenizer could not place the item (e.g. its prefix is full).
-    Tokenizer,
-    /// A field over its configured limit (`limits.*`).
-    TooLarge,
-    /// The broker refused, for good, a record the message caused (a feed
-    /// or a changelog record too large, a topic that refuses writes).
-    OutputRefused,
-    /// The model's batch holding the user failed.
-    FeedFailed,
-}
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-impl Reason {
-    pub const ALL: [Reason; 10] = [
-        Reason::Undecodable,
-        Reason::UnknownSchema,
-        Reason::InvalidRecord,
-        Reason::BadEmbedding,
-        Reason::NoContent,
-        Reason::UnknownItem,
-        Reason::Tokenizer,
-        Reason::TooLarge,
-        Reason::OutputRefused,
-        Reason::FeedFailed,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::Undecodable => "undecodable",
-            Reason::UnknownSchema => "unknown_schema",
-            Reason::InvalidRecord => "invalid_record",
-            Reason::BadEmbedding => "bad_embedding",
-            Reason::NoContent => "no_content",
-            Reason::UnknownItem => "unknown_item",
-            Reason::Tokenizer => "tokenizer",
-            Reason::TooLarge => "too_large",
-            Reason::OutputRefused => "output_refused",
-            Reason::FeedFailed => "feed_failed",
-        }
-    }
-}
-
-/// A histogram with fixed bucket bounds.
-pub struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<AtomicU64>,
-    /// Sum in micro-units, so it can be an integer atomic.
-    sum_micros: AtomicU64,
-    count: AtomicU64,
-}
+use super::reason::Reason;
 
 /// Seconds, from 1 ms to 10 s.
-pub const LATENCY_BOUNDS: &[f64] = &[
+const LATENCY_BOUNDS: [f64; 18] = [
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
 /// Users per batch.
-pub const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const BATCH_BOUNDS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, v: f64) {
-        let v = v.max(0.0);
-        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
-            self.counts[i].fetch_add(1, Relaxed);
-        }
-        self.sum_micros.fetch_add((v * 1e6) as u64, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
-
-    /// The upper bound of the bucket holding quantile `q` (an estimate, as
-    /// Prometheus' `histogram_quantile` gives).
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        let n = self.count();
-        if n == 0 {
-            return None;
-        }
-        let target = (q * n as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            seen += c.load(Relaxed);
-            if seen >= target {
-                return Some(*b);
-            }
-        }
-        Some(f64::INFINITY)
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
-        }
-        let n = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
-        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {n}");
-    }
-}
+type Labels = [(&'static str, &'static str); 1];
 
 pub struct Metrics {
-    pub catalogue_events: AtomicU64,
-    pub interaction_events: AtomicU64,
+    registry: Registry,
+    pub catalogue_events: Counter,
+    pub interaction_events: Counter,
     /// Interactions already in the history (replays after a restart).
-    pub replayed: AtomicU64,
-    pub feeds: AtomicU64,
-    pub feed_retries: AtomicU64,
-    dead_letters: [AtomicU64; Reason::ALL.len()],
+    pub replayed: Counter,
+    /// Histories changelog records read by restores (after a restart on the
+    /// same state, only what others wrote since).
+    pub changelog_restored: Counter,
+    pub feeds: Counter,
+    pub feed_retries: Counter,
+    /// One counter per reason, in the order of [`Reason::ALL`].
+    dead_letters: Vec<Counter>,
     pub batch_users: Histogram,
     /// Interaction (its Kafka timestamp) to the feed's delivery ack.
     pub feed_latency: Histogram,
@@ -152,12 +49,13 @@ pub struct Metrics {
     /// Catalogue event (its Kafka timestamp) to the publish that made it
     /// decodable.
     pub decodable_latency: Histogram,
-    pub index_generation: AtomicU64,
-    pub live_items: AtomicU64,
-    pub pending_users: AtomicU64,
-    pub consumer_lag: AtomicI64,
+    pub index_generation: Gauge,
+    pub live_items: Gauge,
+    pub pending_users: Gauge,
+    pub consumer_lag: Gauge,
     /// Interaction partitions this instance owns now.
-    pub assigned_partitions: AtomicI64,
+    pub assigned_partitions: Gauge,
+    ready: Gauge,
     /// The catalogue was read up to where it stood at start-up.
     pub catalogue_loaded: AtomicBool,
     /// The interactions consumer joined its group and got its partitions
@@ -167,22 +65,97 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::with_prefix("genfeed");
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let catalogue_events = counter("catalogue_events", "Catalogue messages consumed.");
+        let interaction_events = counter("interaction_events", "Interaction messages consumed.");
+        let replayed = counter(
+            "interactions_replayed",
+            "Interactions already in the user's history (replays).",
+        );
+        let changelog_restored = counter(
+            "changelog_restored",
+            "Histories changelog records read when partitions were assigned.",
+        );
+        let feeds = counter("feeds", "Recommendation events acknowledged by the broker.");
+        let feed_retries = counter(
+            "feed_retries",
+            "Feed deliveries that failed and were sent again.",
+        );
+        let family = Family::<Labels, Counter>::default();
+        let dead_letters = Reason::ALL
+            .iter()
+            .map(|r| family.get_or_create_owned(&[("reason", r.label())]))
+            .collect();
+        registry.register(
+            "dead_letters",
+            "Input messages sent to the dead-letter topic, by reason.",
+            family,
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let index_generation = gauge(
+            "index_generation",
+            "Sequence number of the published index snapshot.",
+        );
+        let live_items = gauge("live_items", "Items that can be recommended.");
+        let pending_users = gauge("pending_users", "Users waiting for a feed.");
+        let consumer_lag = gauge(
+            "consumer_lag",
+            "Interactions behind the partitions' high watermarks (approximate on brokers whose watermark is approximate).",
+        );
+        let assigned_partitions = gauge(
+            "assigned_partitions",
+            "Interaction partitions this instance owns.",
+        );
+        let ready = gauge(
+            "ready",
+            "1 once the catalogue is loaded and the consumer group joined.",
+        );
+        let mut histogram = |name: &str, help: &str, bounds: &[f64]| {
+            let h = Histogram::new(bounds.iter().copied());
+            registry.register(name, help, h.clone());
+            h
+        };
+        let batch_users = histogram("batch_users", "Users per model batch.", &BATCH_BOUNDS);
+        let feed_latency = histogram(
+            "feed_latency_seconds",
+            "Interaction timestamp to the feed's delivery acknowledgement.",
+            &LATENCY_BOUNDS,
+        );
+        let generate_seconds =
+            histogram("generate_seconds", "Model time per batch.", &LATENCY_BOUNDS);
+        let decodable_latency = histogram(
+            "decodable_latency_seconds",
+            "Catalogue event timestamp to the snapshot that makes it decodable.",
+            &LATENCY_BOUNDS,
+        );
         Metrics {
-            catalogue_events: AtomicU64::new(0),
-            interaction_events: AtomicU64::new(0),
-            replayed: AtomicU64::new(0),
-            feeds: AtomicU64::new(0),
-            feed_retries: AtomicU64::new(0),
-            dead_letters: Default::default(),
-            batch_users: Histogram::new(BATCH_BOUNDS),
-            feed_latency: Histogram::new(LATENCY_BOUNDS),
-            generate_seconds: Histogram::new(LATENCY_BOUNDS),
-            decodable_latency: Histogram::new(LATENCY_BOUNDS),
-            index_generation: AtomicU64::new(0),
-            live_items: AtomicU64::new(0),
-            pending_users: AtomicU64::new(0),
-            consumer_lag: AtomicI64::new(0),
-            assigned_partitions: AtomicI64::new(0),
+            registry,
+            catalogue_events,
+            interaction_events,
+            replayed,
+            changelog_restored,
+            feeds,
+            feed_retries,
+            dead_letters,
+            batch_users,
+            feed_latency,
+            generate_seconds,
+            decodable_latency,
+            index_generation,
+            live_items,
+            pending_users,
+            consumer_lag,
+            assigned_partitions,
+            ready,
             catalogue_loaded: AtomicBool::new(false),
             joined: AtomicBool::new(false),
         }
@@ -195,7 +168,7 @@ impl Metrics {
             .iter()
             .position(|&r| r == reason)
             .expect("in ALL");
-        self.dead_letters[i].fetch_add(1, Relaxed);
+        self.dead_letters[i].inc();
     }
 
     /// Serving: the catalogue is loaded and interactions are being read.
@@ -204,106 +177,14 @@ impl Metrics {
     }
 
     pub fn dead_letters(&self) -> u64 {
-        self.dead_letters.iter().map(|c| c.load(Relaxed)).sum()
+        self.dead_letters.iter().map(Counter::get).sum()
     }
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        counter(
-            "genfeed_catalogue_events_total",
-            "Catalogue messages consumed.",
-            self.catalogue_events.load(Relaxed),
-        );
-        counter(
-            "genfeed_interaction_events_total",
-            "Interaction messages consumed.",
-            self.interaction_events.load(Relaxed),
-        );
-        counter(
-            "genfeed_interactions_replayed_total",
-            "Interactions already in the user's history (replays).",
-            self.replayed.load(Relaxed),
-        );
-        counter(
-            "genfeed_feeds_total",
-            "Recommendation events acknowledged by the broker.",
-            self.feeds.load(Relaxed),
-        );
-        counter(
-            "genfeed_feed_retries_total",
-            "Feed deliveries that failed and were sent again.",
-            self.feed_retries.load(Relaxed),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP genfeed_dead_letters_total Input messages sent to the dead-letter topic, by reason.\n\
-             # TYPE genfeed_dead_letters_total counter"
-        );
-        for (r, c) in Reason::ALL.iter().zip(&self.dead_letters) {
-            let _ = writeln!(
-                out,
-                "genfeed_dead_letters_total{{reason=\"{}\"}} {}",
-                r.label(),
-                c.load(Relaxed)
-            );
-        }
-        let mut gauge = |name: &str, help: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        gauge(
-            "genfeed_index_generation",
-            "Sequence number of the published index snapshot.",
-            self.index_generation.load(Relaxed) as i64,
-        );
-        gauge(
-            "genfeed_live_items",
-            "Items that can be recommended.",
-            self.live_items.load(Relaxed) as i64,
-        );
-        gauge(
-            "genfeed_pending_users",
-            "Users waiting for a feed.",
-            self.pending_users.load(Relaxed) as i64,
-        );
-        gauge(
-            "genfeed_consumer_lag",
-            "Interactions behind the partitions' high watermarks (approximate on brokers whose watermark is approximate).",
-            self.consumer_lag.load(Relaxed),
-        );
-        gauge(
-            "genfeed_assigned_partitions",
-            "Interaction partitions this instance owns.",
-            self.assigned_partitions.load(Relaxed),
-        );
-        gauge(
-            "genfeed_ready",
-            "1 once the catalogue is loaded and the consumer group joined.",
-            i64::from(self.is_ready()),
-        );
-        self.batch_users
-            .render(&mut out, "genfeed_batch_users", "Users per model batch.");
-        self.feed_latency.render(
-            &mut out,
-            "genfeed_feed_latency_seconds",
-            "Interaction timestamp to the feed's delivery acknowledgement.",
-        );
-        self.generate_seconds.render(
-            &mut out,
-            "genfeed_generate_seconds",
-            "Model time per batch.",
-        );
-        self.decodable_latency.render(
-            &mut out,
-            "genfeed_decodable_latency_seconds",
-            "Catalogue event timestamp to the snapshot that makes it decodable.",
-        );
+        self.ready.set(i64::from(self.is_ready()));
+        let mut out = String::with_capacity(8192);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
@@ -313,19 +194,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_are_cumulative_and_quantiles_read_them() {
-        let h = Histogram::new(LATENCY_BOUNDS);
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
         for v in [0.0005, 0.003, 0.003, 0.2, 20.0] {
-            h.observe(v);
+            m.feed_latency.observe(v);
         }
-        let mut out = String::new();
-        h.render(&mut out, "x", "help");
-        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"0.005\"} 3\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"10\"} 4\n"), "{out}");
-        assert!(out.contains("x_bucket{le=\"+Inf\"} 5\n"), "{out}");
-        assert_eq!(h.quantile(0.5), Some(0.005));
-        assert_eq!(h.quantile(0.99), Some(f64::INFINITY));
+        let out = m.render();
+        let name = "genfeed_feed_latency_seconds";
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"0.001\"}} 1\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"0.005\"}} 3\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"10.0\"}} 4\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 5\n")),
+            "{out}"
+        );
+        assert!(out.contains(&format!("{name}_count 5\n")), "{out}");
     }
 
     #[test]
@@ -335,8 +227,26 @@ mod tests {
         m.dead_letter(Reason::UnknownItem);
         m.dead_letter(Reason::Undecodable);
         let text = m.render();
-        assert!(text.contains("genfeed_dead_letters_total{reason=\"unknown_item\"} 2"));
+        assert!(
+            text.contains("genfeed_dead_letters_total{reason=\"unknown_item\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("genfeed_dead_letters_total{reason=\"undecodable\"} 1"));
+        assert!(text.contains("genfeed_dead_letters_total{reason=\"too_large\"} 0"));
         assert_eq!(m.dead_letters(), 3);
+    }
+
+    #[test]
+    fn counters_gauges_and_readiness_are_exposed() {
+        let m = Metrics::default();
+        m.feeds.inc_by(3);
+        m.live_items.set(15);
+        assert!(m.render().contains("genfeed_ready 0\n"));
+        m.catalogue_loaded.store(true, Relaxed);
+        m.joined.store(true, Relaxed);
+        let text = m.render();
+        assert!(text.contains("genfeed_feeds_total 3\n"), "{text}");
+        assert!(text.contains("genfeed_live_items 15\n"), "{text}");
+        assert!(text.contains("genfeed_ready 1\n"), "{text}");
     }
 }

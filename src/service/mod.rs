@@ -56,6 +56,7 @@ pub mod interaction_consumer;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+pub mod reason;
 pub mod scheduler;
 pub mod view;
 
@@ -104,6 +105,64 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let paths = &cfg.paths;
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("creating {}", paths.state_dir.display()))?;
+    let histories = Arc::new(
+        Histories::open(&paths.state_dir.join("histories"), cfg.feed.history_len)
+            .context("opening the histories")?,
+    );
+
+    let k = &cfg.kafka;
+    let wire = Arc::new(kafka::Wire::new(k, cfg.limits.record())?);
+    let producer: FutureProducer = kafka::producer_config(k)
+        .create()
+        .context("creating the producer")?;
+    let outbox = Arc::new(Outbox::new(
+        producer,
+        wire,
+        delivery::Topics {
+            feeds: &k.recommendations_topic,
+            dead_letters: &k.dead_letter_topic,
+            histories: &k.histories_topic,
+            interactions: &k.interactions_topic,
+        },
+        k.message_max_bytes,
+    ));
+    let metrics = Arc::new(Metrics::default());
+    // Joining the group takes the broker a while (tansu: half of the
+    // session timeout), so it starts now and runs while the model and the
+    // catalogue load; the consumer is polled, and its partitions' histories
+    // restored, once the catalogue is loaded.
+    let offsets = Arc::new(Offsets::default());
+    let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
+        kafka::consumer_config(k, &k.group_id)
+            .create_with_context(Rebalancing {
+                abandon: abandon.clone(),
+                offsets: offsets.clone(),
+                metrics: metrics.clone(),
+                outbox: outbox.clone(),
+                restore: Restore {
+                    histories: histories.clone(),
+                    topic: k.histories_topic.clone(),
+                    reader: {
+                        let mut c = kafka::consumer_config(k, &format!("{}-restore", k.group_id));
+                        c.set("enable.auto.commit", "false");
+                        c.create().context("creating the changelog reader")?
+                    },
+                    marker: kafka::producer_config(k)
+                        .create()
+                        .context("creating the changelog marker producer")?,
+                    instance: instance_id(&paths.state_dir),
+                    timeout: Duration::from_secs(60),
+                },
+            })
+            .context("creating the interactions consumer")?,
+    );
+    consumer
+        .subscribe(&[&k.interactions_topic])
+        .with_context(|| format!("subscribing to {:?}", k.interactions_topic))?;
+
     let tokenizer = Arc::new(
         FrozenTokenizer::load(&paths.tokenizer)
             .with_context(|| format!("loading the tokenizer {}", paths.tokenizer.display()))?,
@@ -140,34 +199,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    std::fs::create_dir_all(&paths.state_dir)
-        .with_context(|| format!("creating {}", paths.state_dir.display()))?;
     let mut cat_cfg = CatalogueConfig::new(paths.state_dir.join("catalogue"));
     cat_cfg.merge_threshold = cfg.catalogue.merge_threshold;
     let (catalogue, _) =
         Catalogue::open(tokenizer.clone(), &cat_cfg).context("opening the catalogue")?;
-    let histories = Arc::new(
-        Histories::open(&paths.state_dir.join("histories"), cfg.feed.history_len)
-            .context("opening the histories")?,
-    );
-
-    let k = &cfg.kafka;
-    let wire = Arc::new(kafka::Wire::new(k, cfg.limits.record())?);
-    let producer: FutureProducer = kafka::producer_config(k)
-        .create()
-        .context("creating the producer")?;
-    let outbox = Arc::new(Outbox::new(
-        producer,
-        wire,
-        delivery::Topics {
-            feeds: &k.recommendations_topic,
-            dead_letters: &k.dead_letter_topic,
-            histories: &k.histories_topic,
-            interactions: &k.interactions_topic,
-        },
-        k.message_max_bytes,
-    ));
-    let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop) = watch::channel(false);
 
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
@@ -222,36 +257,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
-
-    let offsets = Arc::new(Offsets::default());
-    let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
-        kafka::consumer_config(k, &k.group_id)
-            .create_with_context(Rebalancing {
-                abandon: abandon.clone(),
-                offsets: offsets.clone(),
-                metrics: metrics.clone(),
-                outbox: outbox.clone(),
-                restore: Restore {
-                    histories: histories.clone(),
-                    topic: k.histories_topic.clone(),
-                    reader: {
-                        let mut c = kafka::consumer_config(k, &format!("{}-restore", k.group_id));
-                        c.set("enable.auto.commit", "false");
-                        c.create().context("creating the changelog reader")?
-                    },
-                    marker: kafka::producer_config(k)
-                        .create()
-                        .context("creating the changelog marker producer")?,
-                    instance: instance_id(&paths.state_dir),
-                    timeout: Duration::from_secs(60),
-                },
-            })
-            .context("creating the interactions consumer")?,
-    );
-    consumer
-        .subscribe(&[&k.interactions_topic])
-        .with_context(|| format!("subscribing to {:?}", k.interactions_topic))?;
 
     let f = &cfg.feed;
     let (events_tx, events_rx) = mpsc::channel(f.batch_max * 4);
@@ -314,7 +319,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // revoke never holds one of the runtime's two workers.
     let (messages_tx, messages_rx) = mpsc::channel(f.batch_max * 4);
     let poller = consumer.clone();
-    std::thread::Builder::new()
+    let poll_thread = std::thread::Builder::new()
         .name("interactions".into())
         .spawn(move || interaction_consumer::poll(&poller, &messages_tx))?;
     let mut input = tokio::spawn(interactions.run(messages_rx, stop.clone()));
@@ -379,11 +384,27 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     if drained {
         let _ = lag.await;
+        // Closing the consumer (its last handle, once the poll thread is
+        // done) leaves the group and revokes the partitions: `Rebalancing`
+        // records their changelog offsets, so a restart here reads none of
+        // the changelog back, and the group does not wait for this member's
+        // session to expire. Left to the process's exit, it sometimes lost
+        // the race and did neither.
+        let close = tokio::task::spawn_blocking(move || {
+            let _ = poll_thread.join();
+            drop(consumer);
+        });
+        if tokio::time::timeout(Duration::from_secs(10), close)
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the interactions consumer: no answer in 10 s");
+        }
     }
     let _ = http_stop_tx.send(true);
     let _ = http.await;
     tracing::info!(
-        feeds = metrics.feeds.load(Relaxed),
+        feeds = metrics.feeds.get(),
         dead_letters = metrics.dead_letters(),
         drained,
         "stopped"
@@ -507,7 +528,7 @@ async fn watch_lag(
         })
         .await;
         if let Ok(Some(lag)) = lag {
-            metrics.consumer_lag.store(lag, Relaxed);
+            metrics.consumer_lag.set(lag);
         }
     }
 }

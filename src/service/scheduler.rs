@@ -16,7 +16,6 @@
 //! When the input closes (shutdown), every waiting user is sent at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,7 +117,7 @@ pub async fn schedule(
     let mut pending = Pending::default();
     let mut open = true;
     loop {
-        metrics.pending_users.store(pending.len() as u64, Relaxed);
+        metrics.pending_users.set(pending.len() as i64);
         let now = Instant::now();
         let due = pending.due(now, &timing);
         let is_due = due.is_some_and(|d| d <= now);
@@ -142,7 +141,7 @@ pub async fn schedule(
                     return;
                 }
             }
-            metrics.pending_users.store(0, Relaxed);
+            metrics.pending_users.set(0);
             return;
         }
     }
