@@ -89,8 +89,7 @@ struct Redb(Store, std::sync::Mutex<Group>);
 impl Kv for Redb {
     const NAME: &'static str = "redb 4.6.0";
     fn open(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let store = Store::open(&dir.join("store.redb"), Duration::from_millis(500)).unwrap();
+        let store = Store::open_in(dir, "store.redb", Duration::from_millis(500)).unwrap();
         Redb(store, Default::default())
     }
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {

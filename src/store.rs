@@ -39,13 +39,18 @@ use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
-/// What went wrong, and in which store file.
+/// What went wrong, and in which store.
 #[derive(Debug, thiserror::Error)]
-#[error("store {path}: {source}")]
-pub struct StoreError {
-    path: PathBuf,
-    #[source]
-    source: redb::Error,
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Redb { path: PathBuf, source: redb::Error },
+    #[error("store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} was written by sled, before genfeed kept its state in redb, and is not converted: remove the directory, and the service rebuilds it (the registry from the catalogue topic, the histories from the changelog)")]
+    Sled { path: PathBuf },
 }
 
 /// A key and its value.
@@ -60,10 +65,25 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (or creates) the store `file` in `dir`, creating `dir`. A
+    /// directory that sled wrote (its `conf` and `db` files) is refused.
+    pub fn open_in(dir: &Path, file: &str, flush_every: Duration) -> Result<Store, StoreError> {
+        if dir.join("conf").is_file() && dir.join("db").is_file() {
+            return Err(StoreError::Sled {
+                path: dir.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Store::open(&dir.join(file), flush_every)
+    }
+
     /// Opens (or creates) the store file at `path`. After a crash, opening
     /// repairs the file back to its last durable commit.
-    pub fn open(path: &Path, flush_every: Duration) -> Result<Store, StoreError> {
-        let fail = |source: redb::Error| StoreError {
+    fn open(path: &Path, flush_every: Duration) -> Result<Store, StoreError> {
+        let fail = |source: redb::Error| StoreError::Redb {
             path: path.to_path_buf(),
             source,
         };
@@ -81,7 +101,7 @@ impl Store {
     }
 
     fn fail(&self, source: impl Into<redb::Error>) -> StoreError {
-        StoreError {
+        StoreError::Redb {
             path: self.path.clone(),
             source: source.into(),
         }

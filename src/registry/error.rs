@@ -12,13 +12,6 @@ use crate::tokenizer::PrefixFull;
 pub enum RegistryError {
     #[error("registry storage: {0}")]
     Store(#[from] crate::store::StoreError),
-    #[error("registry {path:?}: {source}")]
-    Create {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the registry at {path:?} was written by sled (formats 1 and 2); this build keeps it in redb and does not convert: remove the directory, and the service rebuilds it from the catalogue topic")]
-    Sled { path: std::path::PathBuf },
     #[error("registry table {tree:?}, key {key}: {detail}")]
     Corrupt {
         /// The table (`items`, `ords`, `sids`, `meta`; `registry` for a key

@@ -89,7 +89,7 @@ use error::show_key;
 pub const DEFAULT_FLUSH_EVERY_MS: u64 = 500;
 
 /// The on-disk format this build reads and writes. Formats 1 and 2 were sled
-/// databases; they are refused, not converted (see [`RegistryError::Sled`]).
+/// databases; they are refused, not converted (see [`crate::store::StoreError::Sled`]).
 const FORMAT: u64 = 3;
 
 /// The registry's file in its directory.
@@ -277,17 +277,8 @@ impl Registry {
         binding: &TokenizerBinding,
         flush_every_ms: Option<u64>,
     ) -> Result<Registry, RegistryError> {
-        if path.join("conf").is_file() && path.join("db").is_file() {
-            return Err(RegistryError::Sled {
-                path: path.to_path_buf(),
-            });
-        }
-        std::fs::create_dir_all(path).map_err(|source| RegistryError::Create {
-            path: path.to_path_buf(),
-            source,
-        })?;
         let flush_every = flush_every_ms.map_or(Duration::MAX, Duration::from_millis);
-        let db = Store::open(&path.join(FILE), flush_every)?;
+        let db = Store::open_in(path, FILE, flush_every)?;
         let mut registry = Registry {
             db,
             staged: Mutex::default(),
@@ -1080,7 +1071,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // A creation interrupted before its binding was written.
-            let db = Store::open(&dir.path().join(FILE), Duration::ZERO).unwrap();
+            let db = Store::open_in(dir.path(), FILE, Duration::ZERO).unwrap();
             let stray = Table::Items.key(b"stray");
             db.write([(stray.as_slice(), Some(&b"half-written"[..]))])
                 .unwrap();
@@ -1123,7 +1114,13 @@ mod tests {
             std::fs::write(dir.path().join(file), b"sled").unwrap();
         }
         let err = Registry::open(dir.path(), &binding(), None).err().unwrap();
-        assert!(matches!(err, RegistryError::Sled { .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                RegistryError::Store(crate::store::StoreError::Sled { .. })
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("remove the directory"), "{err}");
     }
 

@@ -34,13 +34,6 @@ pub const GROUP: usize = 256;
 pub enum HistoryError {
     #[error("histories: {0}")]
     Store(#[from] StoreError),
-    #[error("histories {path:?}: {source}")]
-    Create {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the histories at {path:?} were written by sled; this build keeps them in redb and does not convert: remove the directory, and the service restores them from the changelog topic")]
-    Sled { path: std::path::PathBuf },
     #[error("histories: the record of user {user:?} is corrupt ({len} bytes)")]
     Corrupt { user: String, len: usize },
 }
@@ -71,17 +64,9 @@ impl Histories {
     /// Opens (or creates) the histories in `dir`, keeping `capacity` items
     /// per user.
     pub fn open(dir: &Path, capacity: usize) -> Result<Histories, HistoryError> {
-        if dir.join("conf").is_file() && dir.join("db").is_file() {
-            return Err(HistoryError::Sled {
-                path: dir.to_path_buf(),
-            });
-        }
-        std::fs::create_dir_all(dir).map_err(|source| HistoryError::Create {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        // Durable only on flush: the service flushes before it commits.
-        let db = Store::open(&dir.join("histories.redb"), Duration::MAX)?;
+        // Durable on flush only: the feed worker flushes once a second, and
+        // the changelog holds what a crash loses (see `super::feeds`).
+        let db = Store::open_in(dir, "histories.redb", Duration::MAX)?;
         Ok(Histories {
             db,
             staged: Mutex::default(),
