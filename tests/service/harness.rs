@@ -23,7 +23,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 /// How long a test waits for something the service should do before it
@@ -342,6 +342,16 @@ pub struct Service {
 impl Service {
     /// Starts the service and waits until it is ready (catalogue loaded).
     pub fn start(config: &Path) -> Service {
+        let mut svc = Service::spawn(config);
+        svc.wait_for(
+            |s| s.get("/readyz").filter(|(code, _)| *code == 200),
+            "readiness",
+        );
+        svc
+    }
+
+    /// Starts the service and waits until it serves HTTP.
+    pub fn spawn(config: &Path) -> Service {
         let text = std::fs::read_to_string(config).unwrap();
         let state: PathBuf = text
             .lines()
@@ -373,10 +383,6 @@ impl Service {
         svc.http = svc.wait_for(
             |s| std::fs::read_to_string(s.state.join("http.addr")).ok(),
             "its http address",
-        );
-        svc.wait_for(
-            |s| s.get("/readyz").filter(|(code, _)| *code == 200),
-            "readiness",
         );
         svc
     }
@@ -410,7 +416,13 @@ impl Service {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    fn get(&self, path: &str) -> Option<(u16, String)> {
+    /// The whole log so far.
+    pub fn log_all(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The status code and body of `GET path`.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
         let mut c = TcpStream::connect(&self.http).ok()?;
         c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
             .ok()?;
@@ -510,6 +522,38 @@ impl Input {
             partition: d.partition,
             offset: d.offset,
         }
+    }
+
+    /// Writes `n` history changelog records (users `h0`, `h1`, ..., one
+    /// item each) to partition 0 of the histories topic, as fast as the
+    /// broker takes them.
+    pub fn changelog_records(&self, n: usize) {
+        let producer: BaseProducer = client("changelog").set("linger.ms", "20").create().unwrap();
+        let mut value = vec![0u8; 16];
+        for k in 0..n {
+            let user = format!("h{k}");
+            value[4..12].copy_from_slice(&(k as i64).to_be_bytes());
+            loop {
+                let record = BaseRecord::<str, [u8]>::to(&self.topics.histories)
+                    .partition(0)
+                    .key(&user)
+                    .payload(&value);
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((e, _)) => {
+                        assert!(
+                            matches!(
+                                e.rdkafka_error_code(),
+                                Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                            ),
+                            "{e}"
+                        );
+                        producer.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(120)).unwrap();
     }
 
     fn record<T: Record>(&self, v: &T, id: u32) -> Vec<u8> {

@@ -121,6 +121,44 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+/// A restore that takes a while (a long changelog partition) runs off the
+/// async runtime: `/healthz` answers while it goes on, `/readyz` says not
+/// ready until it is done, and then every record was read.
+#[test]
+fn a_long_restore_does_not_stop_healthz_and_ready_waits_for_it() {
+    const RECORDS: usize = 200_000;
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let t = topics("restore", 1);
+    let input = Input::new(&t, Framing::Plain);
+    for (id, v) in f.items.iter().take(15) {
+        input.upsert(id, v.clone());
+    }
+    input.changelog_records(RECORDS);
+    let mut svc = Service::spawn(&config(dir.path(), "a", &t, Framing::Plain, FEED));
+    svc.wait_for(
+        |s| s.log_all().contains("partitions assigned").then_some(()),
+        "the partitions' assignment",
+    );
+    let health = svc.get("/healthz").map(|(code, _)| code);
+    let ready = svc.get("/readyz").map(|(code, _)| code);
+    assert!(
+        !svc.log_all().contains("restore done"),
+        "the restore was over before /healthz was asked; the test needs a longer changelog"
+    );
+    assert_eq!(health, Some(200));
+    assert_eq!(ready, Some(503));
+    svc.wait_for(
+        |s| s.get("/readyz").filter(|(code, _)| *code == 200),
+        "readiness after the restore",
+    );
+    assert_eq!(
+        svc.metric("genfeed_changelog_restored_total"),
+        Some(RECORDS as f64)
+    );
+    assert!(svc.stop().success());
+}
+
 /// Ready means the whole catalogue written before start-up is read and
 /// decodable, not that the topic went quiet; the end markers that tell where
 /// it ends are skipped, not dead-lettered, on this start and the next.
