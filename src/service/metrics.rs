@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use super::reason::Reason;
 
@@ -66,11 +66,8 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("genfeed");
-        let mut counter = |name: &str, help: &str| {
-            let c = Counter::default();
-            registry.register(name, help, c.clone());
-            c
-        };
+        let mut counter =
+            |name: &str, help: &str| registered(&mut registry, name, help, Counter::default());
         let catalogue_events = counter("catalogue_events", "Catalogue messages consumed.");
         let interaction_events = counter("interaction_events", "Interaction messages consumed.");
         let replayed = counter(
@@ -96,11 +93,8 @@ impl Default for Metrics {
             "Input messages sent to the dead-letter topic, by reason.",
             family,
         );
-        let mut gauge = |name: &str, help: &str| {
-            let g = Gauge::default();
-            registry.register(name, help, g.clone());
-            g
-        };
+        let mut gauge =
+            |name: &str, help: &str| registered(&mut registry, name, help, Gauge::default());
         let index_generation = gauge(
             "index_generation",
             "Sequence number of the published index snapshot.",
@@ -120,9 +114,12 @@ impl Default for Metrics {
             "1 once the catalogue is loaded and the consumer group joined.",
         );
         let mut histogram = |name: &str, help: &str, bounds: &[f64]| {
-            let h = Histogram::new(bounds.iter().copied());
-            registry.register(name, help, h.clone());
-            h
+            registered(
+                &mut registry,
+                name,
+                help,
+                Histogram::new(bounds.iter().copied()),
+            )
         };
         let batch_users = histogram("batch_users", "Users per model batch.", &BATCH_BOUNDS);
         let feed_latency = histogram(
@@ -160,6 +157,13 @@ impl Default for Metrics {
             joined: AtomicBool::new(false),
         }
     }
+}
+
+/// Registers `metric` under `name` and gives it back: the registry keeps a
+/// handle to the same atomics, the pipeline bumps the returned one.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {
