@@ -221,16 +221,11 @@ impl Params {
         let emb: Vec<Tensor> = (0..cfg.levels())
             .map(|l| self.get(&format!("emb.{l}")))
             .collect();
+        let node0 = self.get("node.0");
         let emb_t = emb
             .iter()
             .enumerate()
-            .map(|(l, e)| {
-                if l == 0 && cfg.prefix_scored(0) {
-                    (e + self.get("node.0"))?.t()?.contiguous()
-                } else {
-                    e.t()?.contiguous()
-                }
-            })
+            .map(|(l, e)| output_rows(cfg, l, e, &node0)?.t()?.contiguous())
             .collect::<candle_core::Result<Vec<_>>>()?;
         let dec_pos = self.get("dec_pos");
         let dec_pos_rows = (0..cfg.levels())
@@ -308,8 +303,9 @@ struct Cross {
 
 /// The history as the SID decoder's cross-attention reads it, computed once
 /// per request and shared by all its beams: per decoder block, keys and
-/// values `[requests, heads, len, head_dim]`, and a `[requests, 1, 1, len]`
-/// mask hiding left padding.
+/// values `[requests, heads, len, head_dim]`, and an additive mask
+/// `[requests, 1, queries or 1, len]` hiding left padding (and, in
+/// training, the positions after each query's own).
 pub(crate) struct Memory {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -443,119 +439,201 @@ impl Model {
         self.pos.device()
     }
 
-    /// Self-attention over `x` (`[batch, len, d]`), returning `[batch * len, d]`.
-    fn attend(
+    /// Self-attention of `y` (`[batch, len, d]`, normed), returning
+    /// `[batch * len, d]`. With a cache, `len` is 1 and the step is at
+    /// `level`: its key and value are written there and it attends to the
+    /// levels up to its own, causal by construction.
+    fn self_attend(
         &self,
         block: &Block,
-        x: &Tensor,
-        mask: &Tensor,
+        y: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<CacheLayer<'_>>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
+        let (b, t, d) = y.dims3()?;
         let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
-        let qkv = block.qkv.forward(&x.reshape((b * t, d))?)?;
-        let qkv = qkv.reshape((b, t, 3, h, hd))?;
+        let qkv = block
+            .qkv
+            .forward(&y.reshape((b * t, d))?)?
+            .reshape((b, t, 3, h, hd))?;
         let part = |i: usize| {
             qkv.narrow(2, i, 1)?
                 .squeeze(2)?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_add(mask)?;
-        let p = if train {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b * t, h * hd))?;
+        let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+        if let Some(CacheLayer {
+            keys,
+            values,
+            level,
+        }) = cache
+        {
+            keys.slice_set(&k, 2, level)?;
+            values.slice_set(&v, 2, level)?;
+            k = keys.narrow(2, 0, level + 1)?;
+            v = values.narrow(2, 0, level + 1)?;
+        }
+        let o = attention(&q, &k, &v, mask, train)?
+            .transpose(1, 2)?
+            .reshape((b * t, h * hd))?;
         block.out.forward(&o)
     }
 
-    fn feed_forward(&self, block: &Block, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let y = block.ln2.forward(x, train)?;
-        block.ff2.forward(&block.ff1.forward(&y)?.relu()?)
-    }
-
-    /// Keys and values of the history for one decoder block's
-    /// cross-attention: `memory` is `[batch * len, d]`.
-    fn memory_kv(
-        &self,
-        cross: &Cross,
-        memory: &Tensor,
-        (b, t): (usize, usize),
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
-        let kv = cross.kv.forward(memory)?.reshape((b, t, 2, h, hd))?;
-        let part = |i: usize| {
-            kv.narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        Ok((part(0)?, part(1)?))
-    }
-
-    /// Cross-attention of `x` (`[b * q, d]`, `q` queries per group) to keys
-    /// and values `[b, heads, len, head_dim]`, returning `[b * q, d]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Cross-attention of `x` (`[groups * queries, d]`) to the history in
+    /// `memory` (one group per request), returning `[groups * queries, d]`.
     fn cross_attend(
         &self,
         cross: &Cross,
         x: &Tensor,
-        (b, q): (usize, usize),
-        keys: &Tensor,
-        values: &Tensor,
-        mask: &Tensor,
+        memory: MemoryLayer<'_>,
         train: bool,
     ) -> candle_core::Result<Tensor> {
         let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
-        let y = cross.ln.forward(x, train)?;
-        let qs = cross
+        let groups = memory.keys.dim(0)?;
+        let queries = x.dim(0)? / groups;
+        let q = cross
             .q
-            .forward(&y)?
-            .reshape((b, q, h, hd))?
+            .forward(&cross.ln.forward(x, train)?)?
+            .reshape((groups, queries, h, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let scores = (qs.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
-        let p = if train {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let o = p
-            .matmul(values)?
+        let o = attention(&q, memory.keys, memory.values, Some(memory.mask), train)?
             .transpose(1, 2)?
-            .reshape((b * q, h * hd))?;
+            .reshape((groups * queries, h * hd))?;
         cross.out.forward(&o)
     }
 
-    /// One pre-norm block over `x` (`[batch * len, d]`).
+    /// One pre-norm block over `x` (`[batch * len, d]`): self-attention
+    /// (through `cache` when decoding step by step), cross-attention to
+    /// `memory` in the SID decoder's blocks, and the feed-forward layer,
+    /// each with dropout when training.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         block: &Block,
         x: Tensor,
-        shape: (usize, usize),
-        mask: &Tensor,
+        (b, t): (usize, usize),
+        mask: Option<&Tensor>,
+        cache: Option<CacheLayer<'_>>,
+        memory: Option<MemoryLayer<'_>>,
         mut dropout: Option<&mut Dropout>,
     ) -> candle_core::Result<Tensor> {
         let train = dropout.is_some();
-        let (b, t) = shape;
+        let mut drop = |y: Tensor| match dropout.as_deref_mut() {
+            Some(d) => d.apply(&y),
+            None => Ok(y),
+        };
         let y = block
             .ln1
             .forward(&x, train)?
             .reshape((b, t, self.cfg.d_model))?;
-        let mut a = self.attend(block, &y, mask, train)?;
-        if let Some(d) = dropout.as_deref_mut() {
-            a = d.apply(&a)?;
+        let mut x = (&x + drop(self.self_attend(block, &y, mask, cache, train)?)?)?;
+        if let (Some(cross), Some(memory)) = (&block.cross, memory) {
+            x = (&x + drop(self.cross_attend(cross, &x, memory, train)?)?)?;
         }
-        let x = (x + a)?;
-        let mut f = self.feed_forward(block, &x, train)?;
-        if let Some(d) = dropout {
-            f = d.apply(&f)?;
+        let y = block.ln2.forward(&x, train)?;
+        let f = block.ff2.forward(&block.ff1.forward(&y)?.relu()?)?;
+        x + drop(f)?
+    }
+
+    /// The SID decoder over `z` (`[batch * len, d]`, `len` levels per
+    /// sequence), reading the history in `memory`; with a cache, one step
+    /// at `level` (`len` 1). Returns the normed outputs.
+    fn decode(
+        &self,
+        mut z: Tensor,
+        shape: (usize, usize),
+        mask: Option<&Tensor>,
+        memory: &Memory,
+        mut cache: Option<(&mut DecoderCache, usize)>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> candle_core::Result<Tensor> {
+        let train = dropout.is_some();
+        for (i, block) in self.dec_blocks.iter().enumerate() {
+            let layer = cache.as_mut().map(|(c, level)| CacheLayer {
+                keys: &mut c.keys[i],
+                values: &mut c.values[i],
+                level: *level,
+            });
+            let memory = MemoryLayer {
+                keys: &memory.keys[i],
+                values: &memory.values[i],
+                mask: &memory.mask,
+            };
+            z = self.block(
+                block,
+                z,
+                shape,
+                mask,
+                layer,
+                Some(memory),
+                dropout.as_deref_mut(),
+            )?;
         }
-        x + f
+        self.dec_ln.forward(&z, train)
+    }
+
+    /// The history as every decoder block's cross-attention reads it, from
+    /// the history transformer's outputs `h` (`[batch * len, d]`).
+    fn memory(
+        &self,
+        h: &Tensor,
+        (b, t): (usize, usize),
+        mask: Tensor,
+    ) -> candle_core::Result<Memory> {
+        let (heads, hd) = (self.cfg.heads, self.cfg.head_dim);
+        let mut keys = Vec::with_capacity(self.dec_blocks.len());
+        let mut values = Vec::with_capacity(self.dec_blocks.len());
+        for block in &self.dec_blocks {
+            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
+            let kv = cross.kv.forward(h)?.reshape((b, t, 2, heads, hd))?;
+            let part = |i: usize| {
+                kv.narrow(2, i, 1)?
+                    .squeeze(2)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            keys.push(part(0)?);
+            values.push(part(1)?);
+        }
+        Ok(Memory { keys, values, mask })
+    }
+
+    /// Level `level`'s logits for decoder outputs `z` (`[rows, d]`): the
+    /// codes' output rows, the prefix rows of the children of each row's
+    /// `parents` at prefix-scored levels after the first, and the live
+    /// children in `siblings` at sibling-scored levels.
+    fn logits(
+        &self,
+        level: usize,
+        z: &Tensor,
+        parents: Option<&Tensor>,
+        siblings: Option<&Siblings>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        // Training reads the variables as they are now; serving the
+        // transposed copy made when the model was built.
+        let out = if train {
+            z.matmul(&output_rows(&self.cfg, level, &self.emb[level], &self.node[0])?.t()?)?
+        } else {
+            z.matmul(&self.emb_t[level])?
+        };
+        let mut logits = out.broadcast_add(&self.out_bias[level])?;
+        if let Some(parents) = parents {
+            let (table, vocab) = (&self.node[level], self.cfg.vocab[level]);
+            let scores = if train {
+                prefix_scores::gathered(z, table, parents, vocab)?
+            } else {
+                prefix_scores(z, table, parents, vocab)?
+            };
+            logits = (logits + scores)?;
+        }
+        if let Some(siblings) = siblings {
+            logits = self.add_sibling_logits(level, logits, z, siblings)?;
+        }
+        Ok(logits)
     }
 
     /// One level's share of an item's input vector: its code's embedding
@@ -594,7 +672,15 @@ impl Model {
             x = dr.apply(&x)?;
         }
         for block in &self.blocks {
-            x = self.block(block, x, (b, t), mask, dropout.as_deref_mut())?;
+            x = self.block(
+                block,
+                x,
+                (b, t),
+                Some(mask),
+                None,
+                None,
+                dropout.as_deref_mut(),
+            )?;
         }
         self.ln_f.forward(&x, train)
     }
@@ -644,41 +730,30 @@ impl Model {
             inputs.push(self.embed_level(l, &batch.next.codes[l], &batch.next.nodes[l])?);
         }
         let z = Tensor::stack(&inputs, 1)?.broadcast_add(&self.dec_pos)?;
-        let mut z = dropout.apply(&z.reshape((b * t * levels, d))?)?;
+        let z = dropout.apply(&z.reshape((b * t * levels, d))?)?;
+        let memory = self.memory(&h, (b, t), batch.cross_mask.clone())?;
         let causal = causal_mask(levels, self.device())?;
-        for block in &self.dec_blocks {
-            let y = block.ln1.forward(&z, true)?.reshape((b * t, levels, d))?;
-            let a = dropout.apply(&self.attend(block, &y, &causal, true)?)?;
-            z = (z + a)?;
-            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
-            let (k, v) = self.memory_kv(cross, &h, (b, t))?;
-            let c =
-                self.cross_attend(cross, &z, (b, t * levels), &k, &v, &batch.cross_mask, true)?;
-            z = (z + dropout.apply(&c)?)?;
-            let f = dropout.apply(&self.feed_forward(block, &z, true)?)?;
-            z = (z + f)?;
-        }
         let z = self
-            .dec_ln
-            .forward(&z, true)?
+            .decode(
+                z,
+                (b * t, levels),
+                Some(&causal),
+                &memory,
+                None,
+                Some(dropout),
+            )?
             .reshape((b * t, levels, d))?
             .index_select(&batch.positions, 0)?;
         let mut loss: Option<Tensor> = None;
         for l in 0..levels {
             let zl = z.narrow(1, l, 1)?.squeeze(1)?;
-            let table = if l == 0 && self.cfg.prefix_scored(0) {
-                (&self.emb[0] + &self.node[0])?
-            } else {
-                self.emb[l].clone()
-            };
-            let mut logits = zl.matmul(&table.t()?)?.broadcast_add(&self.out_bias[l])?;
-            if let Some(parents) = &batch.parents[l] {
-                let vocab = self.cfg.vocab[l];
-                logits = (logits + prefix_scores::gathered(&zl, &self.node[l], parents, vocab)?)?;
-            }
-            if let Some(siblings) = &batch.siblings[l] {
-                logits = self.add_sibling_logits(l, logits, &zl, siblings)?;
-            }
+            let logits = self.logits(
+                l,
+                &zl,
+                batch.parents[l].as_ref(),
+                batch.siblings[l].as_ref(),
+                true,
+            )?;
             let ce = candle_nn::loss::cross_entropy(&logits, &batch.targets[l])?;
             loss = Some(match loss {
                 None => ce,
@@ -704,20 +779,12 @@ impl Model {
             .reshape((b, t, self.cfg.d_model))?
             .narrow(1, t - 1, 1)?
             .squeeze(1)?;
-        let mut keys = Vec::with_capacity(self.dec_blocks.len());
-        let mut values = Vec::with_capacity(self.dec_blocks.len());
-        for block in &self.dec_blocks {
-            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
-            let (k, v) = self.memory_kv(cross, &h, shape)?;
-            keys.push(k);
-            values.push(v);
-        }
         let data: Vec<f32> = pads
             .iter()
             .flat_map(|&p| (0..t).map(move |j| if j >= p { 0.0 } else { MASKED }))
             .collect();
         let mask = Tensor::from_vec(data, (b, 1, 1, t), self.device())?;
-        Ok((last, Memory { keys, values, mask }))
+        Ok((last, self.memory(&h, shape, mask)?))
     }
 
     /// The SID decoder's first input: the context.
@@ -751,51 +818,16 @@ impl Model {
         parents: Option<&Tensor>,
         siblings: Option<&Siblings>,
     ) -> candle_core::Result<Tensor> {
-        let requests = memory.mask.dim(0)?;
         let rows = x.dim(0)?;
-        let (h, hd) = (self.cfg.heads, self.cfg.head_dim);
-        let inner = h * hd;
-        let mut x = x.clone();
-        for (i, block) in self.dec_blocks.iter().enumerate() {
-            let y = block.ln1.forward(&x, false)?;
-            let qkv = block.qkv.forward(&y)?;
-            let q = qkv.narrow(1, 0, inner)?.reshape((rows, h, 1, hd))?;
-            let k = qkv.narrow(1, inner, inner)?.reshape((rows, h, 1, hd))?;
-            let v = qkv.narrow(1, 2 * inner, inner)?.reshape((rows, h, 1, hd))?;
-            cache.keys[i].slice_set(&k.contiguous()?, 2, level)?;
-            cache.values[i].slice_set(&v.contiguous()?, 2, level)?;
-            let keys = cache.keys[i].narrow(2, 0, level + 1)?;
-            let values = cache.values[i].narrow(2, 0, level + 1)?;
-            let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = p.matmul(&values)?.reshape((rows, inner))?;
-            x = (x + block.out.forward(&o)?)?;
-            // Rows are request-major, so each request's beams form one
-            // group of queries against that request's keys.
-            let cross = block.cross.as_ref().expect("decoder blocks cross-attend");
-            let c = self.cross_attend(
-                cross,
-                &x,
-                (requests, rows / requests),
-                &memory.keys[i],
-                &memory.values[i],
-                &memory.mask,
-                false,
-            )?;
-            x = (x + c)?;
-            x = (&x + self.feed_forward(block, &x, false)?)?;
-        }
-        let z = self.dec_ln.forward(&x, false)?;
-        let mut logits = z
-            .matmul(&self.emb_t[level])?
-            .broadcast_add(&self.out_bias[level])?;
-        if let Some(parents) = parents {
-            let vocab = self.cfg.vocab[level];
-            logits = (logits + prefix_scores(&z, &self.node[level], parents, vocab)?)?;
-        }
-        if let Some(siblings) = siblings {
-            logits = self.add_sibling_logits(level, logits, &z, siblings)?;
-        }
+        let z = self.decode(
+            x.clone(),
+            (rows, 1),
+            None,
+            memory,
+            Some((cache, level)),
+            None,
+        )?;
+        let logits = self.logits(level, &z, parents, siblings, false)?;
         candle_nn::ops::log_softmax(&logits, D::Minus1)
     }
 
@@ -813,6 +845,60 @@ impl Model {
                 .collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// Level `level`'s output rows: its code embeddings `emb`, plus the prefix
+/// rows `node0` at level 0 when that level is prefix-scored (its prefixes
+/// are its codes).
+fn output_rows(
+    cfg: &ModelConfig,
+    level: usize,
+    emb: &Tensor,
+    node0: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if level == 0 && cfg.prefix_scored(0) {
+        emb + node0
+    } else {
+        Ok(emb.clone())
+    }
+}
+
+/// Scaled dot-product attention of `q` (`[b, heads, queries, head_dim]`) to
+/// `k` and `v` (`[b, heads, keys, head_dim]`) under an additive `mask`.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    // Training needs the differentiable softmax; serving the fused one.
+    let p = if train {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    p.matmul(v)
+}
+
+/// One decoder block's view of a [`Memory`].
+#[derive(Clone, Copy)]
+struct MemoryLayer<'a> {
+    keys: &'a Tensor,
+    values: &'a Tensor,
+    mask: &'a Tensor,
+}
+
+/// One decoder block's share of a [`DecoderCache`] and the step's level.
+struct CacheLayer<'a> {
+    keys: &'a mut Tensor,
+    values: &'a mut Tensor,
+    level: usize,
 }
 
 /// The SID decoder's keys and values, `[rows, heads, levels, head_dim]` per
