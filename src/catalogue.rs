@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::index::{Index, IndexError, IndexReader, Opened, Snapshot};
-use crate::registry::{Change, Registry, RegistryError, TokenizerBinding};
+use crate::registry::{LiveChange, Registry, RegistryError, TokenizerBinding};
 use crate::sid::{Code, Sid};
 use crate::tokenizer::FrozenTokenizer;
 
@@ -137,7 +137,7 @@ impl Catalogue {
         content_hash: [u8; 32],
         vector: &[f32],
         position: u64,
-    ) -> Result<Change, CatalogueError> {
+    ) -> Result<LiveChange, CatalogueError> {
         self.upsert_with(item_id, content_hash, position, || {
             Ok::<_, std::convert::Infallible>(vector.to_vec())
         })
@@ -154,7 +154,7 @@ impl Catalogue {
         content_hash: [u8; 32],
         position: u64,
         vector: impl FnOnce() -> Result<Vec<f32>, E>,
-    ) -> Result<Change, CatalogueError>
+    ) -> Result<LiveChange, CatalogueError>
     where
         E: std::error::Error + Send + Sync + 'static,
     {
@@ -177,7 +177,7 @@ impl Catalogue {
 
     /// Applies a retire. An item never seen is an error for the caller to
     /// dead-letter.
-    pub fn retire(&mut self, item_id: &str, position: u64) -> Result<Change, CatalogueError> {
+    pub fn retire(&mut self, item_id: &str, position: u64) -> Result<LiveChange, CatalogueError> {
         let change = self
             .registry
             .apply_retire(item_id, position, self.index.next_seq())?;
@@ -185,17 +185,17 @@ impl Catalogue {
         Ok(change)
     }
 
-    fn follow(&mut self, change: Change) {
+    fn follow(&mut self, change: LiveChange) {
         match change {
-            Change::Unchanged => {}
-            Change::Added { ord, sid } => {
+            LiveChange::Unchanged => {}
+            LiveChange::Added { ord, sid } => {
                 self.index.insert(sid, ord);
             }
-            Change::Moved { ord, old, new } => {
+            LiveChange::Moved { ord, old, new } => {
                 self.index.remove(old);
                 self.index.insert(new, ord);
             }
-            Change::Retired { sid, .. } => {
+            LiveChange::Retired { sid, .. } => {
                 self.index.remove(sid);
             }
         }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use genfeed::catalogue::{vector_hash, Catalogue, CatalogueConfig};
 use genfeed::embed::catalogue::encode_items;
 use genfeed::embed::EncoderSpec;
-use genfeed::registry::Change;
+use genfeed::registry::LiveChange;
 use genfeed::sid::Sid;
 use genfeed::synth::{generate, SynthConfig};
 use genfeed::tokenizer::train::{train, Provenance, TrainData, TrainOptions};
@@ -84,13 +84,13 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     let v = vector(&mut rng);
     let change = cat.upsert(&train_id, vector_hash(&v), &v, 1).unwrap();
     assert!(
-        matches!(change, Change::Added { sid, .. } if sid == train_sid),
+        matches!(change, LiveChange::Added { sid, .. } if sid == train_sid),
         "{change:?}"
     );
 
     // A brand-new item: decodable at the next publish, no merge needed.
     let v = vector(&mut rng);
-    let Change::Added { ord, sid } = cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap()
+    let LiveChange::Added { ord, sid } = cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap()
     else {
         panic!("a new item is added");
     };
@@ -107,7 +107,7 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     // Replaying the same event changes nothing.
     assert_eq!(
         cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap(),
-        Change::Unchanged
+        LiveChange::Unchanged
     );
 
     // New content moves the item; a reader holding the old snapshot still
@@ -115,7 +115,7 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     let held = cat.publish().unwrap();
     let w: Vec<f32> = v.iter().map(|x| -x).collect();
     let change = cat.upsert("brand-new", vector_hash(&w), &w, 3).unwrap();
-    let Change::Moved { old, new, .. } = change else {
+    let LiveChange::Moved { old, new, .. } = change else {
         panic!("content change moves the SID: {change:?}");
     };
     assert_eq!(old, sid);
@@ -124,7 +124,7 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     assert_eq!(s.get(new), Some(ord));
     assert_eq!(held.get(old), Some(ord));
     for i in 0..200 {
-        let Change::Added { sid: other, .. } = cat
+        let LiveChange::Added { sid: other, .. } = cat
             .upsert(&format!("same-{i}"), vector_hash(&v), &v, 4)
             .unwrap()
         else {

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use apache_avro::{writer::datum::GenericDatumWriter, Schema};
 use genfeed::contract::{
-    decode, encode, CatalogueEvent, Change, DeadLetter, DecodeError, EncodeError, InputPosition,
-    Interaction, InteractionKind, ItemRetire, ItemUpsert, RankedItem, ReadFormat, Recommendation,
-    Record, SchemaIds, WireFormat, MAX_ALLOCATION_BYTES,
+    decode, encode, CatalogueEvent, DeadLetter, DecodeError, EncodeError, InputPosition,
+    Interaction, InteractionKind, ItemChange, ItemRetire, ItemUpsert, RankedItem, ReadFormat,
+    Recommendation, Record, SchemaIds, WireFormat, MAX_ALLOCATION_BYTES,
 };
 use proptest::prelude::*;
 use serde::Serialize;
@@ -122,7 +122,7 @@ fn decoder<T: Record>() -> Decoder {
 
 fn samples() -> Vec<(&'static str, u32, Vec<u8>, Decoder)> {
     let event = CatalogueEvent {
-        change: Change::Upsert(upsert()),
+        change: ItemChange::Upsert(upsert()),
     };
     vec![
         (
@@ -210,10 +210,10 @@ fn dead_letter_raw_is_avro_bytes() {
 #[test]
 fn catalogue_events_lead_with_their_branch() {
     let upsert = CatalogueEvent {
-        change: Change::Upsert(upsert()),
+        change: ItemChange::Upsert(upsert()),
     };
     let retire = CatalogueEvent {
-        change: Change::Retire(ItemRetire {
+        change: ItemChange::Retire(ItemRetire {
             item_id: "x".into(),
             reason: "gone".into(),
         }),
@@ -282,8 +282,8 @@ fn retires() -> impl Strategy<Value = ItemRetire> {
 
 fn events() -> impl Strategy<Value = CatalogueEvent> {
     prop_oneof![
-        upserts().prop_map(Change::Upsert),
-        retires().prop_map(Change::Retire)
+        upserts().prop_map(ItemChange::Upsert),
+        retires().prop_map(ItemChange::Retire)
     ]
     .prop_map(|change| CatalogueEvent { change })
 }
@@ -718,7 +718,7 @@ fn empty_identifiers_are_invalid_on_decode_and_refused_on_encode() {
     ));
 
     let retire = CatalogueEvent {
-        change: Change::Retire(ItemRetire::default()),
+        change: ItemChange::Retire(ItemRetire::default()),
     };
     let bytes = write_with(CatalogueEvent::schema(), &retire);
     assert!(matches!(
@@ -847,7 +847,7 @@ fn data_written_with_an_older_schema_reads_with_defaults() {
     assert_eq!(
         event,
         CatalogueEvent {
-            change: Change::Upsert(expected)
+            change: ItemChange::Upsert(expected)
         }
     );
 
@@ -937,7 +937,7 @@ fn a_field_the_writer_lacks_and_the_reader_needs_is_missing() {
             .unwrap();
     assert_eq!(
         upsert.change,
-        Change::Upsert(ItemUpsert {
+        ItemChange::Upsert(ItemUpsert {
             item_id: "y".to_string(),
             ..ItemUpsert::default()
         })

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use genfeed::registry::{
-    Change, ItemEntry, Registry, RegistryError, Status, TokenizerBinding, DEFAULT_FLUSH_EVERY_MS,
+    ItemEntry, LiveChange, Registry, RegistryError, Status, TokenizerBinding,
+    DEFAULT_FLUSH_EVERY_MS,
 };
 use genfeed::sid::{Code, Sid};
 use proptest::prelude::*;
@@ -50,7 +51,7 @@ fn no_tokenizer() -> Result<Vec<Code>, String> {
     Err("the tokenizer ran".into())
 }
 
-fn upsert(r: &mut Registry, id: &str, h: u8, pos: u64, c: &[Code]) -> Change {
+fn upsert(r: &mut Registry, id: &str, h: u8, pos: u64, c: &[Code]) -> LiveChange {
     r.apply_upsert(id, hash(h), pos, 0, codes(c)).unwrap()
 }
 
@@ -67,21 +68,21 @@ fn new_items_take_the_smallest_free_code_of_their_prefix() {
     let c = upsert(&mut r, "c", 1, 2, &[3, 4]);
     assert_eq!(
         a,
-        Change::Added {
+        LiveChange::Added {
             ord: 0,
             sid: sid("1-2-0")
         }
     );
     assert_eq!(
         b,
-        Change::Added {
+        LiveChange::Added {
             ord: 1,
             sid: sid("1-2-1")
         }
     );
     assert_eq!(
         c,
-        Change::Added {
+        LiveChange::Added {
             ord: 2,
             sid: sid("3-4-0")
         }
@@ -115,7 +116,7 @@ fn training_items_keep_their_training_sids() {
     // A new item with the same prefix gets the code the training items left free.
     assert_eq!(
         upsert(&mut r, "new", 1, 0, &[1, 2]),
-        Change::Added {
+        LiveChange::Added {
             ord: 2,
             sid: sid("1-2-1")
         }
@@ -125,7 +126,7 @@ fn training_items_keep_their_training_sids() {
     let t1 = r.apply_upsert("t1", hash(7), 0, 0, no_tokenizer).unwrap();
     assert_eq!(
         t1,
-        Change::Added {
+        LiveChange::Added {
             ord: 1,
             sid: sid("1-2-2")
         }
@@ -148,14 +149,14 @@ fn replays_change_nothing_and_skip_the_tokenizer() {
     // The same event again, and an older one with other content.
     for (h, pos) in [(1, 5), (2, 4)] {
         let change = r.apply_upsert("a", hash(h), pos, 0, no_tokenizer).unwrap();
-        assert_eq!(change, Change::Unchanged);
+        assert_eq!(change, LiveChange::Unchanged);
     }
-    assert_eq!(r.apply_retire("a", 5, 0).unwrap(), Change::Unchanged);
+    assert_eq!(r.apply_retire("a", 5, 0).unwrap(), LiveChange::Unchanged);
     assert_eq!(r.get("a").unwrap(), before);
     assert_eq!(r.live_count(), 1);
     // A newer event with the same content only moves the position.
     let change = r.apply_upsert("a", hash(1), 9, 0, no_tokenizer).unwrap();
-    assert_eq!(change, Change::Unchanged);
+    assert_eq!(change, LiveChange::Unchanged);
     assert_eq!(r.get("a").unwrap().unwrap().position, Some(9));
     r.check().unwrap();
 }
@@ -168,7 +169,7 @@ fn a_content_change_moves_the_item_and_keeps_its_old_sid_bound() {
     let moved = r.apply_upsert("a", hash(2), 1, 4, codes(&[5, 6])).unwrap();
     assert_eq!(
         moved,
-        Change::Moved {
+        LiveChange::Moved {
             ord: 0,
             old: sid("1-2-0"),
             new: sid("5-6-0")
@@ -178,7 +179,7 @@ fn a_content_change_moves_the_item_and_keeps_its_old_sid_bound() {
     // The old SID is not handed to another item before release.
     assert_eq!(
         upsert(&mut r, "b", 1, 2, &[1, 2]),
-        Change::Added {
+        LiveChange::Added {
             ord: 1,
             sid: sid("1-2-1")
         }
@@ -187,14 +188,14 @@ fn a_content_change_moves_the_item_and_keeps_its_old_sid_bound() {
     assert_eq!(r.release(4).unwrap(), 1);
     assert_eq!(
         upsert(&mut r, "c", 1, 3, &[1, 2]),
-        Change::Added {
+        LiveChange::Added {
             ord: 2,
             sid: sid("1-2-0")
         }
     );
     // New content with the same prefix keeps the SID.
     let same_prefix = r.apply_upsert("a", hash(3), 4, 0, codes(&[5, 6])).unwrap();
-    assert_eq!(same_prefix, Change::Unchanged);
+    assert_eq!(same_prefix, LiveChange::Unchanged);
     let e = r.get("a").unwrap().unwrap();
     assert_eq!((e.sid, e.content_hash), (Some(sid("5-6-0")), hash(3)));
     r.check().unwrap();
@@ -207,13 +208,13 @@ fn retiring_takes_the_sid_out_of_the_live_set() {
     upsert(&mut r, "a", 1, 0, &[1, 2]);
     assert_eq!(
         r.apply_retire("a", 1, 3).unwrap(),
-        Change::Retired {
+        LiveChange::Retired {
             ord: 1,
             sid: sid("1-2-0")
         }
     );
-    assert_eq!(r.apply_retire("a", 1, 3).unwrap(), Change::Unchanged);
-    assert_eq!(r.apply_retire("a", 2, 3).unwrap(), Change::Unchanged);
+    assert_eq!(r.apply_retire("a", 1, 3).unwrap(), LiveChange::Unchanged);
+    assert_eq!(r.apply_retire("a", 2, 3).unwrap(), LiveChange::Unchanged);
     let e = r.get("a").unwrap().unwrap();
     assert_eq!(
         (e.status, e.sid, e.retired_generation, e.position),
@@ -222,7 +223,7 @@ fn retiring_takes_the_sid_out_of_the_live_set() {
     assert!(live(&r).is_empty());
     assert_eq!(r.live_count(), 0);
     // Retiring a training item that never went live changes no live SID.
-    assert_eq!(r.apply_retire("t0", 3, 3).unwrap(), Change::Unchanged);
+    assert_eq!(r.apply_retire("t0", 3, 3).unwrap(), LiveChange::Unchanged);
     assert_eq!(r.get("t0").unwrap().unwrap().status, Status::Retired);
     let err = r.apply_retire("ghost", 4, 3).unwrap_err();
     assert!(matches!(err, RegistryError::UnknownItem(ref id) if id == "ghost"));
@@ -242,7 +243,7 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
     let a = r.apply_upsert("a", hash(1), 4, 1, no_tokenizer).unwrap();
     assert_eq!(
         a,
-        Change::Added {
+        LiveChange::Added {
             ord: 0,
             sid: sid("1-2-0")
         }
@@ -251,14 +252,14 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
     let b = r.apply_upsert("b", hash(2), 5, 1, codes(&[5, 6])).unwrap();
     assert_eq!(
         b,
-        Change::Added {
+        LiveChange::Added {
             ord: 1,
             sid: sid("5-6-0")
         }
     );
     assert_eq!(
         upsert(&mut r, "c", 1, 6, &[3, 4]),
-        Change::Added {
+        LiveChange::Added {
             ord: 2,
             sid: sid("3-4-1")
         }
@@ -271,14 +272,14 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
     assert_eq!((e.status, e.sid), (Status::Retired, None));
     assert_eq!(
         upsert(&mut r, "d", 1, 8, &[1, 2]),
-        Change::Added {
+        LiveChange::Added {
             ord: 3,
             sid: sid("1-2-0")
         }
     );
     assert_eq!(
         r.apply_upsert("a", hash(1), 9, 2, codes(&[1, 2])).unwrap(),
-        Change::Added {
+        LiveChange::Added {
             ord: 0,
             sid: sid("1-2-1")
         }
@@ -333,7 +334,7 @@ fn failed_events_leave_the_registry_unchanged() {
     // The failed allocations gave nothing away.
     assert_eq!(
         upsert(&mut r, "e", 1, 6, &[9, 9]),
-        Change::Added {
+        LiveChange::Added {
             ord: 4,
             sid: sid("9-9-0")
         }
@@ -404,14 +405,14 @@ fn reopening_restores_everything() {
     // SID) are still bound, 3-4-0 is still reserved.
     assert_eq!(
         upsert(&mut r, "b", 1, 4, &[1, 2]),
-        Change::Added {
+        LiveChange::Added {
             ord: 3,
             sid: sid("1-2-2")
         }
     );
     assert_eq!(
         upsert(&mut r, "c", 1, 5, &[3, 4]),
-        Change::Added {
+        LiveChange::Added {
             ord: 4,
             sid: sid("3-4-1")
         }
@@ -421,7 +422,7 @@ fn reopening_restores_everything() {
     let mut r = open(dir.path(), &training);
     assert_eq!(
         upsert(&mut r, "d", 1, 6, &[1, 2]),
-        Change::Added {
+        LiveChange::Added {
             ord: 5,
             sid: sid("1-2-0")
         }
@@ -446,7 +447,7 @@ fn applying_a_sequence_twice_leaves_the_same_state() {
     }
     let once = dump(&r, &ids);
     for e in &events {
-        assert_eq!(e.apply(&mut r).unwrap(), Change::Unchanged, "{e:?}");
+        assert_eq!(e.apply(&mut r).unwrap(), LiveChange::Unchanged, "{e:?}");
     }
     assert_eq!(dump(&r, &ids), once);
     r.check().unwrap();
@@ -477,7 +478,7 @@ fn prefix_of(hash: u8) -> Vec<Code> {
 }
 
 impl Event {
-    fn apply(&self, r: &mut Registry) -> Result<Change, RegistryError> {
+    fn apply(&self, r: &mut Registry) -> Result<LiveChange, RegistryError> {
         match self {
             Event::Upsert {
                 item,
@@ -628,7 +629,7 @@ struct Model {
 
 #[derive(Debug, PartialEq)]
 enum Outcome {
-    Applied(Change),
+    Applied(LiveChange),
     UnknownItem,
     PrefixFull,
 }
@@ -680,33 +681,33 @@ impl Model {
                 retired_generation: None,
             };
             self.items.insert(id.to_string(), entry);
-            return Outcome::Applied(Change::Added { ord, sid: new });
+            return Outcome::Applied(LiveChange::Added { ord, sid: new });
         };
         if e.position.is_some_and(|p| position <= p) {
-            return Outcome::Applied(Change::Unchanged);
+            return Outcome::Applied(LiveChange::Unchanged);
         }
         let same = e.content_hash == hash(h);
         let ord = e.ord;
         let change = match (e.status, e.sid) {
-            (Status::Reserved, Some(s)) => Change::Added { ord, sid: s },
-            (Status::Live, Some(s)) if same || codes == s.prefix() => Change::Unchanged,
+            (Status::Reserved, Some(s)) => LiveChange::Added { ord, sid: s },
+            (Status::Live, Some(s)) if same || codes == s.prefix() => LiveChange::Unchanged,
             (Status::Live, Some(old)) => {
                 let Some(new) = self.free_sid(&codes) else {
                     return Outcome::PrefixFull;
                 };
                 self.bound.insert(old, (ord, Some(generation)));
                 e.sid = Some(new);
-                Change::Moved { ord, old, new }
+                LiveChange::Moved { ord, old, new }
             }
             (Status::Retired, Some(old)) if same || codes == old.prefix() => {
-                Change::Added { ord, sid: old }
+                LiveChange::Added { ord, sid: old }
             }
             (Status::Retired, _) => {
                 let Some(new) = self.free_sid(&codes) else {
                     return Outcome::PrefixFull;
                 };
                 e.sid = Some(new);
-                Change::Added { ord, sid: new }
+                LiveChange::Added { ord, sid: new }
             }
             (_, None) => unreachable!("the model keeps a SID on every non-retired item"),
         };
@@ -723,21 +724,21 @@ impl Model {
             return Outcome::UnknownItem;
         };
         if e.position.is_some_and(|p| position <= p) {
-            return Outcome::Applied(Change::Unchanged);
+            return Outcome::Applied(LiveChange::Unchanged);
         }
         e.position = Some(position);
         let was = e.status;
         if was == Status::Retired {
-            return Outcome::Applied(Change::Unchanged);
+            return Outcome::Applied(LiveChange::Unchanged);
         }
         let s = e.sid.unwrap();
         e.status = Status::Retired;
         e.retired_generation = Some(generation);
         self.bound.insert(s, (e.ord, Some(generation)));
         Outcome::Applied(if was == Status::Live {
-            Change::Retired { ord: e.ord, sid: s }
+            LiveChange::Retired { ord: e.ord, sid: s }
         } else {
-            Change::Unchanged
+            LiveChange::Unchanged
         })
     }
 
@@ -804,7 +805,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn outcome(result: Result<Change, RegistryError>) -> Outcome {
+fn outcome(result: Result<LiveChange, RegistryError>) -> Outcome {
     match result {
         Ok(change) => Outcome::Applied(change),
         Err(RegistryError::UnknownItem(_)) => Outcome::UnknownItem,
@@ -875,7 +876,7 @@ proptest! {
                 };
                 prop_assert_eq!(&got, &want, "step {}: {:?}", step, event);
                 // A SID handed out was free, or already this item's.
-                if let Outcome::Applied(Change::Added { ord, sid: s } | Change::Moved { ord, new: s, .. }) = got {
+                if let Outcome::Applied(LiveChange::Added { ord, sid: s } | LiveChange::Moved { ord, new: s, .. }) = got {
                     let owner = bound_before.get(&s).map(|(o, _)| *o);
                     prop_assert!(owner.is_none() || owner == Some(ord), "{} went to {} from {:?}", s, ord, owner);
                 }

@@ -25,8 +25,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use genfeed::contract::{
-    decode, encode, CatalogueEvent, Change, Interaction, InteractionKind, ItemUpsert, ReadFormat,
-    Recommendation, SchemaIds, WireFormat,
+    decode, encode, CatalogueEvent, Interaction, InteractionKind, ItemChange, ItemUpsert,
+    ReadFormat, Recommendation, SchemaIds, WireFormat,
 };
 use genfeed::dataset::{read_items, InteractionReader, Items, Value};
 use genfeed::service::config::{Config, WireKind};
@@ -133,7 +133,7 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             let up = upsert(&items, row, items.rows[row].id.clone());
             let bytes = encode(
                 &CatalogueEvent {
-                    change: Change::Upsert(up),
+                    change: ItemChange::Upsert(up),
                 },
                 format(k.wire.catalogue_id),
             )?;
@@ -224,7 +224,7 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             }
             let bytes = encode(
                 &CatalogueEvent {
-                    change: Change::Upsert(up),
+                    change: ItemChange::Upsert(up),
                 },
                 format(k.wire.catalogue_id),
             )?;

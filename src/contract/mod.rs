@@ -76,7 +76,7 @@ mod wire;
 pub use error::{DecodeError, EncodeError, SchemaIdError};
 pub use ids::SchemaIds;
 pub use records::{
-    CatalogueEvent, Change, DeadLetter, InputPosition, Interaction, InteractionKind, ItemRetire,
-    ItemUpsert, Limits, RankedItem, Recommendation, Record, Violation,
+    CatalogueEvent, DeadLetter, InputPosition, Interaction, InteractionKind, ItemChange,
+    ItemRetire, ItemUpsert, Limits, RankedItem, Recommendation, Record, Violation,
 };
 pub use wire::{decode, encode, ReadFormat, WireFormat, MAX_ALLOCATION_BYTES};

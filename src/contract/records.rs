@@ -101,12 +101,12 @@ fn non_empty(field: &'static str, value: &str) -> Result<(), Violation> {
 /// An envelope on the catalogue topic.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CatalogueEvent {
-    pub change: Change,
+    pub change: ItemChange,
 }
 
 /// What happened to an item. Variant order is the union's branch order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Change {
+pub enum ItemChange {
     Upsert(ItemUpsert),
     Retire(ItemRetire),
 }
@@ -115,8 +115,8 @@ impl CatalogueEvent {
     /// The item this event is about, whichever change it is.
     pub fn item_id(&self) -> &str {
         match &self.change {
-            Change::Upsert(upsert) => &upsert.item_id,
-            Change::Retire(retire) => &retire.item_id,
+            ItemChange::Upsert(upsert) => &upsert.item_id,
+            ItemChange::Retire(retire) => &retire.item_id,
         }
     }
 }
@@ -227,7 +227,7 @@ impl Record for CatalogueEvent {
     fn within(&self, limits: &Limits) -> Result<(), Violation> {
         limits.id("change.item_id", self.item_id())?;
         match &self.change {
-            Change::Upsert(u) => {
+            ItemChange::Upsert(u) => {
                 let texts = [
                     ("change.title", &u.title),
                     ("change.description", &u.description),
@@ -241,7 +241,7 @@ impl Record for CatalogueEvent {
                 let attributes = u.attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
                 limits.text("change.attributes", attributes)
             }
-            Change::Retire(r) => limits.text("change.reason", r.reason.len()),
+            ItemChange::Retire(r) => limits.text("change.reason", r.reason.len()),
         }
     }
 }
@@ -382,7 +382,7 @@ mod tests {
         assert!(err.detail.contains("NUL"), "{err:?}");
 
         let event = CatalogueEvent {
-            change: Change::Retire(ItemRetire::default()),
+            change: ItemChange::Retire(ItemRetire::default()),
         };
         assert_eq!(event.validate().unwrap_err().field, "change.item_id");
 

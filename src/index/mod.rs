@@ -360,17 +360,19 @@ pub enum Opened {
     Rebuilt { reason: String },
 }
 
+/// One edit of the live set, as the writer logs it for a merge in flight
+/// to replay.
 #[derive(Clone, Copy)]
-enum Change {
+enum Edit {
     Insert(Sid, u32),
     Remove(Sid),
 }
 
-impl Change {
+impl Edit {
     fn apply(self, overlay: &mut Overlay, base: &Segment) {
         match self {
-            Change::Insert(sid, ord) => overlay.insert(base, sid, ord),
-            Change::Remove(sid) => overlay.remove(base, sid),
+            Edit::Insert(sid, ord) => overlay.insert(base, sid, ord),
+            Edit::Remove(sid) => overlay.remove(base, sid),
         };
     }
 }
@@ -381,8 +383,8 @@ impl Change {
 /// there would stall publishing for milliseconds.
 struct Merge {
     handle: JoinHandle<Result<Merged, IndexError>>,
-    log: Vec<Change>,
-    tx: std::sync::mpsc::Sender<Change>,
+    log: Vec<Edit>,
+    tx: std::sync::mpsc::Sender<Edit>,
 }
 
 struct Merged {
@@ -476,11 +478,11 @@ impl Index {
 
     /// Makes `sid` live as item `ord` (visible at the next publish).
     pub fn insert(&mut self, sid: Sid, ord: u32) -> bool {
-        self.log(Change::Insert(sid, ord));
+        self.log(Edit::Insert(sid, ord));
         self.overlay.insert(&self.base, sid, ord)
     }
 
-    fn log(&mut self, change: Change) {
+    fn log(&mut self, change: Edit) {
         if let Some(m) = &mut self.merge {
             m.log.push(change);
             // The merge thread may be done and gone; the log covers it.
@@ -490,7 +492,7 @@ impl Index {
 
     /// Removes `sid` from the live set (visible at the next publish).
     pub fn remove(&mut self, sid: Sid) -> bool {
-        self.log(Change::Remove(sid));
+        self.log(Edit::Remove(sid));
         self.overlay.remove(&self.base, sid)
     }
 
@@ -550,7 +552,7 @@ impl Index {
         };
         let (dir, vocab) = (self.dir.clone(), self.vocab.clone());
         let generation = self.base.generation() + 1;
-        let (tx, rx) = std::sync::mpsc::channel::<Change>();
+        let (tx, rx) = std::sync::mpsc::channel::<Edit>();
         let handle = std::thread::Builder::new()
             .name("genfeed-index-merge".into())
             .spawn(move || {

@@ -2,7 +2,7 @@
 //!
 //! Catalogue events (upsert, retire) are applied here, in the order of the
 //! catalogue topic. The registry decides which SID an item goes by, remembers
-//! it across restarts, and tells the index what changed ([`Change`]). The index
+//! it across restarts, and tells the index what changed ([`LiveChange`]). The index
 //! can always be rebuilt from [`Registry::live`].
 //!
 //! # Rules
@@ -65,22 +65,26 @@
 //! returned: events after the committed offset are replayed on restart, and
 //! replays are harmless.
 
+mod apply;
+mod binding;
+mod check;
 mod codec;
 mod error;
+mod open;
+mod staging;
 
 use std::collections::BTreeMap;
-use std::error::Error as StdError;
-use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
+pub use binding::TokenizerBinding;
 pub use codec::{ItemEntry, Status};
 pub use error::RegistryError;
 
-use crate::sid::{Code, Sid, MAX_LEVELS};
+use crate::sid::Sid;
 use crate::store::{Group, Store};
-use crate::tokenizer::{FrozenTokenizer, SidAllocator};
-use codec::{Binding, SidState, Table};
+use crate::tokenizer::SidAllocator;
+use codec::{SidState, Table};
 use error::show_key;
 
 /// How long a commit may stay without an fsync unless told otherwise. Bounds
@@ -115,79 +119,10 @@ const META_EXTERNAL: &str = "ext/";
 /// Training items reserved per batch on first open.
 const INIT_BATCH: usize = 10_000;
 
-/// What a registry needs to know about its tokenizer.
-#[derive(Clone, Debug)]
-pub struct TokenizerBinding {
-    pub version: String,
-    /// Levels of a full SID, the collision level included.
-    pub sid_levels: usize,
-    pub last_level_capacity: usize,
-    /// The training items and the SIDs the model learned them by.
-    pub training: Vec<(String, Sid)>,
-}
-
-impl TokenizerBinding {
-    pub fn of(tokenizer: &FrozenTokenizer) -> TokenizerBinding {
-        TokenizerBinding {
-            version: tokenizer.version().to_string(),
-            sid_levels: tokenizer.sid_levels(),
-            last_level_capacity: tokenizer.manifest().last_level_capacity,
-            training: tokenizer.training_items().to_vec(),
-        }
-    }
-
-    fn describe(version: &str, levels: u64, capacity: u64) -> String {
-        format!("{version:?} ({levels}-level SIDs, last level of {capacity})")
-    }
-
-    /// Refuses a binding the registry could not honour: SIDs of the wrong
-    /// shape, or two training items sharing a SID.
-    fn validate(&self) -> Result<(), RegistryError> {
-        let bad = |detail: String| Err(RegistryError::Binding(detail));
-        if !(2..=MAX_LEVELS).contains(&self.sid_levels) {
-            return bad(format!(
-                "SIDs have 2 to {MAX_LEVELS} levels, not {}",
-                self.sid_levels
-            ));
-        }
-        if !(1..=usize::from(Code::MAX) + 1).contains(&self.last_level_capacity) {
-            return bad(format!(
-                "last-level capacity {} is not in 1..=65536",
-                self.last_level_capacity
-            ));
-        }
-        if u32::try_from(self.training.len()).is_err() {
-            return bad(format!("{} training items", self.training.len()));
-        }
-        let mut seen = std::collections::HashMap::with_capacity(self.training.len());
-        for (item, sid) in &self.training {
-            if sid.levels() != self.sid_levels
-                || usize::from(sid.last()) >= self.last_level_capacity
-            {
-                return bad(format!(
-                    "training item {item:?} has SID {sid}, outside {} levels with a last level of {}",
-                    self.sid_levels, self.last_level_capacity
-                ));
-            }
-            if let Some(other) = seen.insert(*sid, item) {
-                return bad(format!(
-                    "training items {other:?} and {item:?} share SID {sid}"
-                ));
-            }
-        }
-        let mut ids: Vec<&str> = self.training.iter().map(|(id, _)| id.as_str()).collect();
-        ids.sort_unstable();
-        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
-            return bad(format!("training item {:?} appears twice", pair[0]));
-        }
-        Ok(())
-    }
-}
-
 /// What applying an event did to the set of live SIDs, i.e. what the index
 /// has to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
+pub enum LiveChange {
     /// Nothing: a replay, a retire of an item that was not live, or a content
     /// update that kept the SID.
     Unchanged,
@@ -215,410 +150,7 @@ pub struct Registry {
     leaving: BTreeMap<u64, BTreeMap<Sid, u32>>,
 }
 
-/// The writes of one event, staged together once the event cannot fail any
-/// more.
-#[derive(Default)]
-struct Writes {
-    kv: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    /// SIDs that start waiting for release: generation, SID, ord.
-    leave: Vec<(u64, Sid, u32)>,
-    /// SIDs that stop waiting for release (live again): generation, SID.
-    stay: Vec<(u64, Sid)>,
-}
-
-impl Writes {
-    fn entry(&mut self, item_id: &str, entry: &ItemEntry) {
-        self.kv.push((
-            Table::Items.key(item_id.as_bytes()),
-            Some(codec::encode_entry(entry)),
-        ));
-    }
-
-    fn ord(&mut self, ord: u32, item_id: &str) {
-        self.kv.push((
-            Table::Ords.key(&codec::ord_bytes(ord)),
-            Some(item_id.as_bytes().to_vec()),
-        ));
-    }
-
-    fn bind(&mut self, sid: Sid, ord: u32, state: SidState) {
-        self.kv.push((
-            Table::Sids.key(&codec::sid_key(sid)),
-            Some(codec::encode_binding(Binding { ord, state })),
-        ));
-    }
-
-    fn unbind(&mut self, sid: Sid) {
-        self.kv.push((Table::Sids.key(&codec::sid_key(sid)), None));
-    }
-
-    /// Binds `sid` as having left at `generation`, waiting for release.
-    fn leave(&mut self, sid: Sid, ord: u32, generation: u64) {
-        self.bind(sid, ord, SidState::Left(generation));
-        self.leave.push((generation, sid, ord));
-    }
-
-    /// Makes `sid`, which left at `generation`, live again for `ord`.
-    fn stay(&mut self, sid: Sid, ord: u32, generation: u64) {
-        self.bind(sid, ord, SidState::Live);
-        self.stay.push((generation, sid));
-    }
-}
-
 impl Registry {
-    /// Opens (or creates) the registry at `path` for the tokenizer `binding`.
-    ///
-    /// A commit is made durable at the latest `flush_every_ms` milliseconds
-    /// after the last durable one (`None`: only on [`Registry::flush`]); see
-    /// the module docs for what survives a crash. Creating reserves every
-    /// training item's SID.
-    pub fn open(
-        path: &Path,
-        binding: &TokenizerBinding,
-        flush_every_ms: Option<u64>,
-    ) -> Result<Registry, RegistryError> {
-        let flush_every = flush_every_ms.map_or(Duration::MAX, Duration::from_millis);
-        let db = Store::open_in(path, FILE, flush_every)?;
-        let mut registry = Registry {
-            db,
-            staged: Mutex::default(),
-            levels: binding.sid_levels,
-            allocator: SidAllocator::new(1),
-            live: 0,
-            next_ord: 0,
-            leaving: BTreeMap::new(),
-        };
-        if registry
-            .read(&Table::Meta.key(META_VERSION.as_bytes()))?
-            .is_some()
-        {
-            registry.check_binding(binding)?;
-        } else {
-            registry.create(binding)?;
-        }
-        registry.allocator = SidAllocator::new(binding.last_level_capacity);
-        for kv in registry.db.scan(&[Table::Sids.prefix()])? {
-            let (key, value) = kv?;
-            let key = &key[1..];
-            let bad = |d: String| corrupt(Table::Sids, key, d);
-            let sid = codec::decode_sid_key(key, registry.levels).map_err(bad)?;
-            let bound = codec::decode_binding(&value).map_err(bad)?;
-            if usize::from(sid.last()) >= binding.last_level_capacity {
-                return Err(bad("last code beyond the capacity".into()));
-            }
-            registry.allocator.insert(sid);
-            match bound.state {
-                SidState::Live => registry.live += 1,
-                SidState::Left(g) => {
-                    registry
-                        .leaving
-                        .entry(g)
-                        .or_default()
-                        .insert(sid, bound.ord);
-                }
-                SidState::Reserved => {}
-            }
-        }
-        if let Some((key, _)) = registry.db.last_below(&[Table::Ords.prefix() + 1])? {
-            if let Some((Table::Ords, key)) = Table::split(&key) {
-                let last = codec::decode_ord(key).map_err(|d| corrupt(Table::Ords, key, d))?;
-                registry.next_ord = u64::from(last) + 1;
-            }
-        }
-        Ok(registry)
-    }
-
-    /// First open: reserve the training SIDs, then record the binding. The
-    /// binding is written last and flushed, so a crash before it leaves a
-    /// registry that the next open creates again from scratch.
-    fn create(&self, binding: &TokenizerBinding) -> Result<(), RegistryError> {
-        binding.validate()?;
-        // Whatever an interrupted creation left.
-        self.db.clear()?;
-        for (chunk_no, chunk) in binding.training.chunks(INIT_BATCH).enumerate() {
-            let mut batch = Vec::with_capacity(3 * chunk.len());
-            for (i, (item, sid)) in chunk.iter().enumerate() {
-                let ord = (chunk_no * INIT_BATCH + i) as u32;
-                let entry = ItemEntry {
-                    ord,
-                    sid: Some(*sid),
-                    status: Status::Reserved,
-                    content_hash: [0; 32],
-                    position: None,
-                    retired_generation: None,
-                };
-                batch.push((
-                    Table::Items.key(item.as_bytes()),
-                    codec::encode_entry(&entry),
-                ));
-                batch.push((
-                    Table::Ords.key(&codec::ord_bytes(ord)),
-                    item.as_bytes().to_vec(),
-                ));
-                batch.push((
-                    Table::Sids.key(&codec::sid_key(*sid)),
-                    codec::encode_binding(Binding {
-                        ord,
-                        state: SidState::Reserved,
-                    })
-                    .to_vec(),
-                ));
-            }
-            self.db.write(
-                batch
-                    .iter()
-                    .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
-            )?;
-        }
-        self.db.flush()?;
-        let u64_value = |v: u64| codec::encode_u64(v).to_vec();
-        let meta = [
-            (META_FORMAT, u64_value(FORMAT)),
-            (META_LEVELS, u64_value(binding.sid_levels as u64)),
-            (META_CAPACITY, u64_value(binding.last_level_capacity as u64)),
-            (META_VERSION, binding.version.as_bytes().to_vec()),
-        ]
-        .map(|(name, value)| (Table::Meta.key(name.as_bytes()), value));
-        self.db
-            .write(meta.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    fn check_binding(&self, binding: &TokenizerBinding) -> Result<(), RegistryError> {
-        match self.meta_u64(META_FORMAT)? {
-            Some(FORMAT) => {}
-            Some(found) => {
-                return Err(RegistryError::Format {
-                    found,
-                    expected: FORMAT,
-                })
-            }
-            None => {
-                return Err(corrupt(
-                    Table::Meta,
-                    META_FORMAT.as_bytes(),
-                    "missing next to a tokenizer binding",
-                ))
-            }
-        }
-        let version = self
-            .read(&Table::Meta.key(META_VERSION.as_bytes()))?
-            .unwrap_or_default();
-        let version = std::str::from_utf8(&version)
-            .map_err(|e| corrupt(Table::Meta, META_VERSION.as_bytes(), e.to_string()))?;
-        let levels = self.meta_u64(META_LEVELS)?.unwrap_or(0);
-        let capacity = self.meta_u64(META_CAPACITY)?.unwrap_or(0);
-        if version != binding.version
-            || levels != binding.sid_levels as u64
-            || capacity != binding.last_level_capacity as u64
-        {
-            return Err(RegistryError::WrongTokenizer {
-                found: TokenizerBinding::describe(version, levels, capacity),
-                expected: TokenizerBinding::describe(
-                    &binding.version,
-                    binding.sid_levels as u64,
-                    binding.last_level_capacity as u64,
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// Applies an upsert of `item_id` whose content hashes to `content_hash`,
-    /// read at `position` of the catalogue topic. `generation` is the index
-    /// generation a SID leaving now is tagged with (see the module docs).
-    ///
-    /// `content_codes` runs the tokenizer (all SID levels but the last); it is
-    /// called only when the item needs a new SID, so replays skip it. An error
-    /// from it, or a full prefix, leaves the registry unchanged.
-    pub fn apply_upsert<E>(
-        &mut self,
-        item_id: &str,
-        content_hash: [u8; 32],
-        position: u64,
-        generation: u64,
-        content_codes: impl FnOnce() -> Result<Vec<Code>, E>,
-    ) -> Result<Change, RegistryError>
-    where
-        E: Into<Box<dyn StdError + Send + Sync>>,
-    {
-        self.write_if_due()?;
-        let mut w = Writes::default();
-        let Some(mut e) = self.get(item_id)? else {
-            let codes = self.content_codes(item_id, content_codes)?;
-            let ord = self.new_ord()?;
-            let sid = self.allocate(item_id, &codes)?;
-            let entry = ItemEntry {
-                ord,
-                sid: Some(sid),
-                status: Status::Live,
-                content_hash,
-                position: Some(position),
-                retired_generation: None,
-            };
-            w.entry(item_id, &entry);
-            w.ord(ord, item_id);
-            w.bind(sid, ord, SidState::Live);
-            self.stage(w);
-            self.next_ord += 1;
-            self.live += 1;
-            return Ok(Change::Added { ord, sid });
-        };
-        if e.position.is_some_and(|p| position <= p) {
-            return Ok(Change::Unchanged);
-        }
-        let same_content = e.content_hash == content_hash;
-        e.content_hash = content_hash;
-        e.position = Some(position);
-        let ord = e.ord;
-        let change = match (e.status, e.sid) {
-            (Status::Reserved, Some(sid)) => {
-                w.bind(sid, ord, SidState::Live);
-                Change::Added { ord, sid }
-            }
-            (Status::Live, Some(_)) if same_content => Change::Unchanged,
-            (Status::Live, Some(old)) => {
-                let codes = self.content_codes(item_id, content_codes)?;
-                if codes == old.prefix() {
-                    Change::Unchanged
-                } else {
-                    let new = self.allocate(item_id, &codes)?;
-                    w.leave(old, ord, generation);
-                    w.bind(new, ord, SidState::Live);
-                    e.sid = Some(new);
-                    Change::Moved { ord, old, new }
-                }
-            }
-            (Status::Retired, Some(old)) => {
-                let codes = if same_content {
-                    None
-                } else {
-                    Some(self.content_codes(item_id, content_codes)?)
-                };
-                match codes {
-                    Some(codes) if codes != old.prefix() => {
-                        let new = self.allocate(item_id, &codes)?;
-                        w.bind(new, ord, SidState::Live);
-                        e.sid = Some(new);
-                        Change::Added { ord, sid: new }
-                    }
-                    _ => {
-                        let left_at = self.left_at(old, ord)?;
-                        w.stay(old, ord, left_at);
-                        Change::Added { ord, sid: old }
-                    }
-                }
-            }
-            (Status::Retired, None) => {
-                let codes = self.content_codes(item_id, content_codes)?;
-                let new = self.allocate(item_id, &codes)?;
-                w.bind(new, ord, SidState::Live);
-                e.sid = Some(new);
-                Change::Added { ord, sid: new }
-            }
-            (Status::Reserved | Status::Live, None) => {
-                return Err(corrupt(Table::Items, item_id.as_bytes(), "no SID"));
-            }
-        };
-        e.status = Status::Live;
-        w.entry(item_id, &e);
-        self.stage(w);
-        if matches!(change, Change::Added { .. }) {
-            self.live += 1;
-        }
-        Ok(change)
-    }
-
-    /// Applies a retire of `item_id` read at `position`; its SID leaves the
-    /// live set at index generation `generation` and stays bound to it until
-    /// released. An item the registry never saw is [`RegistryError::UnknownItem`].
-    pub fn apply_retire(
-        &mut self,
-        item_id: &str,
-        position: u64,
-        generation: u64,
-    ) -> Result<Change, RegistryError> {
-        self.write_if_due()?;
-        let Some(mut e) = self.get(item_id)? else {
-            return Err(RegistryError::UnknownItem(item_id.to_string()));
-        };
-        if e.position.is_some_and(|p| position <= p) {
-            return Ok(Change::Unchanged);
-        }
-        e.position = Some(position);
-        let mut w = Writes::default();
-        let change = match (e.status, e.sid) {
-            (Status::Retired, _) => Change::Unchanged,
-            (status @ (Status::Reserved | Status::Live), Some(sid)) => {
-                w.leave(sid, e.ord, generation);
-                e.status = Status::Retired;
-                e.retired_generation = Some(generation);
-                if status == Status::Live {
-                    Change::Retired { ord: e.ord, sid }
-                } else {
-                    Change::Unchanged
-                }
-            }
-            (Status::Reserved | Status::Live, None) => {
-                return Err(corrupt(Table::Items, item_id.as_bytes(), "no SID"));
-            }
-        };
-        w.entry(item_id, &e);
-        self.stage(w);
-        if matches!(change, Change::Retired { .. }) {
-            self.live -= 1;
-        }
-        Ok(change)
-    }
-
-    /// Frees every SID that left the live set at generation `up_to_generation`
-    /// or before, so that other items can get it. Call it once no snapshot of
-    /// that generation or older is alive. Returns how many were freed.
-    ///
-    /// Costs nothing when no SID is due.
-    pub fn release(&mut self, up_to_generation: u64) -> Result<usize, RegistryError> {
-        let due = self.leaving.first_key_value().map(|(&g, _)| g);
-        if due.is_none_or(|g| g > up_to_generation) {
-            return Ok(0);
-        }
-        self.write_if_due()?;
-        let mut w = Writes::default();
-        let mut freed = Vec::new();
-        for (&generation, sids) in self.leaving.range(..=up_to_generation) {
-            for (&sid, &ord) in sids {
-                let bad = |d: String| corrupt(Table::Sids, &codec::sid_key(sid), d);
-                if self.left_at(sid, ord)? != generation {
-                    return Err(bad(format!(
-                        "{sid} is not waiting at generation {generation}"
-                    )));
-                }
-                let item_id = self
-                    .item_id(ord)?
-                    .ok_or_else(|| bad(format!("no item {ord}")))?;
-                w.unbind(sid);
-                // At most one of the SIDs an item is freed from is the one
-                // its entry names, so each entry is written once here.
-                if let Some(mut e) = self.get(&item_id)? {
-                    if e.sid == Some(sid) {
-                        e.sid = None;
-                        w.entry(&item_id, &e);
-                    }
-                }
-                freed.push(sid);
-            }
-        }
-        self.stage(w);
-        self.leaving = match up_to_generation.checked_add(1) {
-            Some(end) => self.leaving.split_off(&end),
-            None => BTreeMap::new(),
-        };
-        for &sid in &freed {
-            self.allocator.remove(sid);
-        }
-        Ok(freed.len())
-    }
-
     /// Returns once everything applied so far is durable.
     pub fn flush(&self) -> Result<(), RegistryError> {
         self.write_staged()?;
@@ -712,192 +244,6 @@ impl Registry {
         self.put_now(Table::Meta.key(key.as_bytes()), value)
     }
 
-    /// Reads every table and checks that they agree: each item's ord names it
-    /// back, each bound SID belongs to the item it says and is in the state
-    /// the item's status implies, each SID that left is waiting for release
-    /// and nothing else is, and the counts are right.
-    pub fn check(&self) -> Result<(), RegistryError> {
-        self.write_staged()?;
-        for kv in self.scan(Table::Items) {
-            let (key, value) = kv?;
-            let key = &key[1..];
-            let id =
-                std::str::from_utf8(key).map_err(|e| corrupt(Table::Items, key, e.to_string()))?;
-            let e = codec::decode_entry(&value, self.levels)
-                .map_err(|d| corrupt(Table::Items, key, d))?;
-            if u64::from(e.ord) >= self.next_ord {
-                return Err(corrupt(
-                    Table::Items,
-                    key,
-                    format!("ord {} not below the next ord {}", e.ord, self.next_ord),
-                ));
-            }
-            if self.item_id(e.ord)?.as_deref() != Some(id) {
-                return Err(corrupt(
-                    Table::Items,
-                    key,
-                    format!("ord {} names another item", e.ord),
-                ));
-            }
-            if let Some(sid) = e.sid {
-                let bound = self.binding(sid)?;
-                let agrees = bound.is_some_and(|b| {
-                    b.ord == e.ord
-                        && matches!(
-                            (e.status, b.state),
-                            (Status::Reserved, SidState::Reserved)
-                                | (Status::Live, SidState::Live)
-                                | (Status::Retired, SidState::Left(_))
-                        )
-                });
-                if !agrees {
-                    return Err(corrupt(
-                        Table::Items,
-                        key,
-                        format!("{:?} with SID {sid}, bound as {bound:?}", e.status),
-                    ));
-                }
-            }
-        }
-        let (mut items, mut ords) = (0, 0);
-        for kv in self.db.scan(&[])? {
-            let (key, _) = kv?;
-            match Table::split(&key) {
-                Some((Table::Items, _)) => items += 1,
-                Some((Table::Ords, _)) => ords += 1,
-                Some(_) => {}
-                None => {
-                    return Err(RegistryError::Corrupt {
-                        tree: "registry",
-                        key: show_key(&key),
-                        detail: "a key of no table".into(),
-                    })
-                }
-            }
-        }
-        if ords != items {
-            return Err(corrupt(
-                Table::Ords,
-                b"",
-                format!("{ords} ords for {items} items"),
-            ));
-        }
-        let (mut live, mut left) = (0, 0);
-        for kv in self.scan(Table::Sids) {
-            let (key, value) = kv?;
-            let key = &key[1..];
-            let bad = |d: String| corrupt(Table::Sids, key, d);
-            let sid = codec::decode_sid_key(key, self.levels).map_err(bad)?;
-            let b = codec::decode_binding(&value).map_err(bad)?;
-            let id = self
-                .item_id(b.ord)?
-                .ok_or_else(|| bad(format!("bound to unknown ord {}", b.ord)))?;
-            let e = self
-                .get(&id)?
-                .ok_or_else(|| bad(format!("bound to missing item {id:?}")))?;
-            match b.state {
-                SidState::Left(g) => {
-                    left += 1;
-                    let waiting = self.leaving.get(&g).and_then(|sids| sids.get(&sid));
-                    if waiting != Some(&b.ord) {
-                        return Err(bad(format!("left at {g} but not waiting for release")));
-                    }
-                }
-                SidState::Live | SidState::Reserved => {
-                    live += usize::from(b.state == SidState::Live);
-                    if e.sid != Some(sid) {
-                        return Err(bad(format!("{:?} but item {id:?} is not on it", b.state)));
-                    }
-                }
-            }
-        }
-        let waiting: usize = self.leaving.values().map(BTreeMap::len).sum();
-        if waiting != left {
-            return Err(corrupt(
-                Table::Sids,
-                b"",
-                format!("{waiting} waiting for release, {left} SIDs left"),
-            ));
-        }
-        if live != self.live {
-            return Err(corrupt(
-                Table::Sids,
-                b"",
-                format!("{live} live SIDs, {} counted", self.live),
-            ));
-        }
-        Ok(())
-    }
-
-    fn content_codes<E>(
-        &self,
-        item_id: &str,
-        content_codes: impl FnOnce() -> Result<Vec<Code>, E>,
-    ) -> Result<Vec<Code>, RegistryError>
-    where
-        E: Into<Box<dyn StdError + Send + Sync>>,
-    {
-        let codes = content_codes().map_err(|e| RegistryError::Codes {
-            item: item_id.to_string(),
-            source: e.into(),
-        })?;
-        if codes.len() != self.levels - 1 {
-            return Err(RegistryError::Codes {
-                item: item_id.to_string(),
-                source: format!(
-                    "{} content codes for {}-level SIDs, expected {}",
-                    codes.len(),
-                    self.levels,
-                    self.levels - 1
-                )
-                .into(),
-            });
-        }
-        Ok(codes)
-    }
-
-    fn allocate(&mut self, item_id: &str, codes: &[Code]) -> Result<Sid, RegistryError> {
-        self.allocator
-            .allocate(codes)
-            .map_err(|source| RegistryError::PrefixFull {
-                item: item_id.to_string(),
-                source,
-            })
-    }
-
-    /// The ord a new item gets; taken when its event is staged.
-    fn new_ord(&self) -> Result<u32, RegistryError> {
-        u32::try_from(self.next_ord).map_err(|_| {
-            corrupt(
-                Table::Ords,
-                &codec::ord_bytes(u32::MAX),
-                "no item number left",
-            )
-        })
-    }
-
-    fn binding(&self, sid: Sid) -> Result<Option<Binding>, RegistryError> {
-        let key = codec::sid_key(sid);
-        self.read(&Table::Sids.key(&key))?
-            .map(|v| codec::decode_binding(&v).map_err(|d| corrupt(Table::Sids, &key, d)))
-            .transpose()
-    }
-
-    /// The generation at which `sid`, bound to `ord`, left the live set.
-    fn left_at(&self, sid: Sid, ord: u32) -> Result<u64, RegistryError> {
-        match self.binding(sid)? {
-            Some(Binding {
-                ord: bound,
-                state: SidState::Left(g),
-            }) if bound == ord => Ok(g),
-            other => Err(corrupt(
-                Table::Sids,
-                &codec::sid_key(sid),
-                format!("expected to have left, bound to item {ord}; found {other:?}"),
-            )),
-        }
-    }
-
     /// The value of a key: staged, else committed.
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RegistryError> {
         if let Some(value) = self.staged().get(key) {
@@ -923,62 +269,10 @@ impl Registry {
         )
     }
 
-    fn staged(&self) -> MutexGuard<'_, Group> {
-        self.staged.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Stages one event's writes (which cannot fail) and follows them in
-    /// memory.
-    fn stage(&mut self, w: Writes) {
-        let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
-        staged.stage(w.kv);
-        for (generation, sid) in w.stay {
-            if let Some(sids) = self.leaving.get_mut(&generation) {
-                sids.remove(&sid);
-                if sids.is_empty() {
-                    self.leaving.remove(&generation);
-                }
-            }
-        }
-        for (generation, sid, ord) in w.leave {
-            self.leaving.entry(generation).or_default().insert(sid, ord);
-        }
-    }
-
-    /// Commits the staged events if their group is full or old enough.
-    fn write_if_due(&mut self) -> Result<(), RegistryError> {
-        let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
-        if staged.due(GROUP_EVENTS, GROUP_AGE) {
-            staged.commit(&self.db)?;
-        }
-        Ok(())
-    }
-
-    fn write_staged(&self) -> Result<(), RegistryError> {
-        Ok(self.staged().commit(&self.db)?)
-    }
-
-    /// Stages one write after everything staged so far and commits them all.
-    fn put_now(&self, key: Vec<u8>, value: &[u8]) -> Result<(), RegistryError> {
-        let mut staged = self.staged();
-        staged.stage([(key, Some(value.to_vec()))]);
-        Ok(staged.commit(&self.db)?)
-    }
-
     fn meta_u64(&self, name: &str) -> Result<Option<u64>, RegistryError> {
         self.read(&Table::Meta.key(name.as_bytes()))?
             .map(|v| codec::decode_u64(&v).map_err(|d| corrupt(Table::Meta, name.as_bytes(), d)))
             .transpose()
-    }
-}
-
-impl Drop for Registry {
-    /// Commits the staged events; the store flushes when dropped.
-    fn drop(&mut self) {
-        let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = staged.commit(&self.db) {
-            tracing::error!(error = %e, "registry: staged events not written on close");
-        }
     }
 }
 
@@ -995,6 +289,7 @@ mod tests {
     use std::convert::Infallible;
 
     use super::*;
+    use crate::sid::Code;
 
     fn binding() -> TokenizerBinding {
         TokenizerBinding {

@@ -27,9 +27,9 @@ use super::metrics::Metrics;
 use super::reason::Reason;
 use super::view::{ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
-use crate::contract::{CatalogueEvent, Change as Event, DecodeError};
+use crate::contract::{CatalogueEvent, DecodeError, ItemChange};
 use crate::embed::text::TextEncoder;
-use crate::registry::{Change, RegistryError};
+use crate::registry::{LiveChange, RegistryError};
 
 /// Registry meta key of a partition's next offset.
 fn offset_key(topic: &str, partition: i32) -> String {
@@ -232,7 +232,7 @@ impl CatalogueConsumer {
         };
         let position = o as u64;
         let change = match &event.change {
-            Event::Upsert(up) => {
+            ItemChange::Upsert(up) => {
                 let spec = &self.catalogue.tokenizer().manifest().input.encoder;
                 let c = match content(up, spec) {
                     Ok(c) => c,
@@ -244,7 +244,7 @@ impl CatalogueConsumer {
                     vector(&up.item_id, &c, text)
                 })
             }
-            Event::Retire(r) => self.catalogue.retire(&r.item_id, position),
+            ItemChange::Retire(r) => self.catalogue.retire(&r.item_id, position),
         };
         let change = match change {
             Ok(c) => c,
@@ -264,7 +264,7 @@ impl CatalogueConsumer {
         };
         let id = event.item_id();
         let entry = match change {
-            Change::Unchanged => return Ok(Ok(())),
+            LiveChange::Unchanged => return Ok(Ok(())),
             _ => self.catalogue.registry().get(id)?,
         };
         if let Some(e) = entry {

@@ -15,8 +15,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use genfeed::contract::{
-    decode, encode, CatalogueEvent, Change, DeadLetter, Interaction, InteractionKind, ItemRetire,
-    ItemUpsert, ReadFormat, Recommendation, Record, SchemaIds, WireFormat,
+    decode, encode, CatalogueEvent, DeadLetter, Interaction, InteractionKind, ItemChange,
+    ItemRetire, ItemUpsert, ReadFormat, Recommendation, Record, SchemaIds, WireFormat,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -571,14 +571,14 @@ impl Input {
     pub fn upsert_item(&self, item: ItemUpsert) -> At {
         let key = item.item_id.clone();
         let e = CatalogueEvent {
-            change: Change::Upsert(item),
+            change: ItemChange::Upsert(item),
         };
         self.raw(&self.topics.catalogue.clone(), &key, &self.record(&e, 1))
     }
 
     pub fn retire(&self, id: &str) -> At {
         let e = CatalogueEvent {
-            change: Change::Retire(ItemRetire {
+            change: ItemChange::Retire(ItemRetire {
                 item_id: id.into(),
                 reason: "test".into(),
             }),
