@@ -8,14 +8,19 @@
 # DATA is the RecBole folder the tokenizer and model were trained on (e.g. the
 # ones scripts/demo.sh leaves in runs/demo). Everything runs on this machine:
 # broker, service and load generator share its cores, as they would in the demo.
+# GENFEED=path/to/genfeed benchmarks that binary instead of building this tree
+# (to compare a change with the build before it on the same machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 data=$(cd "$1" && pwd); tokenizer=$(cd "$2" && pwd); model=$(cd "$3" && pwd)
 rate=${4:-100}; seconds=${5:-30}; beams=${6:-20}
 work=$(mktemp -d)
-cargo build --release --locked --quiet
-genfeed="$root/target/release/genfeed"
+genfeed=${GENFEED:-}
+if [ -z "$genfeed" ]; then
+  cargo build --release --locked --quiet
+  genfeed="$root/target/release/genfeed"
+fi
 service_pid=""
 cleanup() {
   if [ -n "$service_pid" ] && kill -0 "$service_pid" 2>/dev/null; then kill -TERM "$service_pid"; wait "$service_pid" || true; fi
