@@ -16,10 +16,7 @@ impl Registry {
         for kv in self.scan(Table::Items) {
             let (key, value) = kv?;
             let key = &key[1..];
-            let id =
-                std::str::from_utf8(key).map_err(|e| corrupt(Table::Items, key, e.to_string()))?;
-            let e = codec::decode_entry(&value, self.levels)
-                .map_err(|d| corrupt(Table::Items, key, d))?;
+            let (id, e) = self.decode_item(key, &value)?;
             if u64::from(e.ord) >= self.next_ord {
                 return Err(corrupt(
                     Table::Items,
@@ -27,7 +24,7 @@ impl Registry {
                     format!("ord {} not below the next ord {}", e.ord, self.next_ord),
                 ));
             }
-            if self.item_id(e.ord)?.as_deref() != Some(id) {
+            if self.item_id(e.ord)?.as_deref() != Some(id.as_str()) {
                 return Err(corrupt(
                     Table::Items,
                     key,

@@ -184,14 +184,17 @@ impl Registry {
         let written = self.write_staged().err();
         let items = self.scan(Table::Items).map(move |kv| {
             let (key, value) = kv?;
-            let key = &key[1..];
-            let id =
-                std::str::from_utf8(key).map_err(|e| corrupt(Table::Items, key, e.to_string()))?;
-            let entry = codec::decode_entry(&value, self.levels)
-                .map_err(|d| corrupt(Table::Items, key, d))?;
-            Ok((id.to_string(), entry))
+            self.decode_item(&key[1..], &value)
         });
         written.map(Err).into_iter().chain(items)
+    }
+
+    /// An `items` row: the item id (its key) and its entry.
+    fn decode_item(&self, key: &[u8], value: &[u8]) -> Result<(String, ItemEntry), RegistryError> {
+        let id = std::str::from_utf8(key).map_err(|e| corrupt(Table::Items, key, e.to_string()))?;
+        let entry =
+            codec::decode_entry(value, self.levels).map_err(|d| corrupt(Table::Items, key, d))?;
+        Ok((id.to_string(), entry))
     }
 
     /// The live SIDs and their items' ords, in SID order: what the index is
