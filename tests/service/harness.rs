@@ -101,7 +101,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-pub fn fixture() -> &'static Fixture {
+fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
@@ -201,7 +201,7 @@ pub struct Topics {
     pub group: String,
 }
 
-pub fn topics(test: &str, interaction_partitions: i32) -> Topics {
+fn topics(test: &str, interaction_partitions: i32) -> Topics {
     static N: AtomicU32 = AtomicU32::new(0);
     let tag = format!(
         "{test}-{}-{}",
@@ -283,7 +283,7 @@ impl Framing {
 }
 
 /// Writes a service config for `topics` and returns its path.
-pub fn config(dir: &Path, name: &str, t: &Topics, framing: Framing, feed: &str) -> PathBuf {
+fn config(dir: &Path, name: &str, t: &Topics, framing: Framing, feed: &str) -> PathBuf {
     let f = fixture();
     let state = dir.join(name);
     let path = dir.join(format!("{name}.toml"));
@@ -329,6 +329,44 @@ listen = "127.0.0.1:0"
     );
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// What a test starts from: the shared fixture, a folder for the
+/// instances' state, topics of its own and a producer for them.
+pub struct Bed {
+    pub fixture: &'static Fixture,
+    pub dir: tempfile::TempDir,
+    pub topics: Topics,
+    pub input: Input,
+    framing: Framing,
+}
+
+impl Bed {
+    pub fn new(test: &str, interaction_partitions: i32, framing: Framing) -> Bed {
+        let topics = topics(test, interaction_partitions);
+        Bed {
+            fixture: fixture(),
+            dir: tempfile::tempdir().unwrap(),
+            input: Input::new(&topics, framing),
+            topics,
+            framing,
+        }
+    }
+
+    /// Writes upserts of the fixture's items in `range` (file order).
+    pub fn upsert_items(
+        &self,
+        range: impl std::slice::SliceIndex<[(String, Vec<f32>)], Output = [(String, Vec<f32>)]>,
+    ) {
+        for (id, v) in &self.fixture.items[range] {
+            self.input.upsert(id, v.clone());
+        }
+    }
+
+    /// The config file of instance `name` ([`config`]).
+    pub fn config(&self, name: &str, feed: &str) -> PathBuf {
+        config(self.dir.path(), name, &self.topics, self.framing, feed)
+    }
 }
 
 /// A `genfeed run` process.

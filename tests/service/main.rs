@@ -10,7 +10,7 @@ mod harness;
 
 use std::collections::{BTreeSet, HashMap};
 
-use harness::{config, feeds_answering, fixture, topics, At, Framing, Input, Output, Service};
+use harness::{feeds_answering, At, Bed, Framing, Output, Service};
 
 const FEED: &str = "beams = 20\ntop_k = 20\ncoalesce_ms = 5\nbatch_wait_ms = 5";
 
@@ -25,16 +25,14 @@ fn items_of(f: &genfeed::contract::Recommendation) -> BTreeSet<String> {
 
 #[test]
 fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("live", 3);
-    let input = Input::new(&t, Framing::Plain);
+    let bed = Bed::new("live", 3, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
     let mut live: BTreeSet<String> = BTreeSet::new();
     for (id, v) in f.items.iter().take(15) {
         input.upsert(id, v.clone());
         live.insert(id.clone());
     }
-    let mut svc = Service::start(&config(dir.path(), "a", &t, Framing::Plain, FEED));
+    let mut svc = Service::start(&bed.config("a", FEED));
     svc.wait_metric("genfeed_live_items", |v| v == 15.0);
 
     // Round 1: 30 users, two items each.
@@ -127,15 +125,11 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
 #[test]
 fn a_long_restore_does_not_stop_healthz_and_ready_waits_for_it() {
     const RECORDS: usize = 200_000;
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("restore", 1);
-    let input = Input::new(&t, Framing::Plain);
-    for (id, v) in f.items.iter().take(15) {
-        input.upsert(id, v.clone());
-    }
+    let bed = Bed::new("restore", 1, Framing::Plain);
+    let input = &bed.input;
+    bed.upsert_items(..15);
     input.changelog_records(RECORDS);
-    let mut svc = Service::spawn(&config(dir.path(), "a", &t, Framing::Plain, FEED));
+    let mut svc = Service::spawn(&bed.config("a", FEED));
     svc.wait_for(
         |s| s.log_all().contains("partitions assigned").then_some(()),
         "the partitions' assignment",
@@ -164,23 +158,17 @@ fn a_long_restore_does_not_stop_healthz_and_ready_waits_for_it() {
 /// it ends are skipped, not dead-lettered, on this start and the next.
 #[test]
 fn ready_means_the_catalogue_written_before_start_is_all_read_on_every_start() {
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("ready", 2);
-    let input = Input::new(&t, Framing::Plain);
-    for (id, v) in f.items.iter().take(150) {
-        input.upsert(id, v.clone());
-    }
-    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let bed = Bed::new("ready", 2, Framing::Plain);
+    let f = bed.fixture;
+    bed.upsert_items(..150);
+    let cfg = bed.config("a", FEED);
     let undecodable = "genfeed_dead_letters_total{reason=\"undecodable\"}";
     let mut svc = Service::start(&cfg);
     assert_eq!(svc.metric("genfeed_live_items"), Some(150.0));
     assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(150.0));
     assert!(svc.stop().success());
 
-    for (id, v) in f.items.iter().skip(150) {
-        input.upsert(id, v.clone());
-    }
+    bed.upsert_items(150..);
     let mut svc = Service::start(&cfg);
     assert_eq!(svc.metric("genfeed_live_items"), Some(f.items.len() as f64));
     assert_eq!(
@@ -196,14 +184,10 @@ fn ready_means_the_catalogue_written_before_start_is_all_read_on_every_start() {
 fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     use genfeed::contract::DeadLetter;
 
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("poison", 1);
-    let input = Input::new(&t, Framing::Confluent);
-    for (id, v) in f.items.iter().take(10) {
-        input.upsert(id, v.clone());
-    }
-    let mut svc = Service::start(&config(dir.path(), "a", &t, Framing::Confluent, FEED));
+    let bed = Bed::new("poison", 1, Framing::Confluent);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
+    let mut svc = Service::start(&bed.config("a", FEED));
     svc.wait_metric("genfeed_live_items", |v| v == 10.0);
 
     let item = &f.items[0].0;
@@ -313,15 +297,11 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
 fn oversized_messages_cost_one_dead_letter_each_cut_to_fit_and_the_service_goes_on() {
     use genfeed::contract::{DeadLetter, ItemUpsert};
 
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("oversize", 1);
-    let input = Input::new(&t, Framing::Confluent);
-    for (id, v) in f.items.iter().take(10) {
-        input.upsert(id, v.clone());
-    }
+    let bed = Bed::new("oversize", 1, Framing::Confluent);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
     // Outputs of at most 64 KiB: every oversized input below is larger.
-    let cfg = config(dir.path(), "a", &t, Framing::Confluent, FEED);
+    let cfg = bed.config("a", FEED);
     let text = std::fs::read_to_string(&cfg).unwrap();
     let max = 65_536;
     let text = text.replace(
@@ -447,13 +427,9 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
     use genfeed::service::histories::Histories;
     use genfeed::tokenizer::FrozenTokenizer;
 
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("crash", 2);
-    let input = Input::new(&t, Framing::Plain);
-    for (id, v) in f.items.iter().take(15) {
-        input.upsert(id, v.clone());
-    }
+    let bed = Bed::new("crash", 2, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..15);
     let mut sent: HashMap<String, Vec<String>> = HashMap::new();
     let mut last: HashMap<String, At> = HashMap::new();
     let mut send = |events: Vec<(String, String)>| {
@@ -463,7 +439,7 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
         }
     };
     send(wave(f, 40, 3, 0));
-    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let cfg = bed.config("a", FEED);
     let mut svc = Service::start(&cfg);
     svc.wait_metric("genfeed_feeds_total", |v| v >= 1.0);
     svc.kill9();
@@ -477,7 +453,7 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
 
     // Every interaction is in its user's history exactly once, in order.
     let tokenizer = std::sync::Arc::new(FrozenTokenizer::load(&f.tokenizer).unwrap());
-    let state = dir.path().join("a");
+    let state = bed.dir.path().join("a");
     let (catalogue, _) =
         Catalogue::open(tokenizer, &CatalogueConfig::new(state.join("catalogue"))).unwrap();
     let histories = Histories::open(&state.join("histories"), 50).unwrap();
@@ -494,14 +470,10 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
 
 #[test]
 fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
-    let f = fixture();
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("group", 4);
-    let input = Input::new(&t, Framing::Plain);
+    let bed = Bed::new("group", 4, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
     let live: BTreeSet<String> = f.items[..15].iter().map(|(id, _)| id.clone()).collect();
-    for (id, v) in f.items.iter().take(15) {
-        input.upsert(id, v.clone());
-    }
+    bed.upsert_items(..15);
     let out = Output::new(&t.recommendations, 2);
     let mut feeds = Vec::new();
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
@@ -520,11 +492,11 @@ fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
         got.len()
     };
 
-    let mut a = Service::start(&config(dir.path(), "a", &t, Framing::Plain, FEED));
+    let mut a = Service::start(&bed.config("a", FEED));
     a.wait_metric("genfeed_assigned_partitions", |v| v == 4.0);
     assert_eq!(round(0), 40);
 
-    let mut b = Service::start(&config(dir.path(), "b", &t, Framing::Plain, FEED));
+    let mut b = Service::start(&bed.config("b", FEED));
     b.wait_metric("genfeed_assigned_partitions", |v| v >= 1.0);
     a.wait_metric("genfeed_assigned_partitions", |v| (1.0..4.0).contains(&v));
     let feeds_of = |s: &Service| s.metric("genfeed_feeds_total").unwrap();
@@ -543,7 +515,7 @@ fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
 
     // After a clean stop its own histories are trusted: the restart reads
     // none of the changelog back, and still knows everything seen.
-    let mut b = Service::start(&config(dir.path(), "b", &t, Framing::Plain, FEED));
+    let mut b = Service::start(&bed.config("b", FEED));
     b.wait_metric("genfeed_assigned_partitions", |v| v == 4.0);
     assert_eq!(b.metric("genfeed_changelog_restored_total"), Some(0.0));
     assert_eq!(round(3), 40);
@@ -576,8 +548,8 @@ fn refused(cfg: &std::path::Path, lines: &[(&str, String)]) -> (Option<i32>, Str
 
 #[test]
 fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = topics("misfit", 3);
+    let bed = Bed::new("misfit", 3, Framing::Plain);
+    let t = &bed.topics;
     let cases = [
         (
             "histories_topic",
@@ -593,7 +565,7 @@ fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
         ),
     ];
     for (field, line, key, why) in cases {
-        let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+        let cfg = bed.config("a", FEED);
         let (code, err) = refused(&cfg, &[(field, line)]);
         assert_eq!(code, Some(2), "{err}");
         assert!(err.contains(key) && err.contains(why), "{err}");
@@ -602,14 +574,13 @@ fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
 
 #[test]
 fn a_model_whose_successor_counts_are_missing_is_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
+    let bed = Bed::new("nocounts", 1, Framing::Plain);
+    let model = bed.dir.path().join("model");
     std::fs::create_dir(&model).unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture().model.join(f), model.join(f)).unwrap();
+        std::fs::copy(bed.fixture.model.join(f), model.join(f)).unwrap();
     }
-    let t = topics("nocounts", 1);
-    let cfg = config(dir.path(), "a", &t, Framing::Plain, FEED);
+    let cfg = bed.config("a", FEED);
     let (code, err) = refused(
         &cfg,
         &[
@@ -618,7 +589,10 @@ fn a_model_whose_successor_counts_are_missing_is_refused_at_start() {
             // instead of serving forever.
             (
                 "recommendations_topic",
-                format!("recommendations_topic = \"{}-nowhere\"", t.recommendations),
+                format!(
+                    "recommendations_topic = \"{}-nowhere\"",
+                    bed.topics.recommendations
+                ),
             ),
         ],
     );
