@@ -112,6 +112,31 @@ fn content_methods_give_unique_meaningful_sids() {
             same_topic_same_code * 10 >= pairs * 8,
             "{method:?}: only {same_topic_same_code}/{pairs} same-topic pairs share a first code"
         );
+        // Reconstructions from the SIDs alone keep the topics apart: an
+        // item is nearer one of its topic than one of the next topic.
+        let sids: HashMap<&str, Sid> = tok
+            .training_items()
+            .iter()
+            .map(|(i, s)| (i.as_str(), *s))
+            .collect();
+        let unit = |id: &str| {
+            let sid = sids[id];
+            let mut v = Vec::new();
+            assert!(tok.reconstruct(sid.prefix(), &mut v));
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let (mut same, mut other) = (0.0, 0.0);
+        for i in 0..ids.len() - 24 {
+            let v = unit(&ids[i]);
+            same += cos(&v, &unit(&ids[i + 24]));
+            other += cos(&v, &unit(&ids[i + 1]));
+        }
+        assert!(
+            same > other + 0.3 * (ids.len() - 24) as f32,
+            "{method:?}: same-topic cosine sum {same}, other-topic {other}"
+        );
         // Loading again in this process gives the same tokenizer.
         let again = FrozenTokenizer::load(&out).unwrap();
         assert_eq!(again.training_items(), tok.training_items());
@@ -164,6 +189,8 @@ fn svd_tokenizes_from_interactions_and_folds_in_new_items() {
     let known = tok.training_items()[target].1;
     assert_eq!(&codes[..], known.prefix());
     assert!(tok.fold_in(["nobody"]).is_none());
+    // Bins are no codewords: there is nothing to reconstruct.
+    assert!(!tok.reconstruct(&codes, &mut Vec::new()));
 }
 
 #[test]

@@ -431,7 +431,9 @@ pub struct EvalArgs {
     fresh_weight: f32,
     /// How `--content` becomes vectors: TF-IDF of its words and attribute
     /// ids (hashed to 1,024 dims), or what `tokenizer train --encoder auto`
-    /// picks (an embedding column, the sentence encoder, hashed attributes).
+    /// picks (an embedding column, the sentence encoder, hashed attributes);
+    /// `sid` reads no file and takes the tokenizer's reconstruction of each
+    /// item's SID.
     #[arg(long, value_enum, default_value = "tfidf")]
     content_encoder: ContentEncoder,
     /// History items the content query reads, newest first, each older one
@@ -460,6 +462,24 @@ pub struct EvalArgs {
 pub enum ContentEncoder {
     Tfidf,
     Auto,
+    /// The tokenizer's reconstruction of each item's content codes: what
+    /// the service has of every item without storing its content.
+    Sid,
+}
+
+/// Unit content vectors of every item from the tokenizer's reconstruction
+/// of its SID's content codes.
+fn sid_content(loaded: &Loaded) -> anyhow::Result<ContentTable> {
+    let mut row = Vec::new();
+    let mut rows = Vec::new();
+    for sid in &loaded.sids {
+        let codes = &sid.codes()[..sid.levels() - 1];
+        if !loaded.tokenizer.reconstruct(codes, &mut row) {
+            bail!("--content-encoder sid needs a residual tokenizer (RQ-KMeans, RQ-VAE), not SVD");
+        }
+        rows.extend_from_slice(&row);
+    }
+    Ok(ContentTable::new(row.len(), rows))
 }
 
 /// Unit content vectors for `items` (missing rows are zeros) from the
@@ -476,6 +496,10 @@ fn content_table(
             let dim = 1024;
             genfeed::embed::Vectors::new(dim, genfeed::embed::tfidf::tfidf(&catalogue, dim))
         }
+        ContentEncoder::Sid => bail!(
+            "SID content comes from the tokenizer, not {}",
+            path.display()
+        ),
         ContentEncoder::Auto => {
             let args = super::tokenizer::ContentEncoderArgs {
                 encoder: EncoderKind::Auto,
@@ -562,12 +586,12 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         exclude_history: a.exclude_history,
     };
     let trained = split.trained_items(loaded.items.len());
-    let content = a
-        .content
-        .as_deref()
-        .map(|p| content_table(p, &loaded.items, a.content_encoder))
-        .transpose()?;
-    if a.content.is_none() && a.baseline {
+    let content = match (a.content.as_deref(), a.content_encoder) {
+        (_, ContentEncoder::Sid) => Some(sid_content(&loaded)?),
+        (Some(p), encoder) => Some(content_table(p, &loaded.items, encoder)?),
+        (None, _) => None,
+    };
+    if content.is_none() && a.baseline {
         bail!("--baseline scores content: pass --content FILE");
     }
     let fresh = match &content {

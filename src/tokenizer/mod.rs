@@ -221,6 +221,26 @@ impl FrozenTokenizer {
         }
     }
 
+    /// The point of the quantised space an item's content codes stand for
+    /// (the sum of their codewords, in the space the codebooks live in),
+    /// written to `out`; false for SVD tokenizers, whose codes are bins.
+    /// Two items' reconstructions are as alike as their content was, up to
+    /// the quantisation error, and they need nothing but the SIDs: every
+    /// instance gets the same vector for an item without storing any.
+    pub fn reconstruct(&self, codes: &[Code], out: &mut Vec<f32>) -> bool {
+        let Stage::Residual { rq, .. } = &self.stage else {
+            return false;
+        };
+        out.clear();
+        out.resize(rq.dim(), 0.0);
+        for (book, &code) in rq.levels().iter().zip(codes) {
+            out.iter_mut()
+                .zip(book.word(usize::from(code)))
+                .for_each(|(o, w)| *o += w);
+        }
+        true
+    }
+
     /// SVD tokenizers only: the factor vector of an unseen item from the users
     /// who interacted with it (`Σ⁻¹ Uᵀ a`, the standard SVD fold-in). Unknown
     /// users are skipped; `None` when no user is known or the tokenizer is not
