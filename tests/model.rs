@@ -866,7 +866,8 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
         history.retain(|s| *s != sids[2] && *s != sids[6]);
         history.push(sids[10]);
         let request = [Request::new(&history)];
-        let mut mixed = Generator::new(&model).with_fresh(&fresh, weight);
+        let mut mixed =
+            Generator::new(&model).with_fresh(std::sync::Arc::new(fresh.clone()), weight);
         let list = mixed.generate(index.snapshot(), &request, &opts).unwrap();
         let rank = |i: usize| list[0].iter().position(|g| g.sid == sids[i]);
         // Half the mass goes to content, shared by the two twins: each has
@@ -910,7 +911,8 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
 #[test]
 fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item() {
     let (model, sids, index, uncapped) = fresh_fixture();
-    let capped = uncapped.clone().with_slots(1);
+    let capped = std::sync::Arc::new(uncapped.clone().with_slots(1));
+    let uncapped = std::sync::Arc::new(uncapped);
     let opts = SearchOptions {
         beams: 20,
         top_k: 10,
@@ -923,11 +925,11 @@ fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item
         history.push(sids[10]);
         let request = [Request::new(&history)];
         let all = Generator::new(&model)
-            .with_fresh(&uncapped, 0.5)
+            .with_fresh(uncapped.clone(), 0.5)
             .generate(index.snapshot(), &request, &opts)
             .unwrap();
         let one = Generator::new(&model)
-            .with_fresh(&capped, 0.5)
+            .with_fresh(capped.clone(), 0.5)
             .generate(index.snapshot(), &request, &opts)
             .unwrap();
         let (all, one) = (&all[0], &one[0]);

@@ -172,10 +172,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .map(|i| (sids[i as usize], i))
         .collect();
     // As `eval` runs it by default: one fresh slot, weight .1.
-    let fresh = FreshItems::new(content, fresh_items, 0.05).with_slots(1);
+    let fresh = std::sync::Arc::new(FreshItems::new(content, fresh_items, 0.05).with_slots(1));
     let mut generator = Generator::new(&model)
         .with_transitions(&transitions, weight)
-        .with_fresh(&fresh, 0.1);
+        .with_fresh(fresh, 0.1);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();

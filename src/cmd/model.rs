@@ -620,13 +620,13 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                         } else {
                             a.fresh_slots
                         });
-                    if a.fresh_normaliser > 0 {
+                    std::sync::Arc::new(if a.fresh_normaliser > 0 {
                         let step = known.len().div_ceil(a.fresh_normaliser).max(1);
                         let sample = known.iter().copied().step_by(step).collect();
                         fresh.with_known_sample(sample, known.len())
                     } else {
                         fresh
-                    }
+                    })
                 },
                 weight,
                 temperature,
@@ -644,7 +644,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         generator = generator.with_transitions(t, *w);
     }
     if let Some((f, w, _)) = &fresh {
-        generator = generator.with_fresh(f, *w);
+        generator = generator.with_fresh(f.clone(), *w);
     }
     let report = evaluate(
         &mut generator,

@@ -19,6 +19,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
@@ -204,13 +205,14 @@ struct Fix {
 pub struct Generator<'m> {
     model: &'m Model,
     transitions: Option<(&'m Transitions, f32)>,
-    fresh: Option<(&'m FreshItems, f32)>,
+    fresh: Option<(Arc<FreshItems>, f32)>,
     /// Per fresh item: live in this call's snapshot; and its content score.
     fresh_live: Vec<bool>,
     fresh_log_p: Vec<f32>,
     fresh_order: Vec<u32>,
-    fresh_recent: Vec<u32>,
+    fresh_recent: Vec<(Sid, u32)>,
     fresh_query: Vec<f32>,
+    fresh_part: Vec<f32>,
     /// Live successors of every request's last item, request after request,
     /// with running count totals (`cum[j]` = counts before `succ[j]`).
     succ: Vec<Sid>,
@@ -249,6 +251,7 @@ impl<'m> Generator<'m> {
             fresh_order: Vec::new(),
             fresh_recent: Vec::new(),
             fresh_query: Vec::new(),
+            fresh_part: Vec::new(),
             succ: Vec::new(),
             cum: Vec::new(),
             mixes: Vec::new(),
@@ -280,9 +283,18 @@ impl<'m> Generator<'m> {
     /// Searches the mixture of this generator's distribution (weight
     /// `1 − weight`) and the content of items the model never learnt
     /// ([`super::fresh`]); a weight of 0 leaves them to the model.
-    pub fn with_fresh(mut self, fresh: &'m FreshItems, weight: f32) -> Generator<'m> {
-        self.fresh = (weight > 0.0 && !fresh.is_empty()).then_some((fresh, weight.min(0.999)));
+    pub fn with_fresh(mut self, fresh: Arc<FreshItems>, weight: f32) -> Generator<'m> {
+        self.set_fresh(Some(fresh), weight);
         self
+    }
+
+    /// [`Generator::with_fresh`] for a generator kept across calls whose
+    /// fresh items change between them (the service's, as the catalogue
+    /// does); `None` leaves everything to the model.
+    pub fn set_fresh(&mut self, fresh: Option<Arc<FreshItems>>, weight: f32) {
+        self.fresh = fresh
+            .filter(|f| weight > 0.0 && !f.is_empty())
+            .map(|f| (f, weight.min(0.999)));
     }
 
     /// The top `opts.top_k` live items for each request, best first.
@@ -464,12 +476,12 @@ impl<'m> Generator<'m> {
             }
             out.push(items);
         }
-        if let Some((fresh, weight)) = self.fresh {
+        if let Some((fresh, weight)) = self.fresh.clone() {
             self.fresh_live.clear();
             self.fresh_live
                 .extend((0..fresh.len()).map(|i| snapshot.get(fresh.item(i).0).is_some()));
             for (req, items) in requests.iter().zip(&mut out) {
-                self.merge_fresh(fresh, weight, snapshot, req, opts, items);
+                self.merge_fresh(&fresh, weight, snapshot, req, opts, items);
                 items.truncate(opts.top_k);
             }
         }
@@ -489,8 +501,11 @@ impl<'m> Generator<'m> {
     ) {
         let start = req.history.len().saturating_sub(fresh.query_items());
         self.fresh_recent.clear();
-        self.fresh_recent
-            .extend(req.history[start..].iter().filter_map(|&s| snapshot.get(s)));
+        self.fresh_recent.extend(
+            req.history[start..]
+                .iter()
+                .filter_map(|&s| snapshot.get(s).map(|o| (s, o))),
+        );
         let live = &self.fresh_live;
         let blocked = |i: usize, sid: Sid| {
             !live[i]
@@ -501,6 +516,7 @@ impl<'m> Generator<'m> {
             &self.fresh_recent,
             blocked,
             &mut self.fresh_query,
+            &mut self.fresh_part,
             &mut self.fresh_log_p,
         ) {
             return;

@@ -26,6 +26,8 @@
 //! Cost per request: one dot product per fresh item, the query being the
 //! last item's content row; nothing runs on the model.
 
+use std::sync::Arc;
+
 use super::prefix_scores::dot;
 use crate::sid::Sid;
 
@@ -83,11 +85,28 @@ impl ContentTable {
     }
 }
 
+/// An item's content vector from its SID alone, written to the buffer;
+/// false when there is none. The service's content: the tokenizer's
+/// reconstruction of the SID's content codes, which needs nothing stored
+/// and is the same on every instance.
+pub type SidContent = Arc<dyn Fn(Sid, &mut Vec<f32>) -> bool + Send + Sync>;
+
+/// Where a query reads the content of the items a history ends with.
+#[derive(Clone)]
+enum Queries {
+    /// A table by item number, covering every item (offline).
+    Table(ContentTable),
+    /// Each item's SID ([`SidContent`]).
+    Sids(SidContent),
+}
+
 /// The items the model has not learnt, with their content, and how their
 /// content is scored.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct FreshItems {
-    content: ContentTable,
+    queries: Queries,
+    /// The fresh items' unit vectors, by position.
+    rows: ContentTable,
     /// Fresh items sorted by SID, their ords beside them.
     sids: Vec<Sid>,
     ords: Vec<u32>,
@@ -100,16 +119,71 @@ pub struct FreshItems {
     slots: usize,
 }
 
+/// Sorted by SID, one per SID.
+fn sorted(mut fresh: Vec<(Sid, u32)>) -> (Vec<Sid>, Vec<u32>) {
+    fresh.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
+    fresh.dedup_by_key(|f| f.0);
+    fresh.into_iter().unzip()
+}
+
 impl FreshItems {
     /// `fresh` are `(sid, ord)` of the items the model never saw as a
     /// target; `content` must cover their ords and those of the items
     /// histories end with.
-    pub fn new(content: ContentTable, mut fresh: Vec<(Sid, u32)>, temperature: f32) -> FreshItems {
-        fresh.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
-        fresh.dedup_by_key(|f| f.0);
-        let (sids, ords) = fresh.into_iter().unzip();
+    pub fn new(content: ContentTable, fresh: Vec<(Sid, u32)>, temperature: f32) -> FreshItems {
+        let (sids, ords) = sorted(fresh);
+        let dim = content.dim();
+        let mut rows = vec![0.0; ords.len() * dim];
+        for (&ord, row) in ords.iter().zip(rows.chunks_exact_mut(dim.max(1))) {
+            if let Some(v) = content.row(ord) {
+                row.copy_from_slice(v);
+            }
+        }
+        FreshItems::with_rows(
+            Queries::Table(content),
+            ContentTable::new(dim, rows),
+            sids,
+            ords,
+            temperature,
+        )
+    }
+
+    /// As [`FreshItems::new`], every item's content from its SID: the
+    /// fresh items' once, here, and the query's per request.
+    pub fn by_sid(content: SidContent, fresh: Vec<(Sid, u32)>, temperature: f32) -> FreshItems {
+        let (sids, ords) = sorted(fresh);
+        let mut row = Vec::new();
+        let dim = sids
+            .iter()
+            .find_map(|&sid| content(sid, &mut row).then_some(row.len()))
+            .unwrap_or(0);
+        let mut rows = Vec::with_capacity(sids.len() * dim);
+        for &sid in &sids {
+            if !(content(sid, &mut row) && row.len() == dim) {
+                row.clear();
+                row.resize(dim, 0.0);
+            }
+            rows.extend_from_slice(&row);
+        }
+        FreshItems::with_rows(
+            Queries::Sids(content),
+            ContentTable::new(dim, rows),
+            sids,
+            ords,
+            temperature,
+        )
+    }
+
+    fn with_rows(
+        queries: Queries,
+        rows: ContentTable,
+        sids: Vec<Sid>,
+        ords: Vec<u32>,
+        temperature: f32,
+    ) -> FreshItems {
         FreshItems {
-            content,
+            queries,
+            rows,
             sids,
             ords,
             temperature: temperature.max(1e-4),
@@ -126,7 +200,9 @@ impl FreshItems {
     /// gets the share content gives it against every item: much when it is
     /// the best content match there is, little when known items match
     /// better (the model ranks those), where a softmax over fresh items
-    /// alone hands out the whole weight whatever the match.
+    /// alone hands out the whole weight whatever the match. Needs a content
+    /// table ([`FreshItems::new`]); by SID there is no known item's row to
+    /// read, and the sample is ignored.
     pub fn with_known_sample(mut self, sample: Vec<u32>, known: usize) -> FreshItems {
         self.known_scale = known as f32 / sample.len().max(1) as f32;
         self.known = sample;
@@ -174,23 +250,35 @@ impl FreshItems {
     }
 
     /// Scores every fresh item for a history whose last items are `recent`
-    /// (oldest first) into `log_p` (`ln P_content`, `-inf` where `blocked`
-    /// says so or the item has no content) and returns false when there is
-    /// nothing to score (no content in `recent`, or every fresh item
-    /// blocked). `query` is scratch space.
+    /// (`(sid, ord)`, oldest first) into `log_p` (`ln P_content`, `-inf`
+    /// where `blocked` says so or the item has no content) and returns
+    /// false when there is nothing to score (no content in `recent`, or
+    /// every fresh item blocked). `query` and `part` are scratch space.
     pub fn score(
         &self,
-        recent: &[u32],
+        recent: &[(Sid, u32)],
         blocked: impl Fn(usize, Sid) -> bool,
         query: &mut Vec<f32>,
+        part: &mut Vec<f32>,
         log_p: &mut Vec<f32>,
     ) -> bool {
         log_p.clear();
         query.clear();
-        query.resize(self.content.dim, 0.0);
+        query.resize(self.rows.dim(), 0.0);
         let mut weight = 1.0;
-        for &ord in recent.iter().rev().take(self.query_items) {
-            if let Some(row) = self.content.row(ord) {
+        for &(sid, ord) in recent.iter().rev().take(self.query_items) {
+            let row = match &self.queries {
+                Queries::Table(table) => table.row(ord),
+                Queries::Sids(content) => {
+                    let found = content(sid, part) && part.len() == query.len();
+                    let norm = part.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    (found && norm > 0.0).then(|| {
+                        part.iter_mut().for_each(|x| *x /= norm);
+                        &part[..]
+                    })
+                }
+            };
+            if let Some(row) = row {
                 query
                     .iter_mut()
                     .zip(row)
@@ -206,8 +294,8 @@ impl FreshItems {
         let query = &query[..];
         let inv = 1.0 / self.temperature;
         let mut max = f32::NEG_INFINITY;
-        for (i, (&sid, &ord)) in self.sids.iter().zip(&self.ords).enumerate() {
-            let s = match self.content.row(ord) {
+        for (i, &sid) in self.sids.iter().enumerate() {
+            let s = match self.rows.row(i as u32) {
                 Some(v) if !blocked(i, sid) => dot(query, v) * inv,
                 _ => f32::NEG_INFINITY,
             };
@@ -217,12 +305,15 @@ impl FreshItems {
         if max == f32::NEG_INFINITY {
             return false;
         }
-        let known: f32 = self
-            .known
-            .iter()
-            .filter_map(|&o| self.content.row(o))
-            .map(|v| (dot(query, v) * inv - max).exp())
-            .sum();
+        let known: f32 = match &self.queries {
+            Queries::Table(table) => self
+                .known
+                .iter()
+                .filter_map(|&o| table.row(o))
+                .map(|v| (dot(query, v) * inv - max).exp())
+                .sum(),
+            Queries::Sids(_) => 0.0,
+        };
         let z = log_p.iter().map(|&s| (s - max).exp()).sum::<f32>() + self.known_scale * known;
         let lse = max + z.ln();
         log_p.iter_mut().for_each(|s| *s -= lse);
@@ -292,26 +383,71 @@ mod tests {
             vec![(sid(&[0, 1]), 1), (sid(&[0, 2]), 2), (sid(&[0, 3]), 3)],
             0.1,
         );
-        let (mut q, mut log_p) = (Vec::new(), Vec::new());
-        assert!(fresh.score(&[0], |_, _| false, &mut q, &mut log_p));
+        let (mut q, mut part, mut log_p) = (Vec::new(), Vec::new(), Vec::new());
+        let at = |ords: &[u32]| {
+            ords.iter()
+                .map(|&o| (sid(&[9, o as u16]), o))
+                .collect::<Vec<_>>()
+        };
+        assert!(fresh.score(&at(&[0]), |_, _| false, &mut q, &mut part, &mut log_p));
         let p: Vec<f32> = log_p.iter().map(|l| l.exp()).collect();
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         // Item 2 (same direction as 0) beats item 1; item 3 has no content.
         assert!(p[1] > 0.99 && p[0] < 0.01 && p[2] == 0.0, "{p:?}");
         // Blocking item 2 hands its mass to item 1.
-        assert!(fresh.score(&[0], |_, s| s == sid(&[0, 2]), &mut q, &mut log_p));
+        assert!(fresh.score(
+            &at(&[0]),
+            |_, s| s == sid(&[0, 2]),
+            &mut q,
+            &mut part,
+            &mut log_p
+        ));
         assert!((log_p[0].exp() - 1.0).abs() < 1e-5);
         // A last item without content scores nothing.
-        assert!(!fresh.score(&[3], |_, _| false, &mut q, &mut log_p));
+        assert!(!fresh.score(&at(&[3]), |_, _| false, &mut q, &mut part, &mut log_p));
         // With two query items the older one counts half: item 1 (content
         // of item 1) before item 0 still leaves item 2 ahead, but item 1
         // gets a real share.
         let two = fresh.clone().with_query_items(2);
-        assert!(two.score(&[1, 0], |_, _| false, &mut q, &mut log_p));
+        assert!(two.score(&at(&[1, 0]), |_, _| false, &mut q, &mut part, &mut log_p));
         assert!(log_p[1] > log_p[0] && log_p[0] > -10.0, "{log_p:?}");
         // The last item alone ignores it.
-        assert!(fresh.score(&[1, 0], |_, _| false, &mut q, &mut log_p));
+        assert!(fresh.score(&at(&[1, 0]), |_, _| false, &mut q, &mut part, &mut log_p));
         assert!(log_p[0] < -9.0, "{log_p:?}");
+    }
+
+    #[test]
+    fn by_sid_content_scores_as_the_table_does() {
+        // The same four items as above, their content found from the SID's
+        // first code instead of a table by ord.
+        let vectors = [[1.0, 0.0], [0.0, 2.0], [3.0, 0.1], [0.0, 0.0]];
+        let content: SidContent = Arc::new(move |s: Sid, out: &mut Vec<f32>| {
+            let v = vectors[usize::from(s.codes()[0])];
+            out.clear();
+            out.extend_from_slice(&v);
+            v != [0.0, 0.0]
+        });
+        let fresh_sids = vec![(sid(&[1, 0]), 1), (sid(&[2, 0]), 2), (sid(&[3, 0]), 3)];
+        let by_sid = FreshItems::by_sid(content, fresh_sids.clone(), 0.1);
+        let table = ContentTable::new(2, vectors.concat());
+        let by_ord = FreshItems::new(table, fresh_sids, 0.1);
+        let (mut q, mut part, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for recent in [vec![(sid(&[0, 5]), 0)], vec![(sid(&[1, 5]), 1)]] {
+            assert!(by_sid.score(&recent, |_, _| false, &mut q, &mut part, &mut a));
+            assert!(by_ord.score(&recent, |_, _| false, &mut q, &mut part, &mut b));
+            assert_eq!(a.len(), 3);
+            for (x, y) in a.iter().zip(&b) {
+                assert!(x == y || (x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+            }
+        }
+        // An item without content (code 3) is never a query.
+        assert!(!by_sid.score(
+            &[(sid(&[3, 5]), 3)],
+            |_, _| false,
+            &mut q,
+            &mut part,
+            &mut a
+        ));
     }
 
     #[test]

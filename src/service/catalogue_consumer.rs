@@ -25,7 +25,7 @@ use super::delivery::{Outbox, Sent};
 use super::kafka::{now_ms, MARKER_KEY, METADATA_TIMEOUT};
 use super::metrics::Metrics;
 use super::reason::Reason;
-use super::view::{ItemRef, SharedView, View};
+use super::view::{FreshSettings, ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
 use crate::contract::{CatalogueEvent, DecodeError, ItemChange};
 use crate::embed::text::TextEncoder;
@@ -62,6 +62,8 @@ pub struct CatalogueConsumer {
     pub partitions: Vec<i32>,
     /// Names this instance in its end markers.
     pub instance: String,
+    /// Fresh items in feeds; `None`: off.
+    pub fresh: Option<FreshSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +86,10 @@ pub enum CatalogueConsumerError {
 }
 
 /// The view of what the registry holds now.
-pub fn initial_view(catalogue: &Catalogue) -> Result<View, RegistryError> {
+pub fn initial_view(
+    catalogue: &Catalogue,
+    fresh: Option<&FreshSettings>,
+) -> Result<View, RegistryError> {
     let mut ords = imbl::HashMap::new();
     let mut items = imbl::HashMap::new();
     for kv in catalogue.registry().items() {
@@ -96,8 +101,10 @@ pub fn initial_view(catalogue: &Catalogue) -> Result<View, RegistryError> {
         ords.insert(id.clone(), entry.ord);
         items.insert(entry.ord, ItemRef::of(id, &entry));
     }
+    let snapshot = catalogue.reader().snapshot();
     Ok(View {
-        snapshot: catalogue.reader().snapshot(),
+        fresh: fresh.map(|f| f.items(&snapshot, &items)),
+        snapshot,
         ords,
         items,
     })
@@ -142,7 +149,7 @@ impl CatalogueConsumer {
         mut self,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), CatalogueConsumerError> {
-        let mut view = initial_view(&self.catalogue)?;
+        let mut view = initial_view(&self.catalogue, self.fresh.as_ref())?;
         self.metrics
             .live_items
             .set(self.catalogue.registry().live_count() as i64);
@@ -289,6 +296,10 @@ impl CatalogueConsumer {
         }
         let snapshot = tokio::task::block_in_place(|| self.catalogue.publish())?;
         view.snapshot = snapshot;
+        view.fresh = self
+            .fresh
+            .as_ref()
+            .map(|f| f.items(&view.snapshot, &view.items));
         self.view.store(Arc::new(view.clone()));
         let now = now_ms();
         for &ts in &batch.timestamps {

@@ -148,6 +148,14 @@ pub struct FeedConfig {
     pub threads: usize,
     /// Business rule: items that are never recommended.
     pub deny_items: Vec<String>,
+    /// Prior that a user's next item is one the model never learnt (one
+    /// that arrived after training): the weight of those items' content
+    /// scores in the search. 0 turns them off.
+    pub fresh_weight: f32,
+    /// At most this many such items in one feed.
+    pub fresh_slots: usize,
+    /// Temperature of their content softmax (cosine / temperature).
+    pub fresh_temperature: f32,
 }
 
 impl Default for FeedConfig {
@@ -163,6 +171,9 @@ impl Default for FeedConfig {
             max_pending: 10_000,
             threads: 1,
             deny_items: Vec::new(),
+            fresh_weight: 0.1,
+            fresh_slots: 1,
+            fresh_temperature: 0.2,
         }
     }
 }
@@ -330,6 +341,7 @@ impl Config {
             ("feed.batch_max", f.batch_max),
             ("feed.max_pending", f.max_pending),
             ("feed.threads", f.threads),
+            ("feed.fresh_slots", f.fresh_slots),
             ("catalogue.batch_max", self.catalogue.batch_max),
             ("limits.id_bytes", self.limits.id_bytes),
             ("limits.text_bytes", self.limits.text_bytes),
@@ -338,6 +350,18 @@ impl Config {
             if v == 0 {
                 return Err((key, "must be at least 1".into()));
             }
+        }
+        if !(0.0..1.0).contains(&f.fresh_weight) {
+            return Err((
+                "feed.fresh_weight",
+                format!("{} is not in [0, 1)", f.fresh_weight),
+            ));
+        }
+        if !(f.fresh_temperature > 0.0 && f.fresh_temperature.is_finite()) {
+            return Err((
+                "feed.fresh_temperature",
+                format!("{} is not a positive number", f.fresh_temperature),
+            ));
         }
         if f.top_k > f.beams {
             return Err((

@@ -47,6 +47,8 @@ pub struct FeedWorker {
     pub search: SearchOptions,
     /// Business rule: item ids never recommended.
     pub deny_items: Vec<String>,
+    /// `feed.fresh_weight`: the weight of the view's fresh items.
+    pub fresh_weight: f32,
 }
 
 /// How often the histories are made durable.
@@ -159,6 +161,7 @@ impl FeedWorker {
                 filter: Some(&deny.1),
             })
             .collect();
+        generator.set_fresh(view.fresh.clone(), self.fresh_weight);
         let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
         // Items retired while the search ran are dropped here: a retire
         // is never followed by a feed holding the item.

@@ -74,7 +74,8 @@ use tokio::sync::{mpsc, watch};
 use crate::catalogue::{Catalogue, CatalogueConfig};
 use crate::embed::text::TextEncoder;
 use crate::embed::EncoderSpec;
-use crate::model::{Model, SearchOptions, Transitions};
+use crate::model::{Model, SearchOptions, SidContent, Transitions};
+use crate::sid::Sid;
 use crate::tokenizer::FrozenTokenizer;
 use catalogue_consumer::CatalogueConsumer;
 use config::Config;
@@ -85,6 +86,7 @@ use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
+use view::FreshSettings;
 
 /// Deliveries awaiting acknowledgement at most, before the model waits.
 const IN_FLIGHT_DELIVERIES: usize = 4096;
@@ -215,8 +217,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (http_stop_tx, http_stop) = watch::channel(false);
     let http = tokio::spawn(http::serve(listener, metrics.clone(), http_stop));
 
+    let fresh = fresh_settings(&tokenizer, &cfg.feed);
     let view = Arc::new(ArcSwap::from_pointee(catalogue_consumer::initial_view(
         &catalogue,
+        fresh.as_ref(),
     )?));
     let mut cat_client = kafka::consumer_config(k, &format!("{}-catalogue", k.group_id));
     cat_client.set("enable.auto.commit", "false");
@@ -234,6 +238,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         publish_every: Duration::from_millis(cfg.catalogue.publish_ms),
         partitions: Vec::new(),
         instance: instance_id(&paths.state_dir),
+        fresh,
     };
     check_topics(&cat.consumer, k)?;
     cat.assign()?;
@@ -290,6 +295,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             exclude_history: f.exclude_seen,
         },
         deny_items: f.deny_items.clone(),
+        fresh_weight: f.fresh_weight,
     };
     let worker_sent = sent_tx.clone();
     let worker = std::thread::Builder::new()
@@ -471,6 +477,35 @@ impl Signals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// How fresh items are found and scored, or `None` when `feed.fresh_weight`
+/// is 0 or the tokenizer has no codewords to reconstruct content from.
+fn fresh_settings(
+    tokenizer: &Arc<FrozenTokenizer>,
+    feed: &config::FeedConfig,
+) -> Option<FreshSettings> {
+    if feed.fresh_weight == 0.0 {
+        return None;
+    }
+    let probe = tokenizer.training_items().first().map(|(_, s)| *s);
+    if probe.is_some_and(|s| !tokenizer.reconstruct(s.prefix(), &mut Vec::new())) {
+        tracing::warn!(
+            method = tokenizer.manifest().method.name(),
+            "this tokenizer has no codewords to reconstruct content from: items that arrive after \
+             training reach feeds only through the model"
+        );
+        return None;
+    }
+    let tok = tokenizer.clone();
+    let content: SidContent =
+        Arc::new(move |sid: Sid, out: &mut Vec<f32>| tok.reconstruct(sid.prefix(), out));
+    Some(FreshSettings {
+        training_items: tokenizer.training_items().len() as u32,
+        content,
+        temperature: feed.fresh_temperature,
+        slots: feed.fresh_slots,
+    })
 }
 
 /// Names this instance in end markers: its state directory and pid.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::index::Snapshot;
+use crate::model::{FreshItems, SidContent};
 use crate::registry::{ItemEntry, Status};
 use crate::sid::Sid;
 
@@ -45,6 +46,45 @@ pub struct View {
     pub ords: imbl::HashMap<Arc<str>, u32>,
     /// Ord → item.
     pub items: imbl::HashMap<u32, ItemRef>,
+    /// The live items the model never learnt, scored by their content so
+    /// that they compete for feed slots ([`crate::model::fresh`]); `None`
+    /// when the mechanism is off.
+    pub fresh: Option<Arc<FreshItems>>,
+}
+
+/// Which items are fresh and how their content is scored.
+#[derive(Clone)]
+pub struct FreshSettings {
+    /// Items with an ord below this were in the tokenizer's training
+    /// catalogue (the registry reserves their ords first): the model learnt
+    /// them, or saw them never chosen. The others arrived since.
+    pub training_items: u32,
+    pub content: SidContent,
+    pub temperature: f32,
+    pub slots: usize,
+}
+
+impl FreshSettings {
+    /// The fresh items of `items` that are live in `snapshot`.
+    pub fn items(
+        &self,
+        snapshot: &Snapshot,
+        items: &imbl::HashMap<u32, ItemRef>,
+    ) -> Arc<FreshItems> {
+        let fresh = items
+            .iter()
+            .filter(|(&ord, _)| ord >= self.training_items)
+            .filter_map(|(&ord, item)| {
+                item.sid
+                    .filter(|&s| snapshot.get(s) == Some(ord))
+                    .map(|s| (s, ord))
+            })
+            .collect();
+        Arc::new(
+            FreshItems::by_sid(self.content.clone(), fresh, self.temperature)
+                .with_slots(self.slots),
+        )
+    }
 }
 
 impl View {

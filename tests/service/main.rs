@@ -153,6 +153,41 @@ fn a_long_restore_does_not_stop_healthz_and_ready_waits_for_it() {
     assert!(svc.stop().success());
 }
 
+/// An item that arrives after training reaches the feed of the user whose
+/// history it fits, by its content alone and with no retraining, ahead of
+/// what the model knows; an unrelated newcomer does not.
+#[test]
+fn a_fresh_item_reaches_the_feed_of_the_user_it_fits_without_retraining() {
+    let bed = Bed::new("fresh", 1, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..15);
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    // The user's last item, and the known item least like it.
+    let (last, near) = &f.items[3];
+    let (_, far) = f.items[..15]
+        .iter()
+        .min_by(|a, b| cos(&a.1, near).total_cmp(&cos(&b.1, near)))
+        .unwrap();
+    input.upsert("fresh-near", near.clone());
+    input.upsert("fresh-far", far.clone());
+    let feed = "beams = 20\ntop_k = 3\ncoalesce_ms = 5\nbatch_wait_ms = 5\nfresh_weight = 0.5";
+    let mut svc = Service::start(&bed.config("a", feed));
+    assert_eq!(svc.metric("genfeed_live_items"), Some(17.0));
+    input.interaction("u", &f.items[7].0);
+    let at = HashMap::from([("u".to_string(), input.interaction("u", last))]);
+    let out = Output::new(&t.recommendations, 1);
+    let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &at);
+    let ids: Vec<&str> = got["u"].items.iter().map(|i| i.item_id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids[0], "fresh-near", "{ids:?}");
+    assert!(!ids.contains(&"fresh-far"), "{ids:?}");
+    assert!(svc.stop().success());
+}
+
 /// Ready means the whole catalogue written before start-up is read and
 /// decodable, not that the topic went quiet; the end markers that tell where
 /// it ends are skipped, not dead-lettered, on this start and the next.
