@@ -153,6 +153,7 @@ impl CatalogueConsumer {
         self.metrics
             .live_items
             .set(self.catalogue.registry().live_count() as i64);
+        self.count_fresh(&view);
         self.view.store(Arc::new(view.clone()));
         let mut batch = Batch::default();
         let mut loading = Loading {
@@ -285,6 +286,11 @@ impl CatalogueConsumer {
         Ok(Ok(()))
     }
 
+    fn count_fresh(&self, view: &View) {
+        let n = view.fresh.as_ref().map_or(0, |f| f.len());
+        self.metrics.fresh_items.set(n as i64);
+    }
+
     async fn publish(
         &mut self,
         view: &mut View,
@@ -313,6 +319,7 @@ impl CatalogueConsumer {
         self.metrics
             .live_items
             .set(self.catalogue.registry().live_count() as i64);
+        self.count_fresh(view);
         for d in batch.dead.drain(..) {
             self.outbox.delivered(d, &self.metrics).await;
         }

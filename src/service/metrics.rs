@@ -51,6 +51,8 @@ pub struct Metrics {
     pub decodable_latency: Histogram,
     pub index_generation: Gauge,
     pub live_items: Gauge,
+    /// Live items that arrived after training, competing by their content.
+    pub fresh_items: Gauge,
     pub pending_users: Gauge,
     pub consumer_lag: Gauge,
     /// Interaction partitions this instance owns now.
@@ -100,6 +102,10 @@ impl Default for Metrics {
             "Sequence number of the published index snapshot.",
         );
         let live_items = gauge("live_items", "Items that can be recommended.");
+        let fresh_items = gauge(
+            "fresh_items",
+            "Live items that arrived after training and compete for feed slots by their content.",
+        );
         let pending_users = gauge("pending_users", "Users waiting for a feed.");
         let consumer_lag = gauge(
             "consumer_lag",
@@ -149,6 +155,7 @@ impl Default for Metrics {
             decodable_latency,
             index_generation,
             live_items,
+            fresh_items,
             pending_users,
             consumer_lag,
             assigned_partitions,

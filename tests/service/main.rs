@@ -177,6 +177,7 @@ fn a_fresh_item_reaches_the_feed_of_the_user_it_fits_without_retraining() {
     let feed = "beams = 20\ntop_k = 3\ncoalesce_ms = 5\nbatch_wait_ms = 5\nfresh_weight = 0.5";
     let mut svc = Service::start(&bed.config("a", feed));
     assert_eq!(svc.metric("genfeed_live_items"), Some(17.0));
+    assert_eq!(svc.metric("genfeed_fresh_items"), Some(2.0));
     input.interaction("u", &f.items[7].0);
     let at = HashMap::from([("u".to_string(), input.interaction("u", last))]);
     let out = Output::new(&t.recommendations, 1);
