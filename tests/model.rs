@@ -2,15 +2,16 @@
 //! index's live set as the only source of answers, filters, batching, and
 //! training that learns, reproduces and resumes exactly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Device;
 use genfeed::dataset::{Example, Split};
 use genfeed::eval::{evaluate, OfflineIndex};
 use genfeed::index::Index;
 use genfeed::model::{
-    ContentTable, Filter, FreshItems, Generator, Model, ModelConfig, Params, Request,
+    ContentTable, Filter, FreshItems, Generator, Learnt, Model, ModelConfig, Params, Request,
     SearchOptions, SiblingTable, Transitions,
 };
 use genfeed::sid::Sid;
@@ -287,6 +288,121 @@ fn with_successor_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
         );
     }
     assert!(mixed_any, "the counts changed some request's best item");
+}
+
+/// Counts learnt after training, as a test sets them.
+struct TestLearnt {
+    successors: HashMap<Sid, Vec<(Sid, f32)>>,
+    popular: Vec<(Sid, f32)>,
+    share: f32,
+}
+
+impl Learnt for TestLearnt {
+    fn successors(&self, last: Sid, out: &mut Vec<(Sid, f32)>) {
+        out.extend(self.successors.get(&last).into_iter().flatten());
+    }
+    fn popular(&self) -> &[(Sid, f32)] {
+        &self.popular
+    }
+    fn popularity_share(&self) -> f32 {
+        self.share
+    }
+}
+
+#[test]
+fn with_learnt_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
+    let vocab = vec![6, 5, 4];
+    let (model, all, _) = fixture(&vocab, 70, 3, 11);
+    let sids = &all[..60];
+    let index = OfflineIndex::build(sids, &vocab).unwrap();
+    let hs = histories(sids, 6, 1);
+    let transitions = random_transitions(&hs, &all, 5);
+    // Learnt successors for every history's last item, the first's too
+    // (which has no trained ones), some of them not live; and popular
+    // items, one of them not live.
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let learnt = TestLearnt {
+        successors: hs
+            .iter()
+            .map(|h| {
+                let to = (0..rng.random_range(1..5))
+                    .map(|_| {
+                        (
+                            all[rng.random_range(0..all.len())],
+                            rng.random_range(1..6) as f32,
+                        )
+                    })
+                    .collect();
+                (*h.last().unwrap(), to)
+            })
+            .collect(),
+        popular: vec![(sids[3], 5.0), (all[65], 9.0), (sids[40], 2.0)],
+        share: 0.2,
+    };
+    let w = 0.4f32;
+    let opts = SearchOptions {
+        beams: 60,
+        top_k: 10,
+        exclude_history: false,
+    };
+    let learnt = Arc::new(learnt);
+    let mut g = Generator::new(&model).with_transitions(&transitions, w);
+    g.set_learnt(Some(learnt.clone()));
+    let got = g
+        .generate(index.snapshot(), &requests(&hs, None), &opts)
+        .unwrap();
+    let mut learnt_only_listed = false;
+    for (h, list) in hs.iter().zip(&got) {
+        let last = *h.last().unwrap();
+        let mut weight: HashMap<Sid, f32> = HashMap::new();
+        let (to, counts) = transitions.successors(last);
+        for (&s, &n) in to.iter().zip(counts) {
+            *weight.entry(s).or_default() += n as f32;
+        }
+        for &(s, n) in &learnt.successors[&last] {
+            *weight.entry(s).or_default() += n;
+        }
+        weight.retain(|s, _| sids.contains(s));
+        let known: f32 = weight.values().sum();
+        let popular = [(sids[3], 5.0f32), (sids[40], 2.0)];
+        for (s, n) in popular {
+            let scale = if known > 0.0 {
+                0.2 / 0.8 * known / 7.0
+            } else {
+                1.0 / 7.0
+            };
+            *weight.entry(s).or_default() += n * scale;
+        }
+        let total: f32 = weight.values().sum();
+        let model_alone = brute_force(&model, &index, h, sids);
+        let mut exact: Vec<(Sid, f32)> = model_alone
+            .iter()
+            .map(|&(sid, lp)| {
+                let counted = weight.get(&sid).map_or(0.0, |n| n / total);
+                (sid, ((1.0 - w) * lp.exp() + w * counted).ln())
+            })
+            .collect();
+        exact.sort_by(|a, b| b.1.total_cmp(&a.1));
+        assert_eq!(list.len(), 10);
+        for (g, (_, lp)) in list.iter().zip(&exact) {
+            let own = exact.iter().find(|(s, _)| *s == g.sid).unwrap().1;
+            assert!(
+                (g.log_prob - own).abs() < 1e-4,
+                "{}: {} vs {own}",
+                g.sid,
+                g.log_prob
+            );
+            assert!((g.log_prob - lp).abs() < 1e-4, "{} vs {lp}", g.log_prob);
+        }
+        let top_alone: Vec<Sid> = model_alone[..10].iter().map(|x| x.0).collect();
+        learnt_only_listed |= list.iter().any(|g| {
+            !to.contains(&g.sid) && !top_alone.contains(&g.sid) && weight.contains_key(&g.sid)
+        });
+    }
+    assert!(
+        learnt_only_listed,
+        "some list holds an item only the learnt counts lead to"
+    );
 }
 
 #[test]

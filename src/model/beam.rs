@@ -27,7 +27,7 @@ use super::config::ModelError;
 use super::fresh::FreshItems;
 use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
-use super::transitions::Transitions;
+use super::transitions::{Learnt, Transitions};
 use crate::index::{Cursor, Snapshot};
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
@@ -205,6 +205,9 @@ struct Fix {
 pub struct Generator<'m> {
     model: &'m Model,
     transitions: Option<(&'m Transitions, f32)>,
+    learnt: Option<Arc<dyn Learnt>>,
+    /// One request's successors, trained and learnt, before they are merged.
+    merged: Vec<(Sid, f32)>,
     fresh: Option<(Arc<FreshItems>, f32)>,
     /// Per fresh item: live in this call's snapshot; and its content score.
     fresh_live: Vec<bool>,
@@ -234,6 +237,41 @@ pub struct Generator<'m> {
     siblings: SiblingBuffer,
 }
 
+/// Turns one request's trained and learnt successors (`merged`, any
+/// order) into the live ones sorted by SID, each once, with the popular
+/// items' share added.
+fn merge_learnt(merged: &mut Vec<(Sid, f32)>, learnt: &dyn Learnt, snapshot: &Snapshot) {
+    merged.retain(|&(sid, n)| n > 0.0 && snapshot.get(sid).is_some());
+    let known: f32 = merged.iter().map(|&(_, n)| n).sum();
+    let share = learnt.popularity_share();
+    let live = |&&(sid, n): &&(Sid, f32)| n > 0.0 && snapshot.get(sid).is_some();
+    let popular: f32 = learnt.popular().iter().filter(live).map(|&(_, n)| n).sum();
+    if share > 0.0 && popular > 0.0 {
+        // Popular items get `share` of the counts' mass beside known
+        // successors, and all of it where there are none.
+        let scale = if known > 0.0 {
+            share / (1.0 - share) * known / popular
+        } else {
+            1.0 / popular
+        };
+        merged.extend(
+            learnt
+                .popular()
+                .iter()
+                .filter(live)
+                .map(|&(s, n)| (s, n * scale)),
+        );
+    }
+    merged.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
+    merged.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 += later.1;
+        }
+        same
+    });
+}
+
 /// `ln(e^a + e^b)` without overflow.
 fn log_add_exp(a: f32, b: f32) -> f32 {
     let (hi, lo) = if a > b { (a, b) } else { (b, a) };
@@ -245,6 +283,8 @@ impl<'m> Generator<'m> {
         Generator {
             model,
             transitions: None,
+            learnt: None,
+            merged: Vec::new(),
             fresh: None,
             fresh_live: Vec::new(),
             fresh_log_p: Vec::new(),
@@ -278,6 +318,13 @@ impl<'m> Generator<'m> {
     pub fn with_transitions(mut self, transitions: &'m Transitions, weight: f32) -> Generator<'m> {
         self.transitions = (weight > 0.0).then_some((transitions, weight.min(0.999)));
         self
+    }
+
+    /// Adds successor counts learnt after training to the trained ones
+    /// (the service's, which change between calls); they count only where
+    /// the generator mixes in counts ([`Generator::with_transitions`]).
+    pub fn set_learnt(&mut self, learnt: Option<Arc<dyn Learnt>>) {
+        self.learnt = learnt;
     }
 
     /// Searches the mixture of this generator's distribution (weight
@@ -577,11 +624,27 @@ impl<'m> Generator<'m> {
             let last = req.history.last().copied();
             let (to, counts) = last.map_or((&[][..], &[][..]), |s| transitions.successors(s));
             let mut total = 0.0;
-            for (&sid, &n) in to.iter().zip(counts) {
-                if snapshot.get(sid).is_some() {
-                    total += n as f32;
-                    self.succ.push(sid);
-                    self.cum.push(total + self.cum[lo]);
+            match (&self.learnt, last) {
+                (Some(learnt), Some(last)) => {
+                    self.merged.clear();
+                    self.merged
+                        .extend(to.iter().zip(counts).map(|(&s, &n)| (s, n as f32)));
+                    learnt.successors(last, &mut self.merged);
+                    merge_learnt(&mut self.merged, learnt.as_ref(), snapshot);
+                    for &(sid, n) in &self.merged {
+                        total += n;
+                        self.succ.push(sid);
+                        self.cum.push(total + self.cum[lo]);
+                    }
+                }
+                _ => {
+                    for (&sid, &n) in to.iter().zip(counts) {
+                        if snapshot.get(sid).is_some() {
+                            total += n as f32;
+                            self.succ.push(sid);
+                            self.cum.push(total + self.cum[lo]);
+                        }
+                    }
                 }
             }
             let hi = self.succ.len();

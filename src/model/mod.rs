@@ -66,4 +66,4 @@ pub use fresh::{ContentTable, FreshItems, SidContent};
 pub use siblings::{SiblingTable, MAX_SIBLINGS};
 pub use transformer::{param_count, Dropout, ItemTokens, Model, Params, TrainBatch};
 pub(crate) use transformer::{window_mask, window_positions};
-pub use transitions::{Transitions, TRANSITIONS_FILE};
+pub use transitions::{Learnt, Transitions, TRANSITIONS_FILE};

@@ -38,6 +38,25 @@ use candle_core::{Device, Tensor};
 use super::config::ModelError;
 use crate::sid::{Code, Sid};
 
+/// Successor counts learnt after training, searched together with the
+/// trained ones.
+///
+/// The service learns them from the stream (`service::learnt`): a
+/// successor's weight becomes its trained count plus its learnt weight, and
+/// items popular lately take [`Learnt::popularity_share`] of the counts'
+/// part of the mixture (all of it when the last item has no successor at
+/// all), so an item first clicked after training is reachable through the
+/// counts although the model never saw it.
+pub trait Learnt: Send + Sync {
+    /// Appends `last`'s successors learnt since training, in any order,
+    /// weighted in units of training transitions.
+    fn successors(&self, last: Sid, out: &mut Vec<(Sid, f32)>);
+    /// Items popular lately, in any order, with weights of any scale.
+    fn popular(&self) -> &[(Sid, f32)];
+    /// The share of the counts' part given to popular items, in `[0, 1)`.
+    fn popularity_share(&self) -> f32;
+}
+
 /// The file beside the weights that holds the counts.
 pub const TRANSITIONS_FILE: &str = "transitions.safetensors";
 

@@ -20,6 +20,8 @@ pub struct Config {
     #[serde(default)]
     pub feed: FeedConfig,
     #[serde(default)]
+    pub learning: LearningConfig,
+    #[serde(default)]
     pub catalogue: CatalogueSettings,
     #[serde(default)]
     pub http: HttpConfig,
@@ -174,6 +176,41 @@ impl Default for FeedConfig {
             fresh_weight: 0.1,
             fresh_slots: 1,
             fresh_temperature: 0.2,
+        }
+    }
+}
+
+/// What the service learns from the stream (`crate::service::learnt`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearningConfig {
+    /// Count steps from one item to the next, and how often each item is
+    /// taken, as interactions arrive, and mix them into the search.
+    pub enabled: bool,
+    /// A step learnt from the stream counts as this many training
+    /// transitions.
+    pub successor_weight: f32,
+    /// The share of the counts' part of the mixture that goes to the most
+    /// taken items (all of it where the last item has no successor).
+    pub popularity_share: f32,
+    /// Successors kept per item at most.
+    pub successors_per_item: usize,
+    /// How many of the most taken items are mixed in.
+    pub popular_items: usize,
+    /// The counts' weight in the mixture when the model was trained without
+    /// counts; a model with them keeps its own fitted weight.
+    pub weight: f32,
+}
+
+impl Default for LearningConfig {
+    fn default() -> Self {
+        LearningConfig {
+            enabled: true,
+            successor_weight: 1.0,
+            popularity_share: 0.1,
+            successors_per_item: 64,
+            popular_items: 100,
+            weight: 0.5,
         }
     }
 }
@@ -357,6 +394,24 @@ impl Config {
                 format!("{} is not in [0, 1)", f.fresh_weight),
             ));
         }
+        let l = &self.learning;
+        if !(l.successor_weight >= 0.0 && l.successor_weight.is_finite()) {
+            return Err((
+                "learning.successor_weight",
+                format!("{} is not a number ≥ 0", l.successor_weight),
+            ));
+        }
+        for (key, v) in [
+            ("learning.popularity_share", l.popularity_share),
+            ("learning.weight", l.weight),
+        ] {
+            if !(0.0..1.0).contains(&v) {
+                return Err((key, format!("{v} is not in [0, 1)")));
+            }
+        }
+        if l.successors_per_item == 0 {
+            return Err(("learning.successors_per_item", "must be at least 1".into()));
+        }
         if !(f.fresh_temperature > 0.0 && f.fresh_temperature.is_finite()) {
             return Err((
                 "feed.fresh_temperature",
@@ -446,6 +501,7 @@ mod tests {
         let cfg = Config::load(&root.join("configs/genfeed.toml")).unwrap();
         assert_eq!(cfg.kafka, KafkaConfig::default());
         assert_eq!(cfg.feed, FeedConfig::default());
+        assert_eq!(cfg.learning, LearningConfig::default());
         assert_eq!(cfg.catalogue, CatalogueSettings::default());
         assert_eq!(cfg.http, HttpConfig::default());
         assert_eq!(cfg.log, LogConfig::default());
@@ -468,6 +524,11 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
+        let err = load(&format!("{PATHS}[learning]\npopularity_share = 1\n")).unwrap_err();
+        assert!(
+            err.to_string().contains("learning.popularity_share"),
+            "{err}"
+        );
         let err = load(&format!("{PATHS}[limits]\nid_bytes = 0\n")).unwrap_err();
         assert!(err.to_string().contains("limits.id_bytes"), "{err}");
         let err = load("[feed]\nbeams = 5\n").unwrap_err();

@@ -24,12 +24,13 @@ use tokio::sync::mpsc;
 use super::delivery::{Outbox, Sent};
 use super::histories::Histories;
 use super::kafka::now_ms;
+use super::learnt::{BatchCounts, LearntSettings, SharedCounts};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::scheduler::Job;
 use super::view::SharedView;
 use crate::contract::{InputPosition, RankedItem, Recommendation};
-use crate::model::{Filter, Generator, Model, Request, SearchOptions, Transitions};
+use crate::model::{Filter, Generator, Learnt, Model, Request, SearchOptions, Transitions};
 use crate::sid::Sid;
 
 pub struct FeedWorker {
@@ -49,6 +50,9 @@ pub struct FeedWorker {
     pub deny_items: Vec<String>,
     /// `feed.fresh_weight`: the weight of the view's fresh items.
     pub fresh_weight: f32,
+    /// Counts learnt from the stream, added to the trained ones; `None`:
+    /// learning is off.
+    pub learnt: Option<(SharedCounts, LearntSettings)>,
 }
 
 /// How often the histories are made durable.
@@ -162,6 +166,13 @@ impl FeedWorker {
             })
             .collect();
         generator.set_fresh(view.fresh.clone(), self.fresh_weight);
+        generator.set_learnt(self.learnt.as_ref().map(|(counts, settings)| {
+            Arc::new(BatchCounts::new(
+                counts.load_full(),
+                view.clone(),
+                *settings,
+            )) as Arc<dyn Learnt>
+        }));
         let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
         // Items retired while the search ran are dropped here: a retire
         // is never followed by a feed holding the item.

@@ -196,6 +196,18 @@ impl Drop for Histories {
 }
 
 /// The last applied position and the ords' bytes.
+/// The step a changelog record took: where its interaction was read, and
+/// the user's previous and newest items after it (a record is written for
+/// each append, so the newest item is the one appended). `None` for a
+/// record that is not a history.
+pub fn last_step(record: &[u8]) -> Option<(Position, Option<u32>, u32)> {
+    let (at, ords) = decode("", record).ok()?;
+    let ord = |c: &[u8]| u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+    let mut items = ords.rchunks_exact(4);
+    let last = ord(items.next()?);
+    Some((at?, items.next().map(ord), last))
+}
+
 fn decode<'a>(user: &str, v: &'a [u8]) -> Result<(Option<Position>, &'a [u8]), HistoryError> {
     if v.len() < HEADER || (v.len() - HEADER) % 4 != 0 {
         return Err(HistoryError::Corrupt {

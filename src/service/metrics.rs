@@ -39,6 +39,8 @@ pub struct Metrics {
     pub changelog_restored: Counter,
     pub feeds: Counter,
     pub feed_retries: Counter,
+    /// Steps (previous item → next) learnt from the histories changelog.
+    pub learnt_steps: Counter,
     /// One counter per reason, in the order of [`Reason::ALL`].
     dead_letters: Vec<Counter>,
     pub batch_users: Histogram,
@@ -53,6 +55,10 @@ pub struct Metrics {
     pub live_items: Gauge,
     /// Live items that arrived after training, competing by their content.
     pub fresh_items: Gauge,
+    /// Distinct (item, successor) pairs and items with a popularity count
+    /// learnt from the stream.
+    pub learnt_pairs: Gauge,
+    pub learnt_items: Gauge,
     pub pending_users: Gauge,
     pub consumer_lag: Gauge,
     /// Interaction partitions this instance owns now.
@@ -63,6 +69,9 @@ pub struct Metrics {
     /// The interactions consumer joined its group and got its partitions
     /// (maybe none) with their histories restored.
     pub joined: AtomicBool,
+    /// The learnt counts were read up to where the changelog stood at
+    /// start-up (or learning is off).
+    pub learnt_loaded: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -85,6 +94,10 @@ impl Default for Metrics {
             "feed_retries",
             "Feed deliveries that failed and were sent again.",
         );
+        let learnt_steps = counter(
+            "learnt_steps",
+            "Steps from one item to the next learnt from the stream (every partition's).",
+        );
         let family = Family::<Labels, Counter>::default();
         let dead_letters = Reason::ALL
             .iter()
@@ -105,6 +118,14 @@ impl Default for Metrics {
         let fresh_items = gauge(
             "fresh_items",
             "Live items that arrived after training and compete for feed slots by their content.",
+        );
+        let learnt_pairs = gauge(
+            "learnt_pairs",
+            "Distinct (item, successor) pairs learnt from the stream.",
+        );
+        let learnt_items = gauge(
+            "learnt_items",
+            "Items with a popularity count learnt from the stream.",
         );
         let pending_users = gauge("pending_users", "Users waiting for a feed.");
         let consumer_lag = gauge(
@@ -148,6 +169,7 @@ impl Default for Metrics {
             changelog_restored,
             feeds,
             feed_retries,
+            learnt_steps,
             dead_letters,
             batch_users,
             feed_latency,
@@ -156,12 +178,15 @@ impl Default for Metrics {
             index_generation,
             live_items,
             fresh_items,
+            learnt_pairs,
+            learnt_items,
             pending_users,
             consumer_lag,
             assigned_partitions,
             ready,
             catalogue_loaded: AtomicBool::new(false),
             joined: AtomicBool::new(false),
+            learnt_loaded: AtomicBool::new(false),
         }
     }
 }
@@ -182,9 +207,12 @@ impl Metrics {
         self.dead_letters[i].inc();
     }
 
-    /// Serving: the catalogue is loaded and interactions are being read.
+    /// Serving: the catalogue is loaded, the learnt counts caught up, and
+    /// interactions are being read.
     pub fn is_ready(&self) -> bool {
-        self.catalogue_loaded.load(Relaxed) && self.joined.load(Relaxed)
+        self.catalogue_loaded.load(Relaxed)
+            && self.learnt_loaded.load(Relaxed)
+            && self.joined.load(Relaxed)
     }
 
     pub fn dead_letters(&self) -> u64 {

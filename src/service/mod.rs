@@ -54,6 +54,7 @@ pub mod histories;
 pub mod http;
 pub mod interaction_consumer;
 pub mod kafka;
+pub mod learnt;
 pub mod metrics;
 pub mod offsets;
 pub mod reason;
@@ -83,6 +84,7 @@ use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
 use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
+use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
@@ -187,6 +189,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         )
     })?;
     let model_version = model_version(&paths.model, transitions.as_ref().map(|t| t.1))?;
+    // Learnt counts need a place in the mixture even where training fitted
+    // none.
+    let transitions = match transitions {
+        None if cfg.learning.enabled && cfg.learning.weight > 0.0 => {
+            Some((Transitions::default(), cfg.learning.weight))
+        }
+        t => t,
+    };
     let text = match (&tokenizer.manifest().input.encoder, &paths.text_model) {
         (EncoderSpec::Text { model, .. }, Some(dir)) => {
             let enc = TextEncoder::load(dir, &Device::Cpu)
@@ -243,11 +253,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     check_topics(&cat.consumer, k)?;
     cat.assign()?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone()));
+    let mut learning = start_learning(&cfg, &metrics)?;
 
     // Interactions name items: read them once the catalogue is loaded, or
     // a backlog would dead-letter every item not read yet.
     let mut signals = Signals::new()?;
-    while !metrics.catalogue_loaded.load(Relaxed) {
+    // Nor before the learnt counts caught up, or a restarted instance
+    // would answer from counts older than the others'.
+    while !(metrics.catalogue_loaded.load(Relaxed) && metrics.learnt_loaded.load(Relaxed)) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             r = &mut cat_task => {
@@ -257,6 +270,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             _ = signals.recv() => {
                 let _ = stop_tx.send(true);
                 cat_task.await??;
+                learning.stop();
                 let _ = http_stop_tx.send(true);
                 return Ok(());
             }
@@ -296,6 +310,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         },
         deny_items: f.deny_items.clone(),
         fresh_weight: f.fresh_weight,
+        learnt: learning.counts.clone(),
     };
     let worker_sent = sent_tx.clone();
     let worker = std::thread::Builder::new()
@@ -385,6 +400,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("final commit: no answer in 5 s"),
     }
     histories.flush()?;
+    learning.stop();
     if drained && (!cat_task.is_finished() || failure.is_none()) {
         cat_task.await??;
     }
@@ -477,6 +493,74 @@ impl Signals {
             _ = self.int.recv() => {}
         }
     }
+}
+
+/// The learnt counts' reader, while it runs, and what it publishes.
+struct Learning {
+    counts: Option<(SharedCounts, LearntSettings)>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Learning {
+    /// Stops the reader (within one poll, 100 ms) and waits for its last
+    /// commit to be flushed.
+    fn stop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts reading the histories changelog into the learnt counts
+/// ([`learnt`]), or marks them caught up at once when `learning.enabled` is
+/// off.
+fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learning> {
+    let l = &cfg.learning;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !l.enabled {
+        metrics.learnt_loaded.store(true, Relaxed);
+        return Ok(Learning {
+            counts: None,
+            stop,
+            thread: None,
+        });
+    }
+    let settings = LearntSettings {
+        successor_weight: l.successor_weight,
+        popularity_share: l.popularity_share,
+        successors_per_item: l.successors_per_item,
+        popular_items: l.popular_items,
+    };
+    let learner = Learner::open(&cfg.paths.state_dir.join("learnt"), settings)
+        .context("opening the learnt counts")?;
+    let k = &cfg.kafka;
+    let mut client = kafka::consumer_config(k, &format!("{}-learnt", k.group_id));
+    client.set("enable.auto.commit", "false");
+    let shared: SharedCounts = Default::default();
+    let reader = LearntReader {
+        learner,
+        consumer: client
+            .create()
+            .context("creating the learnt counts' changelog reader")?,
+        marker: kafka::producer_config(k)
+            .create()
+            .context("creating the learnt counts' marker producer")?,
+        topic: k.histories_topic.clone(),
+        instance: instance_id(&cfg.paths.state_dir),
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+    };
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("learnt".into())
+        .spawn(move || reader.run(&flag))?;
+    Ok(Learning {
+        counts: Some((shared, settings)),
+        stop,
+        thread: Some(thread),
+    })
 }
 
 /// How fresh items are found and scored, or `None` when `feed.fresh_weight`

@@ -7,6 +7,7 @@
 //! whatever the (tiny, briefly trained) model prefers.
 
 mod harness;
+mod learnt;
 
 use std::collections::{BTreeSet, HashMap};
 
