@@ -7,6 +7,13 @@
 //! topics. A tokenizer that works puts same-topic items under shared prefixes;
 //! a recommender that works learns which topic comes next.
 //!
+//! In the time-ordered mode ([`SynthConfig::late_items`] > 0) the log is one
+//! stream: users' interactions interleave, timestamps are positions in that
+//! stream, and the last items of the catalogue arrive while it runs (each
+//! from its arrival on, with the content of its topic), half of them
+//! becoming hits of their topic. That is what a streaming recommender must
+//! find: items that did not exist at training time, some of them popular.
+//!
 //! The output is RecBole atomic files, read by the same loader as real data.
 
 use std::fmt::Write as _;
@@ -29,6 +36,10 @@ pub struct SynthConfig {
     /// Width of an `embedding:float_seq` column; 0 writes none.
     pub embedding_dim: usize,
     pub seed: u64,
+    /// Time-ordered mode: this many items (the last ids) arrive during the
+    /// stream, between half and 95% of it; 0 writes each user's sequence
+    /// with positions as timestamps, as before.
+    pub late_items: usize,
 }
 
 impl Default for SynthConfig {
@@ -42,6 +53,7 @@ impl Default for SynthConfig {
             max_seq: 20,
             embedding_dim: 0,
             seed: 7,
+            late_items: 0,
         }
     }
 }
@@ -112,25 +124,23 @@ pub fn generate(dir: &Path, cfg: &SynthConfig) -> std::io::Result<SynthFiles> {
         .map(|t| (0..cfg.items).filter(|&i| topic_of[i] == t).collect())
         .collect();
     let mut inter_file = String::from("user_id:token\titem_id:token\ttimestamp:float\n");
-    for u in 0..cfg.users {
-        let favourite = rng.random_range(0..cfg.topics);
-        let next_topic = (favourite + 1) % cfg.topics;
-        let len = rng.random_range(cfg.min_seq..=cfg.max_seq);
-        for pos in 0..len {
-            // Mostly the favourite topic, alternating with its successor topic,
-            // with some noise: a sequence a model can learn.
-            let t = match rng.random_range(0..10) {
-                0 => rng.random_range(0..cfg.topics),
-                1..=3 => next_topic,
-                _ if pos % 2 == 0 => favourite,
-                _ => next_topic,
-            };
-            let pool = &by_topic[t];
-            if pool.is_empty() {
-                continue;
+    if cfg.late_items > 0 {
+        stream(cfg, &mut rng, &topic_of, &mut inter_file);
+    } else {
+        for u in 0..cfg.users {
+            let (favourite, len) = (
+                rng.random_range(0..cfg.topics),
+                rng.random_range(cfg.min_seq..=cfg.max_seq),
+            );
+            for pos in 0..len {
+                let t = next_topic(cfg, &mut rng, favourite, pos);
+                let pool = &by_topic[t];
+                if pool.is_empty() {
+                    continue;
+                }
+                let item = pool[rng.random_range(0..pool.len())];
+                let _ = writeln!(inter_file, "u{u}\t{item}\t{}", pos + 1);
             }
-            let item = pool[rng.random_range(0..pool.len())];
-            let _ = writeln!(inter_file, "u{u}\t{item}\t{}", pos + 1);
         }
     }
     let items = dir.join(format!("{}.item", cfg.name));
@@ -142,6 +152,84 @@ pub fn generate(dir: &Path, cfg: &SynthConfig) -> std::io::Result<SynthFiles> {
         inter,
         topics: topic_of,
     })
+}
+
+/// The topic of a user's `pos`-th interaction: mostly the favourite topic,
+/// alternating with its successor topic, with some noise: a sequence a model
+/// can learn.
+fn next_topic(cfg: &SynthConfig, rng: &mut ChaCha8Rng, favourite: usize, pos: usize) -> usize {
+    let successor = (favourite + 1) % cfg.topics;
+    match rng.random_range(0..10) {
+        0 => rng.random_range(0..cfg.topics),
+        1..=3 => successor,
+        _ if pos % 2 == 0 => favourite,
+        _ => successor,
+    }
+}
+
+/// The time-ordered log: every user's sequence drawn as in the plain mode,
+/// interleaved at random into one stream; an item of the last
+/// `late_items` exists from its arrival on, and a user who picks a topic
+/// with arrived late items takes one of them 40% of the time, a hit (every
+/// other late item of the topic) eight times as often as the rest.
+fn stream(cfg: &SynthConfig, rng: &mut ChaCha8Rng, topic_of: &[usize], out: &mut String) {
+    use rand::seq::SliceRandom;
+    let late_from = cfg.items.saturating_sub(cfg.late_items);
+    let users: Vec<(usize, usize)> = (0..cfg.users)
+        .map(|_| {
+            (
+                rng.random_range(0..cfg.topics),
+                rng.random_range(cfg.min_seq..=cfg.max_seq),
+            )
+        })
+        .collect();
+    let mut order: Vec<usize> = users
+        .iter()
+        .enumerate()
+        .flat_map(|(u, &(_, len))| std::iter::repeat_n(u, len))
+        .collect();
+    order.shuffle(rng);
+    let total = order.len() as f64;
+    // Late items by arrival time.
+    let mut arrivals: Vec<(usize, usize)> = (late_from..cfg.items)
+        .map(|i| ((total * rng.random_range(0.5..0.95)) as usize, i))
+        .collect();
+    arrivals.sort_unstable();
+    let early: Vec<Vec<usize>> = (0..cfg.topics)
+        .map(|t| (0..late_from).filter(|&i| topic_of[i] == t).collect())
+        .collect();
+    // Arrived late items per topic, with their weights.
+    let mut arrived: Vec<Vec<(usize, f64)>> = vec![Vec::new(); cfg.topics];
+    let mut next_arrival = 0;
+    let mut pos = vec![0usize; cfg.users];
+    for (time, &u) in order.iter().enumerate() {
+        while next_arrival < arrivals.len() && arrivals[next_arrival].0 <= time {
+            let i = arrivals[next_arrival].1;
+            // Every other late item of each topic is a hit.
+            let hit = (i - late_from) / cfg.topics % 2 == 0;
+            arrived[topic_of[i]].push((i, if hit { 8.0 } else { 1.0 }));
+            next_arrival += 1;
+        }
+        let t = next_topic(cfg, rng, users[u].0, pos[u]);
+        pos[u] += 1;
+        let late = &arrived[t];
+        let item = if !late.is_empty() && rng.random_bool(0.4) {
+            let sum: f64 = late.iter().map(|x| x.1).sum();
+            let mut r = rng.random_range(0.0..sum);
+            late.iter()
+                .find(|x| {
+                    r -= x.1;
+                    r < 0.0
+                })
+                .unwrap_or(&late[late.len() - 1])
+                .0
+        } else if early[t].is_empty() {
+            continue;
+        } else {
+            early[t][rng.random_range(0..early[t].len())]
+        };
+        let _ = writeln!(out, "u{u}\t{item}\t{}", time + 1);
+    }
 }
 
 /// `n` distinct SIDs shaped like a trained tokenizer's: content levels drawn

@@ -355,3 +355,109 @@ fn the_cold_start_protocol_keeps_cold_items_out_of_training_and_reports_them_apa
     );
     assert!(report["fresh_share10"].as_f64().unwrap() > 0.0);
 }
+
+/// The time-ordered synthetic log cut in time: training holds the first
+/// 80% of the stream and the items met in it, the stream the rest and the
+/// whole catalogue; the items first met after the cut are late arrivals,
+/// and the hits among the late items are taken more than the others.
+#[test]
+fn a_time_split_of_the_time_ordered_log_leaves_late_items_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, out) = (dir.path().join("data"), dir.path().join("split"));
+    let (items, late) = (600usize, 100usize);
+    ok(genfeed(&[
+        "synth",
+        "--out",
+        p(&data),
+        "--items",
+        "600",
+        "--users",
+        "400",
+        "--topics",
+        "12",
+        "--late-items",
+        "100",
+    ]));
+    ok(genfeed(&[
+        "time-split",
+        "--data",
+        p(&data),
+        "--out",
+        p(&out),
+        "--cut",
+        "0.8",
+    ]));
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap();
+    let rows = |text: &str| -> Vec<Vec<String>> {
+        text.lines()
+            .skip(1)
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect()
+    };
+    let all = rows(&read(&data.join("synth.inter")));
+    let train = rows(&read(&out.join("train/synth.inter")));
+    let stream = rows(&read(&out.join("stream/synth.inter")));
+    assert_eq!(train.len() + stream.len(), all.len());
+    assert_eq!(train.len(), (all.len() as f64 * 0.8).round() as usize);
+    let time = |r: &Vec<String>| r[2].parse::<f64>().unwrap();
+    let last_train = train.iter().map(time).fold(f64::MIN, f64::max);
+    assert!(
+        stream.iter().all(|r| time(r) > last_train),
+        "the cut follows time"
+    );
+    // Timestamps are one stream's positions.
+    let mut times: Vec<f64> = all.iter().map(time).collect();
+    times.sort_by(f64::total_cmp);
+    assert!(times.windows(2).all(|w| w[0] < w[1]));
+
+    let known: std::collections::HashSet<&str> = train.iter().map(|r| r[1].as_str()).collect();
+    let fresh: std::collections::HashSet<&str> = stream
+        .iter()
+        .map(|r| r[1].as_str())
+        .filter(|i| !known.contains(i))
+        .collect();
+    assert!(!fresh.is_empty());
+    let id = |i: &str| i.parse::<usize>().unwrap();
+    // Fresh items are mostly the late arrivals (the rest are items nobody
+    // took before the cut).
+    let fresh_events: Vec<usize> = stream
+        .iter()
+        .filter(|r| fresh.contains(r[1].as_str()))
+        .map(|r| id(&r[1]))
+        .collect();
+    let late_share = fresh_events.iter().filter(|&&i| i >= items - late).count() as f64
+        / fresh_events.len() as f64;
+    assert!(late_share > 0.75, "{late_share}");
+    let catalogue = |path: &Path| -> std::collections::HashSet<String> {
+        rows(&read(path))
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect()
+    };
+    let train_items = catalogue(&out.join("train/synth.item"));
+    let stream_items = catalogue(&out.join("stream/synth.item"));
+    assert_eq!(stream_items.len(), items);
+    assert_eq!(train_items.len(), items - fresh.len());
+    assert!(fresh
+        .iter()
+        .all(|&i| !train_items.contains(i) && stream_items.contains(i)));
+    // Late items appear only in the later half; hits (every other one of
+    // each of the 12 topics) are taken more than the rest.
+    let first_late = all
+        .iter()
+        .filter(|r| id(&r[1]) >= items - late)
+        .map(time)
+        .fold(f64::MAX, f64::min);
+    assert!(first_late > all.len() as f64 * 0.5, "{first_late}");
+    let taken = |hit: usize| {
+        all.iter()
+            .filter(|r| id(&r[1]) >= items - late && (id(&r[1]) - (items - late)) / 12 % 2 == hit)
+            .count()
+    };
+    assert!(
+        taken(0) > 3 * taken(1),
+        "hits {} vs others {}",
+        taken(0),
+        taken(1)
+    );
+}

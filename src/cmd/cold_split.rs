@@ -37,20 +37,8 @@ pub fn run(a: ColdSplitArgs) -> anyhow::Result<()> {
     if a.out.canonicalize().ok() == a.data.canonicalize().ok() {
         bail!("--out must not be --data: the split is a new folder");
     }
-    let mut owned: Vec<(String, String, f64, u64)> = Vec::new();
-    let mut rdr = InteractionReader::from_path(&inter)?;
-    while let Some(i) = rdr.read()? {
-        owned.push((i.user.to_string(), i.item.to_string(), i.timestamp, i.line));
-    }
-    let events: Vec<Interaction<'_>> = owned
-        .iter()
-        .map(|(user, item, timestamp, line)| Interaction {
-            line: *line,
-            user,
-            item,
-            timestamp: *timestamp,
-        })
-        .collect();
+    let owned = read_events(&inter)?;
+    let events = borrow(&owned);
     let split = cold_split(&events, a.fraction, a.seed);
     let dropped: std::collections::HashSet<u64> = events
         .iter()
@@ -95,11 +83,33 @@ pub fn run(a: ColdSplitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn file_name(path: &Path) -> anyhow::Result<&std::ffi::OsStr> {
+/// The interactions of `inter` as owned rows: user, item, timestamp, line.
+pub(super) fn read_events(inter: &Path) -> anyhow::Result<Vec<(String, String, f64, u64)>> {
+    let mut owned = Vec::new();
+    let mut rdr = InteractionReader::from_path(inter)?;
+    while let Some(i) = rdr.read()? {
+        owned.push((i.user.to_string(), i.item.to_string(), i.timestamp, i.line));
+    }
+    Ok(owned)
+}
+
+pub(super) fn borrow(owned: &[(String, String, f64, u64)]) -> Vec<Interaction<'_>> {
+    owned
+        .iter()
+        .map(|(user, item, timestamp, line)| Interaction {
+            line: *line,
+            user,
+            item,
+            timestamp: *timestamp,
+        })
+        .collect()
+}
+
+pub(super) fn file_name(path: &Path) -> anyhow::Result<&std::ffi::OsStr> {
     path.file_name()
         .with_context(|| format!("{}: no file name", path.display()))
 }
 
-fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(super) fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

@@ -6,6 +6,7 @@ mod model;
 mod replay;
 mod run;
 mod synth;
+mod time_split;
 mod tokenizer;
 
 use std::path::PathBuf;
@@ -31,6 +32,10 @@ enum Command {
     /// Write the cold-start protocol's copy of a RecBole folder: a seeded
     /// share of the test items kept only as their users' test targets.
     ColdSplit(cold_split::ColdSplitArgs),
+    /// Write the streaming protocol's split of a RecBole folder: training
+    /// before a cut in time, the rest to stream, fresh items first met
+    /// after it.
+    TimeSplit(time_split::TimeSplitArgs),
     /// Train the generative model on interaction sequences.
     Train(Box<model::TrainArgs>),
     /// Score a trained model with the leave-one-out protocol.
@@ -53,6 +58,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenizer(c) => tokenizer::run(c),
         Command::Synth(a) => synth::run(a),
         Command::ColdSplit(a) => cold_split::run(a),
+        Command::TimeSplit(a) => time_split::run(a),
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
         Command::FitTransitions(a) => model::run_fit_transitions(a),

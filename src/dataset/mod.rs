@@ -34,6 +34,7 @@ mod interactions;
 mod items;
 mod reader;
 pub mod split;
+pub mod time;
 mod value;
 
 pub use error::{ColumnRef, DataError};
