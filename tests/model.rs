@@ -295,6 +295,7 @@ struct TestLearnt {
     successors: HashMap<Sid, Vec<(Sid, f32)>>,
     popular: Vec<(Sid, f32)>,
     share: f32,
+    boost: HashMap<Sid, f32>,
 }
 
 impl Learnt for TestLearnt {
@@ -306,6 +307,9 @@ impl Learnt for TestLearnt {
     }
     fn popularity_share(&self) -> f32 {
         self.share
+    }
+    fn fresh_boost(&self, sid: Sid) -> f32 {
+        self.boost.get(&sid).copied().unwrap_or(1.0)
     }
 }
 
@@ -319,7 +323,7 @@ fn with_learnt_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
     let transitions = random_transitions(&hs, &all, 5);
     // Learnt successors for every history's last item, the first's too
     // (which has no trained ones), some of them not live; and popular
-    // items, one of them not live.
+    // items (live, sorted by SID, as the trait asks).
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let learnt = TestLearnt {
         successors: hs
@@ -336,8 +340,13 @@ fn with_learnt_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
                 (*h.last().unwrap(), to)
             })
             .collect(),
-        popular: vec![(sids[3], 5.0), (all[65], 9.0), (sids[40], 2.0)],
+        popular: {
+            let mut p = vec![(sids[3], 5.0), (sids[40], 2.0)];
+            p.sort_by(|a, b| a.0.codes().cmp(b.0.codes()));
+            p
+        },
         share: 0.2,
+        boost: HashMap::new(),
     };
     let w = 0.4f32;
     let opts = SearchOptions {
@@ -1021,6 +1030,50 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
         }];
         let list = mixed.generate(index.snapshot(), &request, &opts).unwrap();
         assert!(list[0].iter().all(|g| g.sid != sids[6]));
+    }
+}
+
+/// Of two fresh twins (the same content, like the user's last item), the
+/// one the stream took more wins the one fresh slot, at the score of the
+/// mixture whose content part the learnt counts reweighted.
+#[test]
+fn learnt_counts_move_content_mass_to_the_fresh_item_taken_more() {
+    let (model, sids, index, fresh) = fresh_fixture();
+    let fresh = std::sync::Arc::new(fresh.with_slots(1));
+    let weight = 0.5f32;
+    let opts = SearchOptions {
+        beams: 10,
+        top_k: 10,
+        exclude_history: true,
+    };
+    for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
+        let mut history = history;
+        history.retain(|s| *s != sids[2] && *s != sids[6]);
+        history.push(sids[10]);
+        let request = [Request::new(&history)];
+        for (favoured, other) in [(2, 6), (6, 2)] {
+            let mut g = Generator::new(&model).with_fresh(fresh.clone(), weight);
+            g.set_learnt(Some(Arc::new(TestLearnt {
+                successors: HashMap::new(),
+                popular: Vec::new(),
+                share: 0.0,
+                boost: HashMap::from([(sids[favoured], 3.0)]),
+            })));
+            let list = g.generate(index.snapshot(), &request, &opts).unwrap();
+            let got = list[0].iter().find(|x| x.sid == sids[favoured]);
+            let got = got.unwrap_or_else(|| panic!("history {h}: twin {favoured} kept"));
+            assert!(list[0].iter().all(|x| x.sid != sids[other]), "history {h}");
+            // The twins held the content part between them (the rest are
+            // unlike the last item at temperature .05): 3/4 of it now.
+            let mut alone = Generator::new(&model);
+            let model_lp = forced_log_prob(&mut alone, &index, &history, sids[favoured]);
+            let expected = ((1.0 - weight) * model_lp.exp() + weight * 0.75).ln();
+            assert!(
+                (got.log_prob - expected).abs() < 1e-3,
+                "history {h}: {} vs {expected}",
+                got.log_prob
+            );
+        }
     }
 }
 

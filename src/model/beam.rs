@@ -206,11 +206,15 @@ pub struct Generator<'m> {
     model: &'m Model,
     transitions: Option<(&'m Transitions, f32)>,
     learnt: Option<Arc<dyn Learnt>>,
-    /// One request's successors, trained and learnt, before they are merged.
+    /// One request's successors, trained and learnt, before they are
+    /// merged, and the buffer they are merged through.
     merged: Vec<(Sid, f32)>,
+    merge_scratch: Vec<(Sid, f32)>,
     fresh: Option<(Arc<FreshItems>, f32)>,
     /// Per fresh item: live in this call's snapshot; and its content score.
     fresh_live: Vec<bool>,
+    /// Per fresh item: what the learnt counts multiply its content by.
+    fresh_boost: Vec<f32>,
     fresh_log_p: Vec<f32>,
     fresh_order: Vec<u32>,
     fresh_recent: Vec<(Sid, u32)>,
@@ -220,6 +224,8 @@ pub struct Generator<'m> {
     /// with running count totals (`cum[j]` = counts before `succ[j]`).
     succ: Vec<Sid>,
     cum: Vec<f32>,
+    /// Each request's run of `succ`.
+    request_succ: Vec<(u32, u32)>,
     mixes: Vec<Option<Mix>>,
     /// This level's corrected candidates, request-major, `fix_offsets[r]..`.
     fixes: Vec<Fix>,
@@ -239,30 +245,16 @@ pub struct Generator<'m> {
 
 /// Turns one request's trained and learnt successors (`merged`, any
 /// order) into the live ones sorted by SID, each once, with the popular
-/// items' share added.
-fn merge_learnt(merged: &mut Vec<(Sid, f32)>, learnt: &dyn Learnt, snapshot: &Snapshot) {
+/// items' share merged in (through `scratch`).
+fn merge_learnt(
+    merged: &mut Vec<(Sid, f32)>,
+    scratch: &mut Vec<(Sid, f32)>,
+    learnt: &dyn Learnt,
+    snapshot: &Snapshot,
+) {
+    let by_sid = |a: &(Sid, f32), b: &(Sid, f32)| a.0.codes().cmp(b.0.codes());
     merged.retain(|&(sid, n)| n > 0.0 && snapshot.get(sid).is_some());
-    let known: f32 = merged.iter().map(|&(_, n)| n).sum();
-    let share = learnt.popularity_share();
-    let live = |&&(sid, n): &&(Sid, f32)| n > 0.0 && snapshot.get(sid).is_some();
-    let popular: f32 = learnt.popular().iter().filter(live).map(|&(_, n)| n).sum();
-    if share > 0.0 && popular > 0.0 {
-        // Popular items get `share` of the counts' mass beside known
-        // successors, and all of it where there are none.
-        let scale = if known > 0.0 {
-            share / (1.0 - share) * known / popular
-        } else {
-            1.0 / popular
-        };
-        merged.extend(
-            learnt
-                .popular()
-                .iter()
-                .filter(live)
-                .map(|&(s, n)| (s, n * scale)),
-        );
-    }
-    merged.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
+    merged.sort_unstable_by(by_sid);
     merged.dedup_by(|later, kept| {
         let same = later.0 == kept.0;
         if same {
@@ -270,6 +262,59 @@ fn merge_learnt(merged: &mut Vec<(Sid, f32)>, learnt: &dyn Learnt, snapshot: &Sn
         }
         same
     });
+    let known: f32 = merged.iter().map(|&(_, n)| n).sum();
+    let (share, popular) = (learnt.popularity_share(), learnt.popular());
+    let weight: f32 = popular.iter().map(|&(_, n)| n).sum();
+    if share <= 0.0 || weight <= 0.0 {
+        return;
+    }
+    // Popular items get `share` of the counts' mass beside known
+    // successors, and all of it where there are none.
+    let scale = if known > 0.0 {
+        share / (1.0 - share) * known / weight
+    } else {
+        1.0 / weight
+    };
+    scratch.clear();
+    let (mut i, mut j) = (0, 0);
+    while i < merged.len() || j < popular.len() {
+        let order = match (merged.get(i), popular.get(j)) {
+            (Some(a), Some(b)) => by_sid(a, b),
+            (Some(_), None) => Ordering::Less,
+            _ => Ordering::Greater,
+        };
+        match order {
+            Ordering::Less => {
+                scratch.push(merged[i]);
+                i += 1;
+            }
+            Ordering::Greater => {
+                scratch.push((popular[j].0, popular[j].1 * scale));
+                j += 1;
+            }
+            Ordering::Equal => {
+                scratch.push((merged[i].0, merged[i].1 + popular[j].1 * scale));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    std::mem::swap(merged, scratch);
+}
+
+/// Multiplies each fresh item's probability by its boost and rescales them
+/// to the mass they had: the stream moves mass among fresh items, it adds
+/// none to them.
+fn boost(log_p: &mut [f32], by: &[f32]) {
+    let mass: f32 = log_p.iter().map(|l| l.exp()).sum();
+    let boosted: f32 = log_p.iter().zip(by).map(|(l, b)| l.exp() * b).sum();
+    if !(mass > 0.0 && boosted > 0.0) {
+        return;
+    }
+    let shift = (mass / boosted).ln();
+    for (l, b) in log_p.iter_mut().zip(by) {
+        *l += b.ln() + shift;
+    }
 }
 
 /// `ln(e^a + e^b)` without overflow.
@@ -285,8 +330,10 @@ impl<'m> Generator<'m> {
             transitions: None,
             learnt: None,
             merged: Vec::new(),
+            merge_scratch: Vec::new(),
             fresh: None,
             fresh_live: Vec::new(),
+            fresh_boost: Vec::new(),
             fresh_log_p: Vec::new(),
             fresh_order: Vec::new(),
             fresh_recent: Vec::new(),
@@ -294,6 +341,7 @@ impl<'m> Generator<'m> {
             fresh_part: Vec::new(),
             succ: Vec::new(),
             cum: Vec::new(),
+            request_succ: Vec::new(),
             mixes: Vec::new(),
             fixes: Vec::new(),
             fix_offsets: Vec::new(),
@@ -527,8 +575,13 @@ impl<'m> Generator<'m> {
             self.fresh_live.clear();
             self.fresh_live
                 .extend((0..fresh.len()).map(|i| snapshot.get(fresh.item(i).0).is_some()));
-            for (req, items) in requests.iter().zip(&mut out) {
-                self.merge_fresh(&fresh, weight, snapshot, req, opts, items);
+            self.fresh_boost.clear();
+            if let Some(learnt) = &self.learnt {
+                self.fresh_boost
+                    .extend((0..fresh.len()).map(|i| learnt.fresh_boost(fresh.item(i).0)));
+            }
+            for (r, (req, items)) in requests.iter().zip(&mut out).enumerate() {
+                self.merge_fresh(&fresh, weight, snapshot, (r, req), opts, items);
                 items.truncate(opts.top_k);
             }
         }
@@ -537,12 +590,15 @@ impl<'m> Generator<'m> {
 
     /// Mixes one request's list with its best fresh items by content. Both
     /// lists are their part's top `top_k`, so the merge is the mixture's.
+    /// The slot cap is for fresh items known by their content alone: one
+    /// the request's counts lead to (learnt from the stream, since training
+    /// never saw it) has earned its place and is not capped.
     fn merge_fresh(
         &mut self,
         fresh: &FreshItems,
         weight: f32,
         snapshot: &Snapshot,
-        req: &Request<'_>,
+        (r, req): (usize, &Request<'_>),
         opts: &SearchOptions,
         items: &mut Vec<Generated>,
     ) {
@@ -567,6 +623,9 @@ impl<'m> Generator<'m> {
             &mut self.fresh_log_p,
         ) {
             return;
+        }
+        if !self.fresh_boost.is_empty() {
+            boost(&mut self.fresh_log_p, &self.fresh_boost);
         }
         let (model_w, fresh_w) = ((1.0 - weight).ln(), weight.ln());
         let log_p = &self.fresh_log_p;
@@ -598,11 +657,16 @@ impl<'m> Generator<'m> {
             }
         }
         items.sort_by(|a, b| b.log_prob.total_cmp(&a.log_prob));
+        let (lo, hi) = self.request_succ.get(r).copied().unwrap_or_default();
+        let counted = &self.succ[lo as usize..hi as usize];
         let mut taken = 0;
         items.retain(|g| {
-            let fresh_item = fresh.position(g.sid).is_some();
-            taken += usize::from(fresh_item);
-            !fresh_item || taken <= fresh.slots()
+            let capped = fresh.position(g.sid).is_some()
+                && counted
+                    .binary_search_by(|s| s.codes().cmp(g.sid.codes()))
+                    .is_err();
+            taken += usize::from(capped);
+            !capped || taken <= fresh.slots()
         });
     }
 
@@ -614,6 +678,7 @@ impl<'m> Generator<'m> {
         self.cum.push(0.0);
         self.mixes.clear();
         self.beams.spans.clear();
+        self.request_succ.clear();
         let Some((transitions, weight)) = self.transitions else {
             self.mixes.resize(requests.len(), None);
             self.beams.spans.resize(requests.len(), (0, 0));
@@ -630,7 +695,12 @@ impl<'m> Generator<'m> {
                     self.merged
                         .extend(to.iter().zip(counts).map(|(&s, &n)| (s, n as f32)));
                     learnt.successors(last, &mut self.merged);
-                    merge_learnt(&mut self.merged, learnt.as_ref(), snapshot);
+                    merge_learnt(
+                        &mut self.merged,
+                        &mut self.merge_scratch,
+                        learnt.as_ref(),
+                        snapshot,
+                    );
                     for &(sid, n) in &self.merged {
                         total += n;
                         self.succ.push(sid);
@@ -649,6 +719,7 @@ impl<'m> Generator<'m> {
             }
             let hi = self.succ.len();
             self.beams.spans.push((lo as u32, hi as u32));
+            self.request_succ.push((lo as u32, hi as u32));
             self.mixes.push((total > 0.0).then(|| Mix {
                 bonus: (weight / ((1.0 - weight) * total)).ln(),
                 shift: (1.0 - weight).ln(),

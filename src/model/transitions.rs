@@ -51,10 +51,18 @@ pub trait Learnt: Send + Sync {
     /// Appends `last`'s successors learnt since training, in any order,
     /// weighted in units of training transitions.
     fn successors(&self, last: Sid, out: &mut Vec<(Sid, f32)>);
-    /// Items popular lately, in any order, with weights of any scale.
+    /// Items popular lately, live in the snapshot searched and sorted by
+    /// SID (found once per batch, not per request), with weights of any
+    /// scale.
     fn popular(&self) -> &[(Sid, f32)];
     /// The share of the counts' part given to popular items, in `[0, 1)`.
     fn popularity_share(&self) -> f32;
+    /// How much the stream favours a fresh item (one training never saw,
+    /// [`super::fresh`]): its content probability is multiplied by this
+    /// and the fresh items' part renormalised, so that among the new items
+    /// near a user's last one those catching on come first. 1 when nothing
+    /// was learnt.
+    fn fresh_boost(&self, sid: Sid) -> f32;
 }
 
 /// The file beside the weights that holds the counts.

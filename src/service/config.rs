@@ -197,6 +197,9 @@ pub struct LearningConfig {
     pub successors_per_item: usize,
     /// How many of the most taken items are mixed in.
     pub popular_items: usize,
+    /// Fresh items' content probabilities are multiplied by (1 + times
+    /// taken)^this and renormalised among them; 0: content alone.
+    pub fresh_popularity: f32,
     /// The counts' weight in the mixture when the model was trained without
     /// counts; a model with them keeps its own fitted weight.
     pub weight: f32,
@@ -210,7 +213,8 @@ impl Default for LearningConfig {
             popularity_share: 0.1,
             successors_per_item: 64,
             popular_items: 100,
-            weight: 0.5,
+            fresh_popularity: 1.0,
+            weight: 0.2,
         }
     }
 }
@@ -395,11 +399,13 @@ impl Config {
             ));
         }
         let l = &self.learning;
-        if !(l.successor_weight >= 0.0 && l.successor_weight.is_finite()) {
-            return Err((
-                "learning.successor_weight",
-                format!("{} is not a number ≥ 0", l.successor_weight),
-            ));
+        for (key, v) in [
+            ("learning.successor_weight", l.successor_weight),
+            ("learning.fresh_popularity", l.fresh_popularity),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err((key, format!("{v} is not a number ≥ 0")));
+            }
         }
         for (key, v) in [
             ("learning.popularity_share", l.popularity_share),

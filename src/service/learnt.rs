@@ -10,7 +10,10 @@
 //! mixed into the search ([`crate::model::Learnt`]): a learnt transition
 //! weighs `learning.successor_weight` trained ones, and the items popular
 //! lately take `learning.popularity_share` of the counts' part of the
-//! mixture.
+//! mixture. Among the fresh items (those training never saw, scored by
+//! their content), how often each was taken reorders their content
+//! probabilities (`learning.fresh_popularity`): of the new items near a
+//! user's last one, those catching on come first.
 //!
 //! # One state on every instance
 //!
@@ -70,6 +73,14 @@ use crate::store::{Store, StoreError};
 /// Changelog records applied per commit at most.
 const BATCH: usize = 4096;
 
+/// How often what was read is committed and published at most: counts may
+/// trail the stream by this much, and a commit costs page writes.
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+
+/// How often a commit is made durable (an fsync) at most: a crash re-reads
+/// at most this much of the changelog, which holds everything.
+const DURABLE_EVERY: Duration = Duration::from_secs(10);
+
 /// How long the start-up catch-up may take before the service serves
 /// without it (with an error in the log).
 const CATCH_UP: Duration = Duration::from_secs(60);
@@ -94,6 +105,7 @@ pub struct LearntSettings {
     pub popularity_share: f32,
     pub successors_per_item: usize,
     pub popular_items: usize,
+    pub fresh_popularity: f32,
 }
 
 /// One published state of the learnt counts, by registry ord (an item that
@@ -104,6 +116,8 @@ pub struct Counts {
     successors: imbl::HashMap<u32, Arc<Vec<(u32, u32)>>>,
     /// The most taken items and their counts, most taken first.
     popular: Arc<[(u32, u32)]>,
+    /// How often each item was taken.
+    taken: imbl::HashMap<u32, u32>,
 }
 
 impl Counts {
@@ -131,11 +145,15 @@ pub struct BatchCounts {
 
 impl BatchCounts {
     pub fn new(counts: Arc<Counts>, view: Arc<View>, settings: LearntSettings) -> BatchCounts {
-        let popular = counts
+        let mut popular: Vec<(Sid, f32)> = counts
             .popular()
             .iter()
-            .filter_map(|&(o, n)| Some((view.item(o)?.sid?, n as f32)))
+            .filter_map(|&(o, n)| {
+                let sid = view.item(o)?.sid?;
+                view.is_live(o, sid).then_some((sid, n as f32))
+            })
             .collect();
+        popular.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
         BatchCounts {
             counts,
             view,
@@ -166,6 +184,16 @@ impl Learnt for BatchCounts {
     fn popularity_share(&self) -> f32 {
         self.settings.popularity_share
     }
+
+    fn fresh_boost(&self, sid: Sid) -> f32 {
+        let taken = self
+            .view
+            .snapshot
+            .get(sid)
+            .and_then(|o| self.counts.taken.get(&o).copied())
+            .unwrap_or(0);
+        (1.0 + taken as f32).powf(self.settings.fresh_popularity)
+    }
 }
 
 const SUCCESSORS: u8 = b's';
@@ -190,7 +218,6 @@ pub struct Learner {
     db: Store,
     settings: LearntSettings,
     counts: Counts,
-    popularity: HashMap<u32, u32>,
     /// The `popular_items` greatest `(count, ord)`.
     top: BTreeSet<(u32, u32)>,
     /// Per interactions partition, the newest offset applied.
@@ -205,12 +232,11 @@ pub struct Learner {
 impl Learner {
     /// Opens (or creates) the counts in `dir`.
     pub fn open(dir: &Path, settings: LearntSettings) -> Result<Learner, LearntError> {
-        let db = Store::open_in(dir, "learnt.redb", Duration::from_secs(1))?;
+        let db = Store::open_in(dir, "learnt.redb", DURABLE_EVERY)?;
         let mut l = Learner {
             db,
             settings,
             counts: Counts::default(),
-            popularity: HashMap::new(),
             top: BTreeSet::new(),
             applied: HashMap::new(),
             read: HashMap::new(),
@@ -286,7 +312,7 @@ impl Learner {
             return false;
         }
         self.applied.insert(at.partition, at.offset);
-        let n = self.popularity.get(&last).copied().unwrap_or(0) + 1;
+        let n = self.counts.taken.get(&last).copied().unwrap_or(0) + 1;
         self.set_popularity(last, n);
         self.dirty_popularity.insert(last);
         if let Some(from) = previous {
@@ -323,7 +349,7 @@ impl Learner {
     }
 
     fn set_popularity(&mut self, ord: u32, n: u32) {
-        let old = self.popularity.insert(ord, n).unwrap_or(0);
+        let old = self.counts.taken.insert(ord, n).unwrap_or(0);
         let cap = self.settings.popular_items;
         if self.top.remove(&(old, ord)) || self.top.len() < cap {
             self.top.insert((n, ord));
@@ -352,7 +378,7 @@ impl Learner {
             writes.push((item_key(SUCCESSORS, from), value));
         }
         for &ord in &self.dirty_popularity {
-            let n = self.popularity[&ord];
+            let n = self.counts.taken[&ord];
             writes.push((item_key(POPULARITY, ord), n.to_be_bytes().to_vec()));
         }
         for (&p, &o) in &self.applied {
@@ -378,7 +404,7 @@ impl Learner {
 
     /// Items taken at least once.
     pub fn items(&self) -> usize {
-        self.popularity.len()
+        self.counts.taken.len()
     }
 
     /// Makes every commit durable.
@@ -451,28 +477,29 @@ impl LearntReader {
             }
         };
         let started = Instant::now();
+        let (mut read, mut counted, mut committed) = (0, 0, Instant::now());
         while !stop.load(Relaxed) {
-            let mut counted = 0;
-            let mut read = 0;
-            while read < BATCH {
-                let wait = if read == 0 { 100 } else { 0 };
-                let m = match self.consumer.poll(Duration::from_millis(wait)) {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "reading the histories changelog");
-                        break;
+            match self.consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => {
+                    read += 1;
+                    let key = m.key().unwrap_or(&[]);
+                    if key == MARKER_KEY && m.payload() == Some(token.as_bytes()) {
+                        waiting.remove(&m.partition());
                     }
-                    None => break,
-                };
-                read += 1;
-                let key = m.key().unwrap_or(&[]);
-                if key == MARKER_KEY && m.payload() == Some(token.as_bytes()) {
-                    waiting.remove(&m.partition());
+                    let payload = m.payload().unwrap_or(&[]);
+                    let step = self.learner.apply(m.partition(), m.offset(), key, payload);
+                    counted += u64::from(step);
                 }
-                let payload = m.payload().unwrap_or(&[]);
-                counted += usize::from(self.learner.apply(m.partition(), m.offset(), key, payload));
+                Some(Err(e)) => tracing::warn!(error = %e, "reading the histories changelog"),
+                None => {}
             }
-            if read > 0 {
+            // While catching up at start, everything up to the markers is
+            // committed as soon as they are read: readiness waits for it.
+            let catching_up = !self.metrics.learnt_loaded.load(Relaxed);
+            let due = committed.elapsed() >= COMMIT_EVERY
+                || read >= BATCH
+                || (catching_up && waiting.is_empty());
+            if read > 0 && due {
                 match self.learner.commit() {
                     Ok(counts) => self.shared.store(Arc::new(counts)),
                     Err(e) => {
@@ -481,13 +508,12 @@ impl LearntReader {
                         return;
                     }
                 }
-                self.metrics.learnt_steps.inc_by(counted as u64);
+                self.metrics.learnt_steps.inc_by(counted);
                 self.metrics.learnt_pairs.set(self.learner.pairs() as i64);
                 self.metrics.learnt_items.set(self.learner.items() as i64);
+                (read, counted, committed) = (0, 0, Instant::now());
             }
-            if !self.metrics.learnt_loaded.load(Relaxed)
-                && (waiting.is_empty() || started.elapsed() > CATCH_UP)
-            {
+            if catching_up && read == 0 && (waiting.is_empty() || started.elapsed() > CATCH_UP) {
                 if !waiting.is_empty() {
                     tracing::error!(partitions = ?waiting, "the changelog's end markers were not read in time; serving with the counts learnt so far");
                 }
@@ -498,6 +524,11 @@ impl LearntReader {
                     "learnt counts caught up"
                 );
                 self.metrics.learnt_loaded.store(true, Relaxed);
+            }
+        }
+        if read > 0 {
+            if let Ok(counts) = self.learner.commit() {
+                self.shared.store(Arc::new(counts));
             }
         }
         if let Err(e) = self.learner.flush() {
@@ -516,6 +547,7 @@ mod tests {
             popularity_share: 0.1,
             successors_per_item: successors,
             popular_items: popular,
+            fresh_popularity: 1.0,
         }
     }
 

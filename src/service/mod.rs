@@ -532,12 +532,17 @@ fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learni
         popularity_share: l.popularity_share,
         successors_per_item: l.successors_per_item,
         popular_items: l.popular_items,
+        fresh_popularity: l.fresh_popularity,
     };
     let learner = Learner::open(&cfg.paths.state_dir.join("learnt"), settings)
         .context("opening the learnt counts")?;
     let k = &cfg.kafka;
     let mut client = kafka::consumer_config(k, &format!("{}-learnt", k.group_id));
-    client.set("enable.auto.commit", "false");
+    // Counts may trail the stream by a fraction of a second; the brokers
+    // need not answer this reader's fetches every 10 ms.
+    client
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "100");
     let shared: SharedCounts = Default::default();
     let reader = LearntReader {
         learner,

@@ -117,6 +117,7 @@ fn steps_learnt_from_the_stream_bring_a_new_item_into_feeds_and_survive_kill_9()
         popularity_share: 0.1,
         successors_per_item: 64,
         popular_items: 100,
+        fresh_popularity: 1.0,
     };
     let learner = Learner::open(&state.join("learnt"), settings).unwrap();
     let after: HashMap<u32, u32> = learner
