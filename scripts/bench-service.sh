@@ -10,6 +10,10 @@
 # broker, service and load generator share its cores, as they would in the demo.
 # GENFEED=path/to/genfeed benchmarks that binary instead of building this tree
 # (to compare a change with the build before it on the same machine).
+# LEARNING=false turns off learning from the stream ([learning] enabled).
+# TRAIN=DIR makes it the prequential replay of a time split
+# (`genfeed time-split`): DATA is the split's stream folder, DIR its training
+# folder (written as the catalogue), no brand-new items beside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -45,6 +49,8 @@ model = "$model"
 $text_model
 [feed]
 beams = $beams
+[learning]
+enabled = ${LEARNING:-true}
 [http]
 listen = "127.0.0.1:0"
 TOML
@@ -55,5 +61,10 @@ for _ in $(seq 1 600); do
   kill -0 "$service_pid" 2>/dev/null || { tail -n 20 "$work/service.log"; exit 1; }
   sleep 0.1
 done
+if [ -n "${TRAIN:-}" ]; then
+  split=(--train "$(cd "$TRAIN" && pwd)" --new-items 0)
+else
+  split=(--new-items 2)
+fi
 "$genfeed" replay --config "$work/service.toml" --data "$data" --catalogue \
-  --rate "$rate" --seconds "$seconds" --new-items 2 --show 0 --json
+  --rate "$rate" --seconds "$seconds" "${split[@]}" --show 0 --json

