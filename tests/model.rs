@@ -220,15 +220,42 @@ fn random_transitions(hs: &[Vec<Sid>], pool: &[Sid], seed: u64) -> Transitions {
     Transitions::count(pairs)
 }
 
-#[test]
-fn with_successor_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
+/// A model over 70 items of which the first 60 are live, histories over
+/// the live ones, and successor counts over all (some not live).
+fn counts_fixture() -> (Model, Vec<Sid>, OfflineIndex, Vec<Vec<Sid>>, Transitions) {
     let vocab = vec![6, 5, 4];
     let (model, all, _) = fixture(&vocab, 70, 3, 11);
-    // Ten items are not live; some histories' successors are among them.
-    let sids = &all[..60];
-    let index = OfflineIndex::build(sids, &vocab).unwrap();
-    let hs = histories(sids, 6, 1);
+    let index = OfflineIndex::build(&all[..60], &vocab).unwrap();
+    let hs = histories(&all[..60], 6, 1);
     let transitions = random_transitions(&hs, &all, 5);
+    (model, all, index, hs, transitions)
+}
+
+/// `list` is the top of `exact` (a mixture's log-probabilities, best
+/// first): each item at its own score, and the scores in order (items
+/// with equal counts and a tiny model share tie up to rounding).
+fn assert_exact_top(list: &[genfeed::model::Generated], exact: &[(Sid, f32)]) {
+    assert_eq!(list.len(), 10);
+    for (g, (_, lp)) in list.iter().zip(exact) {
+        let own = exact
+            .iter()
+            .find(|(s, _)| *s == g.sid)
+            .expect("only live items")
+            .1;
+        assert!(
+            (g.log_prob - own).abs() < 1e-4,
+            "{}: {} vs {own}",
+            g.sid,
+            g.log_prob
+        );
+        assert!((g.log_prob - lp).abs() < 1e-4, "{} vs {lp}", g.log_prob);
+    }
+}
+
+#[test]
+fn with_successor_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
+    let (model, all, index, hs, transitions) = counts_fixture();
+    let sids = &all[..60];
     let w = 0.4f32;
     let opts = SearchOptions {
         beams: 60,
@@ -263,24 +290,7 @@ fn with_successor_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
             .collect();
         exact.sort_by(|a, b| b.1.total_cmp(&a.1));
         mixed_any |= live_total > 0 && exact[0].0 != model_alone[0].0;
-        // Successors with equal counts and a tiny model share tie up to
-        // rounding, so the check is by score: each returned item's own
-        // mixture log-probability, and the exact top ten's scores in order.
-        assert_eq!(list.len(), 10);
-        for (g, (_, lp)) in list.iter().zip(&exact) {
-            let own = exact
-                .iter()
-                .find(|(s, _)| *s == g.sid)
-                .expect("only live items")
-                .1;
-            assert!(
-                (g.log_prob - own).abs() < 1e-4,
-                "{}: {} vs {own}",
-                g.sid,
-                g.log_prob
-            );
-            assert!((g.log_prob - lp).abs() < 1e-4, "{} vs {lp}", g.log_prob);
-        }
+        assert_exact_top(list, &exact);
         let total: f32 = exact.iter().map(|(_, lp)| lp.exp()).sum();
         assert!(
             total <= 1.0 + 1e-4,
@@ -315,12 +325,8 @@ impl Learnt for TestLearnt {
 
 #[test]
 fn with_learnt_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
-    let vocab = vec![6, 5, 4];
-    let (model, all, _) = fixture(&vocab, 70, 3, 11);
+    let (model, all, index, hs, transitions) = counts_fixture();
     let sids = &all[..60];
-    let index = OfflineIndex::build(sids, &vocab).unwrap();
-    let hs = histories(sids, 6, 1);
-    let transitions = random_transitions(&hs, &all, 5);
     // Learnt successors for every history's last item, the first's too
     // (which has no trained ones), some of them not live; and popular
     // items (live, sorted by SID, as the trait asks).
@@ -392,17 +398,7 @@ fn with_learnt_counts_the_search_finds_the_exact_top_items_of_the_mixture() {
             })
             .collect();
         exact.sort_by(|a, b| b.1.total_cmp(&a.1));
-        assert_eq!(list.len(), 10);
-        for (g, (_, lp)) in list.iter().zip(&exact) {
-            let own = exact.iter().find(|(s, _)| *s == g.sid).unwrap().1;
-            assert!(
-                (g.log_prob - own).abs() < 1e-4,
-                "{}: {} vs {own}",
-                g.sid,
-                g.log_prob
-            );
-            assert!((g.log_prob - lp).abs() < 1e-4, "{} vs {lp}", g.log_prob);
-        }
+        assert_exact_top(list, &exact);
         let top_alone: Vec<Sid> = model_alone[..10].iter().map(|x| x.0).collect();
         learnt_only_listed |= list.iter().any(|g| {
             !to.contains(&g.sid) && !top_alone.contains(&g.sid) && weight.contains_key(&g.sid)
@@ -977,6 +973,19 @@ fn fresh_fixture() -> (Model, Vec<Sid>, OfflineIndex, FreshItems) {
     (model, sids, index, fresh)
 }
 
+/// Histories for [`fresh_fixture`]: without the twins, ending with item 10,
+/// whose content the twins share.
+fn twin_histories(sids: &[Sid]) -> Vec<Vec<Sid>> {
+    histories(sids, 12, 9)
+        .into_iter()
+        .map(|mut h| {
+            h.retain(|s| *s != sids[2] && *s != sids[6]);
+            h.push(sids[10]);
+            h
+        })
+        .collect()
+}
+
 #[test]
 fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture() {
     let (model, sids, index, fresh) = fresh_fixture();
@@ -986,10 +995,7 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
         top_k: 10,
         exclude_history: true,
     };
-    for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
-        let mut history = history;
-        history.retain(|s| *s != sids[2] && *s != sids[6]);
-        history.push(sids[10]);
+    for (h, history) in twin_histories(&sids).into_iter().enumerate() {
         let request = [Request::new(&history)];
         let mut mixed =
             Generator::new(&model).with_fresh(std::sync::Arc::new(fresh.clone()), weight);
@@ -1046,10 +1052,7 @@ fn learnt_counts_move_content_mass_to_the_fresh_item_taken_more() {
         top_k: 10,
         exclude_history: true,
     };
-    for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
-        let mut history = history;
-        history.retain(|s| *s != sids[2] && *s != sids[6]);
-        history.push(sids[10]);
+    for (h, history) in twin_histories(&sids).into_iter().enumerate() {
         let request = [Request::new(&history)];
         for (favoured, other) in [(2, 6), (6, 2)] {
             let mut g = Generator::new(&model).with_fresh(fresh.clone(), weight);
@@ -1088,10 +1091,7 @@ fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item
         exclude_history: true,
     };
     let is_fresh = |s: Sid| (0..7).any(|i| sids[i] == s);
-    for (h, history) in histories(&sids, 12, 9).into_iter().enumerate() {
-        let mut history = history;
-        history.retain(|s| *s != sids[2] && *s != sids[6]);
-        history.push(sids[10]);
+    for (h, history) in twin_histories(&sids).into_iter().enumerate() {
         let request = [Request::new(&history)];
         let all = Generator::new(&model)
             .with_fresh(uncapped.clone(), 0.5)

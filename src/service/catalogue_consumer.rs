@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
-use super::kafka::{now_ms, MARKER_KEY, METADATA_TIMEOUT};
+use super::kafka::{now_ms, partitions, MARKER_KEY};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::view::{FreshSettings, ItemRef, SharedView, View};
@@ -117,30 +117,19 @@ impl CatalogueConsumer {
             topic: self.topic.clone(),
             source,
         };
-        let md = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)
-            .map_err(kafka)?;
         let mut tpl = TopicPartitionList::new();
-        for t in md.topics().iter().filter(|t| t.name() == self.topic) {
-            for p in t.partitions() {
-                let stored = self
-                    .catalogue
-                    .registry()
-                    .meta_get(&offset_key(&self.topic, p.id()))?;
-                let offset = match stored.as_deref().map(<[u8; 8]>::try_from) {
-                    Some(Ok(b)) => Offset::Offset(i64::from_be_bytes(b)),
-                    _ => Offset::Beginning,
-                };
-                tpl.add_partition_offset(&self.topic, p.id(), offset)
-                    .map_err(kafka)?;
-                self.partitions.push(p.id());
-            }
-        }
-        if tpl.count() == 0 {
-            return Err(kafka(rdkafka::error::KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
-            )));
+        for p in partitions(&self.consumer, &self.topic).map_err(kafka)? {
+            let stored = self
+                .catalogue
+                .registry()
+                .meta_get(&offset_key(&self.topic, p))?;
+            let offset = match stored.as_deref().map(<[u8; 8]>::try_from) {
+                Some(Ok(b)) => Offset::Offset(i64::from_be_bytes(b)),
+                _ => Offset::Beginning,
+            };
+            tpl.add_partition_offset(&self.topic, p, offset)
+                .map_err(kafka)?;
+            self.partitions.push(p);
         }
         self.consumer.assign(&tpl).map_err(kafka)
     }

@@ -178,6 +178,27 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
 /// Timeout of blocking metadata calls.
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The partitions of `topic` (an error when it has none: it is missing),
+/// for the readers that assign themselves a whole topic.
+pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl rdkafka::consumer::Consumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, rdkafka::error::KafkaError> {
+    let md = consumer.fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+    let ids: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if ids.is_empty() {
+        return Err(rdkafka::error::KafkaError::MetadataFetch(
+            rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+    }
+    Ok(ids)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -63,7 +63,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
-use super::kafka::{now_ms, MARKER_KEY, METADATA_TIMEOUT};
+use super::kafka::{now_ms, partitions, MARKER_KEY, METADATA_TIMEOUT};
 use super::metrics::Metrics;
 use super::view::View;
 use crate::model::Learnt;
@@ -435,28 +435,22 @@ impl LearntReader {
             topic: self.topic.clone(),
             source,
         };
-        let md = self
-            .consumer
-            .fetch_metadata(Some(&self.topic), METADATA_TIMEOUT)
-            .map_err(kafka)?;
         let token = format!("{}/learnt/{}", self.instance, now_ms());
         let mut tpl = TopicPartitionList::new();
         let mut waiting = HashSet::new();
-        for t in md.topics().iter().filter(|t| t.name() == self.topic) {
-            for p in t.partitions() {
-                let from = self
-                    .learner
-                    .next_offset(p.id())
-                    .map_or(Offset::Beginning, Offset::Offset);
-                tpl.add_partition_offset(&self.topic, p.id(), from)
-                    .map_err(kafka)?;
-                let marker = BaseRecord::<[u8], str>::to(&self.topic)
-                    .partition(p.id())
-                    .key(MARKER_KEY)
-                    .payload(token.as_str());
-                self.marker.send(marker).map_err(|(e, _)| kafka(e))?;
-                waiting.insert(p.id());
-            }
+        for p in partitions(&self.consumer, &self.topic).map_err(kafka)? {
+            let from = self
+                .learner
+                .next_offset(p)
+                .map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(&self.topic, p, from)
+                .map_err(kafka)?;
+            let marker = BaseRecord::<[u8], str>::to(&self.topic)
+                .partition(p)
+                .key(MARKER_KEY)
+                .payload(token.as_str());
+            self.marker.send(marker).map_err(|(e, _)| kafka(e))?;
+            waiting.insert(p);
         }
         self.marker.flush(METADATA_TIMEOUT).map_err(kafka)?;
         self.consumer.assign(&tpl).map_err(kafka)?;
