@@ -283,6 +283,9 @@ mod tests {
         assert!(m.render().contains("genfeed_ready 0\n"));
         m.catalogue_loaded.store(true, Relaxed);
         m.joined.store(true, Relaxed);
+        // Not before the learnt counts caught up.
+        assert!(m.render().contains("genfeed_ready 0\n"));
+        m.learnt_loaded.store(true, Relaxed);
         let text = m.render();
         assert!(text.contains("genfeed_feeds_total 3\n"), "{text}");
         assert!(text.contains("genfeed_live_items 15\n"), "{text}");
