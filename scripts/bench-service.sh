@@ -13,7 +13,8 @@
 # LEARNING=false turns off learning from the stream ([learning] enabled).
 # TRAIN=DIR makes it the prequential replay of a time split
 # (`genfeed time-split`): DATA is the split's stream folder, DIR its training
-# folder (written as the catalogue), no brand-new items beside them.
+# folder (written as the catalogue), no brand-new items beside them, and the
+# baselines (successor counts, content neighbours) scored on the same stream.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -62,7 +63,7 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 if [ -n "${TRAIN:-}" ]; then
-  split=(--train "$(cd "$TRAIN" && pwd)" --new-items 0)
+  split=(--train "$(cd "$TRAIN" && pwd)" --new-items 0 --baselines)
 else
   split=(--new-items 2)
 fi
