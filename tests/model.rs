@@ -1054,8 +1054,10 @@ fn learnt_counts_move_content_mass_to_the_fresh_item_taken_more() {
     };
     for (h, history) in twin_histories(&sids).into_iter().enumerate() {
         let request = [Request::new(&history)];
+        // One generator for both: what it found for the first counts must
+        // not outlive them.
+        let mut g = Generator::new(&model).with_fresh(fresh.clone(), weight);
         for (favoured, other) in [(2, 6), (6, 2)] {
-            let mut g = Generator::new(&model).with_fresh(fresh.clone(), weight);
             g.set_learnt(Some(Arc::new(TestLearnt {
                 successors: HashMap::new(),
                 popular: Vec::new(),

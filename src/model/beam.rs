@@ -215,6 +215,10 @@ pub struct Generator<'m> {
     fresh_live: Vec<bool>,
     /// Per fresh item: what the learnt counts multiply its content by.
     fresh_boost: Vec<f32>,
+    /// The snapshot, fresh items and learnt counts `fresh_live` and
+    /// `fresh_boost` were found for: they change at publishes, not per
+    /// call, and a lookup per fresh item per call is not free.
+    fresh_for: Option<FreshKey>,
     fresh_log_p: Vec<f32>,
     fresh_order: Vec<u32>,
     fresh_recent: Vec<(Sid, u32)>,
@@ -241,6 +245,26 @@ pub struct Generator<'m> {
     children: Vec<Code>,
     offsets: Vec<u32>,
     siblings: SiblingBuffer,
+}
+
+/// The snapshot (by publish), fresh items and learnt counts a generator's
+/// per-fresh-item tables were found for.
+struct FreshKey {
+    seq: u64,
+    fresh: Arc<FreshItems>,
+    learnt: Option<Arc<dyn Learnt>>,
+}
+
+impl FreshKey {
+    fn matches(&self, seq: u64, fresh: &Arc<FreshItems>, learnt: &Option<Arc<dyn Learnt>>) -> bool {
+        self.seq == seq
+            && Arc::ptr_eq(&self.fresh, fresh)
+            && match (&self.learnt, learnt) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 /// Turns one request's trained and learnt successors (`merged`, any
@@ -334,6 +358,7 @@ impl<'m> Generator<'m> {
             fresh: None,
             fresh_live: Vec::new(),
             fresh_boost: Vec::new(),
+            fresh_for: None,
             fresh_log_p: Vec::new(),
             fresh_order: Vec::new(),
             fresh_recent: Vec::new(),
@@ -572,13 +597,24 @@ impl<'m> Generator<'m> {
             out.push(items);
         }
         if let Some((fresh, weight)) = self.fresh.clone() {
-            self.fresh_live.clear();
-            self.fresh_live
-                .extend((0..fresh.len()).map(|i| snapshot.get(fresh.item(i).0).is_some()));
-            self.fresh_boost.clear();
-            if let Some(learnt) = &self.learnt {
-                self.fresh_boost
-                    .extend((0..fresh.len()).map(|i| learnt.fresh_boost(fresh.item(i).0)));
+            let current = self
+                .fresh_for
+                .as_ref()
+                .is_some_and(|k| k.matches(snapshot.seq(), &fresh, &self.learnt));
+            if !current {
+                self.fresh_live.clear();
+                self.fresh_live
+                    .extend((0..fresh.len()).map(|i| snapshot.get(fresh.item(i).0).is_some()));
+                self.fresh_boost.clear();
+                if let Some(learnt) = &self.learnt {
+                    self.fresh_boost
+                        .extend((0..fresh.len()).map(|i| learnt.fresh_boost(fresh.item(i).0)));
+                }
+                self.fresh_for = Some(FreshKey {
+                    seq: snapshot.seq(),
+                    fresh: fresh.clone(),
+                    learnt: self.learnt.clone(),
+                });
             }
             for (r, (req, items)) in requests.iter().zip(&mut out).enumerate() {
                 self.merge_fresh(&fresh, weight, snapshot, (r, req), opts, items);

@@ -24,11 +24,11 @@ use tokio::sync::mpsc;
 use super::delivery::{Outbox, Sent};
 use super::histories::Histories;
 use super::kafka::now_ms;
-use super::learnt::{BatchCounts, LearntSettings, SharedCounts};
+use super::learnt::{BatchCounts, Counts, LearntSettings, SharedCounts};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::scheduler::Job;
-use super::view::SharedView;
+use super::view::{SharedView, View};
 use crate::contract::{InputPosition, RankedItem, Recommendation};
 use crate::model::{Filter, Generator, Learnt, Model, Request, SearchOptions, Transitions};
 use crate::sid::Sid;
@@ -76,6 +76,7 @@ impl FeedWorker {
             ords: Vec::new(),
             histories: Vec::new(),
             deny: (u64::MAX, Filter::default()),
+            learnt: None,
             flushed: Instant::now(),
         };
         if let Some((t, w)) = &self.transitions {
@@ -138,6 +139,7 @@ impl FeedWorker {
             ords,
             histories,
             deny,
+            learnt,
             flushed,
         } = scratch;
         if deny.0 != view.snapshot.seq() {
@@ -166,12 +168,23 @@ impl FeedWorker {
             })
             .collect();
         generator.set_fresh(view.fresh.clone(), self.fresh_weight);
-        generator.set_learnt(self.learnt.as_ref().map(|(counts, settings)| {
-            Arc::new(BatchCounts::new(
-                counts.load_full(),
-                view.clone(),
-                *settings,
-            )) as Arc<dyn Learnt>
+        generator.set_learnt(self.learnt.as_ref().map(|(shared, settings)| {
+            let counts = shared.load_full();
+            match learnt {
+                Some(f) if Arc::ptr_eq(&f.counts, &counts) && Arc::ptr_eq(&f.view, &view) => {
+                    f.learnt.clone()
+                }
+                _ => {
+                    let l: Arc<dyn Learnt> =
+                        Arc::new(BatchCounts::new(counts.clone(), view.clone(), *settings));
+                    *learnt = Some(LearntFor {
+                        counts,
+                        view: view.clone(),
+                        learnt: l.clone(),
+                    });
+                    l
+                }
+            }
         }));
         let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
         // Items retired while the search ran are dropped here: a retire
@@ -221,12 +234,23 @@ impl FeedWorker {
 }
 
 /// What the worker keeps between batches.
+/// Learnt counts in the SIDs of one view, and the pair they came from.
+struct LearntFor {
+    counts: Arc<Counts>,
+    view: Arc<View>,
+    learnt: Arc<dyn Learnt>,
+}
+
 struct Scratch<'m> {
     generator: Generator<'m>,
     ords: Vec<u32>,
     histories: Vec<Vec<Sid>>,
     /// The deny filter and the snapshot it was built for.
     deny: (u64, Filter),
+    /// The learnt counts in the SIDs of a view, built once per published
+    /// pair (the counts publish every 200 ms, the view at catalogue
+    /// changes), not once per batch.
+    learnt: Option<LearntFor>,
     /// When the histories were last made durable.
     flushed: Instant,
 }

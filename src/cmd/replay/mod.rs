@@ -561,9 +561,12 @@ fn read_events(dir: &Path) -> anyhow::Result<Vec<Event>> {
     Ok(events)
 }
 
+/// How long the warm-up may go without a feed.
+const WARM_UP_STALL: Duration = Duration::from_secs(30);
+
 /// Sends each user's last `--warm-up` training interactions, in time
 /// order, and waits until every user has the feed that answers their last
-/// one (at most two minutes).
+/// one.
 async fn warm_up(
     a: &ReplayArgs,
     k: &genfeed::service::config::KafkaConfig,
@@ -605,16 +608,44 @@ async fn warm_up(
             last.insert(user, (d.partition, d.offset));
         }
     }
-    let all_answered = || {
+    let answered = || {
         let p = pending.lock().expect("lock");
-        last.iter().all(|(user, &(part, off))| {
-            p.last_feed
-                .get(user)
-                .is_some_and(|f| f.trigger.partition == part && f.trigger.offset >= off)
-        })
+        let users = last
+            .iter()
+            .filter(|(user, &(part, off))| {
+                p.last_feed
+                    .get(*user)
+                    .is_some_and(|f| f.trigger.partition == part && f.trigger.offset >= off)
+            })
+            .count();
+        (users, p.feeds)
     };
-    while start.elapsed() < Duration::from_secs(120) && !all_answered() {
+    // However long the service takes, as long as it keeps answering: a
+    // stream scored while the warm-up is still queued ahead of it would
+    // measure the queue.
+    let (mut feeds, mut progress, mut report) = (0, Instant::now(), Instant::now());
+    loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        let (users, now) = answered();
+        if users == last.len() {
+            break;
+        }
+        if now > feeds {
+            (feeds, progress) = (now, Instant::now());
+        } else if progress.elapsed() > WARM_UP_STALL {
+            bail!(
+                "warm-up stalled: {users} of {} users answered, no feed for {} s; is the service consuming?",
+                last.len(),
+                WARM_UP_STALL.as_secs()
+            );
+        }
+        if report.elapsed() >= Duration::from_secs(10) {
+            println!(
+                "warm-up: {users} of {} users answered, {now} feeds",
+                last.len()
+            );
+            report = Instant::now();
+        }
     }
     println!(
         "warm-up: the last {} training interactions of {} users sent and answered in {:.1} s",
