@@ -116,7 +116,7 @@ struct Summary {
     /// With `--train`.
     #[serde(skip_serializing_if = "Option::is_none")]
     prequential: Option<Prequential>,
-    /// With `--train`: simple recommenders scored on the same stream.
+    /// With `--baselines`: simple recommenders scored on the same stream.
     #[serde(skip_serializing_if = "Option::is_none")]
     baselines: Option<Baselines>,
 }
