@@ -233,7 +233,6 @@ impl FeedWorker {
     }
 }
 
-/// What the worker keeps between batches.
 /// Learnt counts in the SIDs of one view, and the pair they came from.
 struct LearntFor {
     counts: Arc<Counts>,
@@ -241,6 +240,7 @@ struct LearntFor {
     learnt: Arc<dyn Learnt>,
 }
 
+/// What the worker keeps between batches.
 struct Scratch<'m> {
     generator: Generator<'m>,
     ords: Vec<u32>,
