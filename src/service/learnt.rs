@@ -38,6 +38,12 @@
 //! stood (an end marker of its own, as the catalogue does) before it answers
 //! interactions, so a restarted instance never serves from stale counts.
 //!
+//! Once caught up, the counts trail the stream by up to about a second: the
+//! reader's fetches wait a second for new records ([`FetchWait::Trailing`]),
+//! which spares the broker a fetch every 100 ms for counts that move slowly
+//! (0.04 of a core of tansu's CPU at 300 interactions/s).
+//!
+//! [`FetchWait::Trailing`]: super::kafka::FetchWait::Trailing
 //! # Bounded memory
 //!
 //! At most `learning.successors_per_item` successors per item: a new one

@@ -84,6 +84,7 @@ use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
 use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
+use kafka::FetchWait;
 use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
 use metrics::Metrics;
 use offsets::Offsets;
@@ -140,7 +141,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let offsets = Arc::new(Offsets::default());
     let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
-        kafka::consumer_config(k, &k.group_id)
+        kafka::consumer_config(k, &k.group_id, FetchWait::Latency)
             .create_with_context(Rebalancing {
                 abandon: abandon.clone(),
                 offsets: offsets.clone(),
@@ -150,7 +151,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     histories: histories.clone(),
                     topic: k.histories_topic.clone(),
                     reader: {
-                        let mut c = kafka::consumer_config(k, &format!("{}-restore", k.group_id));
+                        let mut c = kafka::consumer_config(
+                            k,
+                            &format!("{}-restore", k.group_id),
+                            FetchWait::Latency,
+                        );
                         c.set("enable.auto.commit", "false");
                         c.create().context("creating the changelog reader")?
                     },
@@ -232,7 +237,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         &catalogue,
         fresh.as_ref(),
     )?));
-    let mut cat_client = kafka::consumer_config(k, &format!("{}-catalogue", k.group_id));
+    let mut cat_client = kafka::consumer_config(
+        k,
+        &format!("{}-catalogue", k.group_id),
+        FetchWait::Background,
+    );
     cat_client.set("enable.auto.commit", "false");
     let mut cat = CatalogueConsumer {
         consumer: cat_client
@@ -537,12 +546,9 @@ fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learni
     let learner = Learner::open(&cfg.paths.state_dir.join("learnt"), settings)
         .context("opening the learnt counts")?;
     let k = &cfg.kafka;
-    let mut client = kafka::consumer_config(k, &format!("{}-learnt", k.group_id));
-    // Counts may trail the stream by a fraction of a second; the brokers
-    // need not answer this reader's fetches every 10 ms.
-    client
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "100");
+    let mut client =
+        kafka::consumer_config(k, &format!("{}-learnt", k.group_id), FetchWait::Trailing);
+    client.set("enable.auto.commit", "false");
     let shared: SharedCounts = Default::default();
     let reader = LearntReader {
         learner,

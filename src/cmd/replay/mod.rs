@@ -725,7 +725,11 @@ fn upsert(items: &Items, row: usize, id: String) -> ItemUpsert {
 /// waiting interactions.
 async fn read_feeds(cfg: Config, pending: Arc<Mutex<Pending>>) -> anyhow::Result<()> {
     let k = &cfg.kafka;
-    let mut c = kafka::consumer_config(k, &format!("genfeed-replay-{}", std::process::id()));
+    let mut c = kafka::consumer_config(
+        k,
+        &format!("genfeed-replay-{}", std::process::id()),
+        kafka::FetchWait::Latency,
+    );
     c.set("enable.auto.commit", "false");
     let consumer: StreamConsumer = c.create()?;
     let md = consumer.fetch_metadata(Some(&k.recommendations_topic), kafka::METADATA_TIMEOUT)?;
