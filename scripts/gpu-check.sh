@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# One prepared run on a machine with an NVIDIA GPU, within 8 minutes, with no
+# network and no compiler there: it takes a genfeed binary built elsewhere
+# with `--features cuda` (scripts/install-cuda.sh, then `cargo build
+# --release --features cuda`) and writes a log and JSON into OUT.
+#
+#   scripts/gpu-check.sh OUT [GENFEED]     # GENFEED: default target/release/genfeed
+#
+# GENFEED may be xz-compressed (NAME.xz): the cuda binary is ~70 MB stripped,
+# 10 MB compressed, and what travels to the GPU machine has to be small:
+#   strip -o genfeed-cuda target/release/genfeed && xz -T0 genfeed-cuda
+#
+# What it measures, each step under its own time limit so one that hangs
+# costs its share only:
+#   device.json     the GPU (nvidia-smi) and where the CUDA libraries came from
+#   bench/*.json    `bench generate --device cuda`, TIGER's dimensions (random
+#                   model, 12,101 items), beam 20 and 50, batches 64 to 1,024
+#   train.json      a short training run on the device (examples/s)
+#   eval-cpu.json, eval-cuda.json, ranks-*.tsv
+#                   the same trained model evaluated on the CPU and on the
+#                   device; agreement = users whose target has the same rank
+#                   (or is missed by both) in both
+#   summary.json    all of the above in one object
+# The CUDA 13 libraries (cuBLAS, cuRAND, NVRTC, the runtime) are found through
+# LD_LIBRARY_PATH, else in a Python environment's nvidia/cu13/lib (where
+# PyTorch's wheels put them); never at a fixed path.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] || { sed -n '2,9p' "$0" >&2; exit 2; }
+out=$(mkdir -p "$1" && cd "$1" && pwd)
+genfeed=$(cd "$(dirname "${2:-target/release/genfeed}")" && pwd)/$(basename "${2:-target/release/genfeed}")
+exec > >(tee "$out/log.txt") 2>&1
+started=$(date +%s)
+fail() { echo "gpu-check: $*"; exit 1; }
+step() { echo "== $* (t=$(($(date +%s) - started)) s)"; }
+
+step "device"
+command -v nvidia-smi >/dev/null || fail "no nvidia-smi here: this machine has no NVIDIA driver, and this check needs an NVIDIA GPU"
+gpu=$(nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1) ||
+  fail "nvidia-smi finds no GPU: $gpu"
+echo "$gpu"
+[ -f "$genfeed" ] || fail "no genfeed binary at $genfeed (build it with --features cuda and pass its path)"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [[ "$genfeed" == *.xz ]]; then
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$genfeed" "$work/genfeed" || fail "could not decompress $genfeed"
+  chmod +x "$work/genfeed"
+  genfeed="$work/genfeed"
+fi
+
+has_cublas() { for d in ${LD_LIBRARY_PATH//:/ }; do [ -e "$d/libcublas.so.13" ] && return 0; done; ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13 '; }
+libs="LD_LIBRARY_PATH"
+if ! has_cublas; then
+  found=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+for r in roots:
+    for lib in glob.glob(os.path.join(r, "nvidia", "cu13", "lib")):
+        if os.path.exists(os.path.join(lib, "libcublas.so.13")):
+            print(lib); sys.exit(0)
+PY
+  )
+  [ -n "$found" ] || fail "no libcublas.so.13 in LD_LIBRARY_PATH, the loader's cache or a Python environment's nvidia/cu13/lib: point LD_LIBRARY_PATH at the CUDA 13 libraries"
+  export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  libs="$found"
+fi
+echo "CUDA libraries: $libs"
+python3 - "$out/device.json" "$gpu" "$libs" <<'PY'
+import json, sys
+name, cap, mem, driver = [x.strip() for x in sys.argv[2].splitlines()[0].split(",")]
+json.dump({"gpu": name, "compute_cap": cap, "memory": mem, "driver": driver, "cuda_libraries": sys.argv[3]},
+          open(sys.argv[1], "w"), indent=2)
+PY
+probe=$(timeout 60 "$genfeed" bench generate --device cuda --batch 1 --requests 1 --beams 2 2>&1) ||
+  fail "the binary does not run on the device (built without --features cuda, or the libraries do not match): $(echo "$probe" | tail -n 3)"
+
+step "bench generate on the device: beam 20 and 50, batches 64 to 1,024"
+mkdir -p "$out/bench"
+for beams in 20 50; do
+  for batch in 64 256 1024; do
+    requests=$((batch * 2 > 512 ? batch * 2 : 512))
+    if timeout 60 "$genfeed" bench generate --device cuda --beams $beams --batch $batch \
+      --requests $requests --prefix-output --sibling-output --json >"$out/bench/b$beams-n$batch.json" 2>"$out/bench/b$beams-n$batch.err"; then
+      python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in d.items() if not isinstance(v, (dict, list))})' \
+        "$out/bench/b$beams-n$batch.json" "beam $beams batch $batch"
+    else
+      echo "beam $beams batch $batch: failed or over 60 s: $(tail -n 2 "$out/bench/b$beams-n$batch.err")"
+    fi
+  done
+done
+
+step "a small trained model: synthetic catalogue, tokenizer on the CPU, training on the device"
+"$genfeed" synth --out "$work/data" --items 3000 --users 3000 --topics 40 >/dev/null || fail "synth failed"
+"$genfeed" tokenizer train --items "$work/data/synth.item" --method rq-kmeans --encoder attributes \
+  --out "$work/tok" >/dev/null || fail "tokenizer training failed"
+timeout 150 "$genfeed" train --data "$work/data" --tokenizer "$work/tok" --out "$work/model" --device cuda \
+  --epochs 3 --valid-users 500 >"$out/train.json" 2>"$out/train.err" ||
+  echo "training on the device failed or ran over 150 s: $(tail -n 3 "$out/train.err")"
+grep -E '"(epochs|best_epoch|train_secs|examples_per_sec)"' "$out/train.json" || true
+
+if [ -f "$work/model/config.json" ]; then
+  step "the same model on the CPU and on the device: agreement of every user's target rank"
+  for d in cpu cuda; do
+    timeout 120 "$genfeed" eval --data "$work/data" --model "$work/model" --tokenizer "$work/tok" \
+      --users 2000 --device $d --json --ranks "$out/ranks-$d.tsv" >"$out/eval-$d.json" 2>"$out/eval-$d.err" ||
+      echo "eval on $d failed or ran over 120 s: $(tail -n 3 "$out/eval-$d.err")"
+  done
+fi
+
+step "summary"
+python3 - "$out" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return None
+s = {"device": load(os.path.join(out, "device.json")), "bench": {}, "train": load(os.path.join(out, "train.json"))}
+for p in sorted(glob.glob(os.path.join(out, "bench", "*.json"))):
+    s["bench"][os.path.basename(p)[:-5]] = load(p)
+ev = {d: load(os.path.join(out, f"eval-{d}.json")) for d in ("cpu", "cuda")}
+s["eval"] = ev
+def ranks(d):
+    p = os.path.join(out, f"ranks-{d}.tsv")
+    return [l.rstrip("\n") for l in open(p)] if os.path.exists(p) else None
+a, b = ranks("cpu"), ranks("cuda")
+if a and b and len(a) == len(b):
+    same = sum(x == y for x, y in zip(a, b))
+    s["agreement"] = {"users": len(a), "same_rank": same, "share": same / len(a), "passes_99": same >= 0.99 * len(a)}
+b20 = s["bench"].get("b20-n1024") or {}
+s["beam20_batch1024_recs_per_sec"] = b20.get("recs_per_sec")
+json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print(json.dumps({k: s[k] for k in ("agreement", "beam20_batch1024_recs_per_sec") if k in s}, indent=2))
+PY
+echo "gpu-check: done in $(($(date +%s) - started)) s; results in $out"
