@@ -44,6 +44,7 @@
 //! (0.04 of a core of tansu's CPU at 300 interactions/s).
 //!
 //! [`FetchWait::Trailing`]: super::kafka::FetchWait::Trailing
+//!
 //! # Bounded memory
 //!
 //! At most `learning.successors_per_item` successors per item: a new one
