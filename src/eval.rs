@@ -71,6 +71,10 @@ pub struct Report {
     /// or `None` for a miss: what per-user analysis joins against.
     #[serde(skip)]
     pub ranks: Vec<Option<u8>>,
+    /// Per example, its top 10: item numbers and log-probabilities, for
+    /// comparing two runs list by list (a CPU's and a GPU's).
+    #[serde(skip)]
+    pub lists: Vec<Vec<(u32, f32)>>,
     /// Per catalogue item, how many top-10 lists it is in.
     #[serde(skip)]
     pub appearances: Vec<u32>,
@@ -234,6 +238,7 @@ pub fn evaluate(
     let mut appearances = vec![0u32; sids.len()];
     let mut batch_ms = Vec::new();
     let mut ranks = Vec::with_capacity(examples.len());
+    let mut tops = Vec::with_capacity(examples.len());
     let mut histories: Vec<Vec<Sid>> = Vec::with_capacity(batch);
     let started = Instant::now();
     progress.set_length(examples.len() as u64);
@@ -269,6 +274,7 @@ pub fn evaluate(
                 }
             }
             ranks.push(hit);
+            tops.push(list.iter().take(10).map(|g| (g.ord, g.log_prob)).collect());
         }
         progress.inc(chunk.len() as u64);
     }
@@ -297,6 +303,7 @@ pub fn evaluate(
         batch_ms_p50: pct(0.5),
         batch_ms_p99: pct(0.99),
         ranks,
+        lists: tops,
         appearances,
     })
 }

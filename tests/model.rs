@@ -1122,3 +1122,139 @@ fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item
         assert_eq!(known_one[..known_all.len()], known_all[..], "history {h}");
     }
 }
+
+/// The device search ([`Generator::with_device_decoding`], here on the CPU)
+/// against the host's, on the same calls: the same items in the same order
+/// at the same scores.
+fn assert_same_lists(
+    host: &[Vec<genfeed::model::Generated>],
+    device: &[Vec<genfeed::model::Generated>],
+    what: &str,
+) {
+    assert_eq!(host.len(), device.len(), "{what}");
+    for (r, (h, d)) in host.iter().zip(device).enumerate() {
+        let hs: Vec<(Sid, u32)> = h.iter().map(|g| (g.sid, g.ord)).collect();
+        let ds: Vec<(Sid, u32)> = d.iter().map(|g| (g.sid, g.ord)).collect();
+        assert_eq!(hs, ds, "{what}, request {r}");
+        for (a, b) in h.iter().zip(d) {
+            assert!(
+                (a.log_prob - b.log_prob).abs() < 1e-5,
+                "{what}, request {r}: {} vs {}",
+                a.log_prob,
+                b.log_prob
+            );
+        }
+    }
+}
+
+#[test]
+fn the_device_search_gives_the_host_search_lists() {
+    // Prefix- and sibling-scored outputs, an index whose overlay retired and
+    // added items, successor counts with learnt ones, filters, history
+    // exclusion and fresh items by content: every path of a step.
+    let vocab = vec![8, 8, 16];
+    let cfg = ModelConfig {
+        node_buckets: 40,
+        prefix_output: true,
+        sibling_output: true,
+        ..tiny(vocab.clone())
+    };
+    let model = random_model(&cfg, 17);
+    let sids = random_sids(400, &vocab, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let mut live: Vec<(Sid, u32)> = sids[..380].iter().copied().zip(0..).collect();
+    live.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
+    let (mut index, _) = Index::open(dir.path(), &vocab, None, &live, usize::MAX).unwrap();
+    for s in &sids[..30] {
+        index.remove(*s);
+    }
+    for (i, s) in sids[380..].iter().enumerate() {
+        index.insert(*s, 380 + i as u32);
+    }
+    let snapshot = index.publish();
+    let hs = histories(&sids[30..], 24, 31);
+    let transitions = random_transitions(&hs, &sids, 41);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let learnt = Arc::new(TestLearnt {
+        successors: hs
+            .iter()
+            .map(|h| {
+                let to = (0..4)
+                    .map(|_| {
+                        (
+                            sids[rng.random_range(0..400)],
+                            rng.random_range(1..6) as f32,
+                        )
+                    })
+                    .collect();
+                (*h.last().unwrap(), to)
+            })
+            .collect(),
+        popular: Vec::new(),
+        share: 0.0,
+        boost: HashMap::new(),
+    });
+    let content = ContentTable::new(
+        4,
+        (0..400)
+            .flat_map(|i| (0..4).map(move |d| if i % 4 == d { 1.0 } else { 0.5 }))
+            .collect(),
+    );
+    let fresh = Arc::new(FreshItems::new(
+        content,
+        (380..400).map(|i| (sids[i as usize], i)).collect(),
+        0.1,
+    ));
+    let deny = Filter::default().deny(sids[30..60].iter().copied());
+    let allow = Filter::default().allow(sids[60..200].iter().copied());
+    let mut reqs = requests(&hs, None);
+    for (i, r) in reqs.iter_mut().enumerate() {
+        r.filter = [None, Some(&deny), Some(&allow)][i % 3];
+    }
+
+    let mut compared = 0;
+    for (beams, exclude_history) in [(1, false), (7, true), (20, true), (64, false)] {
+        let opts = SearchOptions {
+            beams,
+            top_k: beams.min(10),
+            exclude_history,
+        };
+        let plain = |on: bool| {
+            Generator::new(&model)
+                .with_device_decoding(on)
+                .generate(&snapshot, &reqs, &opts)
+                .unwrap()
+        };
+        assert_same_lists(&plain(false), &plain(true), &format!("beam {beams}"));
+        let mixed = |on: bool| {
+            let mut g = Generator::new(&model)
+                .with_device_decoding(on)
+                .with_transitions(&transitions, 0.6)
+                .with_fresh(fresh.clone(), 0.3);
+            g.set_learnt(Some(learnt.clone()));
+            g.generate(&snapshot, &reqs, &opts).unwrap()
+        };
+        let (host, device) = (mixed(false), mixed(true));
+        assert_same_lists(&host, &device, &format!("beam {beams}, mixture"));
+        compared += host.iter().map(Vec::len).sum::<usize>();
+    }
+    assert!(compared > 24 * 25, "only {compared} items compared");
+
+    // A generator kept across a publish reads the new snapshot's tables.
+    let mut g = Generator::new(&model).with_device_decoding(true);
+    let opts = SearchOptions::default();
+    let before = g.generate(&snapshot, &reqs, &opts).unwrap();
+    let retired: Vec<Sid> = before.iter().map(|l| l[0].sid).collect();
+    for s in &retired {
+        index.remove(*s);
+    }
+    let after = index.publish();
+    let got = g.generate(&after, &reqs, &opts).unwrap();
+    for list in &got {
+        assert!(list.iter().all(|x| !retired.contains(&x.sid)));
+    }
+    let host = Generator::new(&model)
+        .generate(&after, &reqs, &opts)
+        .unwrap();
+    assert_same_lists(&host, &got, "after a publish");
+}

@@ -18,7 +18,7 @@ use genfeed::model::{
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
 
-use super::model::{device, set_threads, DeviceArg};
+use super::model::{device, set_threads, Decoding, DeviceArg};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -70,6 +70,10 @@ pub struct GenerateArgs {
     fresh: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Where each step's mask is built and its candidates ranked
+    /// (default: the model's device).
+    #[arg(long, value_enum, default_value = "auto")]
+    decoding: Decoding,
     #[arg(long, default_value_t = 7)]
     seed: u64,
     #[arg(long)]
@@ -87,6 +91,8 @@ struct GenerateReport {
     beams: usize,
     batch: usize,
     threads: usize,
+    /// Where masks and candidates were made: "host" or "device".
+    decoding: &'static str,
     requests: usize,
     recs_per_sec: f64,
     ms_per_request: f64,
@@ -173,7 +179,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .collect();
     // As `eval` runs it by default: one fresh slot, weight .1.
     let fresh = std::sync::Arc::new(FreshItems::new(content, fresh_items, 0.05).with_slots(1));
+    let on_device = a.decoding.on_device(&device);
     let mut generator = Generator::new(&model)
+        .with_device_decoding(on_device)
         .with_transitions(&transitions, weight)
         .with_fresh(fresh, 0.1);
     generator.generate(index.snapshot(), &requests, &opts)?;
@@ -197,6 +205,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         beams: a.beams,
         batch,
         threads,
+        decoding: if on_device { "device" } else { "host" },
         requests: rounds * batch,
         recs_per_sec: done / secs,
         ms_per_request: secs * 1e3 / done,
@@ -210,11 +219,12 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "beam {} batch {} threads {}: {:.1} recs/s, {:.2} ms/request, {:.1} ms/batch; \
-             {:.1} GFLOP/s of a {:.1} GFLOP/s matmul peak ({:.0}%)",
+            "beam {} batch {} threads {}, {} decoding: {:.1} recs/s, {:.2} ms/request, \
+             {:.1} ms/batch; {:.1} GFLOP/s of a {:.1} GFLOP/s matmul peak ({:.0}%)",
             report.beams,
             report.batch,
             report.threads,
+            report.decoding,
             report.recs_per_sec,
             report.ms_per_request,
             report.ms_per_batch,

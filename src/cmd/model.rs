@@ -32,6 +32,28 @@ pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
     }
 }
 
+/// Where a search builds each step's mask and ranks its candidates
+/// ([`Generator::with_device_decoding`]): both give the same lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Decoding {
+    /// The host on the CPU, the device elsewhere.
+    Auto,
+    Host,
+    /// The model's device, from the index's tables uploaded per snapshot.
+    Device,
+}
+
+impl Decoding {
+    /// Whether a search on `device` decodes there.
+    pub fn on_device(self, device: &Device) -> bool {
+        match self {
+            Decoding::Auto => !device.is_cpu(),
+            Decoding::Host => false,
+            Decoding::Device => true,
+        }
+    }
+}
+
 /// Sets the worker-thread count candle's CPU kernels use.
 pub fn set_threads(threads: Option<usize>) {
     if let Some(t) = threads {
@@ -404,6 +426,9 @@ pub struct EvalArgs {
     exclude_history: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
+    /// Where masks and candidates are made (default: the model's device).
+    #[arg(long, value_enum, default_value = "auto")]
+    decoding: Decoding,
     #[arg(long)]
     threads: Option<usize>,
     /// Print the report as JSON.
@@ -414,8 +439,9 @@ pub struct EvalArgs {
     #[arg(long)]
     transition_weight: Option<f32>,
     /// Also write one line per evaluated user, tab-separated: the user's
-    /// number in the data, the target item, and its 0-based rank in the top
-    /// 10 (empty for a miss).
+    /// number in the data, the target item, its 0-based rank in the top 10
+    /// (empty for a miss), and the top 10's items and log-probabilities
+    /// (comma-separated).
     #[arg(long)]
     ranks: Option<PathBuf>,
     /// A catalogue (`.item`) whose content (text, attributes or an
@@ -639,7 +665,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         &a.model,
         a.transition_weight.unwrap_or(cfg.transition_weight),
     )?;
-    let mut generator = Generator::new(&model);
+    let mut generator = Generator::new(&model).with_device_decoding(a.decoding.on_device(&device));
     if let Some((t, w)) = &transitions {
         generator = generator.with_transitions(t, *w);
     }
@@ -668,7 +694,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         _ => None,
     };
     if let Some(path) = &a.ranks {
-        write_ranks(path, &examples, &loaded.items, &report.ranks)
+        write_ranks(path, &examples, &loaded.items, &report)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let fresh_report = fresh.as_ref().map(|(f, weight, temperature)| FreshReport {
@@ -746,14 +772,24 @@ fn write_ranks(
     path: &Path,
     examples: &[Example<'_>],
     items: &[String],
-    ranks: &[Option<u8>],
+    report: &genfeed::eval::Report,
 ) -> std::io::Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(out, "user\ttarget\trank")?;
-    for (e, rank) in examples.iter().zip(ranks) {
+    writeln!(out, "user\ttarget\trank\ttop10\tlog_probs")?;
+    for ((e, rank), list) in examples.iter().zip(&report.ranks).zip(&report.lists) {
         let rank = rank.map(|r| r.to_string()).unwrap_or_default();
-        writeln!(out, "{}\t{}\t{rank}", e.user, items[e.target as usize])?;
+        write!(out, "{}\t{}\t{rank}\t", e.user, items[e.target as usize])?;
+        for (i, (ord, _)) in list.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(out, "{sep}{}", items[*ord as usize])?;
+        }
+        write!(out, "\t")?;
+        for (i, (_, lp)) in list.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(out, "{sep}{lp:.5}")?;
+        }
+        writeln!(out)?;
     }
     out.flush()
 }

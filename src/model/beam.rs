@@ -24,6 +24,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
+use super::device_tables::{top_k, DeviceTables};
 use super::fresh::FreshItems;
 use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
@@ -162,6 +163,8 @@ struct Beams {
     /// The code each beam chose last, and the prefix row it completes.
     chosen: Vec<u32>,
     nodes: Vec<u32>,
+    /// The prefix's node in the device tables (searches on the device).
+    dnodes: Vec<u32>,
 }
 
 impl Beams {
@@ -174,6 +177,7 @@ impl Beams {
         self.parents.clear();
         self.chosen.clear();
         self.nodes.clear();
+        self.dnodes.clear();
     }
 }
 
@@ -191,13 +195,39 @@ struct Mix {
 }
 
 /// A candidate whose score got its successors' share: where it sits in the
-/// level's score block, the model's own score there, and the successors
-/// under it.
+/// level's score block, the model's own score there, the mixture's, and
+/// the successors under it.
 #[derive(Clone, Copy)]
 struct Fix {
     at: u32,
     model: f32,
+    score: f32,
     span: (u32, u32),
+}
+
+/// The shape of one search step.
+#[derive(Clone, Copy)]
+struct Step {
+    level: usize,
+    vocab: usize,
+    /// Beams per request going in.
+    width: usize,
+    /// Beams per request coming out.
+    beams: usize,
+}
+
+/// Offers `c` to a heap that keeps the best `k` finite candidates.
+fn offer(heap: &mut BinaryHeap<Candidate>, c: Candidate, k: usize) {
+    if c.score == f32::NEG_INFINITY {
+        return;
+    }
+    if heap.len() < k {
+        heap.push(c);
+    } else if let Some(mut worst) = heap.peek_mut() {
+        if c < *worst {
+            *worst = c;
+        }
+    }
 }
 
 /// Beam search with host buffers reused across levels and calls: the only
@@ -234,10 +264,23 @@ pub struct Generator<'m> {
     /// This level's corrected candidates, request-major, `fix_offsets[r]..`.
     fixes: Vec<Fix>,
     fix_offsets: Vec<usize>,
+    /// Where this level's corrected candidates sit, for a device search to
+    /// read their scores.
+    fix_at: Vec<u32>,
     mask: Vec<f32>,
-    row: Vec<f32>,
+    /// Per code of one beam: whether its allow filter lets it through.
+    allowed: Vec<bool>,
+    /// Score positions the filters block, for a device search.
+    blocked: Vec<u32>,
     heap: BinaryHeap<Candidate>,
+    /// Every request's best candidates of the level, best first, request
+    /// `r`'s at `kept_offsets[r]..kept_offsets[r + 1]`.
     kept: Vec<Candidate>,
+    kept_offsets: Vec<usize>,
+    /// Whether masks and candidates are made on the model's device
+    /// ([`super::device_tables`]), and the snapshot tables they need.
+    on_device: bool,
+    tables: Option<DeviceTables>,
     beams: Beams,
     next: Beams,
     /// Live children of every beam's prefix, in CSR form, and the buffers
@@ -347,6 +390,84 @@ fn log_add_exp(a: f32, b: f32) -> f32 {
     hi + (lo - hi).exp().ln_1p()
 }
 
+/// Calls `f(request, position, successors' run, mix)` for every candidate
+/// of the step whose code leads to successors of its request's last item,
+/// request after request and in position order.
+fn each_fix(
+    mixes: &[Option<Mix>],
+    spans: &[(u32, u32)],
+    succ: &[Sid],
+    step: Step,
+    mut f: impl FnMut(usize, usize, (u32, u32), Mix),
+) {
+    for (r, mix) in mixes.iter().enumerate() {
+        let Some(mix) = *mix else { continue };
+        let rows = r * step.width..(r + 1) * step.width;
+        for (i, &(mut j, hi)) in rows.clone().zip(&spans[rows]) {
+            while j < hi {
+                let code = succ[j as usize].codes()[step.level];
+                let start = j;
+                while j < hi && succ[j as usize].codes()[step.level] == code {
+                    j += 1;
+                }
+                f(r, i * step.vocab + usize::from(code), (start, j), mix);
+            }
+        }
+    }
+}
+
+/// Calls `block` with every score position (beam row × vocab + code) that a
+/// request's filter or, when asked, its history rules out at this step.
+/// `codes` are the beams' prefixes; `allowed` a scratch row.
+fn filters(
+    codes: &[[Code; MAX_LEVELS]],
+    allowed: &mut Vec<bool>,
+    levels: usize,
+    requests: &[Request<'_>],
+    opts: &SearchOptions,
+    step: Step,
+    mut block: impl FnMut(usize),
+) {
+    let (level, vocab) = (step.level, step.vocab);
+    let last = level + 1 == levels;
+    for (r, req) in requests.iter().enumerate() {
+        let filter = req.filter;
+        let history = opts.exclude_history && last;
+        if filter.is_none() && !history {
+            continue;
+        }
+        let rows = r * step.width..(r + 1) * step.width;
+        for (i, beam) in rows.clone().zip(&codes[rows]) {
+            let prefix = &beam[..level];
+            let row = i * vocab;
+            if let Some(f) = filter {
+                if let Some(allow) = &f.allow {
+                    allowed.clear();
+                    allowed.resize(vocab, false);
+                    for sid in with_prefix(allow, prefix) {
+                        allowed[usize::from(sid.codes()[level])] = true;
+                    }
+                    for (c, _) in allowed.iter().enumerate().filter(|(_, &ok)| !ok) {
+                        block(row + c);
+                    }
+                }
+                if last {
+                    for sid in with_prefix(&f.deny, prefix) {
+                        block(row + usize::from(sid.last()));
+                    }
+                }
+            }
+            if history {
+                for sid in req.history {
+                    if sid.prefix() == prefix {
+                        block(row + usize::from(sid.last()));
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl<'m> Generator<'m> {
     pub fn new(model: &'m Model) -> Generator<'m> {
         Generator {
@@ -370,16 +491,31 @@ impl<'m> Generator<'m> {
             mixes: Vec::new(),
             fixes: Vec::new(),
             fix_offsets: Vec::new(),
+            fix_at: Vec::new(),
             mask: Vec::new(),
-            row: Vec::new(),
+            allowed: Vec::new(),
+            blocked: Vec::new(),
             heap: BinaryHeap::new(),
             kept: Vec::new(),
+            kept_offsets: Vec::new(),
+            on_device: !model.device().is_cpu(),
+            tables: None,
             beams: Beams::default(),
             next: Beams::default(),
             children: Vec::new(),
             offsets: Vec::new(),
             siblings: SiblingBuffer::default(),
         }
+    }
+
+    /// Builds each step's mask and picks its candidates on the model's
+    /// device (`true`, the default off the CPU) or on the host (`false`,
+    /// the default on the CPU, where the scores already are). Both give
+    /// the same lists; the device way is there to keep a GPU's scores on
+    /// the GPU, and can be measured on the CPU.
+    pub fn with_device_decoding(mut self, on: bool) -> Generator<'m> {
+        self.on_device = on;
+        self
     }
 
     /// Searches the mixture of the model (weight `1 − weight`) and the
@@ -450,6 +586,7 @@ impl<'m> Generator<'m> {
         self.beams.codes.resize(s, [0; MAX_LEVELS]);
         self.beams.scores.resize(s, 0.0);
         self.beams.model.resize(s, 0.0);
+        self.beams.dnodes.resize(s, 0);
         self.successors(snapshot, requests);
         let mut width = 1;
         let mut cache = self.model.decoder_cache(s)?;
@@ -489,28 +626,28 @@ impl<'m> Generator<'m> {
                 prefixes.as_ref(),
                 siblings.as_ref(),
             )?;
-            let rows = s * width;
-            self.mask.resize(rows * vocab, 0.0);
-            snapshot.fill_mask(&self.beams.cursors, vocab, &mut self.mask);
-            self.apply_filters(requests, opts, level, vocab, width);
-            let mask = Tensor::from_slice(&self.mask, (rows, vocab), &device)?;
-            let prior = Tensor::from_slice(&self.beams.model, (rows, 1), &device)?;
-            let total = logp.broadcast_add(&prior)?.add(&mask)?;
-            let mut total = total.flatten_all()?.to_vec1::<f32>()?;
-            self.mix(&mut total, level, vocab, width);
+            let step = Step {
+                level,
+                vocab,
+                width,
+                beams,
+            };
+            let prior = Tensor::from_slice(&self.beams.model, (s * width, 1), &device)?;
+            let raw = logp.broadcast_add(&prior)?;
+            if self.on_device {
+                self.candidates_on_device(&raw, snapshot, requests, opts, step)?;
+            } else {
+                self.candidates_on_host(&raw, snapshot, requests, opts, step)?;
+            }
 
-            // Top `beams` per request over its `width × vocab` continuations.
             self.next.clear();
             let block = width * vocab;
             for r in 0..s {
                 let shift = self.mixes[r].map_or(0.0, |m| m.shift);
-                self.top(&total[r * block..(r + 1) * block], beams);
-                self.kept.clear();
-                self.kept.extend(self.heap.drain());
-                self.kept.sort_unstable();
+                let kept = &self.kept[self.kept_offsets[r]..self.kept_offsets[r + 1]];
                 let fixes = &self.fixes[self.fix_offsets[r]..self.fix_offsets[r + 1]];
                 for b in 0..beams {
-                    let (row, code, score, model, span) = match self.kept.get(b) {
+                    let (row, code, score, model, span) = match kept.get(b) {
                         Some(c) => {
                             let at = (r * block) as u32 + c.at;
                             let (model, span) = match fixes.binary_search_by_key(&at, |f| f.at) {
@@ -530,15 +667,21 @@ impl<'m> Generator<'m> {
                         None => (r * width, 0, f32::NEG_INFINITY, f32::NEG_INFINITY, (0, 0)),
                     };
                     let from = self.beams.cursors[row];
-                    let cursor = if score.is_finite() {
-                        snapshot
-                            .step(from, code)
-                            .ok_or_else(|| ModelError::Request {
-                                request: r,
-                                why: "the index changed under the search".into(),
-                            })?
+                    let changed = || ModelError::Request {
+                        request: r,
+                        why: "the index changed under the search".into(),
+                    };
+                    let (cursor, dnode) = if !score.is_finite() {
+                        (from, 0)
                     } else {
-                        from
+                        let cursor = snapshot.step(from, code).ok_or_else(changed)?;
+                        let dnode = match (&self.tables, self.on_device) {
+                            (Some(t), true) => t
+                                .child(level, self.beams.dnodes[row], code)
+                                .ok_or_else(changed)?,
+                            _ => 0,
+                        };
+                        (cursor, dnode)
                     };
                     let mut c = self.beams.codes[row];
                     c[level] = code;
@@ -551,6 +694,7 @@ impl<'m> Generator<'m> {
                     next.parents.push(row as u32);
                     next.chosen.push(u32::from(code));
                     next.nodes.push(cfg.node_id(&c, level));
+                    next.dnodes.push(dnode);
                 }
             }
             std::mem::swap(&mut self.beams, &mut self.next);
@@ -763,107 +907,198 @@ impl<'m> Generator<'m> {
         }
     }
 
+    /// Each request's best `step.beams` candidates from the step's scores
+    /// (`raw`: the model's and the prefix's, `[rows, vocab]`), masked and
+    /// ranked on the host.
+    fn candidates_on_host(
+        &mut self,
+        raw: &Tensor,
+        snapshot: &Snapshot,
+        requests: &[Request<'_>],
+        opts: &SearchOptions,
+        step: Step,
+    ) -> Result<(), ModelError> {
+        let rows = requests.len() * step.width;
+        self.mask.resize(rows * step.vocab, 0.0);
+        snapshot.fill_mask(&self.beams.cursors, step.vocab, &mut self.mask);
+        let mask = &mut self.mask;
+        filters(
+            &self.beams.codes,
+            &mut self.allowed,
+            self.model.config().levels(),
+            requests,
+            opts,
+            step,
+            |at| mask[at] = f32::NEG_INFINITY,
+        );
+        let mask = Tensor::from_slice(&self.mask, (rows, step.vocab), raw.device())?;
+        let mut total = raw.add(&mask)?.flatten_all()?.to_vec1::<f32>()?;
+        self.mix(step, |at| total[at]);
+        for f in &self.fixes {
+            total[f.at as usize] = f.score;
+        }
+        self.kept.clear();
+        self.kept_offsets.clear();
+        self.kept_offsets.push(0);
+        let block = step.width * step.vocab;
+        for scores in total.chunks_exact(block) {
+            self.heap.clear();
+            for (at, &score) in scores.iter().enumerate() {
+                let c = Candidate {
+                    score,
+                    at: at as u32,
+                };
+                offer(&mut self.heap, c, step.beams);
+            }
+            self.keep_heap();
+        }
+        Ok(())
+    }
+
+    /// [`Generator::candidates_on_host`] with the mask built and the
+    /// candidates ranked on `raw`'s device: what comes back is each
+    /// request's best `beams` codes and their scores, and the model's
+    /// scores where the successor counts correct them.
+    fn candidates_on_device(
+        &mut self,
+        raw: &Tensor,
+        snapshot: &Snapshot,
+        requests: &[Request<'_>],
+        opts: &SearchOptions,
+        step: Step,
+    ) -> Result<(), ModelError> {
+        let device = raw.device();
+        if !self.tables.as_ref().is_some_and(|t| t.matches(snapshot)) {
+            self.tables = Some(DeviceTables::build(snapshot, device)?);
+        }
+        let tables = self.tables.as_ref().expect("built above");
+        let (s, vocab) = (requests.len(), step.vocab);
+        let (rows, block) = (s * step.width, step.width * vocab);
+        let nodes = Tensor::from_slice(&self.beams.dnodes, rows, device)?;
+        let mut total = raw.add(&tables.mask(step.level, &nodes)?)?.flatten_all()?;
+        self.blocked.clear();
+        let blocked = &mut self.blocked;
+        filters(
+            &self.beams.codes,
+            &mut self.allowed,
+            self.model.config().levels(),
+            requests,
+            opts,
+            step,
+            |at| blocked.push(at as u32),
+        );
+        if !self.blocked.is_empty() {
+            let n = self.blocked.len();
+            let at = Tensor::from_slice(&self.blocked, n, device)?;
+            total = total.index_add(&at, &Tensor::full(f32::NEG_INFINITY, n, device)?, 0)?;
+        }
+
+        self.fix_at.clear();
+        let fix_at = &mut self.fix_at;
+        each_fix(
+            &self.mixes,
+            &self.beams.spans,
+            &self.succ,
+            step,
+            |_, at, _, _| fix_at.push(at as u32),
+        );
+        let values = if self.fix_at.is_empty() {
+            Vec::new()
+        } else {
+            let at = Tensor::from_slice(&self.fix_at, self.fix_at.len(), device)?;
+            total.index_select(&at, 0)?.to_vec1::<f32>()?
+        };
+        let mut next = values.iter();
+        self.mix(step, |_| *next.next().expect("one score per position"));
+
+        // A request's best `beams` of the mixture are among its best
+        // `beams` before it and its corrected candidates: the mixture only
+        // lifts the corrected ones, so anything below the first `beams`
+        // stays below them.
+        let want = step.beams.min(block);
+        // Each beam's best `per_beam` codes, then each request's best
+        // `want` of those.
+        let per_beam = want.min(vocab);
+        let (scores, codes) = top_k(&total.reshape((rows, vocab))?, per_beam)?;
+        let (scores, picked) = top_k(&scores.reshape((s, step.width * per_beam))?, want)?;
+        let codes = codes
+            .reshape((s, step.width * per_beam))?
+            .gather(&picked, 1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let scores = scores.flatten_all()?.to_vec1::<f32>()?;
+        let picked = picked.flatten_all()?.to_vec1::<u32>()?;
+
+        self.kept.clear();
+        self.kept_offsets.clear();
+        self.kept_offsets.push(0);
+        for r in 0..s {
+            self.heap.clear();
+            let fixes = &self.fixes[self.fix_offsets[r]..self.fix_offsets[r + 1]];
+            for j in r * want..(r + 1) * want {
+                let at = (picked[j] as usize / per_beam * vocab + codes[j] as usize) as u32;
+                let flat = (r * block) as u32 + at;
+                if fixes.binary_search_by_key(&flat, |f| f.at).is_err() {
+                    let c = Candidate {
+                        score: scores[j],
+                        at,
+                    };
+                    offer(&mut self.heap, c, step.beams);
+                }
+            }
+            for f in fixes {
+                let c = Candidate {
+                    score: f.score,
+                    at: f.at - (r * block) as u32,
+                };
+                offer(&mut self.heap, c, step.beams);
+            }
+            self.keep_heap();
+        }
+        Ok(())
+    }
+
+    /// Appends the heap's candidates to `kept`, best first, as the next
+    /// request's.
+    fn keep_heap(&mut self) {
+        let start = self.kept.len();
+        self.kept.extend(self.heap.drain());
+        self.kept[start..].sort_unstable();
+        self.kept_offsets.push(self.kept.len());
+    }
+
     /// Gives every live candidate that leads to successors its share of the
-    /// mixture, recording the model's own score and the successors' run.
-    fn mix(&mut self, total: &mut [f32], level: usize, vocab: usize, width: usize) {
+    /// mixture, recording the model's own score (`value` of its position,
+    /// asked in [`each_fix`]'s order) and the successors' run.
+    fn mix(&mut self, step: Step, mut value: impl FnMut(usize) -> f32) {
         self.fixes.clear();
         self.fix_offsets.clear();
         self.fix_offsets.push(0);
-        for (r, mix) in self.mixes.iter().enumerate() {
-            if let Some(mix) = mix {
-                for i in r * width..(r + 1) * width {
-                    let (mut j, hi) = self.beams.spans[i];
-                    while j < hi {
-                        let code = self.succ[j as usize].codes()[level];
-                        let start = j;
-                        while j < hi && self.succ[j as usize].codes()[level] == code {
-                            j += 1;
-                        }
-                        let at = i * vocab + usize::from(code);
-                        let model = total[at];
-                        if model == f32::NEG_INFINITY {
-                            continue;
-                        }
-                        let share = self.cum[j as usize] - self.cum[start as usize];
-                        total[at] = log_add_exp(model, share.ln() + mix.bonus);
-                        self.fixes.push(Fix {
-                            at: at as u32,
-                            model,
-                            span: (start, j),
-                        });
-                    }
+        let (fixes, offsets, cum) = (&mut self.fixes, &mut self.fix_offsets, &self.cum);
+        each_fix(
+            &self.mixes,
+            &self.beams.spans,
+            &self.succ,
+            step,
+            |r, at, (start, end), mix| {
+                while offsets.len() <= r {
+                    offsets.push(fixes.len());
                 }
-            }
+                let model = value(at);
+                if model == f32::NEG_INFINITY {
+                    return;
+                }
+                let share = cum[end as usize] - cum[start as usize];
+                fixes.push(Fix {
+                    at: at as u32,
+                    model,
+                    score: log_add_exp(model, share.ln() + mix.bonus),
+                    span: (start, end),
+                });
+            },
+        );
+        while self.fix_offsets.len() <= self.mixes.len() {
             self.fix_offsets.push(self.fixes.len());
-        }
-    }
-
-    /// Keeps the best `k` finite entries of `block` in `self.heap`.
-    fn top(&mut self, block: &[f32], k: usize) {
-        self.heap.clear();
-        for (at, &score) in block.iter().enumerate() {
-            if score == f32::NEG_INFINITY {
-                continue;
-            }
-            let c = Candidate {
-                score,
-                at: at as u32,
-            };
-            if self.heap.len() < k {
-                self.heap.push(c);
-            } else if let Some(mut worst) = self.heap.peek_mut() {
-                if c < *worst {
-                    *worst = c;
-                }
-            }
-        }
-    }
-
-    /// Narrows the index mask of every beam by its request's filter and,
-    /// when asked, its history.
-    fn apply_filters(
-        &mut self,
-        requests: &[Request<'_>],
-        opts: &SearchOptions,
-        level: usize,
-        vocab: usize,
-        width: usize,
-    ) {
-        let last = level + 1 == self.model.config().levels();
-        for (r, req) in requests.iter().enumerate() {
-            let filter = req.filter;
-            let history = opts.exclude_history && last;
-            if filter.is_none() && !history {
-                continue;
-            }
-            for b in 0..width {
-                let i = r * width + b;
-                let prefix = &self.beams.codes[i][..level];
-                let row = &mut self.mask[i * vocab..(i + 1) * vocab];
-                if let Some(f) = filter {
-                    if let Some(allow) = &f.allow {
-                        self.row.clear();
-                        self.row.resize(vocab, f32::NEG_INFINITY);
-                        for sid in with_prefix(allow, prefix) {
-                            let c = usize::from(sid.codes()[level]);
-                            self.row[c] = row[c];
-                        }
-                        row.copy_from_slice(&self.row);
-                    }
-                    if last {
-                        for sid in with_prefix(&f.deny, prefix) {
-                            row[usize::from(sid.last())] = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                if history {
-                    for sid in req.history {
-                        if sid.prefix() == prefix {
-                            row[usize::from(sid.last())] = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-            }
         }
     }
 

@@ -52,6 +52,7 @@
 mod beam;
 mod config;
 pub(crate) mod cpu_storage;
+mod device_tables;
 mod flops;
 pub mod fresh;
 mod prefix_scores;
