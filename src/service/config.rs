@@ -148,6 +148,10 @@ pub struct FeedConfig {
     pub max_pending: usize,
     /// CPU threads of the model (candle).
     pub threads: usize,
+    /// Where the model runs: the CPU, or the first CUDA GPU (a binary built
+    /// with `--features cuda`; masks and candidates are then made on the
+    /// GPU too).
+    pub device: FeedDevice,
     /// Business rule: items that are never recommended.
     pub deny_items: Vec<String>,
     /// Prior that a user's next item is one the model never learnt (one
@@ -172,12 +176,21 @@ impl Default for FeedConfig {
             batch_wait_ms: 10,
             max_pending: 10_000,
             threads: 1,
+            device: FeedDevice::Cpu,
             deny_items: Vec::new(),
             fresh_weight: 0.1,
             fresh_slots: 1,
             fresh_temperature: 0.2,
         }
     }
+}
+
+/// Where the service's model runs (`feed.device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedDevice {
+    Cpu,
+    Cuda,
 }
 
 /// What the service learns from the stream (`crate::service::learnt`).

@@ -79,7 +79,7 @@ use crate::model::{Model, SearchOptions, SidContent, Transitions};
 use crate::sid::Sid;
 use crate::tokenizer::FrozenTokenizer;
 use catalogue_consumer::CatalogueConsumer;
-use config::Config;
+use config::{Config, FeedDevice};
 use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
@@ -176,7 +176,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         FrozenTokenizer::load(&paths.tokenizer)
             .with_context(|| format!("loading the tokenizer {}", paths.tokenizer.display()))?,
     );
-    let (model_cfg, model) = Model::load(&paths.model, &Device::Cpu)
+    let device = match cfg.feed.device {
+        FeedDevice::Cpu => Device::Cpu,
+        FeedDevice::Cuda => Device::new_cuda(0).context("feed.device = \"cuda\"")?,
+    };
+    let (model_cfg, model) = Model::load(&paths.model, &device)
         .with_context(|| format!("loading the model {}", paths.model.display()))?;
     if model_cfg.tokenizer_version != tokenizer.version() {
         bail!(
