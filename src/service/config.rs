@@ -534,6 +534,10 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         let err = load(&format!("{PATHS}[feed]\nbeam = 3\n")).unwrap_err();
         assert!(err.to_string().contains("beam"), "{err}");
+        let err = load(&format!("{PATHS}[feed]\ndevice = \"gpu\"\n")).unwrap_err();
+        assert!(err.to_string().contains("device"), "{err}");
+        let cuda = load(&format!("{PATHS}[feed]\ndevice = \"cuda\"\n")).unwrap();
+        assert_eq!(cuda.feed.device, FeedDevice::Cuda);
         let err = load(&format!("{PATHS}[feed]\nbeams = 5\ntop_k = 10\n")).unwrap_err();
         assert!(err.to_string().contains("feed.top_k"), "{err}");
         let err = load(&format!("{PATHS}[kafka]\nmessage_max_bytes = 6000\n")).unwrap_err();
