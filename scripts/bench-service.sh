@@ -11,6 +11,8 @@
 # GENFEED=path/to/genfeed benchmarks that binary instead of building this tree
 # (to compare a change with the build before it on the same machine).
 # LEARNING=false turns off learning from the stream ([learning] enabled).
+# DEVICE=cuda runs the service's model on the GPU (feed.device; a cuda build),
+# BATCH_MAX=N sets feed.batch_max (default 64).
 # TRAIN=DIR makes it the prequential replay of a time split
 # (`genfeed time-split`): DATA is the split's stream folder, DIR its training
 # folder (written as the catalogue), no brand-new items beside them, and the
@@ -50,6 +52,8 @@ model = "$model"
 $text_model
 [feed]
 beams = $beams
+device = "${DEVICE:-cpu}"
+batch_max = ${BATCH_MAX:-64}
 [learning]
 enabled = ${LEARNING:-true}
 [http]

@@ -9,6 +9,9 @@
 # GENFEED may be xz-compressed (NAME.xz): the cuda binary is ~70 MB stripped,
 # 10 MB compressed, and what travels to the GPU machine has to be small:
 #   strip -o genfeed-cuda target/release/genfeed && xz -T0 genfeed-cuda
+# With the broker's binary beside it (.tools/bin/tansu, 41 MB, from
+# `scripts/broker.sh install`) the service step runs too; binary and broker
+# together stay under the device tool's 64 MiB.
 #
 # What it measures, each step under its own time limit so one that hangs
 # costs its share only:
@@ -25,6 +28,12 @@
 #                   in the same order in both, with the largest difference of
 #                   their log-probabilities, and users whose target has the
 #                   same rank (or is missed by both)
+#   service.json    the service's feed path on the device: a broker, `genfeed
+#                   run` with feed.device = "cuda" on that trained model, and
+#                   `genfeed replay` at 200 interactions/s for 20 s (feeds/s,
+#                   interaction-to-feed latency); only where the broker's
+#                   binary came along (.tools/bin/tansu, from `scripts/broker.sh
+#                   install` here: the check has no network)
 #   summary.json    all of the above in one object
 # The CUDA 13 libraries (cuBLAS, cuRAND, NVRTC, the runtime) are found through
 # LD_LIBRARY_PATH, else in a Python environment's nvidia/cu13/lib (where
@@ -119,6 +128,20 @@ if [ -f "$work/model/config.json" ]; then
   done
 fi
 
+if [ -f "$work/model/config.json" ]; then
+  if [ -x .tools/bin/tansu ]; then
+    step "the service's feed path on the device: broker, genfeed run (feed.device = cuda), replay 200/s for 20 s"
+    if GENFEED="$genfeed" DEVICE=cuda BATCH_MAX=256 timeout 90 bash scripts/bench-service.sh \
+      "$work/data" "$work/tok" "$work/model" 200 20 >"$out/service.json" 2>"$out/service.err"; then
+      grep -E '"(interactions_per_s|feeds_per_s|latency_ms_p50|latency_ms_p99|service_batch_users_mean|service_generate_ms_mean)"' "$out/service.json" || true
+    else
+      echo "the service on the device failed or ran over 90 s: $(tail -n 5 "$out/service.err")"
+    fi
+  else
+    echo "no .tools/bin/tansu here (run scripts/broker.sh install where there is a network and bring .tools/bin along): the service step is skipped"
+  fi
+fi
+
 step "summary"
 python3 - "$out" <<'PY'
 import glob, json, os, sys
@@ -128,7 +151,8 @@ def load(p):
         return json.load(open(p))
     except Exception:
         return None
-s = {"device": load(os.path.join(out, "device.json")), "bench": {}, "train": load(os.path.join(out, "train.json"))}
+s = {"device": load(os.path.join(out, "device.json")), "bench": {}, "train": load(os.path.join(out, "train.json")),
+     "service": load(os.path.join(out, "service.json"))}
 for p in sorted(glob.glob(os.path.join(out, "bench", "*.json"))):
     s["bench"][os.path.basename(p)[:-5]] = load(p)
 ev = {d: load(os.path.join(out, f"eval-{d}.json")) for d in ("cpu", "cuda")}
