@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
-use super::device_tables::{top_k, DeviceTables};
+use super::device_tables::{top_k, DeviceTables, MAX_TOP_K};
 use super::fresh::FreshItems;
 use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
@@ -934,6 +934,13 @@ impl<'m> Generator<'m> {
         let mask = Tensor::from_slice(&self.mask, (rows, step.vocab), raw.device())?;
         let mut total = raw.add(&mask)?.flatten_all()?.to_vec1::<f32>()?;
         self.mix(step, |at| total[at]);
+        self.rank_on_host(&mut total, step);
+        Ok(())
+    }
+
+    /// Each request's best `step.beams` of `total` (`[rows × vocab]`, the
+    /// corrections in `fixes` not yet applied) into `kept`.
+    fn rank_on_host(&mut self, total: &mut [f32], step: Step) {
         for f in &self.fixes {
             total[f.at as usize] = f.score;
         }
@@ -952,7 +959,6 @@ impl<'m> Generator<'m> {
             }
             self.keep_heap();
         }
-        Ok(())
     }
 
     /// [`Generator::candidates_on_host`] with the mask built and the
@@ -1016,6 +1022,12 @@ impl<'m> Generator<'m> {
         // lifts the corrected ones, so anything below the first `beams`
         // stays below them.
         let want = step.beams.min(block);
+        if want > MAX_TOP_K {
+            // Beams this wide (an exhaustive search) are ranked on the host.
+            let mut total = total.to_vec1::<f32>()?;
+            self.rank_on_host(&mut total, step);
+            return Ok(());
+        }
         // Each beam's best `per_beam` codes, then each request's best
         // `want` of those.
         let per_beam = want.min(vocab);

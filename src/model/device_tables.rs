@@ -29,6 +29,11 @@ use crate::sid::Code;
 /// row in shared memory (4 bytes per column, padded to a power of two).
 const SORT_WIDTH: usize = 4096;
 
+/// The most entries [`top_k`] keeps of a row wider than [`SORT_WIDTH`]:
+/// each piece's best `k` must be fewer than the piece, or cutting a row
+/// into pieces would not shrink it. Wider beams are ranked on the host.
+pub(crate) const MAX_TOP_K: usize = SORT_WIDTH / 2;
+
 /// One snapshot's decoding tables, host and device.
 pub(crate) struct DeviceTables {
     /// The snapshot they were built from: base generation and publish.
@@ -132,10 +137,16 @@ impl DeviceTables {
 
 /// The `k` largest entries of each row of `x` (`[n, m]`, `k ≤ m`), best
 /// first, and their columns (`u32`). Rows wider than candle's CUDA sort
-/// takes are cut into pieces whose own top `k` are ranked again.
+/// takes are cut into pieces whose own top `k` are ranked again (`k` at
+/// most [`MAX_TOP_K`] then).
 pub(crate) fn top_k(x: &Tensor, k: usize) -> candle_core::Result<(Tensor, Tensor)> {
     let (n, m) = x.dims2()?;
     if m > SORT_WIDTH {
+        if k > MAX_TOP_K {
+            candle_core::bail!(
+                "top {k} of rows of {m}: at most {MAX_TOP_K} of rows over {SORT_WIDTH}"
+            );
+        }
         let pieces = m.div_ceil(SORT_WIDTH);
         let pad = pieces * SORT_WIDTH - m;
         let x = if pad > 0 {
