@@ -28,6 +28,12 @@
 #                   in the same order in both, with the largest difference of
 #                   their log-probabilities, and users whose target has the
 #                   same rank (or is missed by both)
+#   oracle-*.tsv    the brute-force oracle: the same model searched with a beam
+#                   as wide as the catalogue (exact: every live prefix is kept)
+#                   for 50 users on the CPU and on the device; summary: users
+#                   whose exact top 10 agrees, and whose beam-20 top 10 on the
+#                   device is the exact one (and the share of the exact top
+#                   10 it holds: a search error, not a device error)
 #   service.json    the service's feed path on the device: a broker, `genfeed
 #                   run` with feed.device = "cuda" on that trained model, and
 #                   `genfeed replay` at 200 interactions/s for 20 s (feeds/s,
@@ -47,6 +53,9 @@ exec > >(tee "$out/log.txt") 2>&1
 started=$(date +%s)
 fail() { echo "gpu-check: $*"; exit 1; }
 step() { echo "== $* (t=$(($(date +%s) - started)) s)"; }
+# Each step's limit, cut to what is left of 460 s, so the whole run stays
+# within 8 minutes whatever hangs.
+lim() { local left=$((460 - ($(date +%s) - started))); echo $(($1 < left ? $1 : (left > 1 ? left : 1))); }
 
 step "device"
 command -v nvidia-smi >/dev/null || fail "no nvidia-smi here: this machine has no NVIDIA driver, and this check needs an NVIDIA GPU"
@@ -86,7 +95,7 @@ name, cap, mem, driver = [x.strip() for x in sys.argv[2].splitlines()[0].split("
 json.dump({"gpu": name, "compute_cap": cap, "memory": mem, "driver": driver, "cuda_libraries": sys.argv[3]},
           open(sys.argv[1], "w"), indent=2)
 PY
-probe=$(timeout 60 "$genfeed" bench generate --device cuda --batch 1 --requests 1 --beams 2 2>&1) ||
+probe=$(timeout $(lim 60) "$genfeed" bench generate --device cuda --batch 1 --requests 1 --beams 2 2>&1) ||
   fail "the binary does not run on the device (built without --features cuda, or the libraries do not match): $(echo "$probe" | tail -n 3)"
 
 step "bench generate on the device: beam 20 and 50, batches 64 to 1,024"
@@ -94,7 +103,7 @@ mkdir -p "$out/bench"
 for beams in 20 50; do
   for batch in 64 256 1024; do
     requests=$((batch * 2 > 512 ? batch * 2 : 512))
-    if timeout 30 "$genfeed" bench generate --device cuda --beams $beams --batch $batch \
+    if timeout $(lim 30) "$genfeed" bench generate --device cuda --beams $beams --batch $batch \
       --requests $requests --prefix-output --sibling-output --json >"$out/bench/b$beams-n$batch.json" 2>"$out/bench/b$beams-n$batch.err"; then
       python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in d.items() if not isinstance(v, (dict, list))})' \
         "$out/bench/b$beams-n$batch.json" "beam $beams batch $batch"
@@ -103,7 +112,7 @@ for beams in 20 50; do
     fi
   done
 done
-if timeout 30 "$genfeed" bench generate --device cuda --decoding host --beams 20 --batch 1024 \
+if timeout $(lim 30) "$genfeed" bench generate --device cuda --decoding host --beams 20 --batch 1024 \
   --requests 2048 --prefix-output --sibling-output --json >"$out/bench/b20-n1024-host.json" 2>"$out/bench/b20-n1024-host.err"; then
   grep -E '"(decoding|recs_per_sec)"' "$out/bench/b20-n1024-host.json"
 else
@@ -114,7 +123,7 @@ step "a small trained model: synthetic catalogue, tokenizer on the CPU, training
 "$genfeed" synth --out "$work/data" --items 3000 --users 3000 --topics 40 >/dev/null || fail "synth failed"
 "$genfeed" tokenizer train --items "$work/data/synth.item" --method rq-kmeans --encoder attributes \
   --out "$work/tok" >/dev/null || fail "tokenizer training failed"
-timeout 120 "$genfeed" train --data "$work/data" --tokenizer "$work/tok" --out "$work/model" --device cuda \
+timeout $(lim 120) "$genfeed" train --data "$work/data" --tokenizer "$work/tok" --out "$work/model" --device cuda \
   --epochs 3 --valid-users 500 >"$out/train.json" 2>"$out/train.err" ||
   echo "training on the device failed or ran over 120 s: $(tail -n 3 "$out/train.err")"
 grep -E '"(epochs|best_epoch|train_secs|examples_per_sec)"' "$out/train.json" || true
@@ -122,16 +131,25 @@ grep -E '"(epochs|best_epoch|train_secs|examples_per_sec)"' "$out/train.json" ||
 if [ -f "$work/model/config.json" ]; then
   step "the same model on the CPU and on the device: agreement of every user's top 10"
   for d in cpu cuda; do
-    timeout 60 "$genfeed" eval --data "$work/data" --model "$work/model" --tokenizer "$work/tok" \
+    timeout $(lim 60) "$genfeed" eval --data "$work/data" --model "$work/model" --tokenizer "$work/tok" \
       --users 2000 --device $d --json --ranks "$out/ranks-$d.tsv" >"$out/eval-$d.json" 2>"$out/eval-$d.err" ||
       echo "eval on $d failed or ran over 60 s: $(tail -n 3 "$out/eval-$d.err")"
   done
+  step "the brute-force oracle: a beam as wide as the catalogue, 50 users, on the CPU and on the device"
+  for d in cpu cuda; do
+    timeout $(lim 60) "$genfeed" eval --data "$work/data" --model "$work/model" --tokenizer "$work/tok" \
+      --users 50 --beams 3000 --batch 8 --device $d --json --ranks "$out/oracle-$d.tsv" >"$out/oracle-$d.json" 2>"$out/oracle-$d.err" ||
+      echo "the oracle on $d failed or ran over 60 s: $(tail -n 3 "$out/oracle-$d.err")"
+  done
+  timeout $(lim 30) "$genfeed" eval --data "$work/data" --model "$work/model" --tokenizer "$work/tok" \
+    --users 50 --device cuda --json --ranks "$out/beam20-cuda.tsv" >/dev/null 2>"$out/beam20-cuda.err" ||
+    echo "beam 20 on the device for the oracle's users failed: $(tail -n 3 "$out/beam20-cuda.err")"
 fi
 
 if [ -f "$work/model/config.json" ]; then
   if [ -x .tools/bin/tansu ]; then
     step "the service's feed path on the device: broker, genfeed run (feed.device = cuda), replay 200/s for 20 s"
-    if GENFEED="$genfeed" DEVICE=cuda BATCH_MAX=256 timeout 90 bash scripts/bench-service.sh \
+    if GENFEED="$genfeed" DEVICE=cuda BATCH_MAX=256 timeout $(lim 90) bash scripts/bench-service.sh \
       "$work/data" "$work/tok" "$work/model" 200 20 >"$out/service.json" 2>"$out/service.err"; then
       grep -E '"(interactions_per_s|feeds_per_s|latency_ms_p50|latency_ms_p99|service_batch_users_mean|service_generate_ms_mean)"' "$out/service.json" || true
     else
@@ -157,10 +175,10 @@ for p in sorted(glob.glob(os.path.join(out, "bench", "*.json"))):
     s["bench"][os.path.basename(p)[:-5]] = load(p)
 ev = {d: load(os.path.join(out, f"eval-{d}.json")) for d in ("cpu", "cuda")}
 s["eval"] = ev
-def ranks(d):
-    p = os.path.join(out, f"ranks-{d}.tsv")
+def ranks(name):
+    p = os.path.join(out, f"{name}.tsv")
     return [l.rstrip("\n").split("\t") for l in open(p)][1:] if os.path.exists(p) else None
-a, b = ranks("cpu"), ranks("cuda")
+a, b = ranks("ranks-cpu"), ranks("ranks-cuda")
 if a and b and len(a) == len(b):
     same_rank = sum(x[:3] == y[:3] for x, y in zip(a, b))
     same_list = [x[3] == y[3] for x, y in zip(a, b)]
@@ -170,11 +188,19 @@ if a and b and len(a) == len(b):
     s["agreement"] = {"users": n, "same_top10": sum(same_list), "share": sum(same_list) / n,
                       "max_log_prob_gap": max(gaps, default=0.0), "same_target_rank": same_rank,
                       "passes_99": sum(same_list) >= 0.99 * n}
+o_cpu, o_dev, b20_dev = ranks("oracle-cpu"), ranks("oracle-cuda"), ranks("beam20-cuda")
+if o_cpu and o_dev and len(o_cpu) == len(o_dev):
+    s["oracle"] = {"users": len(o_cpu), "same_exact_top10": sum(x[3] == y[3] for x, y in zip(o_cpu, o_dev))}
+    if b20_dev and len(b20_dev) == len(o_dev):
+        pairs = list(zip(b20_dev, o_dev))
+        s["oracle"]["beam20_is_exact_top10"] = sum(x[3] == y[3] for x, y in pairs)
+        s["oracle"]["beam20_share_of_exact_top10"] = sum(
+            len(set(x[3].split(",")) & set(y[3].split(","))) / max(len(y[3].split(",")), 1) for x, y in pairs) / len(pairs)
 b20 = s["bench"].get("b20-n1024") or {}
 s["beam20_batch1024_recs_per_sec"] = b20.get("recs_per_sec")
 s["beam20_batch1024_host_decoding_recs_per_sec"] = (s["bench"].get("b20-n1024-host") or {}).get("recs_per_sec")
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
-keys = ("agreement", "beam20_batch1024_recs_per_sec", "beam20_batch1024_host_decoding_recs_per_sec")
+keys = ("agreement", "oracle", "beam20_batch1024_recs_per_sec", "beam20_batch1024_host_decoding_recs_per_sec")
 print(json.dumps({k: s[k] for k in keys if k in s}, indent=2))
 PY
 echo "gpu-check: done in $(($(date +%s) - started)) s; results in $out"
