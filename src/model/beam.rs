@@ -270,7 +270,7 @@ pub struct Generator<'m> {
     mask: Vec<f32>,
     /// Per code of one beam: whether its allow filter lets it through.
     allowed: Vec<bool>,
-    /// Score positions the filters block, for a device search.
+    /// Score positions this step's filters rule out.
     blocked: Vec<u32>,
     heap: BinaryHeap<Candidate>,
     /// Every request's best candidates of the level, best first, request
@@ -411,58 +411,6 @@ fn each_fix(
                     j += 1;
                 }
                 f(r, i * step.vocab + usize::from(code), (start, j), mix);
-            }
-        }
-    }
-}
-
-/// Calls `block` with every score position (beam row × vocab + code) that a
-/// request's filter or, when asked, its history rules out at this step.
-/// `codes` are the beams' prefixes; `allowed` a scratch row.
-fn filters(
-    codes: &[[Code; MAX_LEVELS]],
-    allowed: &mut Vec<bool>,
-    levels: usize,
-    requests: &[Request<'_>],
-    opts: &SearchOptions,
-    step: Step,
-    mut block: impl FnMut(usize),
-) {
-    let (level, vocab) = (step.level, step.vocab);
-    let last = level + 1 == levels;
-    for (r, req) in requests.iter().enumerate() {
-        let filter = req.filter;
-        let history = opts.exclude_history && last;
-        if filter.is_none() && !history {
-            continue;
-        }
-        let rows = r * step.width..(r + 1) * step.width;
-        for (i, beam) in rows.clone().zip(&codes[rows]) {
-            let prefix = &beam[..level];
-            let row = i * vocab;
-            if let Some(f) = filter {
-                if let Some(allow) = &f.allow {
-                    allowed.clear();
-                    allowed.resize(vocab, false);
-                    for sid in with_prefix(allow, prefix) {
-                        allowed[usize::from(sid.codes()[level])] = true;
-                    }
-                    for (c, _) in allowed.iter().enumerate().filter(|(_, &ok)| !ok) {
-                        block(row + c);
-                    }
-                }
-                if last {
-                    for sid in with_prefix(&f.deny, prefix) {
-                        block(row + usize::from(sid.last()));
-                    }
-                }
-            }
-            if history {
-                for sid in req.history {
-                    if sid.prefix() == prefix {
-                        block(row + usize::from(sid.last()));
-                    }
-                }
             }
         }
     }
@@ -921,16 +869,10 @@ impl<'m> Generator<'m> {
         let rows = requests.len() * step.width;
         self.mask.resize(rows * step.vocab, 0.0);
         snapshot.fill_mask(&self.beams.cursors, step.vocab, &mut self.mask);
-        let mask = &mut self.mask;
-        filters(
-            &self.beams.codes,
-            &mut self.allowed,
-            self.model.config().levels(),
-            requests,
-            opts,
-            step,
-            |at| mask[at] = f32::NEG_INFINITY,
-        );
+        self.filter(requests, opts, step);
+        for &at in &self.blocked {
+            self.mask[at as usize] = f32::NEG_INFINITY;
+        }
         let mask = Tensor::from_slice(&self.mask, (rows, step.vocab), raw.device())?;
         let mut total = raw.add(&mask)?.flatten_all()?.to_vec1::<f32>()?;
         self.mix(step, |at| total[at]);
@@ -982,17 +924,7 @@ impl<'m> Generator<'m> {
         let (rows, block) = (s * step.width, step.width * vocab);
         let nodes = Tensor::from_slice(&self.beams.dnodes, rows, device)?;
         let mut total = raw.add(&tables.mask(step.level, &nodes)?)?.flatten_all()?;
-        self.blocked.clear();
-        let blocked = &mut self.blocked;
-        filters(
-            &self.beams.codes,
-            &mut self.allowed,
-            self.model.config().levels(),
-            requests,
-            opts,
-            step,
-            |at| blocked.push(at as u32),
-        );
+        self.filter(requests, opts, step);
         if !self.blocked.is_empty() {
             let n = self.blocked.len();
             let at = Tensor::from_slice(&self.blocked, n, device)?;
@@ -1068,6 +1000,48 @@ impl<'m> Generator<'m> {
             self.keep_heap();
         }
         Ok(())
+    }
+
+    /// Lists in `blocked` every score position (beam row × vocab + code)
+    /// that a request's filter or, when asked, its history rules out at
+    /// this step.
+    fn filter(&mut self, requests: &[Request<'_>], opts: &SearchOptions, step: Step) {
+        self.blocked.clear();
+        let (level, vocab) = (step.level, step.vocab);
+        let last = level + 1 == self.model.config().levels();
+        for (r, req) in requests.iter().enumerate() {
+            let filter = req.filter;
+            let history = opts.exclude_history && last;
+            if filter.is_none() && !history {
+                continue;
+            }
+            let rows = r * step.width..(r + 1) * step.width;
+            for (i, beam) in rows.clone().zip(&self.beams.codes[rows]) {
+                let prefix = &beam[..level];
+                let row = (i * vocab) as u32;
+                if let Some(f) = filter {
+                    if let Some(allow) = &f.allow {
+                        self.allowed.clear();
+                        self.allowed.resize(vocab, false);
+                        for sid in with_prefix(allow, prefix) {
+                            self.allowed[usize::from(sid.codes()[level])] = true;
+                        }
+                        let denied = (0..vocab as u32).filter(|&c| !self.allowed[c as usize]);
+                        self.blocked.extend(denied.map(|c| row + c));
+                    }
+                    if last {
+                        let denied = with_prefix(&f.deny, prefix).iter();
+                        self.blocked
+                            .extend(denied.map(|sid| row + u32::from(sid.last())));
+                    }
+                }
+                if history {
+                    let seen = req.history.iter().filter(|sid| sid.prefix() == prefix);
+                    self.blocked
+                        .extend(seen.map(|sid| row + u32::from(sid.last())));
+                }
+            }
+        }
     }
 
     /// Appends the heap's candidates to `kept`, best first, as the next

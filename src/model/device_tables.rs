@@ -18,10 +18,12 @@
 //! (`[nodes, widest node's children]`, padded with the code `vocab`): near
 //! the root that is the dense table, below it a row of a few codes, and in
 //! both the mask is one gather and one scatter. The host keeps the same
-//! numbering in CSR form to step each beam's node with its chosen code.
+//! trie ([`Trie`], the base segment's layout) to step each beam's node
+//! with its chosen code.
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::index::trie::{Trie, TrieBuilder, NONE};
 use crate::index::Snapshot;
 use crate::sid::Code;
 
@@ -38,11 +40,8 @@ pub(crate) const MAX_TOP_K: usize = SORT_WIDTH / 2;
 pub(crate) struct DeviceTables {
     /// The snapshot they were built from: base generation and publish.
     key: (u64, u64),
-    vocab: Vec<usize>,
-    /// Per depth: node `n`'s children are `offsets[d][n]..offsets[d][n +
-    /// 1]` at depth `d + 1`, spelled by `codes[d][k]`.
-    offsets: Vec<Vec<u32>>,
-    codes: Vec<Vec<Code>>,
+    /// The live items' trie, for stepping a beam's node on the host.
+    trie: Trie,
     /// Per depth: each node's children's codes, padded with `vocab[d]`.
     padded: Vec<Tensor>,
 }
@@ -50,49 +49,32 @@ pub(crate) struct DeviceTables {
 impl DeviceTables {
     /// The tables of `snapshot`'s live items, uploaded to `device`.
     pub(crate) fn build(snapshot: &Snapshot, device: &Device) -> candle_core::Result<Self> {
-        let levels = snapshot.levels();
-        let mut offsets: Vec<Vec<u32>> = vec![Vec::new(); levels];
-        let mut codes: Vec<Vec<Code>> = vec![Vec::new(); levels];
-        offsets[0].push(0);
-        let mut prev: Option<Vec<Code>> = None;
-        for (sid, _) in snapshot.live() {
-            let c = sid.codes();
-            // The first depth where this SID leaves the previous one's path:
-            // from there on every prefix is a new node.
-            let from = prev
-                .as_deref()
-                .map_or(0, |p| p.iter().zip(c).take_while(|(a, b)| a == b).count());
-            for d in from..levels {
-                codes[d].push(c[d]);
-                if d + 1 < levels {
-                    offsets[d + 1].push(codes[d + 1].len() as u32);
-                }
-            }
-            prev = Some(c.to_vec());
+        let mut builder = TrieBuilder::new(snapshot.vocab());
+        for (sid, ord) in snapshot.live() {
+            builder
+                .push(sid, ord)
+                .map_err(|e| candle_core::Error::Msg(format!("device tables: {e}")))?;
         }
-        let mut padded = Vec::with_capacity(levels);
-        for d in 0..levels {
-            offsets[d].push(codes[d].len() as u32);
-            let starts = &offsets[d];
-            let nodes = starts.len() - 1;
-            let fan = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let trie = builder.finish();
+        let mut padded = Vec::with_capacity(trie.levels());
+        for d in 0..trie.levels() {
+            let nodes = trie.nodes(d) as u32;
+            let fan = (0..nodes).map(|n| trie.children(d, n).len()).max();
             // At least one node (an empty snapshot's) and one column, so that
             // a dead beam's node 0 can always be looked up.
-            let (nodes, fan) = (nodes.max(1), (fan as usize).max(1));
-            let pad = snapshot.vocab()[d] as u32;
-            let mut table = vec![pad; nodes * fan];
-            for (n, w) in starts.windows(2).enumerate() {
-                for (slot, k) in (w[0]..w[1]).enumerate() {
-                    table[n * fan + slot] = u32::from(codes[d][k as usize]);
+            let (rows, fan) = ((nodes as usize).max(1), fan.unwrap_or(0).max(1));
+            let mut table = vec![trie.vocab()[d] as u32; rows * fan];
+            for n in 0..nodes {
+                let row = n as usize * fan;
+                for (slot, k) in trie.children(d, n).enumerate() {
+                    table[row + slot] = u32::from(trie.token(d, k));
                 }
             }
-            padded.push(Tensor::from_vec(table, (nodes, fan), device)?);
+            padded.push(Tensor::from_vec(table, (rows, fan), device)?);
         }
         Ok(DeviceTables {
             key: (snapshot.generation(), snapshot.seq()),
-            vocab: snapshot.vocab().to_vec(),
-            offsets,
-            codes,
+            trie,
             padded,
         })
     }
@@ -105,18 +87,15 @@ impl DeviceTables {
     /// The node `code` leads to from `node` at `depth`, if an item lives
     /// below it.
     pub(crate) fn child(&self, depth: usize, node: u32, code: Code) -> Option<u32> {
-        let (offsets, codes) = (&self.offsets[depth], &self.codes[depth]);
-        let lo = *offsets.get(node as usize)? as usize;
-        let hi = offsets[node as usize + 1] as usize;
-        let k = codes[lo..hi].binary_search(&code).ok()?;
-        Some((lo + k) as u32)
+        let child = self.trie.child(depth, node, code);
+        (child != NONE).then_some(child)
     }
 
     /// The additive mask (`0` where a code leads to a live item, `-inf`
     /// elsewhere) of beams at `depth` on `nodes` (`[rows]`, `u32`):
     /// `[rows, vocab]`.
     pub(crate) fn mask(&self, depth: usize, nodes: &Tensor) -> candle_core::Result<Tensor> {
-        let vocab = self.vocab[depth];
+        let vocab = self.trie.vocab()[depth];
         let children = self.padded[depth].index_select(nodes, 0)?;
         let (rows, fan) = children.dims2()?;
         let device = nodes.device();
