@@ -200,6 +200,7 @@ fn catalogue(dir: &std::path::Path) -> (Catalogue, usize) {
                 field: "embedding".into(),
                 dim,
             },
+            content_map: None,
         },
         &opts,
         Provenance {

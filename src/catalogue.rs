@@ -138,13 +138,14 @@ impl Catalogue {
         vector: &[f32],
         position: u64,
     ) -> Result<LiveChange, CatalogueError> {
-        self.upsert_with(item_id, content_hash, position, || {
+        self.upsert_with(item_id, content_hash, position, |_| {
             Ok::<_, std::convert::Infallible>(vector.to_vec())
         })
     }
 
-    /// [`upsert`](Self::upsert) with the content vector made on demand:
-    /// `vector` runs only when the registry needs new codes (a new item, new
+    /// [`upsert`](Self::upsert) with the content vector made on demand, for
+    /// the catalogue's tokenizer (which a collaborative one needs to predict
+    /// it from content): `vector` runs only when the registry needs new codes (a new item, new
     /// content, a returning item whose SID was released), so replays and
     /// reserved training items never pay for embedding. Its error comes back
     /// as [`RegistryError::Codes`], whose source can be downcast to `E`.
@@ -153,7 +154,7 @@ impl Catalogue {
         item_id: &str,
         content_hash: [u8; 32],
         position: u64,
-        vector: impl FnOnce() -> Result<Vec<f32>, E>,
+        vector: impl FnOnce(&FrozenTokenizer) -> Result<Vec<f32>, E>,
     ) -> Result<LiveChange, CatalogueError>
     where
         E: std::error::Error + Send + Sync + 'static,
@@ -164,7 +165,7 @@ impl Catalogue {
         let change =
             self.registry
                 .apply_upsert(item_id, content_hash, position, generation, || {
-                    let v = vector().map_err(BoxError::from)?;
+                    let v = vector(tokenizer).map_err(BoxError::from)?;
                     let mut codes = vec![0 as Code; levels];
                     tokenizer
                         .content_codes(item_id, &v, &mut codes)

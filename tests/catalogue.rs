@@ -49,6 +49,7 @@ fn tokenizer(dir: &Path) -> Arc<FrozenTokenizer> {
         TrainData::Content {
             vectors: &vectors,
             encoder: spec,
+            content_map: None,
         },
         &opts,
         Provenance {

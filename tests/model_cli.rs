@@ -461,3 +461,145 @@ fn a_time_split_of_the_time_ordered_log_leaves_late_items_fresh() {
         taken(1)
     );
 }
+
+#[test]
+fn a_collaborative_tokenizer_gives_a_new_item_its_sid_from_its_content_alone() {
+    use genfeed::contract::ItemUpsert;
+    use genfeed::embed::EncoderSpec;
+    use genfeed::service::content::{content, vector};
+    use genfeed::tokenizer::FrozenTokenizer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let files = synth(&dir.path().join("data"));
+    let (cf, map, tok) = (
+        dir.path().join("cf.item"),
+        dir.path().join("map.json"),
+        dir.path().join("tok"),
+    );
+    ok(genfeed(&[
+        "tokenizer",
+        "embed-interactions",
+        "--items",
+        p(&files.items),
+        "--inter",
+        p(&files.inter),
+        "--content",
+        "attributes",
+        "--content-fields",
+        "attributes",
+        "--dims",
+        "16",
+        "--map",
+        p(&map),
+        "--out",
+        p(&cf),
+    ]));
+    let report = ok(genfeed(&[
+        "tokenizer",
+        "train",
+        "--items",
+        p(&cf),
+        "--method",
+        "rq-kmeans",
+        "--encoder",
+        "precomputed",
+        "--fields",
+        "embedding",
+        "--codebook-size",
+        "16",
+        "--content-map",
+        p(&map),
+        "--out",
+        p(&tok),
+    ]));
+    assert!(report.contains("content map"), "{report}");
+    let frozen = FrozenTokenizer::load(&tok).unwrap();
+    let spec = frozen.manifest().input.encoder.clone();
+    assert!(
+        matches!(&spec, EncoderSpec::Collaborative { content, .. }
+            if matches!(**content, EncoderSpec::Attributes { .. })),
+        "{spec:?}"
+    );
+    // On items the map was not fitted on, content finds the collaborative
+    // first code far more often than chance.
+    let check = frozen.manifest().metrics.content_map.clone().unwrap();
+    assert!(check.held_out_items >= 30, "{check:?}");
+    assert!(
+        check.first_code_agreement > 2.0 * check.first_code_chance,
+        "{check:?}"
+    );
+
+    // New items (new ids, the content of training items) in a catalogue
+    // without the collaborative column: `tokenizer assign` predicts their
+    // vectors from content.
+    let source: Vec<(String, String)> = std::fs::read_to_string(&files.items)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take(40)
+        .map(|l| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            (cols[0].to_string(), cols[3].to_string())
+        })
+        .collect();
+    let new_items = dir.path().join("new.item");
+    let mut text = String::from("item_id:token\tattributes:token_seq\n");
+    for (id, attrs) in &source {
+        text.push_str(&format!("new-{id}\t{attrs}\n"));
+    }
+    std::fs::write(&new_items, text).unwrap();
+    let assigned = ok(genfeed(&[
+        "tokenizer",
+        "assign",
+        "--tokenizer",
+        p(&tok),
+        "--items",
+        p(&new_items),
+    ]));
+    let sids: std::collections::HashMap<String, genfeed::sid::Sid> = assigned
+        .lines()
+        .map(|l| {
+            let (id, sid) = l.split_once('\t').unwrap();
+            (id.to_string(), sid.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(sids.len(), source.len());
+
+    // The service's path for a catalogue event carrying content only gives
+    // the same codes, and a twin usually shares its source's first code.
+    let known: std::collections::HashMap<&str, genfeed::sid::Sid> = frozen
+        .training_items()
+        .iter()
+        .map(|(id, sid)| (id.as_str(), *sid))
+        .collect();
+    let levels = frozen.sid_levels() - 1;
+    let mut same_first = 0;
+    for (id, attrs) in &source {
+        let up = ItemUpsert {
+            item_id: format!("new-{id}"),
+            attributes: [("attributes".to_string(), attrs.clone())].into(),
+            ..Default::default()
+        };
+        let c = content(&up, &spec).unwrap();
+        let v = vector(&up.item_id, &c, None, &frozen).unwrap();
+        let mut codes = vec![0; levels];
+        frozen.content_codes(&up.item_id, &v, &mut codes).unwrap();
+        let sid = sids[&up.item_id];
+        assert_eq!(codes, sid.codes()[..levels], "{}", up.item_id);
+        same_first += usize::from(sid.codes()[0] == known[id.as_str()].codes()[0]);
+    }
+    assert!(
+        same_first as f64 > 2.0 * check.first_code_chance * source.len() as f64,
+        "{same_first} of {} twins share the first code (chance {:.3})",
+        source.len(),
+        check.first_code_chance
+    );
+
+    // An event with no content at all is an error naming the item.
+    let bare = ItemUpsert {
+        item_id: "bare".into(),
+        ..Default::default()
+    };
+    let err = content(&bare, &spec).unwrap_err().to_string();
+    assert!(err.contains("\"bare\""), "{err}");
+}

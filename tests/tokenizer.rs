@@ -78,6 +78,7 @@ fn content_methods_give_unique_meaningful_sids() {
         let data = TrainData::Content {
             vectors: &vectors,
             encoder: spec.clone(),
+            content_map: None,
         };
         let prov = Provenance {
             items_file: &files.items,
@@ -241,6 +242,7 @@ fn new_items_never_move_existing_sids() {
         TrainData::Content {
             vectors: &vectors,
             encoder: spec,
+            content_map: None,
         },
         &small_opts(Method::RqKmeans),
         Provenance {

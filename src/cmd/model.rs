@@ -245,11 +245,7 @@ fn assign_from_content(
         );
     }
     items.rows.sort_by_key(|r| wanted[r.id.as_str()]);
-    let spec = tokenizer.manifest().input.encoder.clone();
-    let text = matches!(spec, genfeed::embed::EncoderSpec::Text { .. })
-        .then(|| super::tokenizer::load_text(None))
-        .transpose()?;
-    let vectors = super::tokenizer::embed(&items, &spec, text.as_ref())?;
+    let vectors = super::tokenizer::tokenizer_vectors(tokenizer, &items, None)?;
     for (i, row) in items.rows.iter().enumerate() {
         assigner.assign(&row.id, vectors.row(i))?;
     }

@@ -12,7 +12,7 @@ use genfeed::embed::text::TextEncoder;
 use genfeed::embed::{EncoderSpec, Vectors};
 use genfeed::sid::Code;
 use genfeed::tokenizer::report::category_agreement;
-use genfeed::tokenizer::train::{train, Provenance, TrainData, TrainOptions};
+use genfeed::tokenizer::train::{train, ContentMap, Provenance, TrainData, TrainOptions};
 use genfeed::tokenizer::{FrozenTokenizer, Method, TokenizeError};
 
 #[derive(Subcommand)]
@@ -98,6 +98,11 @@ pub struct EmbedInteractionsArgs {
     /// Width of the hashed attribute encoding.
     #[arg(long, default_value_t = 256)]
     attribute_dim: usize,
+    /// Also write the content map here (JSON), for `tokenizer train
+    /// --content-map`: the tokenizer then gives a new item, which arrives
+    /// with content only, the collaborative vector its content predicts.
+    #[arg(long)]
+    map: Option<PathBuf>,
     /// The new `.item` file.
     #[arg(long)]
     out: PathBuf,
@@ -155,6 +160,13 @@ pub struct TrainArgs {
     /// content, as it does any item a catalogue event brings.
     #[arg(long)]
     exclude: Option<PathBuf>,
+    /// A content map from `embed-interactions --map`, for a tokenizer of
+    /// collaborative vectors (`--encoder precomputed`): stored in the
+    /// tokenizer, it gives an item without a collaborative vector (a new
+    /// item, content only) the one its content predicts, here and in the
+    /// service; the report checks it on the map's held-out items.
+    #[arg(long)]
+    content_map: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -240,6 +252,38 @@ pub(super) fn embed(
         vectors.rows() as f64 / secs.max(1e-9)
     );
     Ok(vectors)
+}
+
+/// The vectors `tokenizer` quantises for `items`, encoded as its manifest
+/// says. A collaborative tokenizer given a catalogue without its
+/// collaborative column (new items, content only) predicts them from the
+/// content, as the service does for a catalogue event.
+pub(super) fn tokenizer_vectors(
+    tokenizer: &FrozenTokenizer,
+    items: &Items,
+    text_model: Option<PathBuf>,
+) -> anyhow::Result<Vectors> {
+    let mut spec = &tokenizer.manifest().input.encoder;
+    let predict = match spec {
+        EncoderSpec::Collaborative { field, content, .. } if items.column(field).is_none() => {
+            eprintln!("no column {field:?}: predicting collaborative vectors from content");
+            spec = content;
+            true
+        }
+        _ => false,
+    };
+    let text = matches!(spec, EncoderSpec::Text { .. })
+        .then(|| load_text(text_model))
+        .transpose()?;
+    let vectors = embed(items, spec, text.as_ref())?;
+    if !predict {
+        return Ok(vectors);
+    }
+    let mut data = Vec::with_capacity(items.rows.len() * tokenizer.input_dim());
+    for (i, row) in items.rows.iter().enumerate() {
+        data.extend(tokenizer.predict_collaborative(&row.id, vectors.row(i))?);
+    }
+    Ok(Vectors::new(tokenizer.input_dim(), data))
 }
 
 impl ContentEncoderArgs {
@@ -332,11 +376,28 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         train(&ids, data, &opts, provenance, &a.out, &pb)?
     } else {
         let (spec, text) = a.content.resolve(&items, a.seed)?;
-        eprintln!("encoder: {}", serde_json::to_string(&spec)?);
         let vectors = embed(&items, &spec, text.as_ref())?;
+        let file = a.content_map.as_deref().map(read_content_map).transpose()?;
+        let (encoder, content_map) = match (spec, &file) {
+            (EncoderSpec::Precomputed { field, dim }, Some(file)) => {
+                let held_out = held_out_content(&items, file, a.content.text_model.clone())?;
+                let encoder = EncoderSpec::Collaborative {
+                    field,
+                    dim,
+                    content: Box::new(file.encoder.clone()),
+                };
+                (encoder, Some(ContentMap { map: &file.map, held_out }))
+            }
+            (_, Some(_)) => bail!(
+                "--content-map goes with a catalogue of collaborative vectors (--encoder precomputed)"
+            ),
+            (spec, None) => (spec, None),
+        };
+        eprintln!("encoder: {}", serde_json::to_string(&encoder)?);
         let data = TrainData::Content {
             vectors: &vectors,
-            encoder: spec,
+            encoder,
+            content_map,
         };
         train(&ids, data, &opts, provenance, &a.out, &pb)?
     };
@@ -348,6 +409,42 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     );
     println!("{}", tokenizer.manifest().metrics);
     Ok(())
+}
+
+fn read_content_map(path: &Path) -> anyhow::Result<ContentMapFile> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: not a content map from `tokenizer embed-interactions --map`",
+            path.display()
+        )
+    })
+}
+
+/// The content vectors of the map's held-out items among `items`, with
+/// their rows.
+fn held_out_content(
+    items: &Items,
+    file: &ContentMapFile,
+    text_model: Option<PathBuf>,
+) -> anyhow::Result<Vec<(usize, Vec<f32>)>> {
+    let held: std::collections::HashSet<&str> = file.held_out.iter().map(String::as_str).collect();
+    let rows: Vec<usize> = (0..items.rows.len())
+        .filter(|&i| held.contains(items.rows[i].id.as_str()))
+        .collect();
+    let subset = Items {
+        columns: items.columns.clone(),
+        rows: rows.iter().map(|&i| items.rows[i].clone()).collect(),
+    };
+    let text = matches!(file.encoder, EncoderSpec::Text { .. })
+        .then(|| load_text(text_model))
+        .transpose()?;
+    let vectors = embed(&subset, &file.encoder, text.as_ref())?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(j, i)| (i, vectors.row(j).to_vec()))
+        .collect())
 }
 
 fn run_assign(a: AssignArgs) -> anyhow::Result<()> {
@@ -386,10 +483,7 @@ fn run_assign(a: AssignArgs) -> anyhow::Result<()> {
             push(&row.id, assigner.assign(&row.id, &vector)?);
         }
     } else {
-        let text = matches!(spec, EncoderSpec::Text { .. })
-            .then(|| load_text(a.text_model))
-            .transpose()?;
-        let vectors = embed(&items, &spec, text.as_ref())?;
+        let vectors = tokenizer_vectors(&tokenizer, &items, a.text_model)?;
         for (i, row) in items.rows.iter().enumerate() {
             push(&row.id, assigner.assign(&row.id, vectors.row(i))?);
         }
@@ -517,6 +611,10 @@ fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
         }
         vectors.insert(id.as_str(), v);
     }
+    anyhow::ensure!(
+        a.map.is_none() || a.content != ContentArg::None,
+        "--map needs a content map: drop --content none"
+    );
     let predicted = match a.content {
         ContentArg::None => 0,
         kind => {
@@ -537,12 +635,30 @@ fn run_embed_interactions(a: EmbedInteractionsArgs) -> anyhow::Result<()> {
             for (i, id) in seqs.items.iter().enumerate() {
                 cf[i * k..(i + 1) * k].copy_from_slice(&vectors[id.as_str()]);
             }
-            let predicted = predict_from_content(&content, &cf, k)?;
-            let count = predicted.len();
-            for (i, v) in predicted {
-                vectors.insert(seqs.items[i].as_str(), v);
+            let fitted = fit_content_map(&content, &cf, k, a.seed)?;
+            let cold: Vec<usize> = (0..n)
+                .filter(|&i| cf[i * k..(i + 1) * k].iter().all(|&x| x == 0.0))
+                .collect();
+            for &i in &cold {
+                vectors.insert(seqs.items[i].as_str(), fitted.map.direction(content.row(i)));
             }
-            count
+            if let Some(path) = &a.map {
+                let file = ContentMapFile {
+                    encoder: spec,
+                    ridge: fitted.ridge,
+                    held_out_cosine: fitted.cosine,
+                    held_out: fitted
+                        .held_out
+                        .iter()
+                        .map(|&i| seqs.items[i].clone())
+                        .collect(),
+                    map: fitted.map,
+                };
+                std::fs::write(path, serde_json::to_vec(&file)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("content map written to {}", path.display());
+            }
+            cold.len()
         }
     };
     let missing =
@@ -594,67 +710,78 @@ fn write_with_embedding<'v>(
     Ok(missing)
 }
 
-/// For every item whose collaborative vector is zero (no training
-/// interactions), the unit vector its content predicts; the ridge penalty
-/// is the one of a small grid that predicts held-out items best (every
-/// tenth item with interactions), by mean cosine, which is printed.
-fn predict_from_content(
-    content: &Vectors,
-    cf: &[f32],
-    k: usize,
-) -> anyhow::Result<Vec<(usize, Vec<f32>)>> {
+/// `embed-interactions --map`: the content map `tokenizer train
+/// --content-map` stores in a collaborative tokenizer, so that a new item
+/// gets its vector from its content wherever the tokenizer goes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContentMapFile {
+    /// How content becomes the map's input.
+    encoder: EncoderSpec,
+    /// The ridge penalty the held-out items chose.
+    ridge: f64,
+    /// Mean cosine of the predicted to the real vector on `held_out`.
+    held_out_cosine: f64,
+    /// Items with interactions the map was not fitted on (one in ten, by seed).
+    held_out: Vec<String>,
+    map: genfeed::embed::ridge::LinearMap,
+}
+
+/// A map fitted from content to collaborative vectors, with what it was
+/// checked on.
+struct Fitted {
+    map: genfeed::embed::ridge::LinearMap,
+    ridge: f64,
+    cosine: f64,
+    held_out: Vec<usize>,
+}
+
+/// The ridge map from `content` to the collaborative vectors `cf` (`k`
+/// wide; a zero row is an item without training interactions), fitted on
+/// nine in ten items with interactions, drawn with `seed` (not every tenth
+/// row: catalogues are often ordered by something their content shows);
+/// the penalty is the one of a small grid that predicts the tenth best, by
+/// mean cosine, which is printed.
+fn fit_content_map(content: &Vectors, cf: &[f32], k: usize, seed: u64) -> anyhow::Result<Fitted> {
     use genfeed::embed::ridge::LinearMap;
+    use rand::{Rng, SeedableRng};
 
     let p = content.dim();
     let n = content.rows();
     let has = |i: usize| cf[i * k..(i + 1) * k].iter().any(|&x| x != 0.0);
-    let warm: Vec<usize> = (0..n).filter(|&i| has(i)).collect();
-    let cold: Vec<usize> = (0..n).filter(|&i| !has(i)).collect();
-    if cold.is_empty() {
-        return Ok(Vec::new());
-    }
-    let (fit, held): (Vec<usize>, Vec<usize>) = warm.iter().partition(|&&i| i % 10 != 0);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (held, fit): (Vec<usize>, Vec<usize>) = (0..n)
+        .filter(|&i| has(i))
+        .partition(|_| rng.random_bool(0.1));
     let x = content.as_slice();
-    let mut out = vec![0.0f32; k];
-    let mut best: Option<(f64, f64)> = None;
+    let mut best: Option<Fitted> = None;
     for lambda in [1e-3, 1e-2, 1e-1, 1.0, 10.0] {
         let Some(map) = LinearMap::fit(x, p, cf, k, &fit, lambda) else {
             continue;
         };
         let mut cos = 0.0;
         for &i in &held {
-            map.apply(content.row(i), &mut out);
-            let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            let dot: f32 = out
+            let v = map.direction(content.row(i));
+            let dot: f32 = v
                 .iter()
                 .zip(&cf[i * k..(i + 1) * k])
                 .map(|(a, b)| a * b)
                 .sum();
-            cos += (dot / norm) as f64 / held.len().max(1) as f64;
+            cos += dot as f64 / held.len().max(1) as f64;
         }
         eprintln!(
             "content map, ridge {lambda}: held-out mean cosine {cos:.4} ({} items)",
             held.len()
         );
-        if best.is_none_or(|(_, c)| cos > c) {
-            best = Some((lambda, cos));
+        if best.as_ref().is_none_or(|b| cos > b.cosine) {
+            best = Some(Fitted {
+                map,
+                ridge: lambda,
+                cosine: cos,
+                held_out: held.clone(),
+            });
         }
     }
-    let Some((lambda, _)) = best else {
-        bail!("the content map could not be fitted (no items with both content and interactions?)");
-    };
-    let map = LinearMap::fit(x, p, cf, k, &warm, lambda)
-        .context("fitting the content map on every item with interactions")?;
-    Ok(cold
-        .into_iter()
-        .map(|i| {
-            let mut v = vec![0.0f32; k];
-            map.apply(content.row(i), &mut v);
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
-            (i, v)
-        })
-        .collect())
+    best.context(
+        "the content map could not be fitted (no items with both content and interactions?)",
+    )
 }

@@ -129,7 +129,7 @@ pub fn encode_items(
     let n = items.rows.len();
     progress.set_length(n as u64);
     match spec {
-        EncoderSpec::Precomputed { field, dim } => {
+        EncoderSpec::Precomputed { field, dim } | EncoderSpec::Collaborative { field, dim, .. } => {
             let f = index(field)?;
             let mut data = Vec::with_capacity(n * dim);
             for row in &items.rows {

@@ -14,6 +14,11 @@
 //! - [`EncoderSpec::Attributes`]: items known only by categorical attribute ids
 //!   (brand and category codes) get a deterministic hashed encoding
 //!   ([`attributes`]).
+//! - [`EncoderSpec::Collaborative`]: a collaborative vector (who interacted
+//!   with the item, from `tokenizer embed-interactions`) where the item has
+//!   one; an item that has none, because it is new, gets the one its content
+//!   predicts through a linear map the tokenizer stores, so a catalogue
+//!   event with content alone still lands among the items people treat alike.
 //! - [`EncoderSpec::Interactions`]: no content at all; the vector is the item's
 //!   factor in a truncated SVD of the user–item matrix (GPTRec), computed by the
 //!   tokenizer itself.
@@ -82,6 +87,14 @@ pub enum EncoderSpec {
         dim: usize,
         seed: u64,
     },
+    /// A collaborative vector read from `field` where the item has one;
+    /// otherwise `content` encodes the item and the tokenizer's content map
+    /// (weights `content_map.weight`, `content_map.bias`) predicts it.
+    Collaborative {
+        field: String,
+        dim: usize,
+        content: Box<EncoderSpec>,
+    },
     /// Item factors of a truncated SVD of the user–item matrix.
     Interactions { dim: usize },
 }
@@ -93,6 +106,7 @@ impl EncoderSpec {
             EncoderSpec::Precomputed { dim, .. }
             | EncoderSpec::Text { dim, .. }
             | EncoderSpec::Attributes { dim, .. }
+            | EncoderSpec::Collaborative { dim, .. }
             | EncoderSpec::Interactions { dim } => *dim,
         }
     }
@@ -123,6 +137,8 @@ pub enum EmbedError {
         field: String,
         expected: &'static str,
     },
+    #[error("item {item:?}: has no collaborative vector, and this tokenizer has no content map to predict one (train it with --content-map)")]
+    NoContentMap { item: String },
     #[error(transparent)]
     Text(#[from] text::TextEncoderError),
     #[error("this catalogue needs the text encoder {model:?}, but {found:?} was loaded")]

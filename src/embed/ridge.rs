@@ -9,15 +9,20 @@
 //! items people treat alike instead of in one heap of zero vectors.
 
 use nalgebra::{DMatrix, DVector};
+use serde::{Deserialize, Serialize};
 
 /// `y ≈ W x + b`, fitted on centred data.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LinearMap {
     inputs: usize,
     outputs: usize,
     /// Row-major `[outputs × inputs]`.
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// The mean target of the fit.
+    centre: Vec<f32>,
+    /// The root mean square distance of a fitted target from `centre`.
+    spread: f32,
 }
 
 impl LinearMap {
@@ -61,6 +66,17 @@ impl LinearMap {
             gram.ger(1.0, &xc, &xc, 1.0);
             cross.ger(1.0, &xc, &yc, 1.0);
         }
+        let spread = (0..rows.len())
+            .map(|k| {
+                let r = rows[k];
+                y[r * outputs..(r + 1) * outputs]
+                    .iter()
+                    .zip(&my)
+                    .map(|(&v, m)| (v as f64 - m).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / n;
         let ridge = lambda * gram.trace() / inputs as f64;
         for i in 0..inputs {
             gram[(i, i)] += ridge.max(1e-9);
@@ -81,7 +97,88 @@ impl LinearMap {
             outputs,
             weight,
             bias,
+            centre: my.iter().map(|&m| m as f32).collect(),
+            spread: spread.sqrt() as f32,
         })
+    }
+
+    /// A map from stored parts; `None` unless `weight` is `[outputs ×
+    /// inputs]` and `bias` and `centre` have `outputs` values.
+    pub fn from_parts(
+        inputs: usize,
+        outputs: usize,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        centre: Vec<f32>,
+        spread: f32,
+    ) -> Option<LinearMap> {
+        let fits = inputs > 0
+            && weight.len() == inputs * outputs
+            && bias.len() == outputs
+            && centre.len() == outputs
+            && spread.is_finite();
+        fits.then_some(LinearMap {
+            inputs,
+            outputs,
+            weight,
+            bias,
+            centre,
+            spread,
+        })
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// Row-major `[outputs × inputs]`.
+    pub fn weight(&self) -> &[f32] {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
+    pub fn centre(&self) -> &[f32] {
+        &self.centre
+    }
+
+    pub fn spread(&self) -> f32 {
+        self.spread
+    }
+
+    /// The unit vector a prediction stands for (collaborative vectors are
+    /// directions), its departure from the targets' mean first stretched to
+    /// a real target's typical distance. Least squares shrinks a prediction
+    /// toward the mean as far as its input says little; normalising a
+    /// shrunk vector as it is would put every weakly predicted item on the
+    /// mean's own direction, into the same few codes (on Yelp its first code
+    /// agreed with the real one's less often than chance).
+    pub fn direction(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; self.outputs];
+        self.apply(x, &mut out);
+        let away = out
+            .iter()
+            .zip(&self.centre)
+            .map(|(v, c)| (v - c) * (v - c))
+            .sum::<f32>()
+            .sqrt();
+        if away > 0.0 {
+            let stretch = self.spread / away;
+            out.iter_mut()
+                .zip(&self.centre)
+                .for_each(|(v, c)| *v = c + (*v - c) * stretch);
+        }
+        let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            out.iter_mut().for_each(|v| *v /= norm);
+        }
+        out
     }
 
     /// `W x + b` into `out`.

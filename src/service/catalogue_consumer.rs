@@ -237,9 +237,10 @@ impl CatalogueConsumer {
                 };
                 let hash = c.hash();
                 let text = self.text.as_ref();
-                self.catalogue.upsert_with(&up.item_id, hash, position, || {
-                    vector(&up.item_id, &c, text)
-                })
+                self.catalogue
+                    .upsert_with(&up.item_id, hash, position, |tokenizer| {
+                        vector(&up.item_id, &c, text, tokenizer)
+                    })
             }
             ItemChange::Retire(r) => self.catalogue.retire(&r.item_id, position),
         };

@@ -124,7 +124,8 @@ pub struct PathsConfig {
     /// The trained model (`config.json`, `model.safetensors`).
     pub model: PathBuf,
     /// The sentence encoder, needed only when catalogue events carry text
-    /// instead of an embedding and the tokenizer was trained on text.
+    /// instead of an embedding and the tokenizer reads text (trained on
+    /// text, or a collaborative one whose content map reads text).
     #[serde(default)]
     pub text_model: Option<PathBuf>,
 }

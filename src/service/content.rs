@@ -5,8 +5,11 @@
 //! vector lands in the wrong codes. An upsert carries either a ready
 //! embedding (checked for dimension and finiteness) or text fields, joined in
 //! the order the manifest lists them and run through the same sentence
-//! encoder. Whatever cannot be made into a vector is an error that names the
-//! item and the field, for the dead-letter topic.
+//! encoder. Under a collaborative tokenizer an upsert without an embedding
+//! is a new item nobody has touched: its content is embedded as the
+//! tokenizer's content map reads it, and the map predicts the vector.
+//! Whatever cannot be made into a vector is an error that names the item and
+//! the field, for the dead-letter topic.
 
 use sha2::{Digest, Sha256};
 
@@ -16,6 +19,7 @@ use crate::embed::attributes::AttributeEncoder;
 use crate::embed::catalogue::join_fields;
 use crate::embed::text::TextEncoder;
 use crate::embed::{check_vector, EncoderSpec};
+use crate::tokenizer::FrozenTokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContentError {
@@ -44,6 +48,10 @@ pub enum ContentError {
 pub enum Content {
     Vector(Vec<f32>),
     Text(String),
+    /// Content from which a collaborative tokenizer predicts the vector it
+    /// reads ([`FrozenTokenizer::predict_collaborative`]): a new item has
+    /// no interactions yet.
+    Predicted(Box<Content>),
 }
 
 impl Content {
@@ -51,6 +59,7 @@ impl Content {
         match self {
             Content::Vector(v) => vector_hash(v),
             Content::Text(t) => Sha256::digest(t.as_bytes()).into(),
+            Content::Predicted(c) => c.hash(),
         }
     }
 }
@@ -94,6 +103,9 @@ pub fn content(up: &ItemUpsert, spec: &EncoderSpec) -> Result<Content, ContentEr
             AttributeEncoder::new(*dim, *seed).encode(tokens, &mut v);
             Ok(Content::Vector(v))
         }
+        EncoderSpec::Collaborative { content: inner, .. } => {
+            Ok(Content::Predicted(Box::new(content(up, inner)?)))
+        }
         EncoderSpec::Interactions { .. } => Err(ContentError::NeedsEmbedding {
             item: item.clone(),
             spec: "interaction factors",
@@ -101,14 +113,21 @@ pub fn content(up: &ItemUpsert, spec: &EncoderSpec) -> Result<Content, ContentEr
     }
 }
 
-/// The vector of checked content.
+/// The vector `tokenizer` quantises for checked content.
 pub fn vector(
     item: &str,
     content: &Content,
     encoder: Option<&TextEncoder>,
+    tokenizer: &FrozenTokenizer,
 ) -> Result<Vec<f32>, ContentError> {
     match content {
         Content::Vector(v) => Ok(v.clone()),
+        Content::Predicted(c) => {
+            let v = vector(item, c, encoder, tokenizer)?;
+            Ok(tokenizer
+                .predict_collaborative(item, &v)
+                .map_err(Box::new)?)
+        }
         Content::Text(t) => {
             let enc = encoder.ok_or_else(|| ContentError::NoEncoder {
                 item: item.to_string(),

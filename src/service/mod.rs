@@ -206,7 +206,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         t => t,
     };
-    let text = match (&tokenizer.manifest().input.encoder, &paths.text_model) {
+    // A collaborative tokenizer embeds a new item's content as its map reads it.
+    let content = match &tokenizer.manifest().input.encoder {
+        EncoderSpec::Collaborative { content, .. } => content.as_ref(),
+        spec => spec,
+    };
+    let text = match (content, &paths.text_model) {
         (EncoderSpec::Text { model, .. }, Some(dir)) => {
             let enc = TextEncoder::load(dir, &Device::Cpu)
                 .with_context(|| format!("paths.text_model: loading {}", dir.display()))?;

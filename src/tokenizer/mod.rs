@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 pub use artifact::{ArtifactError, Manifest, Method};
 pub use collisions::{PrefixFull, SidAllocator};
 
-use crate::embed::{check_vector, EmbedError};
+use crate::embed::ridge::LinearMap;
+use crate::embed::{check_vector, EmbedError, EncoderSpec};
 use crate::sid::{Code, Sid, MAX_LEVELS};
 use quantize::{Codebook, Dense, Mlp, Normaliser, ResidualQuantizer};
 
@@ -72,6 +73,8 @@ pub struct FrozenTokenizer {
     manifest: Manifest,
     normaliser: Normaliser,
     stage: Stage,
+    /// Collaborative tokenizers: content vector → collaborative vector.
+    content_map: Option<LinearMap>,
     items: Vec<(String, Sid)>,
 }
 
@@ -147,12 +150,28 @@ impl FrozenTokenizer {
                 }
             }
         };
+        let content_map = match &manifest.input.encoder {
+            EncoderSpec::Collaborative { content, .. } => {
+                let inputs = content.dim();
+                let weight = weights.get("content_map.weight", &[dim, inputs])?;
+                let bias = weights.get("content_map.bias", &[dim])?;
+                let centre = weights.get("content_map.centre", &[dim])?;
+                let spread = weights.get("content_map.spread", &[1])?[0];
+                Some(
+                    LinearMap::from_parts(inputs, dim, weight, bias, centre, spread).ok_or_else(
+                        || inconsistent(format!("a content map from {inputs} to {dim} dimensions")),
+                    )?,
+                )
+            }
+            _ => None,
+        };
         let items = artifact::read_items(dir, &manifest)?;
         Ok(FrozenTokenizer {
             dir: dir.to_path_buf(),
             manifest,
             normaliser,
             stage,
+            content_map,
             items,
         })
     }
@@ -239,6 +258,24 @@ impl FrozenTokenizer {
                 .for_each(|(o, w)| *o += w);
         }
         true
+    }
+
+    /// Collaborative tokenizers only: the collaborative vector an item's
+    /// content predicts, from its content vector (encoded as the encoder's
+    /// `content` says), checked first. What a new item, which nobody has
+    /// interacted with yet, is quantised from.
+    pub fn predict_collaborative(
+        &self,
+        item: &str,
+        content: &[f32],
+    ) -> Result<Vec<f32>, EmbedError> {
+        let Some(map) = &self.content_map else {
+            return Err(EmbedError::NoContentMap {
+                item: item.to_string(),
+            });
+        };
+        check_vector(item, "content", content, map.inputs())?;
+        Ok(map.direction(content))
     }
 
     /// SVD tokenizers only: the factor vector of an unseen item from the users

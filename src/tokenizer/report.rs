@@ -39,7 +39,27 @@ pub struct Report {
     /// normalised input from the quantised latent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconstruction_mse: Option<f64>,
+    /// Collaborative tokenizers: how well a new item's content places it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_map: Option<ContentMapCheck>,
     pub train_seconds: f64,
+}
+
+/// The content map checked on items it was not fitted on: each has a real
+/// collaborative vector, and the SID its content predicts is compared with
+/// the SID that vector gets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContentMapCheck {
+    pub held_out_items: usize,
+    /// Mean cosine of the predicted vector to the real one.
+    pub mean_cosine: f64,
+    /// Share whose predicted first code is the real one's.
+    pub first_code_agreement: f64,
+    /// The same for two items drawn at random (`Σ p_c²` over first codes):
+    /// what a vector with no information would score.
+    pub first_code_chance: f64,
+    /// Share whose predicted content codes are all the real ones.
+    pub prefix_agreement: f64,
 }
 
 /// Utilisation and entropy of each level of `codes` (`levels` codes per item).
@@ -251,6 +271,17 @@ impl fmt::Display for Report {
         )?;
         if let Some(mse) = self.reconstruction_mse {
             writeln!(f, "decoder recon. MSE    {mse:.4}")?;
+        }
+        if let Some(c) = &self.content_map {
+            writeln!(
+                f,
+                "content map           {} held-out items: cosine {:.3}, first code {:.1}% (chance {:.1}%), whole prefix {:.1}%",
+                c.held_out_items,
+                c.mean_cosine,
+                100.0 * c.first_code_agreement,
+                100.0 * c.first_code_chance,
+                100.0 * c.prefix_agreement
+            )?;
         }
         write!(f, "train time            {:.1} s", self.train_seconds)
     }

@@ -15,20 +15,24 @@ use indicatif::ProgressBar;
 use super::artifact::{self, ArtifactError, Input, Manifest, Method, Training};
 use super::collisions::{default_capacity, SidAllocator};
 use super::quantize::{host_threads, par_rows, Normaliser, ResidualQuantizer};
-use super::report::{collision_stats, level_stats, Report};
+use super::report::{collision_stats, level_stats, ContentMapCheck, Report};
 use super::rq_kmeans::{self, RqKmeansConfig};
 use super::rq_vae::{self, RqVaeConfig};
 use super::svd::{self, SvdConfig};
 use super::{FrozenTokenizer, Stage};
+use crate::embed::ridge::LinearMap;
 use crate::embed::{check_vector, EmbedError, EncoderSpec, Vectors};
 use crate::sid::{Code, Sid};
 
 /// What the tokenizer learns from.
 pub enum TrainData<'a> {
-    /// Content vectors, one row per item, and how they were made.
+    /// Content vectors, one row per item, and how they were made; with an
+    /// [`EncoderSpec::Collaborative`] encoder, the map that gives a new item
+    /// its vector from its content.
     Content {
         vectors: &'a Vectors,
         encoder: EncoderSpec,
+        content_map: Option<ContentMap<'a>>,
     },
     /// For SVD: per user, the dense indices of the items they touched, and
     /// the user ids in the same order.
@@ -36,6 +40,14 @@ pub enum TrainData<'a> {
         rows: &'a [Vec<u32>],
         users: &'a [String],
     },
+}
+
+/// A collaborative tokenizer's content map (stored in the artifact) and
+/// items it was not fitted on, to check it: `(row of the vectors, the
+/// item's content vector)`.
+pub struct ContentMap<'a> {
+    pub map: &'a LinearMap,
+    pub held_out: Vec<(usize, Vec<f32>)>,
 }
 
 /// Knobs; [`TrainOptions::new`] gives the defaults documented in the CLI.
@@ -122,7 +134,12 @@ pub fn train(
     });
     let mut reconstruction_mse = None;
     let (encoder, dim, normaliser, stage, vectors) = match (&data, opts.method) {
-        (TrainData::Content { vectors, encoder }, Method::RqKmeans | Method::RqVae) => {
+        (
+            TrainData::Content {
+                vectors, encoder, ..
+            },
+            Method::RqKmeans | Method::RqVae,
+        ) => {
             if vectors.rows() != n {
                 return Err(TrainError::Config(format!(
                     "{} vectors for {n} items",
@@ -263,6 +280,57 @@ pub fn train(
             )))
         }
     };
+    let content_map = match (&data, &encoder) {
+        (
+            TrainData::Content {
+                content_map: Some(c),
+                ..
+            },
+            EncoderSpec::Collaborative { content, .. },
+        ) => {
+            if (c.map.inputs(), c.map.outputs()) != (content.dim(), dim) {
+                return Err(TrainError::Config(format!(
+                    "the content map takes {} dimensions to {}, but the content has {} and the collaborative vectors {dim}",
+                    c.map.inputs(),
+                    c.map.outputs(),
+                    content.dim()
+                )));
+            }
+            tensors.insert(
+                "content_map.weight".into(),
+                tensor(c.map.weight(), &[dim, content.dim()])?,
+            );
+            tensors.insert("content_map.bias".into(), tensor(c.map.bias(), &[dim])?);
+            tensors.insert("content_map.centre".into(), tensor(c.map.centre(), &[dim])?);
+            tensors.insert(
+                "content_map.spread".into(),
+                tensor(&[c.map.spread()], &[1])?,
+            );
+            Some(c)
+        }
+        (
+            TrainData::Content {
+                content_map: None, ..
+            },
+            EncoderSpec::Collaborative { .. },
+        ) => {
+            return Err(TrainError::Config(
+                "a collaborative encoder needs the content map that places new items".into(),
+            ))
+        }
+        (
+            TrainData::Content {
+                content_map: Some(_),
+                ..
+            },
+            _,
+        ) => {
+            return Err(TrainError::Config(
+                "a content map goes with a collaborative encoder only".into(),
+            ))
+        }
+        _ => None,
+    };
     tensors.insert("normaliser.mean".into(), tensor(&normaliser.mean, &[dim])?);
     tensors.insert(
         "normaliser.scale".into(),
@@ -300,6 +368,7 @@ pub fn train(
         manifest: manifest.clone(),
         normaliser,
         stage,
+        content_map: None,
         items: Vec::new(),
     };
 
@@ -350,11 +419,54 @@ pub fn train(
         last_level_capacity: capacity,
         relative_quantisation_error: quantisation_error(&frozen, &vectors, &codes, &errors),
         reconstruction_mse,
+        content_map: content_map.map(|c| check_content_map(&frozen, c, &vectors, &codes)),
         train_seconds: start.elapsed().as_secs_f64(),
     };
     progress.set_message("writing artifact");
     artifact::save(out, &mut manifest, &tensors, &table, users_out.as_deref())?;
     Ok(FrozenTokenizer::load(out)?)
+}
+
+/// The SIDs a held-out item's content predicts against those its real
+/// collaborative vector gets (`codes`, the training items' content codes).
+fn check_content_map(
+    frozen: &FrozenTokenizer,
+    c: &ContentMap<'_>,
+    vectors: &Vectors,
+    codes: &[Code],
+) -> ContentMapCheck {
+    let levels = frozen.manifest.content_levels;
+    let n = codes.len() / levels;
+    let mut firsts: HashMap<Code, usize> = HashMap::new();
+    for row in codes.chunks_exact(levels) {
+        *firsts.entry(row[0]).or_default() += 1;
+    }
+    let chance = firsts
+        .values()
+        .map(|&k| (k as f64 / n as f64).powi(2))
+        .sum();
+    let (mut cosine, mut first, mut prefix) = (0.0, 0usize, 0usize);
+    let mut predicted = vec![0; levels];
+    for (row, content) in &c.held_out {
+        let v = c.map.direction(content);
+        cosine += v
+            .iter()
+            .zip(vectors.row(*row))
+            .map(|(a, b)| (a * b) as f64)
+            .sum::<f64>();
+        frozen.quantise(&v, &mut predicted);
+        let real = &codes[row * levels..(row + 1) * levels];
+        first += usize::from(predicted[0] == real[0]);
+        prefix += usize::from(predicted[..] == real[..]);
+    }
+    let held = c.held_out.len().max(1) as f64;
+    ContentMapCheck {
+        held_out_items: c.held_out.len(),
+        mean_cosine: cosine / held,
+        first_code_agreement: first as f64 / held,
+        first_code_chance: chance,
+        prefix_agreement: prefix as f64 / held,
+    }
 }
 
 fn tensor(data: &[f32], shape: &[usize]) -> Result<Tensor, TrainError> {
