@@ -513,6 +513,33 @@ fn a_collaborative_tokenizer_gives_a_new_item_its_sid_from_its_content_alone() {
         p(&tok),
     ]));
     assert!(report.contains("content map"), "{report}");
+    // A map whose sizes disagree is refused, naming the file.
+    let mut bad: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&map).unwrap()).unwrap();
+    bad["map"]["weight"].as_array_mut().unwrap().pop();
+    let bad_map = dir.path().join("bad.json");
+    std::fs::write(&bad_map, bad.to_string()).unwrap();
+    let refused = genfeed(&[
+        "tokenizer",
+        "train",
+        "--items",
+        p(&cf),
+        "--method",
+        "rq-kmeans",
+        "--encoder",
+        "precomputed",
+        "--fields",
+        "embedding",
+        "--content-map",
+        p(&bad_map),
+        "--out",
+        p(&dir.path().join("bad-tok")),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("bad.json") && err.contains("sizes"),
+        "{err}"
+    );
     let frozen = FrozenTokenizer::load(&tok).unwrap();
     let spec = frozen.manifest().input.encoder.clone();
     assert!(

@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 
 use genfeed::dataset::{load_sequences, read_items, Items, Sequences};
 use genfeed::embed::catalogue::{choose, encode_items, EncoderKind};
+use genfeed::embed::ridge::LinearMap;
 use genfeed::embed::text::TextEncoder;
 use genfeed::embed::{EncoderSpec, Vectors};
 use genfeed::sid::Code;
@@ -413,12 +414,32 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
 
 fn read_content_map(path: &Path) -> anyhow::Result<ContentMapFile> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| {
+    let file: ContentMapFile = serde_json::from_slice(&bytes).with_context(|| {
         format!(
             "{}: not a content map from `tokenizer embed-interactions --map`",
             path.display()
         )
-    })
+    })?;
+    let m = &file.map;
+    let parts = (m.weight().to_vec(), m.bias().to_vec(), m.centre().to_vec());
+    let whole = LinearMap::from_parts(
+        m.inputs(),
+        m.outputs(),
+        parts.0,
+        parts.1,
+        parts.2,
+        m.spread(),
+    );
+    anyhow::ensure!(
+        whole.is_some() && m.inputs() == file.encoder.dim(),
+        "{}: the content map's sizes do not agree (inputs {}, outputs {}, {} weights, encoder of {} dimensions)",
+        path.display(),
+        m.inputs(),
+        m.outputs(),
+        m.weight().len(),
+        file.encoder.dim()
+    );
+    Ok(file)
 }
 
 /// The content vectors of the map's held-out items among `items`, with
@@ -723,7 +744,7 @@ struct ContentMapFile {
     held_out_cosine: f64,
     /// Items with interactions the map was not fitted on (one in ten, by seed).
     held_out: Vec<String>,
-    map: genfeed::embed::ridge::LinearMap,
+    map: LinearMap,
 }
 
 /// A map fitted from content to collaborative vectors, with what it was
@@ -742,7 +763,6 @@ struct Fitted {
 /// the penalty is the one of a small grid that predicts the tenth best, by
 /// mean cosine, which is printed.
 fn fit_content_map(content: &Vectors, cf: &[f32], k: usize, seed: u64) -> anyhow::Result<Fitted> {
-    use genfeed::embed::ridge::LinearMap;
     use rand::{Rng, SeedableRng};
 
     let p = content.dim();
