@@ -494,24 +494,28 @@ fn a_collaborative_tokenizer_gives_a_new_item_its_sid_from_its_content_alone() {
         "--out",
         p(&cf),
     ]));
-    let report = ok(genfeed(&[
-        "tokenizer",
-        "train",
-        "--items",
-        p(&cf),
-        "--method",
-        "rq-kmeans",
-        "--encoder",
-        "precomputed",
-        "--fields",
-        "embedding",
-        "--codebook-size",
-        "16",
-        "--content-map",
-        p(&map),
-        "--out",
-        p(&tok),
-    ]));
+    // `tokenizer train` on the collaborative column with a content map.
+    let train_with = |map: &Path, out: &Path| {
+        genfeed(&[
+            "tokenizer",
+            "train",
+            "--items",
+            p(&cf),
+            "--method",
+            "rq-kmeans",
+            "--encoder",
+            "precomputed",
+            "--fields",
+            "embedding",
+            "--codebook-size",
+            "16",
+            "--content-map",
+            p(map),
+            "--out",
+            p(out),
+        ])
+    };
+    let report = ok(train_with(&map, &tok));
     assert!(report.contains("content map"), "{report}");
     // A map whose sizes disagree is refused, naming the file.
     let mut bad: serde_json::Value =
@@ -519,22 +523,7 @@ fn a_collaborative_tokenizer_gives_a_new_item_its_sid_from_its_content_alone() {
     bad["map"]["weight"].as_array_mut().unwrap().pop();
     let bad_map = dir.path().join("bad.json");
     std::fs::write(&bad_map, bad.to_string()).unwrap();
-    let refused = genfeed(&[
-        "tokenizer",
-        "train",
-        "--items",
-        p(&cf),
-        "--method",
-        "rq-kmeans",
-        "--encoder",
-        "precomputed",
-        "--fields",
-        "embedding",
-        "--content-map",
-        p(&bad_map),
-        "--out",
-        p(&dir.path().join("bad-tok")),
-    ]);
+    let refused = train_with(&bad_map, &dir.path().join("bad-tok"));
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && err.contains("bad.json") && err.contains("sizes"),
