@@ -144,10 +144,10 @@ impl Catalogue {
     }
 
     /// [`upsert`](Self::upsert) with the content vector made on demand, for
-    /// the catalogue's tokenizer (which a collaborative one needs to predict
-    /// it from content): `vector` runs only when the registry needs new codes (a new item, new
-    /// content, a returning item whose SID was released), so replays and
-    /// reserved training items never pay for embedding. Its error comes back
+    /// the catalogue's tokenizer (a collaborative one predicts it from
+    /// content): `vector` runs only when the registry needs new codes (a new
+    /// item, new content, a returning item whose SID was released), so
+    /// replays and reserved training items never pay for embedding. Its error comes back
     /// as [`RegistryError::Codes`], whose source can be downcast to `E`.
     pub fn upsert_with<E>(
         &mut self,
