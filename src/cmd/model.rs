@@ -470,6 +470,10 @@ pub struct EvalArgs {
     /// At most this many fresh items in one top 10 (TIGER's ε); 0 = no cap.
     #[arg(long, default_value_t = 1)]
     fresh_slots: usize,
+    /// The first this many positions of a list are the model's: a fresh
+    /// item goes no higher than the next one (0 = where its score puts it).
+    #[arg(long, default_value_t = 0)]
+    fresh_after: usize,
     /// Temperature of the content softmax; default: fitted on training
     /// transitions.
     #[arg(long)]
@@ -637,6 +641,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                         .collect();
                     let fresh = FreshItems::new(content.clone(), unseen, temperature)
                         .with_query_items(a.fresh_history)
+                        .with_after(a.fresh_after)
                         .with_slots(if a.fresh_slots == 0 {
                             usize::MAX
                         } else {

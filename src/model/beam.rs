@@ -787,15 +787,34 @@ impl<'m> Generator<'m> {
         items.sort_by(|a, b| b.log_prob.total_cmp(&a.log_prob));
         let (lo, hi) = self.request_succ.get(r).copied().unwrap_or_default();
         let counted = &self.succ[lo as usize..hi as usize];
-        let mut taken = 0;
-        items.retain(|g| {
-            let capped = fresh.position(g.sid).is_some()
+        let capped = |g: &Generated| {
+            fresh.position(g.sid).is_some()
                 && counted
                     .binary_search_by(|s| s.codes().cmp(g.sid.codes()))
-                    .is_err();
+                    .is_err()
+        };
+        let mut taken = 0;
+        items.retain(|g| {
+            let capped = capped(g);
             taken += usize::from(capped);
             !capped || taken <= fresh.slots()
         });
+        // The first `after` positions go to known items: each capped item
+        // there swaps places with the next known one, the order within each
+        // kind kept, and a demoted item's score drops to the one above it
+        // so the list stays sorted.
+        for j in 0..fresh.after().min(items.len()) {
+            if !capped(&items[j]) {
+                continue;
+            }
+            let Some(k) = (j + 1..items.len()).find(|&k| !capped(&items[k])) else {
+                break;
+            };
+            items[j..=k].rotate_right(1);
+        }
+        for j in 1..items.len() {
+            items[j].log_prob = items[j].log_prob.min(items[j - 1].log_prob);
+        }
     }
 
     /// Lists the live successors of every request's last item and gives each

@@ -117,6 +117,7 @@ pub struct FreshItems {
     known: Vec<u32>,
     known_scale: f32,
     slots: usize,
+    after: usize,
 }
 
 /// Sorted by SID, one per SID.
@@ -191,6 +192,7 @@ impl FreshItems {
             known: Vec::new(),
             known_scale: 0.0,
             slots: usize::MAX,
+            after: 0,
         }
     }
 
@@ -233,6 +235,23 @@ impl FreshItems {
     /// known items. Default: no cap.
     pub fn with_slots(mut self, slots: usize) -> FreshItems {
         self.slots = slots;
+        self
+    }
+
+    /// How many of a list's first positions are the model's alone.
+    pub fn after(&self) -> usize {
+        self.after
+    }
+
+    /// Keeps a list's first `n` positions for known items: a capped fresh
+    /// item whose score would put it higher goes to position `n + 1`, and
+    /// the known items it passed move up. Where a fresh item lands matters
+    /// more than whether it enters: a content guess at the top pushes every
+    /// hit below it down a rank, which costs NDCG on the lists it misses,
+    /// while Recall@10 sees only the tenth item it displaces. Default 0:
+    /// wherever its score puts it.
+    pub fn with_after(mut self, n: usize) -> FreshItems {
+        self.after = n;
         self
     }
 

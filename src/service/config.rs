@@ -161,6 +161,9 @@ pub struct FeedConfig {
     pub fresh_weight: f32,
     /// At most this many such items in one feed.
     pub fresh_slots: usize,
+    /// A feed's first this many positions are the model's: such an item
+    /// goes no higher than the next one.
+    pub fresh_after: usize,
     /// Temperature of their content softmax (cosine / temperature).
     pub fresh_temperature: f32,
 }
@@ -181,6 +184,7 @@ impl Default for FeedConfig {
             deny_items: Vec::new(),
             fresh_weight: 0.1,
             fresh_slots: 1,
+            fresh_after: 0,
             fresh_temperature: 0.2,
         }
     }

@@ -609,6 +609,7 @@ fn fresh_settings(
         content,
         temperature: feed.fresh_temperature,
         slots: feed.fresh_slots,
+        after: feed.fresh_after,
     })
 }
 

@@ -62,6 +62,7 @@ pub struct FreshSettings {
     pub content: SidContent,
     pub temperature: f32,
     pub slots: usize,
+    pub after: usize,
 }
 
 impl FreshSettings {
@@ -82,7 +83,8 @@ impl FreshSettings {
             .collect();
         Arc::new(
             FreshItems::by_sid(self.content.clone(), fresh, self.temperature)
-                .with_slots(self.slots),
+                .with_slots(self.slots)
+                .with_after(self.after),
         )
     }
 }
