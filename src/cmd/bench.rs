@@ -177,8 +177,13 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let fresh_items: Vec<(Sid, u32)> = (0..a.fresh.min(sids.len()) as u32)
         .map(|i| (sids[i as usize], i))
         .collect();
-    // As `eval` runs it by default: one fresh slot, weight .1.
-    let fresh = std::sync::Arc::new(FreshItems::new(content, fresh_items, 0.05).with_slots(1));
+    // As `eval` runs it by default: one fresh slot below the first two
+    // positions, weight .1.
+    let fresh = std::sync::Arc::new(
+        FreshItems::new(content, fresh_items, 0.05)
+            .with_slots(1)
+            .with_after(2),
+    );
     let on_device = a.decoding.on_device(&device);
     let mut generator = Generator::new(&model)
         .with_device_decoding(on_device)

@@ -802,8 +802,10 @@ impl<'m> Generator<'m> {
         // The first `after` positions go to known items: each capped item
         // there swaps places with the next known one, the order within each
         // kind kept, and a demoted item's score drops to the one above it
-        // so the list stays sorted.
-        for j in 0..fresh.after().min(items.len()) {
+        // so the list stays sorted. A fresh item that made the list stays
+        // in it: the last position is always open to it.
+        let after = fresh.after().min(opts.top_k.saturating_sub(1));
+        for j in 0..after.min(items.len()) {
             if !capped(&items[j]) {
                 continue;
             }

@@ -162,7 +162,7 @@ pub struct FeedConfig {
     /// At most this many such items in one feed.
     pub fresh_slots: usize,
     /// A feed's first this many positions are the model's: such an item
-    /// goes no higher than the next one.
+    /// goes no higher than the next one (at most to the feed's last).
     pub fresh_after: usize,
     /// Temperature of their content softmax (cosine / temperature).
     pub fresh_temperature: f32,
@@ -184,7 +184,7 @@ impl Default for FeedConfig {
             deny_items: Vec::new(),
             fresh_weight: 0.1,
             fresh_slots: 1,
-            fresh_after: 0,
+            fresh_after: 2,
             fresh_temperature: 0.2,
         }
     }
