@@ -245,11 +245,11 @@ impl FreshItems {
 
     /// Keeps a list's first `n` positions for known items: a capped fresh
     /// item whose score would put it higher goes to position `n + 1` (at
-    /// most the list's last), and the known items it passed move up. Where a fresh item lands matters
-    /// more than whether it enters: a content guess at the top pushes every
-    /// hit below it down a rank, which costs NDCG on the lists it misses,
-    /// while Recall@10 sees only the tenth item it displaces. Default 0:
-    /// wherever its score puts it.
+    /// most the list's last), and the known items it passed move up. Where
+    /// a fresh item lands matters more than whether it enters: a content
+    /// guess at the top pushes every hit below it down a rank, which costs
+    /// NDCG on the lists it misses, while Recall@10 sees only the tenth
+    /// item it displaces. Default 0: wherever its score puts it.
     pub fn with_after(mut self, n: usize) -> FreshItems {
         self.after = n;
         self
