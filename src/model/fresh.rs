@@ -21,7 +21,9 @@
 //! content. The model's top items and the best fresh items by content are
 //! merged: both lists are each part's best, so their union holds the
 //! mixture's top `k`; a fresh item the beam pruned is scored by its content
-//! part alone, its (pruned, small) model share left out.
+//! part alone, its (pruned, small) model share left out. How many fresh
+//! items a list may hold ([`FreshItems::with_slots`]) and how high they may
+//! go ([`FreshItems::with_after`]) are policy on top of the mixture.
 //!
 //! Cost per request: one dot product per fresh item, the query being the
 //! last item's content row; nothing runs on the model.
