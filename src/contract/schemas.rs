@@ -1,6 +1,6 @@
 //! The `.avsc` files under `schemas/`, compiled into the binary.
 //!
-//! The files are the contract; the Rust types in [`records`](super::records)
+//! The files are the contract; the Rust types in `records`
 //! follow them, never the other way round. Embedding them with `include_str!`
 //! means a deployed binary carries exactly the schemas it was tested with, and
 //! parsing them once (lazily) keeps the hot path free of JSON.

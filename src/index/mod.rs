@@ -9,8 +9,9 @@
 //!   (tombstones) and the live counts of trie nodes, in persistent structures
 //!   that clone in constant time;
 //! - **snapshots**: an `Arc` of base + overlay, published through an
-//!   [`ArcSwap`]. Readers load the current snapshot without a lock and keep it
-//!   as long as they like; the writer never waits for them;
+//!   [`ArcSwap`](arc_swap::ArcSwap). Readers load the current snapshot
+//!   without a lock and keep it as long as they like; the writer never
+//!   waits for them;
 //! - a **merge** that folds the overlay into a new base in a background thread
 //!   once it passes a threshold. Changes applied while the merge runs are
 //!   logged and replayed on the new base, and the swap is one publish.

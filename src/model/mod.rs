@@ -24,7 +24,7 @@
 //! transformer learns from every position of a sequence in one pass, and its
 //! positions are items, not tokens, so the sequence is 4× shorter than a
 //! flattened token stream. On Toys that is about 128k item positions an epoch
-//! instead of TIGER's ~1.1M encoder tokens ([`flops`] has the counts). At
+//! instead of TIGER's ~1.1M encoder tokens (`flops` has the counts). At
 //! serving time the history is read once per request and its context vector
 //! is shared by every beam; only the tiny SID decoder runs per beam, with a
 //! key/value cache of at most `L` positions.

@@ -31,7 +31,7 @@
 //! # Storage
 //!
 //! One [`Store`] (a redb file, `registry.redb` in the registry's directory),
-//! split into tables by the first byte of every key ([`codec::Table`]):
+//! split into tables by the first byte of every key (`codec::Table`):
 //!
 //! | table   | key                        | value                                  |
 //! |---------|----------------------------|----------------------------------------|

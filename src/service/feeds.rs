@@ -8,7 +8,7 @@
 //! feeds to the producer. Deliveries are awaited elsewhere
 //! ([`super::delivery::acknowledge`]).
 //!
-//! The histories are made durable once per [`FLUSH_EVERY`], not per batch
+//! The histories are made durable once per `FLUSH_EVERY`, not per batch
 //! (a redb fsync rewrites the pages of every user touched, and the batch
 //! waits for it): what makes an append safe is its changelog record, acknowledged before the offset of its
 //! interaction is committed. With each flush the worker records the
