@@ -1082,17 +1082,21 @@ fn learnt_counts_move_content_mass_to_the_fresh_item_taken_more() {
     }
 }
 
+/// The fresh tests' search: a top 10 from 20 beams, history left out.
+fn twenty_beams() -> SearchOptions {
+    SearchOptions {
+        beams: 20,
+        top_k: 10,
+        exclude_history: true,
+    }
+}
+
 #[test]
 fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item() {
     let (model, sids, index, uncapped) = fresh_fixture();
     let capped = std::sync::Arc::new(uncapped.clone().with_slots(1));
     let uncapped = std::sync::Arc::new(uncapped);
-    let opts = SearchOptions {
-        beams: 20,
-        top_k: 10,
-        exclude_history: true,
-    };
-    let is_fresh = |s: Sid| (0..7).any(|i| sids[i] == s);
+    let (opts, is_fresh) = (twenty_beams(), |s: Sid| (0..7).any(|i| sids[i] == s));
     for (h, history) in twin_histories(&sids).into_iter().enumerate() {
         let request = [Request::new(&history)];
         let all = Generator::new(&model)
@@ -1130,12 +1134,7 @@ fn one_fresh_slot_keeps_the_better_twin_and_gives_the_other_slot_to_a_known_item
 fn a_fresh_item_goes_no_higher_than_the_positions_kept_for_known_items() {
     let (model, sids, index, fresh) = fresh_fixture();
     let fresh = fresh.with_slots(1);
-    let opts = SearchOptions {
-        beams: 20,
-        top_k: 10,
-        exclude_history: true,
-    };
-    let is_fresh = |s: Sid| (0..7).any(|i| sids[i] == s);
+    let (opts, is_fresh) = (twenty_beams(), |s: Sid| (0..7).any(|i| sids[i] == s));
     for (h, history) in twin_histories(&sids).into_iter().enumerate() {
         let request = [Request::new(&history)];
         let list = |after: usize| {
