@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use genfeed::eval::OfflineIndex;
+use genfeed::model::fresh;
 use genfeed::model::{
     flops_per_request, param_count, ContentTable, FreshItems, Generator, Model, ModelConfig,
     Params, Request, SearchOptions, Transitions,
@@ -177,18 +178,17 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let fresh_items: Vec<(Sid, u32)> = (0..a.fresh.min(sids.len()) as u32)
         .map(|i| (sids[i as usize], i))
         .collect();
-    // As `eval` runs it by default: one fresh slot below the first two
-    // positions, weight .1.
+    // As `eval` runs it by default.
     let fresh = std::sync::Arc::new(
         FreshItems::new(content, fresh_items, 0.05)
-            .with_slots(1)
-            .with_after(2),
+            .with_slots(fresh::DEFAULT_SLOTS)
+            .with_after(fresh::DEFAULT_AFTER),
     );
     let on_device = a.decoding.on_device(&device);
     let mut generator = Generator::new(&model)
         .with_device_decoding(on_device)
         .with_transitions(&transitions, weight)
-        .with_fresh(fresh, 0.1);
+        .with_fresh(fresh, fresh::DEFAULT_WEIGHT);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();

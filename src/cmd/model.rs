@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use genfeed::catalogue::vocab;
 use genfeed::dataset::{load_sequences, Example, Split};
 use genfeed::eval::{content_neighbours, evaluate, Breakdown, OfflineIndex, Quality};
-use genfeed::model::fresh::fit_temperature;
+use genfeed::model::fresh::{self, fit_temperature};
 use genfeed::model::{
     ContentTable, FreshItems, Generator, Model, ModelConfig, SearchOptions, Transitions,
 };
@@ -449,7 +449,7 @@ pub struct EvalArgs {
     /// of their content scores in the search (0 = the model alone). The
     /// default, with `--fresh-slots 1`, was chosen on the Toys cold split
     /// (README, "Cold start").
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = fresh::DEFAULT_WEIGHT)]
     fresh_weight: f32,
     /// How `--content` becomes vectors: TF-IDF of its words and attribute
     /// ids (hashed to 1,024 dims), or what `tokenizer train --encoder auto`
@@ -468,13 +468,13 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     fresh_normaliser: usize,
     /// At most this many fresh items in one top 10 (TIGER's ε); 0 = no cap.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = fresh::DEFAULT_SLOTS)]
     fresh_slots: usize,
     /// The first this many positions of a list are the model's: a fresh
     /// item goes no higher than the next one, and at most to the last
     /// (0 = where its score puts it). The default keeps the Sports
     /// standard split within 2% of its NDCG@10 (README, "Cold start").
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = fresh::DEFAULT_AFTER)]
     fresh_after: usize,
     /// Temperature of the content softmax; default: fitted on training
     /// transitions.

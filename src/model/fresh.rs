@@ -35,6 +35,16 @@ use std::sync::Arc;
 use super::prefix_scores::dot;
 use crate::sid::Sid;
 
+/// The mechanism's defaults, shared by `eval`, `bench generate` and the
+/// service (`feed.fresh_*`): the weight and the one slot were chosen on the
+/// Toys cold split, the two positions kept for known items on Sports'
+/// standard split (docs/2026-12-cold-start.md).
+pub const DEFAULT_WEIGHT: f32 = 0.1;
+/// See [`DEFAULT_WEIGHT`].
+pub const DEFAULT_SLOTS: usize = 1;
+/// See [`DEFAULT_WEIGHT`].
+pub const DEFAULT_AFTER: usize = 2;
+
 /// Unit content vectors by item number (a snapshot's ord); a row of zeros
 /// stands for an item without content.
 #[derive(Clone, Debug)]

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::model::fresh;
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -182,9 +184,9 @@ impl Default for FeedConfig {
             threads: 1,
             device: FeedDevice::Cpu,
             deny_items: Vec::new(),
-            fresh_weight: 0.1,
-            fresh_slots: 1,
-            fresh_after: 2,
+            fresh_weight: fresh::DEFAULT_WEIGHT,
+            fresh_slots: fresh::DEFAULT_SLOTS,
+            fresh_after: fresh::DEFAULT_AFTER,
             fresh_temperature: 0.2,
         }
     }
