@@ -799,11 +799,11 @@ impl<'m> Generator<'m> {
             taken += usize::from(capped);
             !capped || taken <= fresh.slots()
         });
-        // The first `after` positions go to known items: each capped item
-        // there swaps places with the next known one, the order within each
-        // kind kept, and a demoted item's score drops to the one above it
-        // so the list stays sorted. A fresh item that made the list stays
-        // in it: the last position is always open to it.
+        // The first `after` positions go to known items: the next known
+        // item moves up past the capped ones there, the order within each
+        // kind kept, and their scores drop to its own so the list stays
+        // sorted. A fresh item that made the list stays in it: the last
+        // position is always open to it.
         let after = fresh.after().min(opts.top_k.saturating_sub(1));
         for j in 0..after.min(items.len()) {
             if !capped(&items[j]) {
@@ -813,9 +813,10 @@ impl<'m> Generator<'m> {
                 break;
             };
             items[j..=k].rotate_right(1);
-        }
-        for j in 1..items.len() {
-            items[j].log_prob = items[j].log_prob.min(items[j - 1].log_prob);
+            let above = items[j].log_prob;
+            for g in &mut items[j + 1..=k] {
+                g.log_prob = g.log_prob.min(above);
+            }
         }
     }
 
