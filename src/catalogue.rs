@@ -147,8 +147,9 @@ impl Catalogue {
     /// the catalogue's tokenizer (a collaborative one predicts it from
     /// content): `vector` runs only when the registry needs new codes (a new
     /// item, new content, a returning item whose SID was released), so
-    /// replays and reserved training items never pay for embedding. Its error comes back
-    /// as [`RegistryError::Codes`], whose source can be downcast to `E`.
+    /// replays and reserved training items never pay for embedding. Its
+    /// error comes back as [`RegistryError::Codes`], whose source can be
+    /// downcast to `E`.
     pub fn upsert_with<E>(
         &mut self,
         item_id: &str,

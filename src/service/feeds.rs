@@ -10,11 +10,11 @@
 //!
 //! The histories are made durable once per `FLUSH_EVERY`, not per batch
 //! (a redb fsync rewrites the pages of every user touched, and the batch
-//! waits for it): what makes an append safe is its changelog record, acknowledged before the offset of its
-//! interaction is committed. With each flush the worker records the
-//! changelog offsets acknowledged so far beside the histories; after a crash
-//! the restore reads the changelog from there, and brings back every append
-//! the last flush did not make durable.
+//! waits for it): what makes an append safe is its changelog record,
+//! acknowledged before the offset of its interaction is committed. With
+//! each flush the worker records the changelog offsets acknowledged so far
+//! beside the histories; after a crash the restore reads the changelog from
+//! there, and brings back every append the last flush did not make durable.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
