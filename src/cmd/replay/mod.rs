@@ -72,7 +72,8 @@ pub struct ReplayArgs {
     /// Print the last feed of this many users at the end.
     #[arg(long, default_value_t = 3)]
     show: usize,
-    /// Print the summary as JSON.
+    /// Print the summary as JSON, alone on stdout (progress and `--show`
+    /// go to stderr).
     #[arg(long)]
     json: bool,
     /// The training side of a time split: score every interaction of
@@ -210,7 +211,7 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        println!(
+        eprintln!(
             "catalogue: {} items written and live in {:.1} s",
             first.rows.len(),
             start.elapsed().as_secs_f64()
@@ -267,7 +268,7 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
     let (mut sent, mut new_sent) = (0usize, 0usize);
     let mut next_report = 1.0;
     let mut last_report = (0usize, 0usize);
-    println!(
+    eprintln!(
         "replaying {total} interactions at {}/s with {} new items/s",
         a.rate, a.new_items
     );
@@ -296,7 +297,7 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
                     p.new_recommended.len()
                 ),
             };
-            println!(
+            eprintln!(
                 "t={t:>5.1}s  sent {:>5}/s  feeds {:>5}/s  latency p50 {:>6.1} ms  p99 {:>6.1} ms  {news}",
                 sent - last_report.0,
                 p.feeds - last_report.1,
@@ -444,8 +445,16 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
     };
     let mut shown: Vec<&Recommendation> = p.last_feed.values().collect();
     shown.sort_by(|x, y| x.user_id.cmp(&y.user_id));
+    // With --json, stdout is the summary alone.
+    let show = |line: String| {
+        if a.json {
+            eprintln!("{line}")
+        } else {
+            println!("{line}")
+        }
+    };
     for f in shown.into_iter().take(a.show) {
-        println!("feed of {}:", f.user_id);
+        show(format!("feed of {}:", f.user_id));
         for r in f.items.iter().take(5) {
             let name = items
                 .rows
@@ -455,13 +464,13 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
                     title.and_then(|c| items.rows[row].values[c].as_str().map(str::to_string))
                 })
                 .unwrap_or_else(|| "(new item)".into());
-            println!(
+            show(format!(
                 "  {:>10}  {:>7.2}  {}  {}",
                 r.item_id,
                 r.score,
                 sid(&r.sid),
                 name
-            );
+            ));
         }
     }
     if let (Some(s), false) = (&summary.prequential, a.json) {
@@ -640,14 +649,14 @@ async fn warm_up(
             );
         }
         if report.elapsed() >= Duration::from_secs(10) {
-            println!(
+            eprintln!(
                 "warm-up: {users} of {} users answered, {now} feeds",
                 last.len()
             );
             report = Instant::now();
         }
     }
-    println!(
+    eprintln!(
         "warm-up: the last {} training interactions of {} users sent and answered in {:.1} s",
         sent,
         per_user.len(),
