@@ -1039,6 +1039,42 @@ fn a_fresh_item_like_the_last_item_outranks_unrelated_ones_by_the_exact_mixture(
     }
 }
 
+/// A small fresh set gets a share of the weight, `w · n / (n + half)`: the
+/// twins' scores are the mixture's at that share, and a fresh set as large as
+/// `half` scores as at half the weight.
+#[test]
+fn a_small_fresh_set_gets_a_share_of_the_weight_that_grows_with_it() {
+    let (model, sids, index, fresh) = fresh_fixture();
+    let opts = twenty_beams();
+    let history = &twin_histories(&sids)[0];
+    let request = [Request::new(history)];
+    let twin = |fresh: FreshItems, weight: f32| {
+        let mut g = Generator::new(&model).with_fresh(std::sync::Arc::new(fresh), weight);
+        let list = g.generate(index.snapshot(), &request, &opts).unwrap();
+        list[0]
+            .iter()
+            .find(|g| g.sid == sids[2])
+            .map(|g| g.log_prob)
+    };
+    let model_lp = forced_log_prob(&mut Generator::new(&model), &index, history, sids[2]);
+    let mixture = |w: f32| ((1.0 - w) * model_lp.exp() + w * 0.5).ln();
+    assert_eq!(fresh.len(), 7);
+    let halved = twin(fresh.clone().with_half_weight_at(7), 0.6).expect("twin at .3");
+    assert!(
+        (halved - mixture(0.3)).abs() < 1e-3,
+        "{halved} vs {}",
+        mixture(0.3)
+    );
+    let same = twin(fresh.clone(), 0.3).expect("twin at .3");
+    assert!((halved - same).abs() < 1e-4, "{halved} vs {same}");
+    let small = twin(fresh.with_half_weight_at(693), 0.6);
+    assert!(
+        small.is_none_or(|lp| (lp - mixture(0.006)).abs() < 1e-3),
+        "{small:?} vs {}",
+        mixture(0.006)
+    );
+}
+
 /// Of two fresh twins (the same content, like the user's last item), the
 /// one the stream took more wins the one fresh slot, at the score of the
 /// mixture whose content part the learnt counts reweighted.

@@ -182,7 +182,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let fresh = std::sync::Arc::new(
         FreshItems::new(content, fresh_items, 0.05)
             .with_slots(fresh::DEFAULT_SLOTS)
-            .with_after(fresh::DEFAULT_AFTER),
+            .with_after(fresh::DEFAULT_AFTER)
+            .with_half_weight_at(fresh::DEFAULT_HALF_AT),
     );
     let on_device = a.decoding.on_device(&device);
     let mut generator = Generator::new(&model)

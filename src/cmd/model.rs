@@ -476,6 +476,11 @@ pub struct EvalArgs {
     /// standard split within 2% of its NDCG@10 (README, "Cold start").
     #[arg(long, default_value_t = fresh::DEFAULT_AFTER)]
     fresh_after: usize,
+    /// How many fresh items get half of `--fresh-weight`: n of them get
+    /// w · n / (n + this), so a handful does not take the whole weight
+    /// (0 = the weight as given).
+    #[arg(long, default_value_t = fresh::DEFAULT_HALF_AT)]
+    fresh_half_at: usize,
     /// Temperature of the content softmax; default: fitted on training
     /// transitions.
     #[arg(long)]
@@ -573,7 +578,9 @@ struct EvalReport<'a> {
 #[derive(serde::Serialize)]
 struct FreshReport {
     items: usize,
+    /// The share of `--fresh-weight` these items get (`--fresh-half-at`).
     weight: f32,
+    weight_given: f32,
     temperature: f32,
 }
 
@@ -644,6 +651,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                     let fresh = FreshItems::new(content.clone(), unseen, temperature)
                         .with_query_items(a.fresh_history)
                         .with_after(a.fresh_after)
+                        .with_half_weight_at(a.fresh_half_at)
                         .with_slots(if a.fresh_slots == 0 {
                             usize::MAX
                         } else {
@@ -702,7 +710,8 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     }
     let fresh_report = fresh.as_ref().map(|(f, weight, temperature)| FreshReport {
         items: f.len(),
-        weight: *weight,
+        weight: f.weight(*weight),
+        weight_given: *weight,
         temperature: *temperature,
     });
     if a.json {
@@ -732,8 +741,8 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         );
         if let Some(f) = &fresh_report {
             println!(
-                "fresh items: {} scored by content, weight {:.4}, temperature {}",
-                f.items, f.weight, f.temperature
+                "fresh items: {} scored by content, weight {:.4} (of {}), temperature {}",
+                f.items, f.weight, f.weight_given, f.temperature
             );
         }
         if let Some(b) = &baseline {

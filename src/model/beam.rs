@@ -486,7 +486,8 @@ impl<'m> Generator<'m> {
 
     /// Searches the mixture of this generator's distribution (weight
     /// `1 − weight`) and the content of items the model never learnt
-    /// ([`super::fresh`]); a weight of 0 leaves them to the model.
+    /// ([`super::fresh`]; a small set of them gets a share of the weight,
+    /// [`FreshItems::weight`]); a weight of 0 leaves them to the model.
     pub fn with_fresh(mut self, fresh: Arc<FreshItems>, weight: f32) -> Generator<'m> {
         self.set_fresh(Some(fresh), weight);
         self
@@ -497,8 +498,9 @@ impl<'m> Generator<'m> {
     /// does); `None` leaves everything to the model.
     pub fn set_fresh(&mut self, fresh: Option<Arc<FreshItems>>, weight: f32) {
         self.fresh = fresh
-            .filter(|f| weight > 0.0 && !f.is_empty())
-            .map(|f| (f, weight.min(0.999)));
+            .map(|f| (f.weight(weight).min(0.999), f))
+            .filter(|(w, _)| *w > 0.0)
+            .map(|(w, f)| (f, w));
     }
 
     /// The top `opts.top_k` live items for each request, best first.

@@ -16,9 +16,12 @@
 //! The query is the last item's content (or a decayed sum over the last
 //! few, [`FreshItems::with_query_items`]). `w` is the prior that the next
 //! item is a fresh one (the callers' default, .1, was chosen on the Toys
-//! cold split; the softmax hands all of it to the fresh items however few
-//! they are, unless [`FreshItems::with_known_sample`] normalises over the
-//! whole catalogue), and `τ` is fitted on training transitions by
+//! cold split). The softmax hands all of `w` to the fresh items however few
+//! they are, so a single new item would take it in every list; `w` is
+//! therefore a large fresh set's weight, and `n` fresh items get
+//! `w · n / (n + half)` ([`FreshItems::with_half_weight_at`]), or
+//! [`FreshItems::with_known_sample`] normalises over the whole catalogue.
+//! `τ` is fitted on training transitions by
 //! [`fit_temperature`]: how sharply a next item follows its predecessor's
 //! content. The model's top items and the best fresh items by content are
 //! merged: both lists are each part's best, so their union holds the
@@ -44,6 +47,13 @@ pub const DEFAULT_WEIGHT: f32 = 0.1;
 pub const DEFAULT_SLOTS: usize = 1;
 /// See [`DEFAULT_WEIGHT`].
 pub const DEFAULT_AFTER: usize = 2;
+/// How many fresh items get half of the weight
+/// ([`FreshItems::with_half_weight_at`]): chosen on the standard splits,
+/// where Yelp's 14 never-trained items took 8.7% of the top-10 slots at the
+/// full weight and cost 5% of its Recall@10 (1.1% at 20), while Sports' 73
+/// stay above LIGER's cold numbers (not at 50); a cold split's hundreds
+/// keep about 96% of the weight.
+pub const DEFAULT_HALF_AT: usize = 20;
 
 /// Unit content vectors by item number (a snapshot's ord); a row of zeros
 /// stands for an item without content.
@@ -132,6 +142,7 @@ pub struct FreshItems {
     known_scale: f32,
     slots: usize,
     after: usize,
+    half_at: usize,
 }
 
 /// Sorted by SID, one per SID.
@@ -207,6 +218,7 @@ impl FreshItems {
             known_scale: 0.0,
             slots: usize::MAX,
             after: 0,
+            half_at: 0,
         }
     }
 
@@ -267,6 +279,24 @@ impl FreshItems {
     pub fn with_after(mut self, n: usize) -> FreshItems {
         self.after = n;
         self
+    }
+
+    /// Lets the weight grow with the fresh set: `n` items get `w · n / (n +
+    /// half)` of a search's weight `w`. The content softmax runs over the
+    /// fresh items alone, so without this one new item gets all of `w` in
+    /// every list it is not blocked from, whatever its match, and enters
+    /// nearly every feed: the prior that a user's next item is a fresh one
+    /// should grow with how many there are. Default 0: the weight as given.
+    pub fn with_half_weight_at(mut self, half: usize) -> FreshItems {
+        self.half_at = half;
+        self
+    }
+
+    /// The share of a search's weight these items get
+    /// ([`FreshItems::with_half_weight_at`]).
+    pub fn weight(&self, weight: f32) -> f32 {
+        let n = self.len() as f32;
+        weight * n / (n + self.half_at as f32).max(1.0)
     }
 
     /// How many of the history's last items the content query reads.

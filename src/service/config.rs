@@ -166,6 +166,10 @@ pub struct FeedConfig {
     /// A feed's first this many positions are the model's: such an item
     /// goes no higher than the next one (at most to the feed's last).
     pub fresh_after: usize,
+    /// How many such items get half of `fresh_weight`: n of them get
+    /// `fresh_weight · n / (n + fresh_half_at)`, so the first few to arrive
+    /// do not take the whole weight in every feed. 0: the weight as given.
+    pub fresh_half_at: usize,
     /// Temperature of their content softmax (cosine / temperature).
     pub fresh_temperature: f32,
 }
@@ -187,6 +191,7 @@ impl Default for FeedConfig {
             fresh_weight: fresh::DEFAULT_WEIGHT,
             fresh_slots: fresh::DEFAULT_SLOTS,
             fresh_after: fresh::DEFAULT_AFTER,
+            fresh_half_at: fresh::DEFAULT_HALF_AT,
             fresh_temperature: 0.2,
         }
     }

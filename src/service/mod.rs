@@ -610,6 +610,7 @@ fn fresh_settings(
         temperature: feed.fresh_temperature,
         slots: feed.fresh_slots,
         after: feed.fresh_after,
+        half_at: feed.fresh_half_at,
     })
 }
 

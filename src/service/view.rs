@@ -63,6 +63,7 @@ pub struct FreshSettings {
     pub temperature: f32,
     pub slots: usize,
     pub after: usize,
+    pub half_at: usize,
 }
 
 impl FreshSettings {
@@ -84,7 +85,8 @@ impl FreshSettings {
         Arc::new(
             FreshItems::by_sid(self.content.clone(), fresh, self.temperature)
                 .with_slots(self.slots)
-                .with_after(self.after),
+                .with_after(self.after)
+                .with_half_weight_at(self.half_at),
         )
     }
 }

@@ -175,7 +175,8 @@ fn a_fresh_item_reaches_the_feed_of_the_user_it_fits_without_retraining() {
         .unwrap();
     input.upsert("fresh-near", near.clone());
     input.upsert("fresh-far", far.clone());
-    let feed = "beams = 20\ntop_k = 3\ncoalesce_ms = 5\nbatch_wait_ms = 5\nfresh_weight = 0.5\nfresh_after = 1";
+    // The weight as given: at the default half two fresh items get 9% of it.
+    let feed = "beams = 20\ntop_k = 3\ncoalesce_ms = 5\nbatch_wait_ms = 5\nfresh_weight = 0.5\nfresh_after = 1\nfresh_half_at = 0";
     let mut svc = Service::start(&bed.config("a", feed));
     assert_eq!(svc.metric("genfeed_live_items"), Some(17.0));
     assert_eq!(svc.metric("genfeed_fresh_items"), Some(2.0));
