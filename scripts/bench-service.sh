@@ -13,6 +13,8 @@
 # LEARNING=false turns off learning from the stream ([learning] enabled).
 # DEVICE=cuda runs the service's model on the GPU (feed.device; a cuda build),
 # BATCH_MAX=N sets feed.batch_max (default 64).
+# FRESH_HALF_AT=N sets feed.fresh_half_at (default 20; 0 gives fresh items the
+# whole fresh_weight however few they are).
 # TRAIN=DIR makes it the prequential replay of a time split
 # (`genfeed time-split`): DATA is the split's stream folder, DIR its training
 # folder (written as the catalogue), no brand-new items beside them, and the
@@ -54,6 +56,7 @@ $text_model
 beams = $beams
 device = "${DEVICE:-cpu}"
 batch_max = ${BATCH_MAX:-64}
+fresh_half_at = ${FRESH_HALF_AT:-20}
 [learning]
 enabled = ${LEARNING:-true}
 [http]
