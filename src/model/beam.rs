@@ -497,10 +497,10 @@ impl<'m> Generator<'m> {
     /// fresh items change between them (the service's, as the catalogue
     /// does); `None` leaves everything to the model.
     pub fn set_fresh(&mut self, fresh: Option<Arc<FreshItems>>, weight: f32) {
-        self.fresh = fresh
-            .map(|f| (f.weight(weight).min(0.999), f))
-            .filter(|(w, _)| *w > 0.0)
-            .map(|(w, f)| (f, w));
+        self.fresh = fresh.and_then(|f| {
+            let w = f.weight(weight);
+            (w > 0.0).then(|| (f, w.min(0.999)))
+        });
     }
 
     /// The top `opts.top_k` live items for each request, best first.
