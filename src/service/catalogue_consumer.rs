@@ -54,6 +54,8 @@ pub struct CatalogueConsumer {
     pub catalogue: Catalogue,
     pub text: Option<TextEncoder>,
     pub view: SharedView,
+    /// Told of every publish of `view`: interactions may wait for an item.
+    pub published: watch::Sender<()>,
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<Metrics>,
     pub batch_max: usize,
@@ -297,6 +299,7 @@ impl CatalogueConsumer {
             .as_ref()
             .map(|f| f.items(&view.snapshot, &view.items));
         self.view.store(Arc::new(view.clone()));
+        self.published.send_replace(());
         let now = now_ms();
         for &ts in &batch.timestamps {
             self.metrics

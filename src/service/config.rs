@@ -253,6 +253,12 @@ pub struct CatalogueSettings {
     pub publish_ms: u64,
     /// Overlay changes that trigger a background merge of the index.
     pub merge_threshold: usize,
+    /// How long an interaction whose item is not in the catalogue yet waits
+    /// for it before it is a dead letter; 0 dead-letters it at once.
+    pub item_wait_ms: u64,
+    /// Interactions waiting at most; beyond it an unknown item is a dead
+    /// letter at once.
+    pub item_wait_max: usize,
 }
 
 impl Default for CatalogueSettings {
@@ -261,6 +267,8 @@ impl Default for CatalogueSettings {
             batch_max: 1024,
             publish_ms: 20,
             merge_threshold: 65_536,
+            item_wait_ms: 2_000,
+            item_wait_max: 10_000,
         }
     }
 }

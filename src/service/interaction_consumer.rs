@@ -3,6 +3,9 @@
 //! This is the poll path, so it does only cheap work per message: decode,
 //! look the item up in the current view, append to the user's history (a
 //! write to memory, committed in groups) and pass the user on. The model runs elsewhere.
+//! An interaction whose item the catalogue has not published yet waits for
+//! it, a bounded while, in [`Waiting`]; a publish or the grace's end sends
+//! it on.
 //! Each message is *begun* in [`Offsets`] when read and *finished* when its
 //! outputs are delivered (its history's changelog record and its feed, or
 //! its dead letter); only finished offsets are stored for commit.
@@ -18,6 +21,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
@@ -28,6 +32,7 @@ use super::offsets::Offsets;
 use super::reason::Reason;
 use super::scheduler::Event;
 use super::view::SharedView;
+use super::waiting::{Held, Waiting};
 use crate::contract::Interaction;
 
 /// Reacts to rebalances: a revoked partition is forgotten (late finishes
@@ -239,6 +244,10 @@ pub fn poll(
 pub struct InteractionConsumer {
     pub topic: String,
     pub view: SharedView,
+    /// Changes when the catalogue consumer publishes a view: a waiting
+    /// interaction's item may have come.
+    pub published: watch::Receiver<()>,
+    pub waiting: Waiting,
     pub histories: Arc<Histories>,
     pub offsets: Arc<Offsets>,
     pub outbox: Arc<Outbox>,
@@ -255,83 +264,149 @@ pub enum InteractionError {
     History(#[from] HistoryError),
 }
 
+/// Whether the pipeline downstream still takes work (`false`: it closed,
+/// the service is stopping).
+type Open = bool;
+
 impl InteractionConsumer {
-    /// Applies the polled `messages` until a stop.
+    /// Applies the polled `messages` until a stop. Interactions still
+    /// waiting for their items then are not finished, so their offsets are
+    /// not committed: the next start reads them again.
     pub async fn run(
-        self,
+        mut self,
         mut messages: mpsc::Receiver<Result<OwnedMessage, KafkaError>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), InteractionError> {
+        let mut ready = Vec::new();
+        let mut catalogue_open = true;
         loop {
-            let m = tokio::select! {
-                m = messages.recv() => match m {
-                    Some(m) => m,
-                    None => return Ok(()),
-                },
-                _ = stop.changed() => return Ok(()),
-            };
-            let m = m.map_err(|source| InteractionError::Kafka {
-                topic: self.topic.clone(),
-                source,
-            })?;
-            self.metrics.interaction_events.inc();
-            let trigger = Trigger {
-                partition: m.partition(),
-                offset: m.offset(),
-                timestamp_ms: m.timestamp().to_millis().unwrap_or_else(now_ms),
-            };
-            let raw = m.payload().unwrap_or(&[]);
-            let outcome = self.apply(raw, trigger)?;
-            let sent = match outcome {
-                Ok((event, record)) => {
-                    let outputs = 1 + u32::from(record.is_some());
-                    self.offsets
-                        .begin(trigger.partition, trigger.offset, outputs);
-                    if let Some(record) = record {
-                        let log = self.outbox.changelog(&event.user, record, trigger);
-                        if self.sent.send(log).await.is_err() {
-                            return Ok(());
-                        }
+            let wake = self.waiting.wake();
+            let waiting = !self.waiting.is_empty();
+            let sweep = tokio::select! {
+                m = messages.recv() => {
+                    let Some(m) = m else { break };
+                    let m = m.map_err(|source| InteractionError::Kafka {
+                        topic: self.topic.clone(),
+                        source,
+                    })?;
+                    if !self.take(&m).await? {
+                        break;
                     }
-                    if self.scheduler.send(event).await.is_err() {
-                        return Ok(());
-                    }
-                    continue;
+                    false
                 }
-                Err((reason, detail)) => {
-                    self.offsets.begin(trigger.partition, trigger.offset, 1);
-                    self.metrics.dead_letter(reason);
-                    let source = (self.topic.as_str(), trigger.partition, trigger.offset);
-                    self.outbox
-                        .dead_letter(source, reason, &detail, raw, vec![trigger])
+                r = self.published.changed(), if waiting && catalogue_open => {
+                    catalogue_open = r.is_ok();
+                    true
                 }
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => true,
+                _ = stop.changed() => break,
             };
-            if self.sent.send(sent).await.is_err() {
-                return Ok(());
+            if sweep {
+                let view = self.view.load_full();
+                self.waiting
+                    .ready(Instant::now(), |id| view.ord(id).is_some(), &mut ready);
+                if !self.send_on(&mut ready).await? {
+                    break;
+                }
             }
         }
+        if !self.waiting.is_empty() {
+            tracing::info!(
+                waiting = self.waiting.len(),
+                "stopping with interactions waiting for their items; the next start reads them again"
+            );
+        }
+        Ok(())
     }
 
-    /// The user to schedule and, when the history changed, its changelog
-    /// record; or why the message is a dead letter.
-    #[allow(clippy::type_complexity)]
-    fn apply(
-        &self,
-        raw: &[u8],
-        trigger: Trigger,
-    ) -> Result<Result<(Event, Option<Vec<u8>>), (Reason, String)>, InteractionError> {
+    /// One polled message: applied, dead-lettered, or left waiting for its
+    /// item (or behind its user's interaction that waits).
+    async fn take(&mut self, m: &OwnedMessage) -> Result<Open, InteractionError> {
+        self.metrics.interaction_events.inc();
+        let trigger = Trigger {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis().unwrap_or_else(now_ms),
+        };
+        let raw = m.payload().unwrap_or(&[]);
         let i: Interaction = match self.outbox.wire().decode(raw) {
             Ok(i) => i,
-            Err(e) => return Ok(Err(decode_reason(e))),
+            Err(e) => {
+                let (reason, detail) = decode_reason(e);
+                return Ok(self.dead_letter(trigger, reason, &detail, raw).await);
+            }
         };
+        if !self.waiting.is_empty() && self.waiting.holds(&i.user_id) {
+            if self.waiting.has_room() {
+                self.wait(i, raw, trigger);
+                return Ok(true);
+            }
+            let mut theirs = Vec::new();
+            self.waiting.release(&i.user_id, &mut theirs);
+            if !self.send_on(&mut theirs).await? {
+                return Ok(false);
+            }
+        }
+        if self.waiting.has_room() && self.view.load().ord(&i.item_id).is_none() {
+            self.wait(i, raw, trigger);
+            return Ok(true);
+        }
+        self.apply(i, raw, trigger, None).await
+    }
+
+    fn wait(&mut self, i: Interaction, raw: &[u8], trigger: Trigger) {
+        // Begun now, so that the committed offset stays before it.
+        self.offsets.begin(trigger.partition, trigger.offset, 1);
+        self.waiting
+            .push(Held::new(i, raw, trigger, Instant::now()));
+        self.metrics.waiting.set(self.waiting.len() as i64);
+    }
+
+    /// Applies or dead-letters interactions that waited, in order.
+    async fn send_on(&mut self, ready: &mut Vec<Held>) -> Result<Open, InteractionError> {
+        self.metrics.waiting.set(self.waiting.len() as i64);
+        let now = Instant::now();
+        for h in ready.drain(..) {
+            let t = h.trigger;
+            // Its partition was revoked while it waited: the new owner
+            // reads it again from the last commit, which is before it.
+            if !self.offsets.holds(t.partition, t.offset) {
+                continue;
+            }
+            let waited = h.waited(now);
+            if !self.apply(h.interaction, &h.raw, t, Some(waited)).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Appends `i` to its user's history and schedules the user, or
+    /// dead-letters it when its item is unknown; `waited` is how long it
+    /// waited for that.
+    async fn apply(
+        &self,
+        i: Interaction,
+        raw: &[u8],
+        trigger: Trigger,
+        waited: Option<Duration>,
+    ) -> Result<Open, InteractionError> {
         let Some(ord) = self.view.load().ord(&i.item_id) else {
-            return Ok(Err((
-                Reason::UnknownItem,
-                format!(
-                    "user {:?}: field \"item_id\": item {:?} is not in the catalogue",
-                    i.user_id, i.item_id
+            let why = match waited {
+                Some(w) => format!(" (waited {} ms for it)", w.as_millis()),
+                None if self.waiting.grace().is_zero() => String::new(),
+                None => format!(
+                    " (not waited for: {} interactions already wait for their items)",
+                    self.waiting.len()
                 ),
-            )));
+            };
+            let detail = format!(
+                "user {:?}: field \"item_id\": item {:?} is not in the catalogue{why}",
+                i.user_id, i.item_id
+            );
+            return Ok(self
+                .dead_letter(trigger, Reason::UnknownItem, &detail, raw)
+                .await);
         };
         let at = Position {
             partition: trigger.partition,
@@ -341,12 +416,38 @@ impl InteractionConsumer {
         if record.is_none() {
             self.metrics.replayed.inc();
         }
-        Ok(Ok((
-            Event {
-                user: i.user_id,
-                trigger,
-            },
-            record,
-        )))
+        if waited.is_some() {
+            self.metrics.waited.inc();
+        }
+        let outputs = 1 + u32::from(record.is_some());
+        self.offsets
+            .begin(trigger.partition, trigger.offset, outputs);
+        if let Some(record) = record {
+            let log = self.outbox.changelog(&i.user_id, record, trigger);
+            if self.sent.send(log).await.is_err() {
+                return Ok(false);
+            }
+        }
+        let event = Event {
+            user: i.user_id,
+            trigger,
+        };
+        Ok(self.scheduler.send(event).await.is_ok())
+    }
+
+    async fn dead_letter(
+        &self,
+        trigger: Trigger,
+        reason: Reason,
+        detail: &str,
+        raw: &[u8],
+    ) -> Open {
+        self.offsets.begin(trigger.partition, trigger.offset, 1);
+        self.metrics.dead_letter(reason);
+        let source = (self.topic.as_str(), trigger.partition, trigger.offset);
+        let sent = self
+            .outbox
+            .dead_letter(source, reason, detail, raw, vec![trigger]);
+        self.sent.send(sent).await.is_ok()
     }
 }

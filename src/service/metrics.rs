@@ -34,6 +34,8 @@ pub struct Metrics {
     pub interaction_events: Counter,
     /// Interactions already in the history (replays after a restart).
     pub replayed: Counter,
+    /// Interactions applied after waiting for their item's catalogue event.
+    pub waited: Counter,
     /// Histories changelog records read by restores (after a restart on the
     /// same state, only what others wrote since).
     pub changelog_restored: Counter,
@@ -60,6 +62,8 @@ pub struct Metrics {
     pub learnt_pairs: Gauge,
     pub learnt_items: Gauge,
     pub pending_users: Gauge,
+    /// Interactions waiting for their item (or behind one that does).
+    pub waiting: Gauge,
     pub consumer_lag: Gauge,
     /// Interaction partitions this instance owns now.
     pub assigned_partitions: Gauge,
@@ -84,6 +88,10 @@ impl Default for Metrics {
         let replayed = counter(
             "interactions_replayed",
             "Interactions already in the user's history (replays).",
+        );
+        let waited = counter(
+            "interactions_waited",
+            "Interactions applied after waiting for their item's catalogue event.",
         );
         let changelog_restored = counter(
             "changelog_restored",
@@ -128,6 +136,10 @@ impl Default for Metrics {
             "Items with a popularity count learnt from the stream.",
         );
         let pending_users = gauge("pending_users", "Users waiting for a feed.");
+        let waiting = gauge(
+            "interactions_waiting",
+            "Interactions waiting for their item's catalogue event, or behind their user's one that does.",
+        );
         let consumer_lag = gauge(
             "consumer_lag",
             "Interactions behind the partitions' high watermarks (approximate on brokers whose watermark is approximate).",
@@ -166,6 +178,7 @@ impl Default for Metrics {
             catalogue_events,
             interaction_events,
             replayed,
+            waited,
             changelog_restored,
             feeds,
             feed_retries,
@@ -181,6 +194,7 @@ impl Default for Metrics {
             learnt_pairs,
             learnt_items,
             pending_users,
+            waiting,
             consumer_lag,
             assigned_partitions,
             ready,

@@ -60,6 +60,7 @@ pub mod offsets;
 pub mod reason;
 pub mod scheduler;
 pub mod view;
+pub mod waiting;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -90,6 +91,7 @@ use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
 use view::FreshSettings;
+use waiting::Waiting;
 
 /// Deliveries awaiting acknowledgement at most, before the model waits.
 const IN_FLIGHT_DELIVERIES: usize = 4096;
@@ -252,6 +254,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         FetchWait::Background,
     );
     cat_client.set("enable.auto.commit", "false");
+    let (published, published_rx) = watch::channel(());
     let mut cat = CatalogueConsumer {
         consumer: cat_client
             .create()
@@ -260,6 +263,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         catalogue,
         text,
         view: view.clone(),
+        published,
         outbox: outbox.clone(),
         metrics: metrics.clone(),
         batch_max: cfg.catalogue.batch_max,
@@ -346,6 +350,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let interactions = InteractionConsumer {
         topic: k.interactions_topic.clone(),
         view,
+        published: published_rx,
+        waiting: Waiting::new(
+            Duration::from_millis(cfg.catalogue.item_wait_ms),
+            cfg.catalogue.item_wait_max,
+        ),
         histories: histories.clone(),
         offsets: offsets.clone(),
         outbox,

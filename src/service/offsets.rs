@@ -74,6 +74,15 @@ impl Offsets {
         })
     }
 
+    /// Whether `offset` of `partition` was begun and is not finished: false
+    /// once its partition was revoked.
+    pub fn holds(&self, partition: i32, offset: i64) -> bool {
+        let parts = self.parts.lock().expect("offsets lock");
+        parts
+            .get(&partition)
+            .is_some_and(|p| p.in_flight.contains_key(&offset))
+    }
+
     /// Forgets partitions that were revoked.
     pub fn revoke(&self, partitions: impl IntoIterator<Item = i32>) {
         let mut parts = self.parts.lock().expect("offsets lock");
@@ -114,7 +123,9 @@ mod tests {
         o.begin(1, 10, 1);
         o.begin(1, 11, 1);
         assert_eq!(o.finish(1, 10), Some(11));
+        assert!(o.holds(0, 0));
         o.revoke([0]);
+        assert!(!o.holds(0, 0));
         assert_eq!(o.finish(0, 0), None);
         assert_eq!(o.in_flight(), 1);
     }

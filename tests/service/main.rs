@@ -315,6 +315,7 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
         .find(|l| l.reason.contains("no-such-item"))
         .unwrap();
     assert!(unknown.reason.contains("item_id"), "{}", unknown.reason);
+    assert!(unknown.reason.contains("waited"), "{}", unknown.reason);
 
     // The good messages around the poison were served.
     let out = Output::new(&t.recommendations, 2);
@@ -331,6 +332,66 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
         svc.log_text()
     );
     assert_eq!(svc.metric("genfeed_live_items"), Some(10.0));
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
+/// Items and interactions are separate topics: an interaction can come
+/// before its item. It waits for the item's catalogue event and is then
+/// applied, and its user's later interactions wait behind it, so the
+/// history keeps their order; other users go on meanwhile.
+#[test]
+fn an_interaction_that_comes_before_its_item_waits_for_it_and_keeps_its_order() {
+    let bed = Bed::new("early", 1, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
+    let cfg = bed.config("a", FEED);
+    // An hour: only the item's publish can send it on within the test.
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[catalogue]\n", "[catalogue]\nitem_wait_ms = 3600000\n");
+    std::fs::write(&cfg, text).unwrap();
+    let mut svc = Service::start(&cfg);
+    svc.wait_metric("genfeed_live_items", |v| v == 10.0);
+
+    let (late, known) = (&f.items[12].0, &f.items[0].0);
+    input.interaction("u", late);
+    svc.wait_metric("genfeed_interactions_waiting", |v| v == 1.0);
+    let u_last = input.interaction("u", known);
+    let v_last = input.interaction("v", &f.items[1].0);
+    let out = Output::new(&t.recommendations, 1);
+    let mut feeds = Vec::new();
+    let v_only = HashMap::from([("v".to_string(), v_last)]);
+    feeds_answering(&out, Framing::Plain, &mut feeds, &v_only);
+    assert!(
+        feeds.iter().all(|r| r.user_id == "v"),
+        "u's wait for the item"
+    );
+    assert_eq!(svc.metric("genfeed_interactions_waiting"), Some(2.0));
+
+    input.upsert(late, f.items[12].1.clone());
+    let u_only = HashMap::from([("u".to_string(), u_last)]);
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &u_only);
+    let live: BTreeSet<String> = f.items[..10]
+        .iter()
+        .chain([&f.items[12]])
+        .map(|(id, _)| id.clone())
+        .collect();
+    // Both are in the history: the feed leaves out both items.
+    assert_eq!(
+        items_of(&got["u"]),
+        expected(&live, &[late.clone(), known.clone()])
+    );
+    assert_eq!(svc.metric("genfeed_interactions_waited_total"), Some(2.0));
+    assert_eq!(svc.metric("genfeed_interactions_waiting"), Some(0.0));
+    assert_eq!(
+        svc.metric("genfeed_interactions_replayed_total"),
+        Some(0.0),
+        "the later one was not applied first"
+    );
+    assert_eq!(
+        svc.metric("genfeed_dead_letters_total{reason=\"unknown_item\"}"),
+        Some(0.0)
+    );
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
