@@ -15,6 +15,10 @@
 # BATCH_MAX=N sets feed.batch_max (default 64).
 # FRESH_HALF_AT=N sets feed.fresh_half_at (default 20; 0 gives fresh items the
 # whole fresh_weight however few they are).
+# ITEM_WAIT_MS=N sets catalogue.item_wait_ms (default 2000; 0 dead-letters an
+# interaction that comes before its item at once).
+# After the summary, the service's dead letters by reason and the interactions
+# that waited for their item go to stderr.
 # TRAIN=DIR makes it the prequential replay of a time split
 # (`genfeed time-split`): DATA is the split's stream folder, DIR its training
 # folder (written as the catalogue), no brand-new items beside them, and the
@@ -59,6 +63,8 @@ batch_max = ${BATCH_MAX:-64}
 fresh_half_at = ${FRESH_HALF_AT:-20}
 [learning]
 enabled = ${LEARNING:-true}
+[catalogue]
+item_wait_ms = ${ITEM_WAIT_MS:-2000}
 [http]
 listen = "127.0.0.1:0"
 TOML
@@ -76,3 +82,7 @@ else
 fi
 "$genfeed" replay --config "$work/service.toml" --data "$data" --catalogue \
   --rate "$rate" --seconds "$seconds" "${split[@]}" --show 0 --json
+curl -s "http://$(cat "$work/state/http.addr")/metrics" | awk '
+  /^genfeed_dead_letters_total/ { d += $2; if ($2 > 0) r = r " " $1 "=" $2 }
+  /^genfeed_interactions_waited_total/ { w = $2 }
+  END { printf "service: %d dead letters%s; %d interactions waited for their item\n", d, r, w }' >&2
