@@ -39,6 +39,12 @@ use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
+/// How long opening waits for a store that another process has open: a
+/// restart right after a `kill -9` can come before the kernel has released
+/// the dead process's lock, and a supervisor may start the new process
+/// while the old one still drains.
+const OPEN_WAIT: Duration = Duration::from_secs(10);
+
 /// What went wrong, and in which store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,6 +55,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("store {path} is open in another process (another genfeed with the same state_dir, or one still stopping); waited {waited_ms} ms for it to close")]
+    InUse { path: PathBuf, waited_ms: u128 },
     #[error("{path} was written by sled, before genfeed kept its state in redb, and is not converted: remove the directory, and the service rebuilds it (the registry from the catalogue topic, the histories from the changelog)")]
     Sled { path: PathBuf },
 }
@@ -77,17 +85,37 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
-        Store::open(&dir.join(file), flush_every)
+        Store::open(&dir.join(file), flush_every, OPEN_WAIT)
     }
 
-    /// Opens (or creates) the store file at `path`. After a crash, opening
-    /// repairs the file back to its last durable commit.
-    fn open(path: &Path, flush_every: Duration) -> Result<Store, StoreError> {
+    /// Opens (or creates) the store file at `path`, waiting up to `wait`
+    /// while another process has it open. After a crash, opening repairs
+    /// the file back to its last durable commit.
+    fn open(path: &Path, flush_every: Duration, wait: Duration) -> Result<Store, StoreError> {
         let fail = |source: redb::Error| StoreError::Redb {
             path: path.to_path_buf(),
             source,
         };
-        let db = Database::create(path).map_err(|e| fail(e.into()))?;
+        let start = Instant::now();
+        let mut told = false;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < wait => {
+                    if !std::mem::replace(&mut told, true) {
+                        tracing::warn!(path = %path.display(), ms = wait.as_millis() as u64, "open in another process; waiting for it to close");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(StoreError::InUse {
+                        path: path.to_path_buf(),
+                        waited_ms: start.elapsed().as_millis(),
+                    })
+                }
+                Err(e) => return Err(fail(e.into())),
+            }
+        };
         let store = Store {
             db,
             path: path.to_path_buf(),
@@ -250,5 +278,31 @@ impl Drop for Store {
         if let Err(e) = self.flush() {
             tracing::error!(error = %e, "store: the last writes could not be made durable");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_open_elsewhere_is_waited_for_then_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let first = Store::open(&path, Duration::MAX, Duration::ZERO).unwrap();
+        let wait = Duration::from_millis(200);
+        match Store::open(&path, Duration::MAX, wait) {
+            Err(e @ StoreError::InUse { waited_ms, .. }) => {
+                assert!(waited_ms >= wait.as_millis(), "{e}");
+                assert!(e.to_string().contains("s.redb"), "{e}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened twice"),
+        }
+        // Once the holder closes, a waiting open gets it.
+        let second =
+            std::thread::spawn(move || Store::open(&path, Duration::MAX, Duration::from_secs(60)));
+        drop(first);
+        assert!(second.join().unwrap().is_ok());
     }
 }
