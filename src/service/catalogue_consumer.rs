@@ -93,7 +93,7 @@ pub fn initial_view(
     fresh: Option<&FreshSettings>,
 ) -> Result<View, RegistryError> {
     let mut ords = imbl::HashMap::new();
-    let mut items = imbl::HashMap::new();
+    let mut items = imbl::OrdMap::new();
     for kv in catalogue.registry().items() {
         let (id, entry) = kv?;
         if entry.position.is_none() {

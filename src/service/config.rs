@@ -172,6 +172,9 @@ pub struct FeedConfig {
     pub fresh_half_at: usize,
     /// Temperature of their content softmax (cosine / temperature).
     pub fresh_temperature: f32,
+    /// Fresh items competing at most: the newest (each costs every request
+    /// a dot product).
+    pub fresh_max: usize,
 }
 
 impl Default for FeedConfig {
@@ -193,6 +196,7 @@ impl Default for FeedConfig {
             fresh_after: fresh::DEFAULT_AFTER,
             fresh_half_at: fresh::DEFAULT_HALF_AT,
             fresh_temperature: 0.2,
+            fresh_max: 10_000,
         }
     }
 }

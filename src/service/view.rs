@@ -44,8 +44,9 @@ pub struct View {
     pub snapshot: Arc<Snapshot>,
     /// Item id → ord, for every item that was ever live.
     pub ords: imbl::HashMap<Arc<str>, u32>,
-    /// Ord → item.
-    pub items: imbl::HashMap<u32, ItemRef>,
+    /// Ord → item. Ordered: ords are handed out in order of arrival, so
+    /// the newest items are the last ones (the fresh set takes those).
+    pub items: imbl::OrdMap<u32, ItemRef>,
     /// The live items the model never learnt, scored by their content so
     /// that they compete for feed slots ([`crate::model::fresh`]); `None`
     /// when the mechanism is off.
@@ -64,23 +65,31 @@ pub struct FreshSettings {
     pub slots: usize,
     pub after: usize,
     pub half_at: usize,
+    /// Fresh items at most: the newest. Each costs every request a dot
+    /// product and every publish a content row, and the fresh set grows with
+    /// every item that arrives until the next training; an older one that
+    /// users take is reached through the counts learnt from the stream.
+    pub max: usize,
 }
 
 impl FreshSettings {
-    /// The fresh items of `items` that are live in `snapshot`.
+    /// The newest [`FreshSettings::max`] fresh items of `items` that are
+    /// live in `snapshot`. Reads only those (and retired ones among them),
+    /// not the whole catalogue: it runs on every publish.
     pub fn items(
         &self,
         snapshot: &Snapshot,
-        items: &imbl::HashMap<u32, ItemRef>,
+        items: &imbl::OrdMap<u32, ItemRef>,
     ) -> Arc<FreshItems> {
         let fresh = items
-            .iter()
-            .filter(|(&ord, _)| ord >= self.training_items)
+            .range(self.training_items..)
+            .rev()
             .filter_map(|(&ord, item)| {
                 item.sid
                     .filter(|&s| snapshot.get(s) == Some(ord))
                     .map(|s| (s, ord))
             })
+            .take(self.max)
             .collect();
         Arc::new(
             FreshItems::by_sid(self.content.clone(), fresh, self.temperature)
@@ -108,3 +117,54 @@ impl View {
 
 /// The current view, readable from any thread without a lock.
 pub type SharedView = Arc<ArcSwap<View>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+
+    #[test]
+    fn the_fresh_set_is_the_newest_live_items_past_training() {
+        let sid = |i: u16| Sid::new(&[i / 4, i % 4, 0, 0]).unwrap();
+        // Ords 0 and 1 were in training; 2..7 arrived since, 5 was retired
+        // (its SID released) and 6 is not live in the snapshot.
+        let live: Vec<(Sid, u32)> = [0, 1, 2, 3, 4, 7]
+            .into_iter()
+            .map(|o| (sid(o as u16), o))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut index, _) = Index::open(dir.path(), &[4, 4, 4, 4], None, &live, 1 << 16).unwrap();
+        let snapshot = index.publish();
+        let items: imbl::OrdMap<u32, ItemRef> = (0..8u32)
+            .map(|o| {
+                let item = ItemRef {
+                    id: o.to_string().into(),
+                    sid: (o != 5).then(|| sid(o as u16)),
+                    live: o != 5 && o != 6,
+                };
+                (o, item)
+            })
+            .collect();
+        let settings = |max| FreshSettings {
+            training_items: 2,
+            content: Arc::new(|_, out: &mut Vec<f32>| {
+                out.clear();
+                out.extend([1.0, 0.0]);
+                true
+            }),
+            temperature: 0.2,
+            slots: 1,
+            after: 0,
+            half_at: 0,
+            max,
+        };
+        let ords = |max| {
+            let fresh = settings(max).items(&snapshot, &items);
+            let mut ords: Vec<u32> = (0..fresh.len()).map(|i| fresh.item(i).1).collect();
+            ords.sort_unstable();
+            ords
+        };
+        assert_eq!(ords(usize::MAX), [2, 3, 4, 7]);
+        assert_eq!(ords(2), [4, 7]);
+    }
+}

@@ -192,6 +192,11 @@ fn a_fresh_item_reaches_the_feed_of_the_user_it_fits_without_retraining() {
     assert_eq!(ids[1], "fresh-near", "{ids:?}");
     assert!(!ids.contains(&"fresh-far"), "{ids:?}");
     assert!(svc.stop().success());
+
+    // The key reaches the fresh set (which items it keeps: the unit tests).
+    let mut svc = Service::start(&bed.config("b", &format!("{feed}\nfresh_max = 1")));
+    assert_eq!(svc.metric("genfeed_fresh_items"), Some(1.0));
+    assert!(svc.stop().success());
 }
 
 /// Ready means the whole catalogue written before start-up is read and
