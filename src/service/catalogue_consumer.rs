@@ -292,12 +292,17 @@ impl CatalogueConsumer {
         if batch.first.is_none() {
             return Ok(());
         }
-        let snapshot = tokio::task::block_in_place(|| self.catalogue.publish())?;
+        // The fresh set's content rows are rebuilt too (up to
+        // `feed.fresh_max` of them): off the runtime, with the publish.
+        let (catalogue, fresh, items) = (&mut self.catalogue, &self.fresh, &view.items);
+        let (snapshot, fresh) = tokio::task::block_in_place(|| {
+            catalogue.publish().map(|snapshot| {
+                let fresh = fresh.as_ref().map(|f| f.items(&snapshot, items));
+                (snapshot, fresh)
+            })
+        })?;
         view.snapshot = snapshot;
-        view.fresh = self
-            .fresh
-            .as_ref()
-            .map(|f| f.items(&view.snapshot, &view.items));
+        view.fresh = fresh;
         self.view.store(Arc::new(view.clone()));
         self.published.send_replace(());
         let now = now_ms();

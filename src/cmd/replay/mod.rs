@@ -162,7 +162,9 @@ fn folder_file(dir: &Path, ext: &str) -> anyhow::Result<PathBuf> {
 
 async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
     let k = &cfg.kafka;
-    let http = std::fs::read_to_string(cfg.paths.state_dir.join("http.addr"))
+    // The file, not the address: a restarted service listens elsewhere.
+    let http = cfg.paths.state_dir.join("http.addr");
+    std::fs::metadata(&http)
         .context("the service's http.addr: is the service running with this config?")?;
     let format = |id: u32| match k.wire.format {
         WireKind::Plain => WireFormat::Plain,
@@ -807,7 +809,9 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
-fn get(addr: &str, path: &str) -> Option<String> {
+/// `path` from the service whose address is in the file `addr`.
+fn get(addr: &Path, path: &str) -> Option<String> {
+    let addr = std::fs::read_to_string(addr).ok()?;
     let mut c = TcpStream::connect(addr.trim()).ok()?;
     c.write_all(format!("GET {path} HTTP/1.1\r\nhost: genfeed\r\n\r\n").as_bytes())
         .ok()?;
@@ -816,7 +820,7 @@ fn get(addr: &str, path: &str) -> Option<String> {
     Some(text.split("\r\n\r\n").nth(1)?.to_string())
 }
 
-fn metric(addr: &str, name: &str) -> Option<f64> {
+fn metric(addr: &Path, name: &str) -> Option<f64> {
     get(addr, "/metrics")?
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
