@@ -367,6 +367,17 @@ impl Bed {
     pub fn config(&self, name: &str, feed: &str) -> PathBuf {
         config(self.dir.path(), name, &self.topics, self.framing, feed)
     }
+
+    /// [`Bed::config`] with the line `add` after the line `after` (a key
+    /// in a section other than `[feed]`).
+    pub fn config_adding(&self, name: &str, feed: &str, after: &str, add: &str) -> PathBuf {
+        let cfg = self.config(name, feed);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let edited = text.replacen(&format!("{after}\n"), &format!("{after}\n{add}\n"), 1);
+        assert_ne!(text, edited, "no line {after:?} in the config");
+        std::fs::write(&cfg, edited).unwrap();
+        cfg
+    }
 }
 
 /// A `genfeed run` process.

@@ -349,12 +349,8 @@ fn an_interaction_that_comes_before_its_item_waits_for_it_and_keeps_its_order() 
     let bed = Bed::new("early", 1, Framing::Plain);
     let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
     bed.upsert_items(..10);
-    let cfg = bed.config("a", FEED);
     // An hour: only the item's publish can send it on within the test.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("[catalogue]\n", "[catalogue]\nitem_wait_ms = 3600000\n");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = bed.config_adding("a", FEED, "[catalogue]", "item_wait_ms = 3600000");
     let mut svc = Service::start(&cfg);
     svc.wait_metric("genfeed_live_items", |v| v == 10.0);
 
@@ -408,14 +404,13 @@ fn oversized_messages_cost_one_dead_letter_each_cut_to_fit_and_the_service_goes_
     let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
     bed.upsert_items(..10);
     // Outputs of at most 64 KiB: every oversized input below is larger.
-    let cfg = bed.config("a", FEED);
-    let text = std::fs::read_to_string(&cfg).unwrap();
     let max = 65_536;
-    let text = text.replace(
+    let cfg = bed.config_adding(
+        "a",
+        FEED,
         "session_timeout_ms = 6000",
-        &format!("session_timeout_ms = 6000\nmessage_max_bytes = {max}"),
+        &format!("message_max_bytes = {max}"),
     );
-    std::fs::write(&cfg, text).unwrap();
     let mut svc = Service::start(&cfg);
     svc.wait_metric("genfeed_live_items", |v| v == 10.0);
 
