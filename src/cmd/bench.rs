@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// request scores all of them against its last item's (0 = off).
     #[arg(long, default_value_t = 0)]
     fresh: usize,
+    /// Leave each request's history out of its list, as the service does
+    /// by default (`feed.exclude_seen`).
+    #[arg(long)]
+    exclude_history: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Where each step's mask is built and its candidates ranked
@@ -89,6 +93,7 @@ struct GenerateReport {
     /// Synthetic successors per item mixed into the search (0: none).
     successors: usize,
     fresh: usize,
+    exclude_history: bool,
     beams: usize,
     batch: usize,
     threads: usize,
@@ -155,7 +160,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let opts = SearchOptions {
         beams: a.beams,
         top_k: a.beams.min(10),
-        exclude_history: false,
+        exclude_history: a.exclude_history,
     };
     let transitions = Transitions::count(sids.iter().flat_map(|&from| {
         (0..a.successors)
@@ -208,6 +213,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         items: sids.len(),
         successors: a.successors,
         fresh: a.fresh,
+        exclude_history: a.exclude_history,
         beams: a.beams,
         batch,
         threads,

@@ -249,6 +249,8 @@ pub struct Generator<'m> {
     /// `fresh_boost` were found for: they change at publishes, not per
     /// call, and a lookup per fresh item per call is not free.
     fresh_for: Option<FreshKey>,
+    /// Per fresh item, for one request: not live, or in its history.
+    fresh_blocked: Vec<bool>,
     fresh_log_p: Vec<f32>,
     fresh_order: Vec<u32>,
     fresh_recent: Vec<(Sid, u32)>,
@@ -426,6 +428,7 @@ impl<'m> Generator<'m> {
             merge_scratch: Vec::new(),
             fresh: None,
             fresh_live: Vec::new(),
+            fresh_blocked: Vec::new(),
             fresh_boost: Vec::new(),
             fresh_for: None,
             fresh_log_p: Vec::new(),
@@ -739,12 +742,21 @@ impl<'m> Generator<'m> {
                 .iter()
                 .filter_map(|&s| snapshot.get(s).map(|o| (s, o))),
         );
-        let live = &self.fresh_live;
-        let blocked = |i: usize, sid: Sid| {
-            !live[i]
-                || (opts.exclude_history && req.history.contains(&sid))
-                || req.filter.is_some_and(|f| !f.permits(sid))
-        };
+        // The history's few fresh items found by SID, not every fresh item
+        // looked for in the history.
+        self.fresh_blocked.clear();
+        self.fresh_blocked
+            .extend(self.fresh_live.iter().map(|live| !live));
+        if opts.exclude_history {
+            for &sid in req.history {
+                if let Some(i) = fresh.position(sid) {
+                    self.fresh_blocked[i] = true;
+                }
+            }
+        }
+        let blocked = &self.fresh_blocked;
+        let blocked =
+            |i: usize, sid: Sid| blocked[i] || req.filter.is_some_and(|f| !f.permits(sid));
         if !fresh.score(
             &self.fresh_recent,
             blocked,
