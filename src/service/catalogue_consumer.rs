@@ -294,15 +294,14 @@ impl CatalogueConsumer {
         }
         // The fresh set's content rows are rebuilt too (up to
         // `feed.fresh_max` of them): off the runtime, with the publish.
-        let (catalogue, fresh, items) = (&mut self.catalogue, &self.fresh, &view.items);
-        let (snapshot, fresh) = tokio::task::block_in_place(|| {
-            catalogue.publish().map(|snapshot| {
-                let fresh = fresh.as_ref().map(|f| f.items(&snapshot, items));
-                (snapshot, fresh)
-            })
+        tokio::task::block_in_place(|| -> Result<(), CatalogueConsumerError> {
+            view.snapshot = self.catalogue.publish()?;
+            view.fresh = self
+                .fresh
+                .as_ref()
+                .map(|f| f.items(&view.snapshot, &view.items));
+            Ok(())
         })?;
-        view.snapshot = snapshot;
-        view.fresh = fresh;
         self.view.store(Arc::new(view.clone()));
         self.published.send_replace(());
         let now = now_ms();

@@ -44,6 +44,9 @@ pub struct Offsets {
 
 impl Offsets {
     /// A message was read and waits for `outputs` deliveries (at least one).
+    /// Beginning it again sets its outputs anew: one that waited for its
+    /// item is begun when read, to hold the watermark, and again when
+    /// applied.
     pub fn begin(&self, partition: i32, offset: i64, outputs: u32) {
         let mut parts = self.parts.lock().expect("offsets lock");
         let p = parts.entry(partition).or_insert_with(|| Partition {
