@@ -13,8 +13,8 @@ use serde::Serialize;
 use genfeed::eval::OfflineIndex;
 use genfeed::model::fresh;
 use genfeed::model::{
-    flops_per_request, param_count, ContentTable, FreshItems, Generator, Model, ModelConfig,
-    Params, Request, SearchOptions, Transitions,
+    flops_per_request, param_count, Affinity, ContentTable, FreshItems, Generator, Model,
+    ModelConfig, Params, Request, SearchOptions, Transitions,
 };
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// request scores all of them against its last item's (0 = off).
     #[arg(long, default_value_t = 0)]
     fresh: usize,
+    /// Score the fresh items with a random content affinity of this rank
+    /// beside the cosine (`fit-affinity`; 0 = cosine alone).
+    #[arg(long, default_value_t = 0)]
+    affinity_rank: usize,
     /// Leave each request's history out of its list, as the service does
     /// by default (`feed.exclude_seen`).
     #[arg(long)]
@@ -93,6 +97,7 @@ struct GenerateReport {
     /// Synthetic successors per item mixed into the search (0: none).
     successors: usize,
     fresh: usize,
+    affinity_rank: usize,
     exclude_history: bool,
     beams: usize,
     batch: usize,
@@ -184,17 +189,34 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .map(|i| (sids[i as usize], i))
         .collect();
     // As `eval` runs it by default.
-    let fresh = std::sync::Arc::new(
-        FreshItems::new(content, fresh_items, 0.05)
-            .with_slots(fresh::DEFAULT_SLOTS)
-            .with_after(fresh::DEFAULT_AFTER)
-            .with_half_weight_at(fresh::DEFAULT_HALF_AT),
-    );
+    let fresh = FreshItems::new(content, fresh_items, 0.05)
+        .with_slots(fresh::DEFAULT_SLOTS)
+        .with_after(fresh::DEFAULT_AFTER)
+        .with_half_weight_at(fresh::DEFAULT_HALF_AT);
+    let (fresh, fresh_weight) = if a.affinity_rank > 0 {
+        let mut random = |n: usize| (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+        let affinity = Affinity::new(
+            "bench",
+            dim,
+            random(dim * a.affinity_rank),
+            random(dim * a.affinity_rank),
+            random(dim),
+        )
+        .map_err(anyhow::Error::msg)?;
+        (
+            fresh
+                .with_affinity(std::sync::Arc::new(affinity))
+                .map_err(anyhow::Error::msg)?,
+            fresh::DEFAULT_AFFINITY_WEIGHT,
+        )
+    } else {
+        (fresh, fresh::DEFAULT_WEIGHT)
+    };
     let on_device = a.decoding.on_device(&device);
     let mut generator = Generator::new(&model)
         .with_device_decoding(on_device)
         .with_transitions(&transitions, weight)
-        .with_fresh(fresh, fresh::DEFAULT_WEIGHT);
+        .with_fresh(std::sync::Arc::new(fresh), fresh_weight);
     generator.generate(index.snapshot(), &requests, &opts)?;
     let rounds = a.requests.div_ceil(batch).max(1);
     let started = Instant::now();
@@ -213,6 +235,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         items: sids.len(),
         successors: a.successors,
         fresh: a.fresh,
+        affinity_rank: a.affinity_rank,
         exclude_history: a.exclude_history,
         beams: a.beams,
         batch,

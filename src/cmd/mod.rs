@@ -43,6 +43,9 @@ enum Command {
     /// Count a trained model's training transitions and choose their weight
     /// in the search on validation users (`train` does this at its end).
     FitTransitions(model::FitTransitionsArgs),
+    /// Fit a content affinity (which content follows which) on a trained
+    /// model's training transitions, for scoring fresh items.
+    FitAffinity(model::FitAffinityArgs),
     /// Run the streaming service: Kafka in, live feeds out.
     Run(run::RunArgs),
     /// Drive a running service from a RecBole folder at a fixed rate and
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => model::run_train(*a),
         Command::Eval(a) => model::run_eval(a),
         Command::FitTransitions(a) => model::run_fit_transitions(a),
+        Command::FitAffinity(a) => model::run_fit_affinity(a),
         Command::Run(a) => run::run(a),
         Command::Replay(a) => replay::run(a),
         Command::Bench(c) => bench::run(c),

@@ -11,10 +11,12 @@ use genfeed::dataset::{load_sequences, Example, Split};
 use genfeed::eval::{content_neighbours, evaluate, Breakdown, OfflineIndex, Quality};
 use genfeed::model::fresh::{self, fit_temperature};
 use genfeed::model::{
-    ContentTable, FreshItems, Generator, Model, ModelConfig, SearchOptions, Transitions,
+    Affinity, ContentTable, FreshItems, Generator, Model, ModelConfig, SearchOptions, Transitions,
+    AFFINITY_FILE,
 };
 use genfeed::sid::Sid;
 use genfeed::tokenizer::FrozenTokenizer;
+use genfeed::train::affinity::{fit_affinity, AffinityOptions};
 use genfeed::train::transitions::fit_transitions;
 use genfeed::train::{train, Corpus, TrainOptions};
 
@@ -386,6 +388,108 @@ pub fn run_fit_transitions(a: FitTransitionsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct FitAffinityArgs {
+    /// The RecBole folder (or `.inter` file) the model was trained on.
+    #[arg(long)]
+    data: PathBuf,
+    /// The tokenizer the model was trained with.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The catalogue the tokenizer reads (`.item`), for items it was not
+    /// trained on; the same file as in training.
+    #[arg(long)]
+    items: Option<PathBuf>,
+    /// The trained model directory; the affinity is written into it
+    /// (`affinity.safetensors`), where `eval` finds it.
+    #[arg(long)]
+    model: PathBuf,
+    /// The catalogue whose content the affinity reads, as `eval --content`.
+    #[arg(long)]
+    content: Option<PathBuf>,
+    /// The content space, as `eval --content-encoder`; `eval` uses the
+    /// affinity only with the same one.
+    #[arg(long, value_enum, default_value = "tfidf")]
+    content_encoder: ContentEncoder,
+    /// Width of the query and key projections.
+    #[arg(long, default_value_t = AffinityOptions::default().rank)]
+    rank: usize,
+    /// Passes over the training transitions; the epoch with the best
+    /// held-out NLL is kept.
+    #[arg(long, default_value_t = AffinityOptions::default().epochs)]
+    epochs: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// The name a content space goes by in an affinity's file.
+fn content_space(encoder: ContentEncoder) -> String {
+    encoder
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// Every item's content in the space `encoder` names.
+fn content_of(
+    loaded: &Loaded,
+    path: Option<&Path>,
+    encoder: ContentEncoder,
+) -> anyhow::Result<Option<ContentTable>> {
+    Ok(match (path, encoder) {
+        (_, ContentEncoder::Sid) => Some(sid_content(loaded)?),
+        (Some(p), encoder) => Some(content_table(p, &loaded.items, encoder)?),
+        (None, _) => None,
+    })
+}
+
+pub fn run_fit_affinity(a: FitAffinityArgs) -> anyhow::Result<()> {
+    set_threads(a.threads);
+    let loaded = load(&a.data, &a.tokenizer, a.items.as_deref())?;
+    let cfg = ModelConfig::load(&a.model)
+        .with_context(|| format!("loading the model {}", a.model.display()))?;
+    same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
+    let Some(content) = content_of(&loaded, a.content.as_deref(), a.content_encoder)? else {
+        bail!(
+            "--content-encoder {} reads a catalogue: pass --content FILE",
+            content_space(a.content_encoder)
+        );
+    };
+    let split = Split::leave_one_out(&loaded.seqs, cfg.max_history);
+    let trained = split.trained_items(loaded.items.len());
+    let temperature = fit_fresh_temperature(&split, &content, &trained);
+    let pairs: Vec<(u32, u32)> = split
+        .train()
+        .iter()
+        .filter_map(|e| e.history.last().map(|&l| (l, e.target)))
+        .collect();
+    let candidates: Vec<u32> = (0..loaded.items.len() as u32)
+        .filter(|&i| trained[i as usize])
+        .collect();
+    let opts = AffinityOptions {
+        rank: a.rank,
+        epochs: a.epochs,
+        threads: a.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        }),
+        ..AffinityOptions::default()
+    };
+    let (affinity, fit) = fit_affinity(
+        &content,
+        &content_space(a.content_encoder),
+        temperature,
+        &pairs,
+        &candidates,
+        &opts,
+        super::bar,
+    )
+    .map_err(anyhow::Error::msg)?;
+    affinity.save(&a.model)?;
+    eprintln!("wrote {}", a.model.join(AFFINITY_FILE).display());
+    println!("{}", serde_json::to_string_pretty(&fit)?);
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SplitArg {
     Valid,
@@ -446,11 +550,12 @@ pub struct EvalArgs {
     #[arg(long)]
     content: Option<PathBuf>,
     /// Prior that the next item is one never seen in training, the weight
-    /// of their content scores in the search (0 = the model alone). The
-    /// default, with `--fresh-slots 1`, was chosen on the Toys cold split
-    /// (README, "Cold start").
-    #[arg(long, default_value_t = fresh::DEFAULT_WEIGHT)]
-    fresh_weight: f32,
+    /// of their content scores in the search (0 = the model alone).
+    /// Default: .1 by cosine, chosen with `--fresh-slots 1` on the Toys
+    /// cold split; .02 with a fitted affinity, whose sharper scores need
+    /// less (README, "Cold start").
+    #[arg(long)]
+    fresh_weight: Option<f32>,
     /// How `--content` becomes vectors: TF-IDF of its words and attribute
     /// ids (hashed to 1,024 dims), or what `tokenizer train --encoder auto`
     /// picks (an embedding column, the sentence encoder, hashed attributes);
@@ -489,6 +594,10 @@ pub struct EvalArgs {
     /// every item ranked by its content's cosine to the last item's.
     #[arg(long)]
     baseline: bool,
+    /// Score fresh items by cosine alone even where the model has a fitted
+    /// affinity (`fit-affinity`) for this content space.
+    #[arg(long)]
+    no_affinity: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -582,6 +691,8 @@ struct FreshReport {
     weight: f32,
     weight_given: f32,
     temperature: f32,
+    /// Whether a fitted affinity ([`Affinity`]) scored them beside cosine.
+    affinity: bool,
 }
 
 fn print_quality(what: &str, q: &Quality) {
@@ -621,10 +732,22 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         exclude_history: a.exclude_history,
     };
     let trained = split.trained_items(loaded.items.len());
-    let content = match (a.content.as_deref(), a.content_encoder) {
-        (_, ContentEncoder::Sid) => Some(sid_content(&loaded)?),
-        (Some(p), encoder) => Some(content_table(p, &loaded.items, encoder)?),
-        (None, _) => None,
+    let content = content_of(&loaded, a.content.as_deref(), a.content_encoder)?;
+    let affinity = match Affinity::load(&a.model)? {
+        Some(f) if !a.no_affinity && content.is_some() => {
+            let space = content_space(a.content_encoder);
+            if f.content() != space {
+                bail!(
+                    "{} was fitted on {} content, this evaluation scores {space} \
+                     (--content-encoder {}, or --no-affinity)",
+                    a.model.join(AFFINITY_FILE).display(),
+                    f.content(),
+                    f.content()
+                );
+            }
+            Some(std::sync::Arc::new(f))
+        }
+        _ => None,
     };
     if content.is_none() && a.baseline {
         bail!("--baseline scores content: pass --content FILE");
@@ -635,7 +758,11 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                 .filter(|&i| !trained[i as usize])
                 .map(|i| (loaded.sids[i as usize], i))
                 .collect();
-            let weight = a.fresh_weight;
+            let weight = a.fresh_weight.unwrap_or(if affinity.is_some() {
+                fresh::DEFAULT_AFFINITY_WEIGHT
+            } else {
+                fresh::DEFAULT_WEIGHT
+            });
             if !(0.0..1.0).contains(&weight) {
                 bail!("--fresh-weight {weight} is not in [0, 1)");
             }
@@ -657,12 +784,16 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                         } else {
                             a.fresh_slots
                         });
-                    std::sync::Arc::new(if a.fresh_normaliser > 0 {
+                    let fresh = if a.fresh_normaliser > 0 {
                         let step = known.len().div_ceil(a.fresh_normaliser).max(1);
                         let sample = known.iter().copied().step_by(step).collect();
                         fresh.with_known_sample(sample, known.len())
                     } else {
                         fresh
+                    };
+                    std::sync::Arc::new(match &affinity {
+                        Some(f) => fresh.with_affinity(f.clone()).map_err(anyhow::Error::msg)?,
+                        None => fresh,
                     })
                 },
                 weight,
@@ -713,6 +844,7 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         weight: f.weight(*weight),
         weight_given: *weight,
         temperature: *temperature,
+        affinity: affinity.is_some(),
     });
     if a.json {
         let out = EvalReport {
@@ -741,8 +873,16 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         );
         if let Some(f) = &fresh_report {
             println!(
-                "fresh items: {} scored by content, weight {:.4} (of {}), temperature {}",
-                f.items, f.weight, f.weight_given, f.temperature
+                "fresh items: {} scored by content, weight {:.4} (of {}), temperature {}{}",
+                f.items,
+                f.weight,
+                f.weight_given,
+                f.temperature,
+                if f.affinity {
+                    ", with the fitted affinity"
+                } else {
+                    ""
+                }
             );
         }
         if let Some(b) = &baseline {

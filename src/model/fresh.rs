@@ -35,6 +35,7 @@
 
 use std::sync::Arc;
 
+use super::affinity::Affinity;
 use super::prefix_scores::dot;
 use crate::sid::Sid;
 
@@ -43,6 +44,14 @@ use crate::sid::Sid;
 /// Toys cold split, the two positions kept for known items on Sports'
 /// standard split (docs/2026-12-cold-start.md).
 pub const DEFAULT_WEIGHT: f32 = 0.1;
+/// The weight when a fitted affinity ([`super::affinity`]) scores fresh
+/// items beside the cosine: its content distribution is sharper, so the
+/// same weight puts a fresh item in more lists (at .1, 8% of Sports' top-10
+/// slots against 3.6% by cosine). Chosen on the Toys and Sports cold
+/// splits, between the largest weight that keeps Toys' warm targets within
+/// 2% (.015) and the smallest that gives Sports' cold targets half of its
+/// warm Recall@10 (.03) (docs/2026-12-cold-start.md).
+pub const DEFAULT_AFFINITY_WEIGHT: f32 = 0.02;
 /// See [`DEFAULT_WEIGHT`].
 pub const DEFAULT_SLOTS: usize = 1;
 /// See [`DEFAULT_WEIGHT`].
@@ -143,6 +152,42 @@ pub struct FreshItems {
     slots: usize,
     after: usize,
     half_at: usize,
+    affinity: Option<Keyed>,
+}
+
+/// An affinity with its keys and biases found for the fresh items (and the
+/// known sample's) once, at construction: per request only the query's
+/// projection is left.
+#[derive(Clone)]
+struct Keyed {
+    affinity: Arc<Affinity>,
+    /// `[len × rank]`, by position.
+    keys: Vec<f32>,
+    bias: Vec<f32>,
+    /// The same for the known sample, in its order.
+    known_keys: Vec<f32>,
+    known_bias: Vec<f32>,
+}
+
+/// Keys and biases of `rows` (`None` for an item without content: zeros).
+fn keys<'a>(
+    affinity: &Affinity,
+    rows: impl Iterator<Item = Option<&'a [f32]>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut keys, mut bias, mut k) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        match row {
+            Some(r) => {
+                bias.push(affinity.key_of(r, &mut k));
+                keys.extend_from_slice(&k);
+            }
+            None => {
+                bias.push(0.0);
+                keys.resize(keys.len() + affinity.rank(), 0.0);
+            }
+        }
+    }
+    (keys, bias)
 }
 
 /// Sorted by SID, one per SID.
@@ -219,7 +264,42 @@ impl FreshItems {
             slots: usize::MAX,
             after: 0,
             half_at: 0,
+            affinity: None,
         }
+    }
+
+    /// Adds a learnt affinity's logit ([`super::affinity`]) to the cosine's
+    /// in the content softmax. It must have been fitted on this content
+    /// space: the caller checks [`Affinity::content`]; a width that does not
+    /// match the content is refused here.
+    pub fn with_affinity(mut self, affinity: Arc<Affinity>) -> Result<FreshItems, String> {
+        if affinity.dim() != self.rows.dim() {
+            return Err(format!(
+                "the affinity reads {}-wide content, the fresh items' is {}-wide",
+                affinity.dim(),
+                self.rows.dim()
+            ));
+        }
+        let (keys, bias) = keys(&affinity, (0..self.len()).map(|i| self.rows.row(i as u32)));
+        self.affinity = Some(Keyed {
+            affinity,
+            keys,
+            bias,
+            known_keys: Vec::new(),
+            known_bias: Vec::new(),
+        });
+        self.key_known();
+        Ok(self)
+    }
+
+    /// Keys for the known sample, whichever of it and the affinity came
+    /// last.
+    fn key_known(&mut self) {
+        let (Some(keyed), Queries::Table(table)) = (&mut self.affinity, &self.queries) else {
+            return;
+        };
+        (keyed.known_keys, keyed.known_bias) =
+            keys(&keyed.affinity, self.known.iter().map(|&o| table.row(o)));
     }
 
     /// Normalises the content softmax over the whole catalogue instead of
@@ -234,6 +314,7 @@ impl FreshItems {
     pub fn with_known_sample(mut self, sample: Vec<u32>, known: usize) -> FreshItems {
         self.known_scale = known as f32 / sample.len().max(1) as f32;
         self.known = sample;
+        self.key_known();
         self
     }
 
@@ -355,11 +436,27 @@ impl FreshItems {
         }
         query.iter_mut().for_each(|q| *q /= norm);
         let query = &query[..];
+        // The affinity's query projection goes where the history's rows
+        // were read: `part` is free again.
+        let learnt = self.affinity.as_ref().map(|a| {
+            a.affinity.query_of(query, part);
+            let rank = a.affinity.rank();
+            let q = &part[..];
+            move |keys: &[f32], bias: &[f32], i: usize| {
+                dot(q, &keys[i * rank..(i + 1) * rank]) + bias[i]
+            }
+        });
         let inv = 1.0 / self.temperature;
         let mut max = f32::NEG_INFINITY;
         for (i, &sid) in self.sids.iter().enumerate() {
             let s = match self.rows.row(i as u32) {
-                Some(v) if !blocked(i, sid) => dot(query, v) * inv,
+                Some(v) if !blocked(i, sid) => {
+                    dot(query, v) * inv
+                        + match (&learnt, &self.affinity) {
+                            (Some(l), Some(a)) => l(&a.keys, &a.bias, i),
+                            _ => 0.0,
+                        }
+                }
                 _ => f32::NEG_INFINITY,
             };
             max = max.max(s);
@@ -372,8 +469,15 @@ impl FreshItems {
             Queries::Table(table) => self
                 .known
                 .iter()
-                .filter_map(|&o| table.row(o))
-                .map(|v| (dot(query, v) * inv - max).exp())
+                .enumerate()
+                .filter_map(|(j, &o)| table.row(o).map(|v| (j, v)))
+                .map(|(j, v)| {
+                    let a = match (&learnt, &self.affinity) {
+                        (Some(l), Some(a)) => l(&a.known_keys, &a.known_bias, j),
+                        _ => 0.0,
+                    };
+                    (dot(query, v) * inv + a - max).exp()
+                })
                 .sum(),
             Queries::Sids(_) => 0.0,
         };

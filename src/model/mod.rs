@@ -49,6 +49,7 @@
 //! match the config.
 //! The counts, when fitted, are `transitions.safetensors`.
 
+pub mod affinity;
 mod beam;
 mod config;
 pub(crate) mod cpu_storage;
@@ -60,6 +61,7 @@ pub mod siblings;
 mod transformer;
 pub mod transitions;
 
+pub use affinity::{Affinity, AFFINITY_FILE};
 pub use beam::{Filter, Generated, Generator, Request, SearchOptions};
 pub use config::{ModelConfig, ModelError, CONFIG_FILE, WEIGHTS_FILE};
 pub use flops::{flops_per_request, flops_per_train_position};

@@ -21,6 +21,7 @@
 //! | `checkpoint/` | the last epoch's weights, moments and `state.json` |
 //! | `transitions.safetensors` | the training transitions, counted after training ([`transitions`]) |
 
+pub mod affinity;
 pub mod curves;
 pub mod data;
 pub mod optim;
