@@ -326,8 +326,10 @@ pub fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a trained model was trained on, for the commands that fit more to
+/// it.
 #[derive(Args)]
-pub struct FitTransitionsArgs {
+pub struct TrainedOn {
     /// The RecBole folder (or `.inter` file) the model was trained on.
     #[arg(long)]
     data: PathBuf,
@@ -338,6 +340,24 @@ pub struct FitTransitionsArgs {
     /// trained on; the same file as in training.
     #[arg(long)]
     items: Option<PathBuf>,
+}
+
+impl TrainedOn {
+    /// The data with its SIDs, and the config of `model`, refused if it was
+    /// trained with another tokenizer.
+    fn load(&self, model: &Path) -> anyhow::Result<(Loaded, ModelConfig)> {
+        let loaded = load(&self.data, &self.tokenizer, self.items.as_deref())?;
+        let cfg = ModelConfig::load(model)
+            .with_context(|| format!("loading the model {}", model.display()))?;
+        same_tokenizer(&cfg, &loaded, &self.tokenizer)?;
+        Ok((loaded, cfg))
+    }
+}
+
+#[derive(Args)]
+pub struct FitTransitionsArgs {
+    #[command(flatten)]
+    on: TrainedOn,
     /// The trained model directory; its config gets the chosen weight.
     #[arg(long)]
     model: PathBuf,
@@ -368,10 +388,7 @@ fn same_tokenizer(cfg: &ModelConfig, loaded: &Loaded, dir: &Path) -> anyhow::Res
 pub fn run_fit_transitions(a: FitTransitionsArgs) -> anyhow::Result<()> {
     set_threads(a.threads);
     let device = device(a.device)?;
-    let loaded = load(&a.data, &a.tokenizer, a.items.as_deref())?;
-    let cfg = ModelConfig::load(&a.model)
-        .with_context(|| format!("loading the model {}", a.model.display()))?;
-    same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
+    let (loaded, _) = a.on.load(&a.model)?;
     let corpus = Corpus {
         seqs: &loaded.seqs,
         sids: &loaded.sids,
@@ -390,16 +407,8 @@ pub fn run_fit_transitions(a: FitTransitionsArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct FitAffinityArgs {
-    /// The RecBole folder (or `.inter` file) the model was trained on.
-    #[arg(long)]
-    data: PathBuf,
-    /// The tokenizer the model was trained with.
-    #[arg(long)]
-    tokenizer: PathBuf,
-    /// The catalogue the tokenizer reads (`.item`), for items it was not
-    /// trained on; the same file as in training.
-    #[arg(long)]
-    items: Option<PathBuf>,
+    #[command(flatten)]
+    on: TrainedOn,
     /// The trained model directory; the affinity is written into it
     /// (`affinity.safetensors`), where `eval` finds it.
     #[arg(long)]
@@ -445,10 +454,7 @@ fn content_of(
 
 pub fn run_fit_affinity(a: FitAffinityArgs) -> anyhow::Result<()> {
     set_threads(a.threads);
-    let loaded = load(&a.data, &a.tokenizer, a.items.as_deref())?;
-    let cfg = ModelConfig::load(&a.model)
-        .with_context(|| format!("loading the model {}", a.model.display()))?;
-    same_tokenizer(&cfg, &loaded, &a.tokenizer)?;
+    let (loaded, cfg) = a.on.load(&a.model)?;
     let Some(content) = content_of(&loaded, a.content.as_deref(), a.content_encoder)? else {
         bail!(
             "--content-encoder {} reads a catalogue: pass --content FILE",
