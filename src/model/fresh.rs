@@ -161,33 +161,45 @@ pub struct FreshItems {
 #[derive(Clone)]
 struct Keyed {
     affinity: Arc<Affinity>,
-    /// `[len × rank]`, by position.
-    keys: Vec<f32>,
-    bias: Vec<f32>,
-    /// The same for the known sample, in its order.
-    known_keys: Vec<f32>,
-    known_bias: Vec<f32>,
+    /// By position.
+    fresh: Keys,
+    /// In the known sample's order.
+    known: Keys,
 }
 
-/// Keys and biases of `rows` (`None` for an item without content: zeros).
-fn keys<'a>(
-    affinity: &Affinity,
-    rows: impl Iterator<Item = Option<&'a [f32]>>,
-) -> (Vec<f32>, Vec<f32>) {
-    let (mut keys, mut bias, mut k) = (Vec::new(), Vec::new(), Vec::new());
-    for row in rows {
-        match row {
-            Some(r) => {
-                bias.push(affinity.key_of(r, &mut k));
-                keys.extend_from_slice(&k);
-            }
-            None => {
-                bias.push(0.0);
-                keys.resize(keys.len() + affinity.rank(), 0.0);
+/// Rows' affinity keys and biases.
+#[derive(Clone)]
+struct Keys {
+    rank: usize,
+    /// `[rows × rank]`.
+    keys: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Keys {
+    /// `None` stands for an item without content: zeros.
+    fn new<'a>(affinity: &Affinity, rows: impl Iterator<Item = Option<&'a [f32]>>) -> Keys {
+        let rank = affinity.rank();
+        let (mut keys, mut bias, mut k) = (Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            match row {
+                Some(r) => {
+                    bias.push(affinity.key_of(r, &mut k));
+                    keys.extend_from_slice(&k);
+                }
+                None => {
+                    bias.push(0.0);
+                    keys.resize(keys.len() + rank, 0.0);
+                }
             }
         }
+        Keys { rank, keys, bias }
     }
-    (keys, bias)
+
+    /// Row `i`'s affinity logit for the projected query `q`.
+    fn logit(&self, q: &[f32], i: usize) -> f32 {
+        dot(q, &self.keys[i * self.rank..(i + 1) * self.rank]) + self.bias[i]
+    }
 }
 
 /// Sorted by SID, one per SID.
@@ -280,13 +292,12 @@ impl FreshItems {
                 self.rows.dim()
             ));
         }
-        let (keys, bias) = keys(&affinity, (0..self.len()).map(|i| self.rows.row(i as u32)));
+        let fresh = Keys::new(&affinity, (0..self.len()).map(|i| self.rows.row(i as u32)));
+        let known = Keys::new(&affinity, std::iter::empty());
         self.affinity = Some(Keyed {
             affinity,
-            keys,
-            bias,
-            known_keys: Vec::new(),
-            known_bias: Vec::new(),
+            fresh,
+            known,
         });
         self.key_known();
         Ok(self)
@@ -298,8 +309,7 @@ impl FreshItems {
         let (Some(keyed), Queries::Table(table)) = (&mut self.affinity, &self.queries) else {
             return;
         };
-        (keyed.known_keys, keyed.known_bias) =
-            keys(&keyed.affinity, self.known.iter().map(|&o| table.row(o)));
+        keyed.known = Keys::new(&keyed.affinity, self.known.iter().map(|&o| table.row(o)));
     }
 
     /// Normalises the content softmax over the whole catalogue instead of
@@ -440,22 +450,14 @@ impl FreshItems {
         // were read: `part` is free again.
         let learnt = self.affinity.as_ref().map(|a| {
             a.affinity.query_of(query, part);
-            let rank = a.affinity.rank();
-            let q = &part[..];
-            move |keys: &[f32], bias: &[f32], i: usize| {
-                dot(q, &keys[i * rank..(i + 1) * rank]) + bias[i]
-            }
+            (a, &part[..])
         });
         let inv = 1.0 / self.temperature;
         let mut max = f32::NEG_INFINITY;
         for (i, &sid) in self.sids.iter().enumerate() {
             let s = match self.rows.row(i as u32) {
                 Some(v) if !blocked(i, sid) => {
-                    dot(query, v) * inv
-                        + match (&learnt, &self.affinity) {
-                            (Some(l), Some(a)) => l(&a.keys, &a.bias, i),
-                            _ => 0.0,
-                        }
+                    dot(query, v) * inv + learnt.map_or(0.0, |(a, q)| a.fresh.logit(q, i))
                 }
                 _ => f32::NEG_INFINITY,
             };
@@ -472,10 +474,7 @@ impl FreshItems {
                 .enumerate()
                 .filter_map(|(j, &o)| table.row(o).map(|v| (j, v)))
                 .map(|(j, v)| {
-                    let a = match (&learnt, &self.affinity) {
-                        (Some(l), Some(a)) => l(&a.known_keys, &a.known_bias, j),
-                        _ => 0.0,
-                    };
+                    let a = learnt.map_or(0.0, |(a, q)| a.known.logit(q, j));
                     (dot(query, v) * inv + a - max).exp()
                 })
                 .sum(),
