@@ -190,6 +190,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .collect();
     // As `eval` runs it by default.
     let fresh = FreshItems::new(content, fresh_items, 0.05)
+        .with_query_items(fresh::DEFAULT_QUERY_ITEMS)
         .with_slots(fresh::DEFAULT_SLOTS)
         .with_after(fresh::DEFAULT_AFTER)
         .with_half_weight_at(fresh::DEFAULT_HALF_AT);

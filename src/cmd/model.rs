@@ -558,7 +558,7 @@ pub struct EvalArgs {
     /// Prior that the next item is one never seen in training, the weight
     /// of their content scores in the search (0 = the model alone).
     /// Default: .1 by cosine, chosen with `--fresh-slots 1` on the Toys
-    /// cold split; .02 with a fitted affinity, whose sharper scores need
+    /// cold split; .025 with a fitted affinity, whose sharper scores need
     /// less (README, "Cold start").
     #[arg(long)]
     fresh_weight: Option<f32>,
@@ -571,7 +571,7 @@ pub struct EvalArgs {
     content_encoder: ContentEncoder,
     /// History items the content query reads, newest first, each older one
     /// at half the weight (1 = the last item alone).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = fresh::DEFAULT_QUERY_ITEMS)]
     fresh_history: usize,
     /// Normalise the content softmax over the whole catalogue (known items
     /// estimated from an even sample of this many) instead of over the

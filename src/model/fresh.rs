@@ -9,14 +9,17 @@
 //! over two kinds of items, the way [`super::transitions`] mixes counts:
 //!
 //! ```text
-//! P(item | history) = (1 − w) · P_model(item | history) + w · P_content(item | last)
-//! P_content(f | last) = softmax over fresh items f of cos(c_last, c_f) / τ
+//! P(item | history) = (1 − w) · P_model(item | history) + w · P_content(item | q)
+//! P_content(f | q) = softmax over fresh items f of cos(q, c_f) / τ  [+ a(q → c_f)]
+//! q = Σ_k 2^−k · c_(k-th last item), k < 5, normalised
 //! ```
 //!
-//! The query is the last item's content (or a decayed sum over the last
-//! few, [`FreshItems::with_query_items`]). `w` is the prior that the next
-//! item is a fresh one (the callers' default, .1, was chosen on the Toys
-//! cold split). The softmax hands all of `w` to the fresh items however few
+//! The query `q` sums the last few items' content at halving weights
+//! ([`FreshItems::with_query_items`]; the callers read five), and a fitted
+//! affinity `a` ([`super::affinity`]) may add to the cosine. `w` is the
+//! prior that the next item is a fresh one (the callers' defaults, .1 by
+//! cosine and .025 with an affinity, were chosen on the cold splits). The
+//! softmax hands all of `w` to the fresh items however few
 //! they are, so a single new item would take it in every list; `w` is
 //! therefore a large fresh set's weight, and `n` fresh items get
 //! `w · n / (n + half)` ([`FreshItems::with_half_weight_at`]), or
@@ -30,8 +33,9 @@
 //! items a list may hold ([`FreshItems::with_slots`]) and how high they may
 //! go ([`FreshItems::with_after`]) are policy on top of the mixture.
 //!
-//! Cost per request: one dot product per fresh item, the query being the
-//! last item's content row; nothing runs on the model.
+//! Cost per request: the query's few content rows summed, one dot product
+//! per fresh item (and with an affinity one projection of the query and a
+//! rank-wide dot product per fresh item); nothing runs on the model.
 
 use std::sync::Arc;
 
@@ -48,14 +52,26 @@ pub const DEFAULT_WEIGHT: f32 = 0.1;
 /// items beside the cosine: its content distribution is sharper, so the
 /// same weight puts a fresh item in more lists (at .1, 8% of Sports' top-10
 /// slots against 3.6% by cosine). Chosen on the Toys and Sports cold
-/// splits, between the largest weight that keeps Toys' warm targets within
-/// 2% (.015) and the smallest that gives Sports' cold targets half of its
-/// warm Recall@10 (.03) (docs/2026-12-cold-start.md).
-pub const DEFAULT_AFFINITY_WEIGHT: f32 = 0.02;
+/// splits with the five-item query: Toys' warm targets keep within 2% up to
+/// .015, Sports' cold ones reach half of its warm Recall@10 from .03; at
+/// .025 each misses that one check by a hit or two: Toys' warm Recall@10
+/// is 2.1% down (1,523 hits against 1,556 off, where 2% allows 1,525),
+/// Sports' cold one 48 hits where half of warm is 48.7
+/// (docs/2026-12-cold-start.md).
+pub const DEFAULT_AFFINITY_WEIGHT: f32 = 0.025;
 /// See [`DEFAULT_WEIGHT`].
 pub const DEFAULT_SLOTS: usize = 1;
 /// See [`DEFAULT_WEIGHT`].
 pub const DEFAULT_AFTER: usize = 2;
+/// How many of a history's last items the content query reads
+/// ([`FreshItems::with_query_items`]). With the affinity, five found more
+/// cold targets than the last item alone at the same or lower cost to warm
+/// ones on the Toys and Sports cold splits (Toys at .02: cold Recall@10
+/// .0479 → .0532, warm unchanged; Sports at .03: cold .0251 → .0241 with
+/// warm −1.7% instead of −2.1%) and on LIGER's protocol (Toys .1004 →
+/// .1290); a user's recent items say more about the next new one than the
+/// last alone (docs/2026-12-cold-start.md).
+pub const DEFAULT_QUERY_ITEMS: usize = 5;
 /// How many fresh items get half of the weight
 /// ([`FreshItems::with_half_weight_at`]): chosen on the standard splits,
 /// where Yelp's 14 never-trained items took 8.7% of the top-10 slots at the

@@ -170,6 +170,9 @@ pub struct FeedConfig {
     /// `fresh_weight · n / (n + fresh_half_at)`, so the first few to arrive
     /// do not take the whole weight in every feed. 0: the weight as given.
     pub fresh_half_at: usize,
+    /// How many of a user's last items their content is compared with
+    /// (each older one at half the weight of the next).
+    pub fresh_history: usize,
     /// Temperature of their content softmax (cosine / temperature).
     pub fresh_temperature: f32,
     /// Fresh items competing at most: the newest (each costs every request
@@ -195,6 +198,7 @@ impl Default for FeedConfig {
             fresh_slots: fresh::DEFAULT_SLOTS,
             fresh_after: fresh::DEFAULT_AFTER,
             fresh_half_at: fresh::DEFAULT_HALF_AT,
+            fresh_history: fresh::DEFAULT_QUERY_ITEMS,
             fresh_temperature: 0.2,
             fresh_max: 10_000,
         }
@@ -420,6 +424,7 @@ impl Config {
             ("feed.max_pending", f.max_pending),
             ("feed.threads", f.threads),
             ("feed.fresh_slots", f.fresh_slots),
+            ("feed.fresh_history", f.fresh_history),
             ("catalogue.batch_max", self.catalogue.batch_max),
             ("limits.id_bytes", self.limits.id_bytes),
             ("limits.text_bytes", self.limits.text_bytes),
@@ -578,6 +583,8 @@ mod tests {
         );
         let err = load(&format!("{PATHS}[limits]\nid_bytes = 0\n")).unwrap_err();
         assert!(err.to_string().contains("limits.id_bytes"), "{err}");
+        let err = load(&format!("{PATHS}[feed]\nfresh_history = 0\n")).unwrap_err();
+        assert!(err.to_string().contains("feed.fresh_history"), "{err}");
         let err = load("[feed]\nbeams = 5\n").unwrap_err();
         assert!(err.to_string().contains("paths"), "{err}");
     }

@@ -620,6 +620,7 @@ fn fresh_settings(
         slots: feed.fresh_slots,
         after: feed.fresh_after,
         half_at: feed.fresh_half_at,
+        query_items: feed.fresh_history,
         max: feed.fresh_max,
     })
 }

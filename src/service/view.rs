@@ -65,6 +65,7 @@ pub struct FreshSettings {
     pub slots: usize,
     pub after: usize,
     pub half_at: usize,
+    pub query_items: usize,
     /// Fresh items at most: the newest. Each costs every request a dot
     /// product and every publish a content row, and the fresh set grows with
     /// every item that arrives until the next training; an older one that
@@ -95,7 +96,8 @@ impl FreshSettings {
             FreshItems::by_sid(self.content.clone(), fresh, self.temperature)
                 .with_slots(self.slots)
                 .with_after(self.after)
-                .with_half_weight_at(self.half_at),
+                .with_half_weight_at(self.half_at)
+                .with_query_items(self.query_items),
         )
     }
 }
@@ -156,6 +158,7 @@ mod tests {
             slots: 1,
             after: 0,
             half_at: 0,
+            query_items: 1,
             max,
         };
         let ords = |max| {
