@@ -15,6 +15,8 @@
 # BATCH_MAX=N sets feed.batch_max (default 64).
 # FRESH_HALF_AT=N sets feed.fresh_half_at (default 20; 0 gives fresh items the
 # whole fresh_weight however few they are).
+# FRESH_HISTORY=N sets feed.fresh_history (default 5; 1 compares a fresh item
+# with the user's last item alone).
 # ITEM_WAIT_MS=N sets catalogue.item_wait_ms (default 2000; 0 dead-letters an
 # interaction that comes before its item at once).
 # After the summary, the service's dead letters by reason and the interactions
@@ -61,6 +63,7 @@ beams = $beams
 device = "${DEVICE:-cpu}"
 batch_max = ${BATCH_MAX:-64}
 fresh_half_at = ${FRESH_HALF_AT:-20}
+fresh_history = ${FRESH_HISTORY:-5}
 [learning]
 enabled = ${LEARNING:-true}
 [catalogue]
