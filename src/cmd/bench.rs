@@ -66,7 +66,7 @@ pub struct GenerateArgs {
     successors: usize,
     /// Fresh items (never learnt by the model) mixed in by their content:
     /// this many of the items get random 256-wide content vectors and every
-    /// request scores all of them against its last item's (0 = off).
+    /// request scores all of them against its last items' (0 = off).
     #[arg(long, default_value_t = 0)]
     fresh: usize,
     /// Score the fresh items with a random content affinity of this rank

@@ -334,7 +334,8 @@ pub fn fit_affinity(
         d_keys: vec![0.0; n_cand * rank],
         d_key_bias: vec![0.0; n_cand],
     };
-    // Forward: the batch's softmax into `w.logits`; returns its summed NLL.
+    // Forward: the batch's softmax into `w.logits`, by the affinity or (for
+    // the comparison) by the cosine alone; returns its summed NLL.
     let forward = |w: &mut Work,
                    query: &Param,
                    key: &Param,
@@ -342,31 +343,33 @@ pub fn fit_affinity(
                    chunk: &[(u32, u32)],
                    learnt: bool| {
         let b = chunk.len();
-        cand.project(0..n_cand, &key.value, rank, &mut w.keys);
-        for (i, kb) in w.key_bias.iter_mut().enumerate() {
-            *kb = cand
-                .row(i)
-                .iter()
-                .map(|&(j, v)| v * bias.value[j as usize])
-                .sum();
-        }
-        items.project(
-            chunk.iter().map(|p| p.0 as usize),
-            &query.value,
-            rank,
-            &mut w.queries,
-        );
-        matmul(
-            &mut w.logits[..b * n_cand],
-            Mat::new(&w.queries, b, rank),
-            Mat::t(&w.keys, rank, n_cand),
-            threads,
-        );
-        let mut nll = 0.0f64;
-        for (row, &(prev, target)) in w.logits.chunks_exact_mut(n_cand).zip(chunk) {
-            if learnt {
+        let logits = &mut w.logits[..b * n_cand];
+        if learnt {
+            cand.project(0..n_cand, &key.value, rank, &mut w.keys);
+            for (i, kb) in w.key_bias.iter_mut().enumerate() {
+                *kb = cand
+                    .row(i)
+                    .iter()
+                    .map(|&(j, v)| v * bias.value[j as usize])
+                    .sum();
+            }
+            items.project(
+                chunk.iter().map(|p| p.0 as usize),
+                &query.value,
+                rank,
+                &mut w.queries,
+            );
+            matmul(
+                logits,
+                Mat::new(&w.queries, b, rank),
+                Mat::t(&w.keys, rank, n_cand),
+                threads,
+            );
+            for row in logits.chunks_exact_mut(n_cand) {
                 row.iter_mut().zip(&w.key_bias).for_each(|(l, kb)| *l += kb);
-            } else {
+            }
+        } else {
+            for (row, &(prev, _)) in logits.chunks_exact_mut(n_cand).zip(chunk) {
                 row.fill(0.0);
                 for &(j, x) in items.row(prev as usize) {
                     for &(i, v) in &postings[j as usize] {
@@ -374,6 +377,9 @@ pub fn fit_affinity(
                     }
                 }
             }
+        }
+        let mut nll = 0.0f64;
+        for (row, &(_, target)) in logits.chunks_exact_mut(n_cand).zip(chunk) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let mut z = 0.0f32;
             row.iter_mut().for_each(|x| {
