@@ -120,6 +120,12 @@ impl Catalogue {
         &self.tokenizer
     }
 
+    /// Records item `ord`'s weighted content words with the event applied
+    /// last ([`Registry::set_content`]).
+    pub fn set_content(&mut self, ord: u32, row: &[(u32, f32)]) {
+        self.registry.set_content(ord, row);
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

@@ -27,10 +27,19 @@ pub enum Table {
     Sids,
     /// name → tokenizer binding, index generation, the index's own keys
     Meta,
+    /// ord (u32, big-endian) → the item's weighted content words
+    /// ([`encode_content`])
+    Content,
 }
 
 impl Table {
-    pub const ALL: [Table; 4] = [Table::Items, Table::Ords, Table::Sids, Table::Meta];
+    pub const ALL: [Table; 5] = [
+        Table::Items,
+        Table::Ords,
+        Table::Sids,
+        Table::Meta,
+        Table::Content,
+    ];
 
     pub fn prefix(self) -> u8 {
         match self {
@@ -38,6 +47,7 @@ impl Table {
             Table::Ords => b'o',
             Table::Sids => b's',
             Table::Meta => b'm',
+            Table::Content => b'c',
         }
     }
 
@@ -48,6 +58,7 @@ impl Table {
             Table::Ords => "ords",
             Table::Sids => "sids",
             Table::Meta => "meta",
+            Table::Content => "content",
         }
     }
 
@@ -259,6 +270,32 @@ fn put_opt(out: &mut Vec<u8>, v: Option<u64>) {
 }
 
 /// A cursor over bytes that reports running short instead of panicking.
+/// A sparse content row: `(bucket, weight)` pairs.
+pub fn encode_content(row: &[(u32, f32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + 8 * row.len());
+    out.push(LAYOUT);
+    out.extend_from_slice(&(row.len() as u32).to_be_bytes());
+    for &(b, v) in row {
+        out.extend_from_slice(&b.to_be_bytes());
+        out.extend_from_slice(&v.to_bits().to_be_bytes());
+    }
+    out
+}
+
+pub fn decode_content(bytes: &[u8]) -> Result<Vec<(u32, f32)>, String> {
+    let mut r = Reader(bytes);
+    r.layout()?;
+    let n = r.u32()? as usize;
+    if n > r.0.len() / 8 {
+        return Err(format!("{n} content entries in {} bytes", r.0.len()));
+    }
+    let row = (0..n)
+        .map(|_| Ok((r.u32()?, f32::from_bits(r.u32()?))))
+        .collect::<Result<Vec<_>, String>>()?;
+    r.end()?;
+    Ok(row)
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -367,6 +404,20 @@ mod tests {
         for n in 0..b.len() {
             assert!(decode_binding(&b[..n]).is_err(), "prefix of {n} bytes");
         }
+        let row = [(3, 0.5), (1023, -2.25)];
+        let c = encode_content(&row);
+        assert_eq!(decode_content(&c).unwrap(), row);
+        assert_eq!(decode_content(&encode_content(&[])).unwrap(), []);
+        for n in 0..c.len() {
+            assert!(decode_content(&c[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut long = c.clone();
+        long.extend([0; 8]);
+        assert!(decode_content(&long).unwrap_err().contains("trailing"));
+        // A count that the bytes cannot hold is refused before reading.
+        let mut huge = c.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_content(&huge).is_err());
     }
 
     #[test]

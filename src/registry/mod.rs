@@ -39,6 +39,7 @@
 //! | `ords`  | ord (u32, big-endian)      | item id                                |
 //! | `sids`  | SID key ([`Sid::to_key`])  | ord and state (reserved, live, left at g) |
 //! | `meta`  | name                       | format, tokenizer binding, index generation, the index's own keys |
+//! | `content` | ord (u32, big-endian)    | the item's weighted content words, where the service scores fresh items by them |
 //!
 //! Each event's writes are staged together in a [`Group`], and a group of
 //! whole events is one atomic commit. The tables therefore never disagree,
@@ -247,6 +248,33 @@ impl Registry {
         self.put_now(Table::Meta.key(key.as_bytes()), value)
     }
 
+    /// Records the weighted content words of item `ord` with the event
+    /// applied last (call it right after applying it): the same commit
+    /// holds both, so a crash never keeps an event without its content.
+    pub fn set_content(&mut self, ord: u32, row: &[(u32, f32)]) {
+        let staged = self.staged.get_mut().unwrap_or_else(|e| e.into_inner());
+        staged.stage([(
+            Table::Content.key(&codec::ord_bytes(ord)),
+            Some(codec::encode_content(row)),
+        )]);
+    }
+
+    /// Every recorded content row by ord, in ord order: what the service's
+    /// content lookup starts from.
+    pub fn contents(
+        &self,
+    ) -> impl Iterator<Item = Result<(u32, Vec<(u32, f32)>), RegistryError>> + '_ {
+        let written = self.write_staged().err();
+        let rows = self.scan(Table::Content).map(|kv| {
+            let (key, value) = kv?;
+            let key = &key[1..];
+            let bad = |d: String| corrupt(Table::Content, key, d);
+            let ord = codec::decode_ord(key).map_err(bad)?;
+            Ok((ord, codec::decode_content(&value).map_err(bad)?))
+        });
+        written.map(Err).into_iter().chain(rows)
+    }
+
     /// The value of a key: staged, else committed.
     fn read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, RegistryError> {
         if let Some(value) = self.staged().get(key) {
@@ -321,6 +349,42 @@ mod tests {
         let err = r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap_err();
         assert!(matches!(err, RegistryError::Corrupt { .. }), "{err}");
         assert!(r.check().is_err());
+    }
+
+    #[test]
+    fn content_rows_survive_a_reopen_and_the_last_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let ord = {
+            let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
+            let LiveChange::Added { ord, .. } = r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap()
+            else {
+                panic!("a new item is added")
+            };
+            r.set_content(ord, &[(1, 0.5)]);
+            r.apply_upsert("a", [2; 32], 1, 0, codes).unwrap();
+            r.set_content(ord, &[(2, 1.5), (7, -1.0)]);
+            ord
+        };
+        let r = Registry::open(dir.path(), &binding(), None).unwrap();
+        let rows: Vec<_> = r.contents().collect::<Result<_, _>>().unwrap();
+        assert_eq!(rows, vec![(ord, vec![(2, 1.5), (7, -1.0)])]);
+        r.check().unwrap();
+        put(
+            &r,
+            Table::Content.key(&codec::ord_bytes(9)),
+            &[1, 0, 0, 0, 1],
+        );
+        let err = r.contents().find_map(Result::err).unwrap();
+        assert!(
+            matches!(
+                &err,
+                RegistryError::Corrupt {
+                    tree: "content",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
