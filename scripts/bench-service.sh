@@ -17,6 +17,8 @@
 # whole fresh_weight however few they are).
 # FRESH_HISTORY=N sets feed.fresh_history (default 5; 1 compares a fresh item
 # with the user's last item alone).
+# FRESH_CONTENT=sid|catalogue sets feed.fresh_content (default auto: the
+# catalogue events' words where MODEL holds fit-affinity's content-tfidf.json).
 # ITEM_WAIT_MS=N sets catalogue.item_wait_ms (default 2000; 0 dead-letters an
 # interaction that comes before its item at once).
 # After the summary, the service's dead letters by reason and the interactions
@@ -64,6 +66,7 @@ device = "${DEVICE:-cpu}"
 batch_max = ${BATCH_MAX:-64}
 fresh_half_at = ${FRESH_HALF_AT:-20}
 fresh_history = ${FRESH_HISTORY:-5}
+fresh_content = "${FRESH_CONTENT:-auto}"
 [learning]
 enabled = ${LEARNING:-true}
 [catalogue]

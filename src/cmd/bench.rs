@@ -204,12 +204,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             random(dim),
         )
         .map_err(anyhow::Error::msg)?;
-        (
-            fresh
-                .with_affinity(std::sync::Arc::new(affinity))
-                .map_err(anyhow::Error::msg)?,
-            fresh::DEFAULT_AFFINITY_WEIGHT,
-        )
+        let mut fresh = fresh;
+        fresh
+            .set_affinity(std::sync::Arc::new(affinity))
+            .map_err(anyhow::Error::msg)?;
+        (fresh, fresh::DEFAULT_AFFINITY_WEIGHT)
     } else {
         (fresh, fresh::DEFAULT_WEIGHT)
     };

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 
 use genfeed::catalogue::vocab;
 use genfeed::dataset::{load_sequences, Example, Split};
+use genfeed::embed::tfidf;
 use genfeed::eval::{content_neighbours, evaluate, Breakdown, OfflineIndex, Quality};
 use genfeed::model::fresh::{self, fit_temperature};
 use genfeed::model::{
@@ -492,6 +493,20 @@ pub fn run_fit_affinity(a: FitAffinityArgs) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     affinity.save(&a.model)?;
     eprintln!("wrote {}", a.model.join(AFFINITY_FILE).display());
+    // The service weighs items that arrive later with the weighting these
+    // rows were made with; another content space leaves it none.
+    let frozen = a.model.join(tfidf::FILE);
+    match (a.content_encoder, a.content.as_deref()) {
+        (ContentEncoder::Tfidf, Some(path)) => {
+            let catalogue = super::tokenizer::load_items(path)?;
+            tfidf::TfIdf::fit(&catalogue, TFIDF_DIM).save(&a.model)?;
+            eprintln!("wrote {}", frozen.display());
+        }
+        _ => match std::fs::remove_file(&frozen) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e)?,
+            _ => {}
+        },
+    }
     println!("{}", serde_json::to_string_pretty(&fit)?);
     Ok(())
 }
@@ -630,6 +645,11 @@ fn sid_content(loaded: &Loaded) -> anyhow::Result<ContentTable> {
     Ok(ContentTable::new(row.len(), rows))
 }
 
+/// The TF-IDF rows' width: hashing collisions cost little at 1,024 on
+/// catalogues of tens of thousands of items, and the affinity's projections
+/// are `[width × rank]`.
+const TFIDF_DIM: usize = 1024;
+
 /// Unit content vectors for `items` (missing rows are zeros) from the
 /// catalogue at `path`.
 fn content_table(
@@ -641,8 +661,7 @@ fn content_table(
     let catalogue = super::tokenizer::load_items(path)?;
     let vectors = match encoder {
         ContentEncoder::Tfidf => {
-            let dim = 1024;
-            genfeed::embed::Vectors::new(dim, genfeed::embed::tfidf::tfidf(&catalogue, dim))
+            genfeed::embed::Vectors::new(TFIDF_DIM, tfidf::tfidf(&catalogue, TFIDF_DIM))
         }
         ContentEncoder::Sid => bail!(
             "SID content comes from the tokenizer, not {}",
@@ -790,17 +809,17 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
                         } else {
                             a.fresh_slots
                         });
-                    let fresh = if a.fresh_normaliser > 0 {
+                    let mut fresh = if a.fresh_normaliser > 0 {
                         let step = known.len().div_ceil(a.fresh_normaliser).max(1);
                         let sample = known.iter().copied().step_by(step).collect();
                         fresh.with_known_sample(sample, known.len())
                     } else {
                         fresh
                     };
-                    std::sync::Arc::new(match &affinity {
-                        Some(f) => fresh.with_affinity(f.clone()).map_err(anyhow::Error::msg)?,
-                        None => fresh,
-                    })
+                    if let Some(f) = &affinity {
+                        fresh.set_affinity(f.clone()).map_err(anyhow::Error::msg)?;
+                    }
+                    std::sync::Arc::new(fresh)
                 },
                 weight,
                 temperature,

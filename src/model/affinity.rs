@@ -43,6 +43,9 @@ pub struct Affinity {
     key: Vec<f32>,
     /// `b`, `[dim]`.
     bias: Vec<f32>,
+    /// The cosine's temperature the affinity was fitted beside: its logits
+    /// are on that scale, so whoever scores with it divides by the same.
+    temperature: Option<f32>,
 }
 
 impl Affinity {
@@ -76,7 +79,20 @@ impl Affinity {
             query,
             key,
             bias,
+            temperature: None,
         })
+    }
+
+    /// Records the cosine's temperature it was fitted beside.
+    pub fn with_temperature(mut self, temperature: f32) -> Affinity {
+        self.temperature = Some(temperature);
+        self
+    }
+
+    /// The cosine's temperature it was fitted beside; `None` for a file
+    /// written before it was recorded.
+    pub fn temperature(&self) -> Option<f32> {
+        self.temperature
     }
 
     /// The content space it was fitted on (`tfidf`, `auto`, `sid`).
@@ -118,7 +134,10 @@ impl Affinity {
             ),
             ("bias", Tensor::from_slice(&self.bias, self.dim, cpu)?),
         ];
-        let metadata = HashMap::from([("content".to_string(), self.content.clone())]);
+        let mut metadata = HashMap::from([("content".to_string(), self.content.clone())]);
+        if let Some(t) = self.temperature {
+            metadata.insert("temperature".to_string(), t.to_string());
+        }
         safetensors::serialize_to_file(tensors, Some(metadata), &path).map_err(|e| {
             ModelError::Parse {
                 path,
@@ -150,6 +169,15 @@ impl Affinity {
                 .ok_or_else(|| parse(format!("no \"{name}\" in the metadata")))
         };
         let content = field("content")?;
+        let temperature = match field("temperature") {
+            Ok(t) => Some(
+                t.parse::<f32>()
+                    .ok()
+                    .filter(|t| *t > 0.0 && t.is_finite())
+                    .ok_or_else(|| parse(format!("temperature {t:?} is not a positive number")))?,
+            ),
+            Err(_) => None,
+        };
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| parse(e.to_string()))?;
         let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>), ModelError> {
@@ -165,7 +193,7 @@ impl Affinity {
         let (_, bias) = get("bias")?;
         let dim = dims.first().copied().unwrap_or(0);
         Affinity::new(&content, dim, query, key, bias)
-            .map(Some)
+            .map(|a| Some(Affinity { temperature, ..a }))
             .map_err(|why| ModelError::Weights {
                 path: path.clone(),
                 name: "query".into(),
@@ -214,7 +242,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Affinity::load(dir.path()).unwrap(), None);
         a.save(dir.path()).unwrap();
-        assert_eq!(Affinity::load(dir.path()).unwrap(), Some(a));
+        assert_eq!(Affinity::load(dir.path()).unwrap(), Some(a.clone()));
+        let fitted = a.with_temperature(0.07);
+        fitted.save(dir.path()).unwrap();
+        let back = Affinity::load(dir.path()).unwrap().unwrap();
+        assert_eq!(back.temperature(), Some(0.07));
     }
 
     #[test]

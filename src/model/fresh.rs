@@ -134,19 +134,20 @@ impl ContentTable {
     }
 }
 
-/// An item's content vector from its SID alone, written to the buffer;
-/// false when there is none. The service's content: the tokenizer's
-/// reconstruction of the SID's content codes, which needs nothing stored
-/// and is the same on every instance.
-pub type SidContent = Arc<dyn Fn(Sid, &mut Vec<f32>) -> bool + Send + Sync>;
+/// An item's content vector, found by its SID or its ord and written to
+/// the buffer; false when there is none. The service's content: the
+/// tokenizer's reconstruction of the SID's content codes (nothing stored,
+/// the same on every instance), or the weighted words of the item's
+/// catalogue event (the space an affinity was fitted in).
+pub type ItemContent = Arc<dyn Fn(Sid, u32, &mut Vec<f32>) -> bool + Send + Sync>;
 
 /// Where a query reads the content of the items a history ends with.
 #[derive(Clone)]
 enum Queries {
     /// A table by item number, covering every item (offline).
     Table(ContentTable),
-    /// Each item's SID ([`SidContent`]).
-    Sids(SidContent),
+    /// Looked up per item ([`ItemContent`]).
+    Items(ItemContent),
 }
 
 /// The items the model has not learnt, with their content, and how their
@@ -247,25 +248,26 @@ impl FreshItems {
         )
     }
 
-    /// As [`FreshItems::new`], every item's content from its SID: the
-    /// fresh items' once, here, and the query's per request.
-    pub fn by_sid(content: SidContent, fresh: Vec<(Sid, u32)>, temperature: f32) -> FreshItems {
+    /// As [`FreshItems::new`], every item's `dim`-wide content looked up
+    /// per item: the fresh items' once, here, and the query's per request.
+    pub fn by_item(
+        content: ItemContent,
+        dim: usize,
+        fresh: Vec<(Sid, u32)>,
+        temperature: f32,
+    ) -> FreshItems {
         let (sids, ords) = sorted(fresh);
         let mut row = Vec::new();
-        let dim = sids
-            .iter()
-            .find_map(|&sid| content(sid, &mut row).then_some(row.len()))
-            .unwrap_or(0);
         let mut rows = Vec::with_capacity(sids.len() * dim);
-        for &sid in &sids {
-            if !(content(sid, &mut row) && row.len() == dim) {
+        for (&sid, &ord) in sids.iter().zip(&ords) {
+            if !(content(sid, ord, &mut row) && row.len() == dim) {
                 row.clear();
                 row.resize(dim, 0.0);
             }
             rows.extend_from_slice(&row);
         }
         FreshItems::with_rows(
-            Queries::Sids(content),
+            Queries::Items(content),
             ContentTable::new(dim, rows),
             sids,
             ords,
@@ -299,8 +301,9 @@ impl FreshItems {
     /// Adds a learnt affinity's logit ([`super::affinity`]) to the cosine's
     /// in the content softmax. It must have been fitted on this content
     /// space: the caller checks [`Affinity::content`]; a width that does not
-    /// match the content is refused here.
-    pub fn with_affinity(mut self, affinity: Arc<Affinity>) -> Result<FreshItems, String> {
+    /// match the content is refused here, and the items are left as they
+    /// were.
+    pub fn set_affinity(&mut self, affinity: Arc<Affinity>) -> Result<(), String> {
         if affinity.dim() != self.rows.dim() {
             return Err(format!(
                 "the affinity reads {}-wide content, the fresh items' is {}-wide",
@@ -316,7 +319,7 @@ impl FreshItems {
             known,
         });
         self.key_known();
-        Ok(self)
+        Ok(())
     }
 
     /// Keys for the known sample, whichever of it and the affinity came
@@ -335,8 +338,8 @@ impl FreshItems {
     /// the best content match there is, little when known items match
     /// better (the model ranks those), where a softmax over fresh items
     /// alone hands out the whole weight whatever the match. Needs a content
-    /// table ([`FreshItems::new`]); by SID there is no known item's row to
-    /// read, and the sample is ignored.
+    /// table ([`FreshItems::new`]); looked up per item
+    /// ([`FreshItems::by_item`]) the sample is ignored.
     pub fn with_known_sample(mut self, sample: Vec<u32>, known: usize) -> FreshItems {
         self.known_scale = known as f32 / sample.len().max(1) as f32;
         self.known = sample;
@@ -439,8 +442,8 @@ impl FreshItems {
         for &(sid, ord) in recent.iter().rev().take(self.query_items) {
             let row = match &self.queries {
                 Queries::Table(table) => table.row(ord),
-                Queries::Sids(content) => {
-                    let found = content(sid, part) && part.len() == query.len();
+                Queries::Items(content) => {
+                    let found = content(sid, ord, part) && part.len() == query.len();
                     let norm = part.iter().map(|x| x * x).sum::<f32>().sqrt();
                     (found && norm > 0.0).then(|| {
                         part.iter_mut().for_each(|x| *x /= norm);
@@ -494,7 +497,7 @@ impl FreshItems {
                     (dot(query, v) * inv + a - max).exp()
                 })
                 .sum(),
-            Queries::Sids(_) => 0.0,
+            Queries::Items(_) => 0.0,
         };
         let z = log_p.iter().map(|&s| (s - max).exp()).sum::<f32>() + self.known_scale * known;
         let lse = max + z.ln();
@@ -599,18 +602,18 @@ mod tests {
     }
 
     #[test]
-    fn by_sid_content_scores_as_the_table_does() {
+    fn content_looked_up_per_item_scores_as_the_table_does() {
         // The same four items as above, their content found from the SID's
         // first code instead of a table by ord.
         let vectors = [[1.0, 0.0], [0.0, 2.0], [3.0, 0.1], [0.0, 0.0]];
-        let content: SidContent = Arc::new(move |s: Sid, out: &mut Vec<f32>| {
+        let content: ItemContent = Arc::new(move |s: Sid, _, out: &mut Vec<f32>| {
             let v = vectors[usize::from(s.codes()[0])];
             out.clear();
             out.extend_from_slice(&v);
             v != [0.0, 0.0]
         });
         let fresh_sids = vec![(sid(&[1, 0]), 1), (sid(&[2, 0]), 2), (sid(&[3, 0]), 3)];
-        let by_sid = FreshItems::by_sid(content, fresh_sids.clone(), 0.1);
+        let by_sid = FreshItems::by_item(content, 2, fresh_sids.clone(), 0.1);
         let table = ContentTable::new(2, vectors.concat());
         let by_ord = FreshItems::new(table, fresh_sids, 0.1);
         let (mut q, mut part, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

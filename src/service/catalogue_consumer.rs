@@ -103,12 +103,20 @@ pub fn initial_view(
         ords.insert(id.clone(), entry.ord);
         items.insert(entry.ord, ItemRef::of(id, &entry));
     }
+    let mut content = imbl::HashMap::new();
+    if fresh.is_some_and(|f| f.words().is_some()) {
+        for kv in catalogue.registry().contents() {
+            let (ord, row) = kv?;
+            content.insert(ord, row.into());
+        }
+    }
     let snapshot = catalogue.reader().snapshot();
     Ok(View {
-        fresh: fresh.map(|f| f.items(&snapshot, &items)),
+        fresh: fresh.map(|f| f.items(&snapshot, &items, &content)),
         snapshot,
         ords,
         items,
+        content,
     })
 }
 
@@ -263,10 +271,26 @@ impl CatalogueConsumer {
             Err(e) => return Err(e.into()),
         };
         let id = event.item_id();
-        let entry = match change {
-            LiveChange::Unchanged => return Ok(Ok(())),
+        // An applied upsert's words replace the item's, whether or not its
+        // SID moved; a replay (the entry holds a later position) leaves
+        // them.
+        let words = match &event.change {
+            ItemChange::Upsert(up) => self.fresh.as_ref().and_then(|f| f.words_of(up)),
+            ItemChange::Retire(_) => None,
+        };
+        let entry = match (change, &words) {
+            (LiveChange::Unchanged, None) => return Ok(Ok(())),
             _ => self.catalogue.registry().get(id)?,
         };
+        if let (Some(e), Some(words)) = (&entry, words) {
+            if e.position == Some(position) {
+                self.catalogue.set_content(e.ord, &words);
+                view.content.insert(e.ord, words);
+            }
+        }
+        if change == LiveChange::Unchanged {
+            return Ok(Ok(()));
+        }
         if let Some(e) = entry {
             let id: Arc<str> = view
                 .item(e.ord)
@@ -299,7 +323,7 @@ impl CatalogueConsumer {
             view.fresh = self
                 .fresh
                 .as_ref()
-                .map(|f| f.items(&view.snapshot, &view.items));
+                .map(|f| f.items(&view.snapshot, &view.items, &view.content));
             Ok(())
         })?;
         self.view.store(Arc::new(view.clone()));

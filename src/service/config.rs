@@ -157,10 +157,14 @@ pub struct FeedConfig {
     pub device: FeedDevice,
     /// Business rule: items that are never recommended.
     pub deny_items: Vec<String>,
+    /// Where a fresh item's content, and the content of the items a
+    /// history ends with, is read from.
+    pub fresh_content: FreshContentKind,
     /// Prior that a user's next item is one the model never learnt (one
     /// that arrived after training): the weight of those items' content
-    /// scores in the search. 0 turns them off.
-    pub fresh_weight: f32,
+    /// scores in the search. 0 turns them off. Unset: .1 by SID, .025 by
+    /// catalogue content with an affinity (as `eval`'s defaults).
+    pub fresh_weight: Option<f32>,
     /// At most this many such items in one feed.
     pub fresh_slots: usize,
     /// A feed's first this many positions are the model's: such an item
@@ -173,8 +177,9 @@ pub struct FeedConfig {
     /// How many of a user's last items their content is compared with
     /// (each older one at half the weight of the next).
     pub fresh_history: usize,
-    /// Temperature of their content softmax (cosine / temperature).
-    pub fresh_temperature: f32,
+    /// Temperature of their content softmax (cosine / temperature). Unset:
+    /// the one the affinity was fitted beside, else .2.
+    pub fresh_temperature: Option<f32>,
     /// Fresh items competing at most: the newest (each costs every request
     /// a dot product).
     pub fresh_max: usize,
@@ -194,15 +199,30 @@ impl Default for FeedConfig {
             threads: 1,
             device: FeedDevice::Cpu,
             deny_items: Vec::new(),
-            fresh_weight: fresh::DEFAULT_WEIGHT,
+            fresh_content: FreshContentKind::Auto,
+            fresh_weight: None,
             fresh_slots: fresh::DEFAULT_SLOTS,
             fresh_after: fresh::DEFAULT_AFTER,
             fresh_half_at: fresh::DEFAULT_HALF_AT,
             fresh_history: fresh::DEFAULT_QUERY_ITEMS,
-            fresh_temperature: 0.2,
+            fresh_temperature: None,
             fresh_max: 10_000,
         }
     }
+}
+
+/// Where fresh items' content is read from (`feed.fresh_content`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreshContentKind {
+    /// `catalogue` where the model directory holds a TF-IDF weighting and an
+    /// affinity fitted on it (`genfeed fit-affinity`), else `sid`.
+    Auto,
+    /// The tokenizer's reconstruction of each SID's content codes.
+    Sid,
+    /// The words of each item's catalogue event, weighted as in
+    /// `fit-affinity`'s catalogue, scored with its affinity.
+    Catalogue,
 }
 
 /// Where the service's model runs (`feed.device`).
@@ -434,11 +454,8 @@ impl Config {
                 return Err((key, "must be at least 1".into()));
             }
         }
-        if !(0.0..1.0).contains(&f.fresh_weight) {
-            return Err((
-                "feed.fresh_weight",
-                format!("{} is not in [0, 1)", f.fresh_weight),
-            ));
+        if let Some(w) = f.fresh_weight.filter(|w| !(0.0..1.0).contains(w)) {
+            return Err(("feed.fresh_weight", format!("{w} is not in [0, 1)")));
         }
         let l = &self.learning;
         for (key, v) in [
@@ -460,10 +477,10 @@ impl Config {
         if l.successors_per_item == 0 {
             return Err(("learning.successors_per_item", "must be at least 1".into()));
         }
-        if !(f.fresh_temperature > 0.0 && f.fresh_temperature.is_finite()) {
+        if let Some(t) = f.fresh_temperature.filter(|t| !(*t > 0.0 && t.is_finite())) {
             return Err((
                 "feed.fresh_temperature",
-                format!("{} is not a positive number", f.fresh_temperature),
+                format!("{t} is not a positive number"),
             ));
         }
         if f.top_k > f.beams {

@@ -76,11 +76,11 @@ use tokio::sync::{mpsc, watch};
 use crate::catalogue::{Catalogue, CatalogueConfig};
 use crate::embed::text::TextEncoder;
 use crate::embed::EncoderSpec;
-use crate::model::{Model, SearchOptions, SidContent, Transitions};
+use crate::model::{ItemContent, Model, SearchOptions, Transitions};
 use crate::sid::Sid;
 use crate::tokenizer::FrozenTokenizer;
 use catalogue_consumer::CatalogueConsumer;
-use config::{Config, FeedDevice};
+use config::{Config, FeedDevice, FreshContentKind};
 use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
@@ -90,7 +90,7 @@ use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
-use view::FreshSettings;
+use view::{FreshContent, FreshSettings};
 use waiting::Waiting;
 
 /// Deliveries awaiting acknowledgement at most, before the model waits.
@@ -199,7 +199,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
              but they cannot be read"
         )
     })?;
-    let model_version = model_version(&paths.model, transitions.as_ref().map(|t| t.1))?;
+    let (fresh, fresh_files) = fresh_settings(&tokenizer, &paths.model, &cfg.feed)?;
+    let fresh_weight = fresh.as_ref().map_or(0.0, |f| f.weight);
+    let model_version = model_version(
+        &paths.model,
+        transitions.as_ref().map(|t| t.1),
+        &fresh_files,
+    )?;
     // Learnt counts need a place in the mixture even where training fitted
     // none.
     let transitions = match transitions {
@@ -243,7 +249,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (http_stop_tx, http_stop) = watch::channel(false);
     let http = tokio::spawn(http::serve(listener, metrics.clone(), http_stop));
 
-    let fresh = fresh_settings(&tokenizer, &cfg.feed);
     let view = Arc::new(ArcSwap::from_pointee(catalogue_consumer::initial_view(
         &catalogue,
         fresh.as_ref(),
@@ -331,7 +336,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             exclude_history: f.exclude_seen,
         },
         deny_items: f.deny_items.clone(),
-        fresh_weight: f.fresh_weight,
+        fresh_weight,
         learnt: learning.counts.clone(),
     };
     let worker_sent = sent_tx.clone();
@@ -593,36 +598,102 @@ fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learni
 }
 
 /// How fresh items are found and scored, or `None` when `feed.fresh_weight`
-/// is 0 or the tokenizer has no codewords to reconstruct content from.
+/// is 0 or there is no content to score them by; with the files that then
+/// decide feeds beside the weights.
 fn fresh_settings(
     tokenizer: &Arc<FrozenTokenizer>,
+    model_dir: &std::path::Path,
     feed: &config::FeedConfig,
-) -> Option<FreshSettings> {
-    if feed.fresh_weight == 0.0 {
-        return None;
+) -> anyhow::Result<(Option<FreshSettings>, Vec<&'static str>)> {
+    use crate::embed::tfidf::{self, TfIdf};
+    use crate::model::fresh::{DEFAULT_AFFINITY_WEIGHT, DEFAULT_WEIGHT};
+    use crate::model::{Affinity, AFFINITY_FILE};
+    if feed.fresh_weight == Some(0.0) {
+        return Ok((None, Vec::new()));
     }
-    let probe = tokenizer.training_items().first().map(|(_, s)| *s);
-    if probe.is_some_and(|s| !tokenizer.reconstruct(s.prefix(), &mut Vec::new())) {
-        tracing::warn!(
-            method = tokenizer.manifest().method.name(),
-            "this tokenizer has no codewords to reconstruct content from: items that arrive after \
-             training reach feeds only through the model"
-        );
-        return None;
-    }
-    let tok = tokenizer.clone();
-    let content: SidContent =
-        Arc::new(move |sid: Sid, out: &mut Vec<f32>| tok.reconstruct(sid.prefix(), out));
-    Some(FreshSettings {
+    let words = match feed.fresh_content {
+        FreshContentKind::Sid => None,
+        kind => {
+            let words = TfIdf::load(model_dir).context("feed.fresh_content")?;
+            if words.is_none() && kind == FreshContentKind::Catalogue {
+                bail!(
+                    "feed.fresh_content = \"catalogue\" needs {} in the model directory {}: \
+                     `genfeed fit-affinity --content ITEMS` writes it",
+                    tfidf::FILE,
+                    model_dir.display()
+                );
+            }
+            words
+        }
+    };
+    let common = |content, dim, weight: f32, temperature: f32| FreshSettings {
         training_items: tokenizer.training_items().len() as u32,
         content,
-        temperature: feed.fresh_temperature,
+        dim,
+        weight: feed.fresh_weight.unwrap_or(weight),
+        temperature: feed.fresh_temperature.unwrap_or(temperature),
         slots: feed.fresh_slots,
         after: feed.fresh_after,
         half_at: feed.fresh_half_at,
         query_items: feed.fresh_history,
         max: feed.fresh_max,
-    })
+    };
+    if let Some(words) = words {
+        let affinity = Affinity::load(model_dir).context("feed.fresh_content")?;
+        if let Some(a) = affinity
+            .as_ref()
+            .filter(|a| a.content() != "tfidf" || a.dim() != words.dim())
+        {
+            bail!(
+                "feed.fresh_content: the model directory {} holds {} ({}-wide) beside an affinity \
+                 fitted on {:?} content {}-wide: run `genfeed fit-affinity` again",
+                model_dir.display(),
+                tfidf::FILE,
+                words.dim(),
+                a.content(),
+                a.dim()
+            );
+        }
+        let (weight, temperature) = match &affinity {
+            Some(a) => (DEFAULT_AFFINITY_WEIGHT, a.temperature().unwrap_or(0.2)),
+            None => (DEFAULT_WEIGHT, 0.2),
+        };
+        let dim = words.dim();
+        let mut files = vec![tfidf::FILE];
+        files.extend(affinity.is_some().then_some(AFFINITY_FILE));
+        let settings = common(
+            FreshContent::Catalogue {
+                affinity: affinity.map(Arc::new),
+                words: Arc::new(words),
+            },
+            dim,
+            weight,
+            temperature,
+        );
+        tracing::info!(
+            content = "catalogue",
+            affinity = files.len() == 2,
+            weight = settings.weight,
+            temperature = settings.temperature,
+            "fresh items are scored by their catalogue events' words"
+        );
+        return Ok((Some(settings), files));
+    }
+    let probe = tokenizer.training_items().first().map(|(_, s)| *s);
+    let mut row = Vec::new();
+    if !probe.is_some_and(|s| tokenizer.reconstruct(s.prefix(), &mut row)) {
+        tracing::warn!(
+            method = tokenizer.manifest().method.name(),
+            "this tokenizer has no codewords to reconstruct content from: items that arrive after \
+             training reach feeds only through the model"
+        );
+        return Ok((None, Vec::new()));
+    }
+    let tok = tokenizer.clone();
+    let content: ItemContent =
+        Arc::new(move |sid: Sid, _, out: &mut Vec<f32>| tok.reconstruct(sid.prefix(), out));
+    let settings = common(FreshContent::Sid(content), row.len(), DEFAULT_WEIGHT, 0.2);
+    Ok((Some(settings), Vec::new()))
 }
 
 /// Names this instance in end markers: its state directory and pid.
@@ -633,10 +704,15 @@ fn instance_id(state: &std::path::Path) -> String {
 /// A digest of what decides the feeds: the weights and, when they are
 /// mixed in, the successor counts and their weight. Feeds name it as their
 /// model version.
-fn model_version(dir: &std::path::Path, transition_weight: Option<f32>) -> anyhow::Result<String> {
+fn model_version(
+    dir: &std::path::Path,
+    transition_weight: Option<f32>,
+    fresh_files: &[&str],
+) -> anyhow::Result<String> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let mut files = vec![crate::model::WEIGHTS_FILE];
+    files.extend_from_slice(fresh_files);
     if let Some(w) = transition_weight {
         files.push(crate::model::TRANSITIONS_FILE);
         h.update(w.to_le_bytes());

@@ -481,7 +481,7 @@ pub fn fit_affinity(
     if fit.best_epoch == 0 {
         return Err("no epoch ran (--epochs 0)".into());
     }
-    let affinity = Affinity::new(content_space, dim, q, k, b)?;
+    let affinity = Affinity::new(content_space, dim, q, k, b)?.with_temperature(temperature);
     Ok((affinity, fit))
 }
 
@@ -559,7 +559,8 @@ mod tests {
             fit.cosine_nll
         );
         let plain = FreshItems::new(content.clone(), fresh.clone(), 0.2);
-        let learnt = plain.clone().with_affinity(Arc::new(affinity)).unwrap();
+        let mut learnt = plain.clone();
+        learnt.set_affinity(Arc::new(affinity)).unwrap();
         // By cosine the two fresh items are alike to a group-0 item (both
         // orthogonal to it); with the affinity group 1's comes first.
         let by_cosine = score(plain, item(0, 2));

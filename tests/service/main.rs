@@ -199,6 +199,99 @@ fn a_fresh_item_reaches_the_feed_of_the_user_it_fits_without_retraining() {
     assert!(svc.stop().success());
 }
 
+/// Where the model directory holds a TF-IDF weighting (`fit-affinity`
+/// writes it), fresh items are scored by the words of their catalogue
+/// events, not by their SIDs: the newcomer that shares the user's last
+/// item's words reaches the feed, the one that shares only its embedding
+/// does not. The words are kept with the registry: after a restart, which
+/// reads none of the earlier catalogue events again, a new user whose
+/// last item is the same gets the same newcomer.
+#[test]
+fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
+    use genfeed::contract::ItemUpsert;
+
+    let bed = Bed::new("words", 1, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    let words = |i: usize| format!("w{i} g{}", i % 3);
+    // The training catalogue's words, weighed once into the model's copy.
+    let catalogue = bed.dir.path().join("words.item");
+    let mut text = String::from("item_id:token\tattributes:token_seq\n");
+    for (i, (id, _)) in f.items[..15].iter().enumerate() {
+        text.push_str(&format!("{id}\t{}\n", words(i)));
+    }
+    std::fs::write(&catalogue, text).unwrap();
+    let model = bed.dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(&f.model).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        }
+    }
+    let items = genfeed::dataset::read_items(&catalogue).unwrap();
+    genfeed::embed::tfidf::TfIdf::fit(&items, 64)
+        .save(&model)
+        .unwrap();
+    let upsert = |id: &str, embedding: &[f32], words: String| {
+        input.upsert_item(ItemUpsert {
+            item_id: id.into(),
+            attributes: [("attributes".to_string(), words)].into(),
+            embedding: Some(embedding.to_vec()),
+            ..Default::default()
+        })
+    };
+    for (i, (id, v)) in f.items[..15].iter().enumerate() {
+        upsert(id, v, words(i));
+    }
+    let (last, near) = &f.items[3];
+    // Item 8's words share nothing with item 3's ("w8 g2" against "w3 g0").
+    upsert("fresh-embedding", near, words(8));
+    upsert("fresh-words", &f.items[8].1, words(3));
+    let feed = "beams = 20\ntop_k = 3\ncoalesce_ms = 5\nbatch_wait_ms = 5\nfresh_weight = 0.5\nfresh_after = 1\nfresh_half_at = 0";
+    // Asked for by name where the model has no weighting: a clear refusal.
+    let refused = bed.config("none", &format!("{feed}\nfresh_content = \"catalogue\""));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
+        .args(["run", "--config", refused.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("feed.fresh_content") && err.contains("content-tfidf.json"),
+        "{err}"
+    );
+    let cfg = bed.config("a", feed);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let moved = text.replace(
+        &format!("model = \"{}\"", f.model.display()),
+        &format!("model = \"{}\"", model.display()),
+    );
+    assert_ne!(text, moved);
+    std::fs::write(&cfg, moved).unwrap();
+    let feed_of = |user: &str| {
+        input.interaction(user, &f.items[7].0);
+        let at = HashMap::from([(user.to_string(), input.interaction(user, last))]);
+        let out = Output::new(&t.recommendations, 1);
+        let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &at);
+        let ids: Vec<String> = got[user].items.iter().map(|i| i.item_id.clone()).collect();
+        ids
+    };
+    let mut svc = Service::start(&cfg);
+    assert_eq!(svc.metric("genfeed_fresh_items"), Some(2.0));
+    let ids = feed_of("u");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(ids[1], "fresh-words", "{ids:?}");
+    assert!(!ids.contains(&"fresh-embedding".to_string()), "{ids:?}");
+    assert!(svc.stop().success());
+
+    let mut svc = Service::start(&cfg);
+    assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(0.0));
+    let ids = feed_of("v");
+    assert_eq!(ids[1], "fresh-words", "{ids:?}");
+    assert!(!ids.contains(&"fresh-embedding".to_string()), "{ids:?}");
+    assert!(svc.stop().success());
+}
+
 /// Ready means the whole catalogue written before start-up is read and
 /// decodable, not that the topic went quiet; the end markers that tell where
 /// it ends are skipped, not dead-lettered, on this start and the next.
