@@ -19,6 +19,7 @@
 # with the user's last item alone).
 # FRESH_CONTENT=sid|catalogue sets feed.fresh_content (default auto: the
 # catalogue events' words where MODEL holds fit-affinity's content-tfidf.json).
+# FRESH_WEIGHT=W sets feed.fresh_weight (default: the content source's).
 # ITEM_WAIT_MS=N sets catalogue.item_wait_ms (default 2000; 0 dead-letters an
 # interaction that comes before its item at once).
 # After the summary, the service's dead letters by reason and the interactions
@@ -67,6 +68,7 @@ batch_max = ${BATCH_MAX:-64}
 fresh_half_at = ${FRESH_HALF_AT:-20}
 fresh_history = ${FRESH_HISTORY:-5}
 fresh_content = "${FRESH_CONTENT:-auto}"
+${FRESH_WEIGHT:+fresh_weight = $FRESH_WEIGHT}
 [learning]
 enabled = ${LEARNING:-true}
 [catalogue]
