@@ -119,6 +119,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             .context("opening the histories")?,
     );
 
+    let tokenizer = Arc::new(
+        FrozenTokenizer::load(&paths.tokenizer)
+            .with_context(|| format!("loading the tokenizer {}", paths.tokenizer.display()))?,
+    );
+    // Checked before any client exists: a start refused for its fresh-item
+    // content leaves no member behind in the consumer group.
+    let (fresh, fresh_files) = fresh_settings(&tokenizer, &paths.model, &cfg.feed)?;
+    let fresh_weight = fresh.as_ref().map_or(0.0, |f| f.weight);
+
     let k = &cfg.kafka;
     let wire = Arc::new(kafka::Wire::new(k, cfg.limits.record())?);
     let producer: FutureProducer = kafka::producer_config(k)
@@ -174,10 +183,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .subscribe(&[&k.interactions_topic])
         .with_context(|| format!("subscribing to {:?}", k.interactions_topic))?;
 
-    let tokenizer = Arc::new(
-        FrozenTokenizer::load(&paths.tokenizer)
-            .with_context(|| format!("loading the tokenizer {}", paths.tokenizer.display()))?,
-    );
     let device = match cfg.feed.device {
         FeedDevice::Cpu => Device::Cpu,
         FeedDevice::Cuda => Device::new_cuda(0).context("feed.device = \"cuda\"")?,
@@ -199,8 +204,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
              but they cannot be read"
         )
     })?;
-    let (fresh, fresh_files) = fresh_settings(&tokenizer, &paths.model, &cfg.feed)?;
-    let fresh_weight = fresh.as_ref().map_or(0.0, |f| f.weight);
     let model_version = model_version(
         &paths.model,
         transitions.as_ref().map(|t| t.1),
