@@ -19,7 +19,7 @@ use genfeed::model::{
 use genfeed::sid::Sid;
 use genfeed::synth::random_sids;
 
-use super::model::{device, set_threads, Decoding, DeviceArg};
+use super::model::{device, set_threads, Decoding, DeviceArg, TFIDF_DIM};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -73,6 +73,12 @@ pub struct GenerateArgs {
     /// beside the cosine (`fit-affinity`; 0 = cosine alone).
     #[arg(long, default_value_t = 0)]
     affinity_rank: usize,
+    /// Give the fresh items word-like content instead: this many weighted
+    /// words each, hashed into the catalogue weighting's 1,024 buckets, as
+    /// the service scores them (`feed.fresh_content = "catalogue"`); 0 =
+    /// dense 256-wide vectors.
+    #[arg(long, default_value_t = 0)]
+    fresh_words: usize,
     /// Leave each request's history out of its list, as the service does
     /// by default (`feed.exclude_seen`).
     #[arg(long)]
@@ -98,6 +104,7 @@ struct GenerateReport {
     successors: usize,
     fresh: usize,
     affinity_rank: usize,
+    fresh_words: usize,
     exclude_history: bool,
     beams: usize,
     batch: usize,
@@ -178,13 +185,23 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     // Without successors the search is the model alone, not a mixture with
     // an empty table.
     let weight = if a.successors > 0 { 0.5 } else { 0.0 };
-    let dim = 256;
-    let content = ContentTable::new(
-        dim,
-        (0..sids.len() * dim)
+    let (dim, content) = if a.fresh_words > 0 {
+        let dim = TFIDF_DIM;
+        let mut rows = vec![0.0f32; sids.len() * dim];
+        for row in rows.chunks_exact_mut(dim) {
+            for _ in 0..a.fresh_words {
+                row[rng.random_range(0..dim)] += rng.random_range(0.5f32..5.0);
+            }
+        }
+        (dim, rows)
+    } else {
+        let dim = 256;
+        let rows = (0..sids.len() * dim)
             .map(|_| rng.random_range(-1.0f32..1.0))
-            .collect(),
-    );
+            .collect();
+        (dim, rows)
+    };
+    let content = ContentTable::new(dim, content);
     let fresh_items: Vec<(Sid, u32)> = (0..a.fresh.min(sids.len()) as u32)
         .map(|i| (sids[i as usize], i))
         .collect();
@@ -236,6 +253,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         successors: a.successors,
         fresh: a.fresh,
         affinity_rank: a.affinity_rank,
+        fresh_words: a.fresh_words,
         exclude_history: a.exclude_history,
         beams: a.beams,
         batch,

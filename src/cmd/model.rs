@@ -648,7 +648,7 @@ fn sid_content(loaded: &Loaded) -> anyhow::Result<ContentTable> {
 /// The TF-IDF rows' width: hashing collisions cost little at 1,024 on
 /// catalogues of tens of thousands of items, and the affinity's projections
 /// are `[width × rank]`.
-const TFIDF_DIM: usize = 1024;
+pub(super) const TFIDF_DIM: usize = 1024;
 
 /// Unit content vectors for `items` (missing rows are zeros) from the
 /// catalogue at `path`.
