@@ -20,6 +20,7 @@
 # FRESH_CONTENT=sid|catalogue sets feed.fresh_content (default auto: the
 # catalogue events' words where MODEL holds fit-affinity's content-tfidf.json).
 # FRESH_WEIGHT=W sets feed.fresh_weight (default: the content source's).
+# FRESH_SHARE=S sets feed.fresh_share (default unset: the weight as given).
 # ITEM_WAIT_MS=N sets catalogue.item_wait_ms (default 2000; 0 dead-letters an
 # interaction that comes before its item at once).
 # After the summary, the service's dead letters by reason and the interactions
@@ -69,6 +70,7 @@ fresh_half_at = ${FRESH_HALF_AT:-20}
 fresh_history = ${FRESH_HISTORY:-5}
 fresh_content = "${FRESH_CONTENT:-auto}"
 ${FRESH_WEIGHT:+fresh_weight = $FRESH_WEIGHT}
+${FRESH_SHARE:+fresh_share = $FRESH_SHARE}
 [learning]
 enabled = ${LEARNING:-true}
 [catalogue]
@@ -93,4 +95,5 @@ fi
 curl -s "http://$(cat "$work/state/http.addr")/metrics" | awk '
   /^genfeed_dead_letters_total/ { d += $2; if ($2 > 0) r = r " " $1 "=" $2 }
   /^genfeed_interactions_waited_total/ { w = $2 }
-  END { printf "service: %d dead letters%s; %d interactions waited for their item\n", d, r, w }' >&2
+  /^genfeed_fresh_weight / { f = $2 }
+  END { printf "service: %d dead letters%s; %d interactions waited for their item; fresh weight at the end %s\n", d, r, w, f }' >&2

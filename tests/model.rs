@@ -1118,6 +1118,53 @@ fn learnt_counts_move_content_mass_to_the_fresh_item_taken_more() {
     }
 }
 
+/// A share target moves the weight until fresh items hold that share of
+/// the slots: over the same stream of requests a larger target ends at a
+/// larger weight and fills more slots, each near its target, where the
+/// weight it started from held neither.
+#[test]
+fn a_share_target_holds_fresh_items_to_their_share_of_the_slots() {
+    let (model, sids, index, fresh) = fresh_fixture();
+    let fresh = std::sync::Arc::new(fresh.with_slots(1));
+    let opts = twenty_beams();
+    let hs = histories(&sids, 1500, 31);
+    let run = |share: Option<f32>| {
+        let mut g = Generator::new(&model)
+            .with_fresh(fresh.clone(), 0.02)
+            .with_fresh_share(share);
+        let mut held = 0;
+        for (round, chunk) in hs.chunks(20).enumerate() {
+            let lists = g
+                .generate(index.snapshot(), &requests(chunk, None), &opts)
+                .unwrap();
+            if round >= 50 {
+                held += lists
+                    .iter()
+                    .flatten()
+                    .filter(|x| sids[..7].contains(&x.sid))
+                    .count();
+            }
+        }
+        (held as f32 / (500.0 * 10.0), g.fresh_weight().unwrap())
+    };
+    let (given, _) = run(None);
+    // This small model's tenth items are so unlikely that even at 1e-4 a
+    // fresh item takes 5.6% of the slots, at .01 9.4%: the targets lie
+    // between.
+    let (low, w_low) = run(Some(0.065));
+    let (high, w_high) = run(Some(0.085));
+    assert!(
+        (low - 0.065).abs() < 0.006,
+        "share {low} held to .065 (given weight: {given})"
+    );
+    assert!(
+        (high - 0.085).abs() < 0.006,
+        "share {high} held to .085 (given weight: {given})"
+    );
+    assert!(w_high > w_low, "weights {w_low} and {w_high}");
+    assert!((given - 0.085).abs() > 0.01, "{given}");
+}
+
 /// The fresh tests' search: a top 10 from 20 beams, history left out.
 fn twenty_beams() -> SearchOptions {
     SearchOptions {

@@ -577,6 +577,12 @@ pub struct EvalArgs {
     /// less (README, "Cold start").
     #[arg(long)]
     fresh_weight: Option<f32>,
+    /// Hold fresh items to this share of the top-10 slots (of the lists
+    /// they can enter) by moving their weight from `--fresh-weight` after
+    /// every list, as `feed.fresh_share` does in the service; unset: the
+    /// weight as given.
+    #[arg(long)]
+    fresh_share: Option<f32>,
     /// How `--content` becomes vectors: TF-IDF of its words and attribute
     /// ids (hashed to 1,024 dims), or what `tokenizer train --encoder auto`
     /// picks (an embedding column, the sentence encoder, hashed attributes);
@@ -715,6 +721,9 @@ struct FreshReport {
     /// The share of `--fresh-weight` these items get (`--fresh-half-at`).
     weight: f32,
     weight_given: f32,
+    /// `--fresh-share`, and the weight it had moved to at the end.
+    share_target: Option<f32>,
+    weight_at_end: f32,
     temperature: f32,
     /// Whether a fitted affinity ([`Affinity`]) scored them beside cosine.
     affinity: bool,
@@ -791,6 +800,9 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             if !(0.0..1.0).contains(&weight) {
                 bail!("--fresh-weight {weight} is not in [0, 1)");
             }
+            if let Some(s) = a.fresh_share.filter(|s| !(*s > 0.0 && *s < 1.0)) {
+                bail!("--fresh-share {s} is not in (0, 1)");
+            }
             let temperature = match a.fresh_temperature {
                 Some(t) => t,
                 None => fit_fresh_temperature(&split, content, &trained),
@@ -837,7 +849,9 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         generator = generator.with_transitions(t, *w);
     }
     if let Some((f, w, _)) = &fresh {
-        generator = generator.with_fresh(f.clone(), *w);
+        generator = generator
+            .with_fresh(f.clone(), *w)
+            .with_fresh_share(a.fresh_share);
     }
     let report = evaluate(
         &mut generator,
@@ -868,6 +882,8 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         items: f.len(),
         weight: f.weight(*weight),
         weight_given: *weight,
+        share_target: a.fresh_share,
+        weight_at_end: generator.fresh_weight().unwrap_or(0.0),
         temperature: *temperature,
         affinity: affinity.is_some(),
     });
@@ -898,10 +914,15 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
         );
         if let Some(f) = &fresh_report {
             println!(
-                "fresh items: {} scored by content, weight {:.4} (of {}), temperature {}{}",
+                "fresh items: {} scored by content, weight {:.4} (of {}; {:.4} at the end{}), \
+                 temperature {}{}",
                 f.items,
                 f.weight,
                 f.weight_given,
+                f.weight_at_end,
+                f.share_target
+                    .map(|s| format!(", held to {s} of the slots"))
+                    .unwrap_or_default(),
                 f.temperature,
                 if f.affinity {
                     ", with the fitted affinity"

@@ -25,7 +25,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::ModelError;
 use super::device_tables::{top_k, DeviceTables, MAX_TOP_K};
-use super::fresh::FreshItems;
+use super::fresh::{FreshItems, ShareTarget};
 use super::siblings::SiblingBuffer;
 use super::transformer::{window_mask, window_positions, ItemTokens, Memory, Model};
 use super::transitions::{Learnt, Transitions};
@@ -241,6 +241,9 @@ pub struct Generator<'m> {
     merged: Vec<(Sid, f32)>,
     merge_scratch: Vec<(Sid, f32)>,
     fresh: Option<(Arc<FreshItems>, f32)>,
+    /// Moves the fresh items' weight to hold their share of the slots;
+    /// kept across calls and fresh sets.
+    fresh_share: Option<ShareTarget>,
     /// Per fresh item: live in this call's snapshot; and its content score.
     fresh_live: Vec<bool>,
     /// Per fresh item: what the learnt counts multiply its content by.
@@ -427,6 +430,7 @@ impl<'m> Generator<'m> {
             merged: Vec::new(),
             merge_scratch: Vec::new(),
             fresh: None,
+            fresh_share: None,
             fresh_live: Vec::new(),
             fresh_blocked: Vec::new(),
             fresh_boost: Vec::new(),
@@ -504,6 +508,22 @@ impl<'m> Generator<'m> {
             let w = f.weight(weight);
             (w > 0.0).then(|| (f, w.min(0.999)))
         });
+    }
+
+    /// Holds fresh items to `share` of the slots of the lists they can
+    /// enter ([`ShareTarget`]): the weight given with them is where the
+    /// search starts, and it moves after every list. `None`: the weight as
+    /// given.
+    pub fn with_fresh_share(mut self, share: Option<f32>) -> Generator<'m> {
+        self.fresh_share = share.map(ShareTarget::new);
+        self
+    }
+
+    /// The weight the fresh items are searched at now: the one given, or
+    /// where their share target has moved it.
+    pub fn fresh_weight(&self) -> Option<f32> {
+        let (_, w) = self.fresh.as_ref()?;
+        Some(self.fresh_share.map_or(*w, |s| s.weight(*w)))
     }
 
     /// The top `opts.top_k` live items for each request, best first.
@@ -714,8 +734,16 @@ impl<'m> Generator<'m> {
                 });
             }
             for (r, (req, items)) in requests.iter().zip(&mut out).enumerate() {
-                self.merge_fresh(&fresh, weight, snapshot, (r, req), opts, items);
+                let w = self.fresh_share.map_or(weight, |s| s.weight(weight));
+                let scored = self.merge_fresh(&fresh, w, snapshot, (r, req), opts, items);
                 items.truncate(opts.top_k);
+                if let (true, Some(share)) = (scored, &mut self.fresh_share) {
+                    let held = items
+                        .iter()
+                        .filter(|g| fresh.position(g.sid).is_some())
+                        .count();
+                    share.observe(w, held, opts.top_k, fresh.weight(share.share()));
+                }
             }
         }
         Ok(out)
@@ -723,6 +751,7 @@ impl<'m> Generator<'m> {
 
     /// Mixes one request's list with its best fresh items by content. Both
     /// lists are their part's top `top_k`, so the merge is the mixture's.
+    /// False when no fresh item could enter it (nothing to score).
     /// The slot cap is for fresh items known by their content alone: one
     /// the request's counts lead to (learnt from the stream, since training
     /// never saw it) has earned its place and is not capped.
@@ -734,7 +763,7 @@ impl<'m> Generator<'m> {
         (r, req): (usize, &Request<'_>),
         opts: &SearchOptions,
         items: &mut Vec<Generated>,
-    ) {
+    ) -> bool {
         let start = req.history.len().saturating_sub(fresh.query_items());
         self.fresh_recent.clear();
         self.fresh_recent.extend(
@@ -764,7 +793,7 @@ impl<'m> Generator<'m> {
             &mut self.fresh_part,
             &mut self.fresh_log_p,
         ) {
-            return;
+            return false;
         }
         if !self.fresh_boost.is_empty() {
             boost(&mut self.fresh_log_p, &self.fresh_boost);
@@ -784,7 +813,7 @@ impl<'m> Generator<'m> {
         // fresh item outside the beam scores by content alone, below them.
         let k = opts.top_k.min(fresh.slots()).min(self.fresh_order.len());
         if k == 0 {
-            return;
+            return false;
         }
         let by_score = |a: &u32, b: &u32| log_p[*b as usize].total_cmp(&log_p[*a as usize]);
         self.fresh_order.select_nth_unstable_by(k - 1, by_score);
@@ -832,6 +861,7 @@ impl<'m> Generator<'m> {
                 g.log_prob = g.log_prob.min(above);
             }
         }
+        true
     }
 
     /// Lists the live successors of every request's last item and gives each

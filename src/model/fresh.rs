@@ -80,6 +80,63 @@ pub const DEFAULT_QUERY_ITEMS: usize = 5;
 /// keep about 96% of the weight.
 pub const DEFAULT_HALF_AT: usize = 20;
 
+/// Holds fresh items to a share of the slots of the lists they can enter,
+/// by moving the mixture's weight after every such list (a stochastic
+/// approximation in `ln w`). A weight is a prior whose effect depends on
+/// the catalogue: at .025 Toys' fresh items took 4.6% of top-10 slots and
+/// Sports' 2.8%, and in the service the share moves as the fresh set grows.
+/// The warm targets lost follow the share instead (about half of it on both
+/// catalogues, docs/2026-12-cold-start.md), so a share is the knob that
+/// means the same everywhere: TIGER's ε as a rate rather than a per-list
+/// cap. The target is scaled like a weight for a small fresh set
+/// ([`FreshItems::weight`]), so the first items to arrive are not pushed
+/// into every feed.
+#[derive(Clone, Copy, Debug)]
+pub struct ShareTarget {
+    share: f32,
+    ln_weight: Option<f32>,
+}
+
+impl ShareTarget {
+    /// Step in `ln w` per list, scaled by how far its share is from the
+    /// target's (relative): from .025 a share a quarter too high halves the
+    /// weight in about 300 lists, and the weight then wanders a few
+    /// percent around where it holds the share.
+    const RATE: f32 = 0.01;
+    /// The weight stays within these: a share no content match can reach
+    /// does not push the model out of the lists.
+    const MIN_WEIGHT: f32 = 1e-4;
+    const MAX_WEIGHT: f32 = 0.5;
+
+    /// `share` of the slots, in (0, 1).
+    pub fn new(share: f32) -> ShareTarget {
+        ShareTarget {
+            share,
+            ln_weight: None,
+        }
+    }
+
+    pub fn share(&self) -> f32 {
+        self.share
+    }
+
+    /// The weight to search with; `start` until the first list is seen.
+    pub fn weight(&self, start: f32) -> f32 {
+        self.ln_weight.map_or(start, f32::exp)
+    }
+
+    /// After a list of `slots` positions that held `fresh` fresh items,
+    /// searched at `weight`, with `target` the share for this fresh set.
+    pub fn observe(&mut self, weight: f32, fresh: usize, slots: usize, target: f32) {
+        if slots == 0 || target <= 0.0 {
+            return;
+        }
+        let seen = fresh as f32 / slots as f32;
+        let ln_w = weight.max(Self::MIN_WEIGHT).ln() + Self::RATE * (target - seen) / target;
+        self.ln_weight = Some(ln_w.clamp(Self::MIN_WEIGHT.ln(), Self::MAX_WEIGHT.ln()));
+    }
+}
+
 /// Unit content vectors by item number (a snapshot's ord); a row of zeros
 /// stands for an item without content.
 #[derive(Clone, Debug)]
@@ -694,6 +751,48 @@ mod tests {
         // The last item alone ignores it.
         assert!(fresh.score(&at(&[1, 0]), |_, _| false, &mut q, &mut part, &mut log_p));
         assert!(log_p[0] < -9.0, "{log_p:?}");
+    }
+
+    /// Lists whose fresh item enters above a threshold weight spread over
+    /// two decades (and a third that it never enters): the controller
+    /// finds the weight that gives each target share, whatever it starts
+    /// from, and a target beyond reach stops at the weight's bound.
+    #[test]
+    fn a_share_target_finds_the_weight_that_holds_it() {
+        let threshold = |i: usize| match i % 3 {
+            2 => f32::INFINITY,
+            _ => 10f32.powf(-3.0 + 2.0 * ((i * 7919) % 1000) as f32 / 1000.0),
+        };
+        let run = |share: f32, start: f32| {
+            let mut control = ShareTarget::new(share);
+            let mut held = 0usize;
+            for i in 0..40_000 {
+                let w = control.weight(start);
+                let fresh = usize::from(w > threshold(i));
+                if i >= 20_000 {
+                    held += fresh;
+                }
+                control.observe(w, fresh, 10, share);
+            }
+            (held as f32 / 20_000.0 / 10.0, control.weight(start))
+        };
+        for (share, start) in [(0.02, 0.1), (0.05, 0.001), (0.05, 0.3)] {
+            let (seen, w) = run(share, start);
+            assert!(
+                (seen - share).abs() < 0.1 * share,
+                "{share} from {start}: {seen}"
+            );
+            // At w a fraction (2/3)·(log₁₀ w + 3)/2 of the lists take one
+            // fresh item of ten slots: the share s needs log₁₀ w = 30·s − 3.
+            let want = 10f32.powf(-3.0 + 2.0 * 1.5 * 10.0 * share);
+            assert!(
+                (w.ln() - want.ln()).abs() < 0.35,
+                "{share}: weight {w}, want {want}"
+            );
+        }
+        let (seen, w) = run(0.09, 0.025);
+        assert!(seen < 0.07, "{seen}");
+        assert!((w - ShareTarget::MAX_WEIGHT).abs() < 0.01, "{w}");
     }
 
     /// Word-like rows (a few non-zeros) are kept sparse, dense ones as a

@@ -165,6 +165,10 @@ pub struct FeedConfig {
     /// scores in the search. 0 turns them off. Unset: .1 by SID, .025 by
     /// catalogue content with an affinity (as `eval`'s defaults).
     pub fresh_weight: Option<f32>,
+    /// Hold such items to this share of the feed slots (of the feeds they
+    /// can enter) by moving their weight from `fresh_weight` after every
+    /// feed. Unset: the weight as given.
+    pub fresh_share: Option<f32>,
     /// At most this many such items in one feed.
     pub fresh_slots: usize,
     /// A feed's first this many positions are the model's: such an item
@@ -201,6 +205,7 @@ impl Default for FeedConfig {
             deny_items: Vec::new(),
             fresh_content: FreshContentKind::Auto,
             fresh_weight: None,
+            fresh_share: None,
             fresh_slots: fresh::DEFAULT_SLOTS,
             fresh_after: fresh::DEFAULT_AFTER,
             fresh_half_at: fresh::DEFAULT_HALF_AT,
@@ -457,6 +462,9 @@ impl Config {
         if let Some(w) = f.fresh_weight.filter(|w| !(0.0..1.0).contains(w)) {
             return Err(("feed.fresh_weight", format!("{w} is not in [0, 1)")));
         }
+        if let Some(s) = f.fresh_share.filter(|s| !(*s > 0.0 && *s < 1.0)) {
+            return Err(("feed.fresh_share", format!("{s} is not in (0, 1)")));
+        }
         let l = &self.learning;
         for (key, v) in [
             ("learning.successor_weight", l.successor_weight),
@@ -602,6 +610,10 @@ mod tests {
         assert!(err.to_string().contains("limits.id_bytes"), "{err}");
         let err = load(&format!("{PATHS}[feed]\nfresh_history = 0\n")).unwrap_err();
         assert!(err.to_string().contains("feed.fresh_history"), "{err}");
+        for share in ["0", "1", "nan"] {
+            let err = load(&format!("{PATHS}[feed]\nfresh_share = {share}\n")).unwrap_err();
+            assert!(err.to_string().contains("feed.fresh_share"), "{err}");
+        }
         let err = load("[feed]\nbeams = 5\n").unwrap_err();
         assert!(err.to_string().contains("paths"), "{err}");
     }

@@ -50,6 +50,9 @@ pub struct FeedWorker {
     pub deny_items: Vec<String>,
     /// `feed.fresh_weight`: the weight of the view's fresh items.
     pub fresh_weight: f32,
+    /// `feed.fresh_share`: the share of feed slots that weight is moved to
+    /// hold them to.
+    pub fresh_share: Option<f32>,
     /// Counts learnt from the stream, added to the trained ones; `None`:
     /// learning is off.
     pub learnt: Option<(SharedCounts, LearntSettings)>,
@@ -72,7 +75,7 @@ impl FeedWorker {
     /// costs its users a dead letter each, not the worker.
     pub fn run(self, mut jobs: mpsc::Receiver<Vec<Job>>, sent: mpsc::Sender<Sent>) {
         let mut scratch = Scratch {
-            generator: Generator::new(&self.model),
+            generator: Generator::new(&self.model).with_fresh_share(self.fresh_share),
             ords: Vec::new(),
             histories: Vec::new(),
             deny: (u64::MAX, Filter::default()),
@@ -187,6 +190,9 @@ impl FeedWorker {
             }
         }));
         let generated = generator.generate(&view.snapshot, &requests, &self.search)?;
+        if let Some(w) = generator.fresh_weight() {
+            self.metrics.fresh_weight.set(w as f64);
+        }
         // Items retired while the search ran are dropped here: a retire
         // is never followed by a feed holding the item.
         let now = self.view.load_full();

@@ -7,7 +7,7 @@
 //! created for every [`Reason`] up front, so counting one never looks a label
 //! set up. The text is built only when `/metrics` is scraped.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -57,6 +57,9 @@ pub struct Metrics {
     pub live_items: Gauge,
     /// Live items that arrived after training, competing by their content.
     pub fresh_items: Gauge,
+    /// The weight they are searched at: `feed.fresh_weight`, or where
+    /// `feed.fresh_share` has moved it.
+    pub fresh_weight: Gauge<f64, AtomicU64>,
     /// Distinct (item, successor) pairs and items with a popularity count
     /// learnt from the stream.
     pub learnt_pairs: Gauge,
@@ -152,6 +155,12 @@ impl Default for Metrics {
             "ready",
             "1 once the catalogue is loaded and the consumer group joined.",
         );
+        let fresh_weight = registered(
+            &mut registry,
+            "fresh_weight",
+            "Weight of fresh items' content in the search (moves to hold feed.fresh_share).",
+            Gauge::<f64, AtomicU64>::default(),
+        );
         let mut histogram = |name: &str, help: &str, bounds: &[f64]| {
             registered(
                 &mut registry,
@@ -191,6 +200,7 @@ impl Default for Metrics {
             index_generation,
             live_items,
             fresh_items,
+            fresh_weight,
             learnt_pairs,
             learnt_items,
             pending_users,

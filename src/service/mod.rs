@@ -340,6 +340,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         },
         deny_items: f.deny_items.clone(),
         fresh_weight,
+        fresh_share: f.fresh_share,
         learnt: learning.counts.clone(),
     };
     let worker_sent = sent_tx.clone();
@@ -677,6 +678,7 @@ fn fresh_settings(
             content = "catalogue",
             affinity = files.len() == 2,
             weight = settings.weight,
+            share = ?feed.fresh_share,
             temperature = settings.temperature,
             "fresh items are scored by their catalogue events' words"
         );
