@@ -751,10 +751,10 @@ impl<'m> Generator<'m> {
 
     /// Mixes one request's list with its best fresh items by content. Both
     /// lists are their part's top `top_k`, so the merge is the mixture's.
-    /// False when no fresh item could enter it (nothing to score).
     /// The slot cap is for fresh items known by their content alone: one
     /// the request's counts lead to (learnt from the stream, since training
-    /// never saw it) has earned its place and is not capped.
+    /// never saw it) has earned its place and is not capped. False when no
+    /// fresh item could enter the list (nothing to score).
     fn merge_fresh(
         &mut self,
         fresh: &FreshItems,
