@@ -786,6 +786,14 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
     if content.is_none() && a.baseline {
         bail!("--baseline scores content: pass --content FILE");
     }
+    if let Some(s) = a.fresh_share {
+        if content.is_none() {
+            bail!("--fresh-share holds fresh items scored by content: pass --content FILE");
+        }
+        if !(s > 0.0 && s < 1.0) {
+            bail!("--fresh-share {s} is not in (0, 1)");
+        }
+    }
     let fresh = match &content {
         Some(content) => {
             let unseen: Vec<(Sid, u32)> = (0..loaded.items.len() as u32)
@@ -799,9 +807,6 @@ pub fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
             });
             if !(0.0..1.0).contains(&weight) {
                 bail!("--fresh-weight {weight} is not in [0, 1)");
-            }
-            if let Some(s) = a.fresh_share.filter(|s| !(*s > 0.0 && *s < 1.0)) {
-                bail!("--fresh-share {s} is not in (0, 1)");
             }
             let temperature = match a.fresh_temperature {
                 Some(t) => t,

@@ -626,10 +626,8 @@ impl FreshItems {
         let inv = 1.0 / self.temperature;
         let mut max = f32::NEG_INFINITY;
         for (i, &sid) in self.sids.iter().enumerate() {
-            let s = match self.rows.dot(i, query) {
-                Some(cos) if !blocked(i, sid) => {
-                    cos * inv + learnt.map_or(0.0, |(a, q)| a.fresh.logit(q, i))
-                }
+            let s = match (!blocked(i, sid)).then(|| self.rows.dot(i, query)) {
+                Some(Some(cos)) => cos * inv + learnt.map_or(0.0, |(a, q)| a.fresh.logit(q, i)),
                 _ => f32::NEG_INFINITY,
             };
             max = max.max(s);
