@@ -588,6 +588,28 @@ fn a_bad_magic_byte_is_reported_as_such() {
 }
 
 #[test]
+fn a_confluent_message_read_as_plain_says_so() {
+    let framed = encode(&interaction(), WireFormat::Confluent { schema_id: 77 }).unwrap();
+    let err = decode::<Interaction>(&framed, ReadFormat::Plain).unwrap_err();
+    assert_eq!(
+        err,
+        DecodeError::ConfluentFramed {
+            record: Interaction::NAME,
+            schema_id: 77
+        }
+    );
+    assert!(err.to_string().contains("kafka.wire.format"), "{err}");
+    // A zero byte then bytes that are no datum: the plain reader's own error.
+    let mut garbage = framed[..5].to_vec();
+    garbage.extend_from_slice(&[0xff; 3]);
+    let err = decode::<Interaction>(&garbage, ReadFormat::Plain).unwrap_err();
+    assert!(
+        !matches!(err, DecodeError::ConfluentFramed { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn unknown_schema_ids_are_refused() {
     let ids = current_ids();
     let bytes = encode(&interaction(), WireFormat::Confluent { schema_id: 999 }).unwrap();

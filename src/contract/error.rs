@@ -8,7 +8,9 @@
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// The message has no bytes at all (e.g. a Kafka tombstone).
-    #[error("empty message")]
+    #[error(
+        "empty message (a null value, e.g. a tombstone: items are retired by an ItemRetire event)"
+    )]
     Empty,
     /// The message is shorter than its framing header.
     #[error("truncated message: the header needs {needed} bytes, got {got}")]
@@ -50,6 +52,16 @@ pub enum DecodeError {
     /// probably written with another schema.
     #[error("{record}: {count} trailing bytes after the datum")]
     TrailingBytes { record: &'static str, count: usize },
+    /// Read as plain Avro, the message is a Confluent header followed by a
+    /// whole datum: the writer used a schema-registry serializer.
+    #[error(
+        "{record}: Confluent-framed (magic byte 0, schema id {schema_id}) where plain Avro \
+         is read: set kafka.wire.format = \"confluent\" and the schema ids, or write plain Avro"
+    )]
+    ConfluentFramed {
+        record: &'static str,
+        schema_id: u32,
+    },
     /// A well-formed datum breaks a rule of the contract.
     #[error("{record}: invalid {field}: {detail}")]
     Invalid {

@@ -99,7 +99,8 @@ pub fn decode<T: Record>(bytes: &[u8], format: ReadFormat<'_>) -> Result<T, Deco
             let reader = GenericDatumReader::builder(T::schema())
                 .build()
                 .map_err(avro)?;
-            read(T::NAME, &reader, bytes)?
+            read(T::NAME, &reader, bytes)
+                .map_err(|err| framed_by_mistake(T::NAME, &reader, bytes, err))?
         }
         ReadFormat::Confluent(ids) => {
             let (schema_id, datum) = split_confluent(bytes)?;
@@ -160,6 +161,32 @@ fn read(
         });
     }
     Ok(value)
+}
+
+/// A plain reader's error for a message that is a whole datum after a
+/// Confluent header: a producer using a schema-registry serializer against a
+/// plain deployment would otherwise see "trailing bytes" and never guess why.
+/// Only for leftover bytes: a plain catalogue upsert starts with a zero byte
+/// too (its union branch), and a truncated one can happen to leave a datum
+/// after five bytes. Looked at only once decoding has failed.
+fn framed_by_mistake(
+    record: &'static str,
+    reader: &GenericDatumReader<'_>,
+    bytes: &[u8],
+    err: DecodeError,
+) -> DecodeError {
+    if !matches!(err, DecodeError::TrailingBytes { .. }) {
+        return err;
+    }
+    match bytes.split_first_chunk::<CONFLUENT_HEADER_LEN>() {
+        Some(([CONFLUENT_MAGIC, id @ ..], datum)) if read(record, reader, datum).is_ok() => {
+            DecodeError::ConfluentFramed {
+                record,
+                schema_id: u32::from_be_bytes(*id),
+            }
+        }
+        _ => err,
+    }
 }
 
 /// A byte slice that records whether anyone tried to read past its end.
