@@ -573,6 +573,21 @@ impl Input {
         }
     }
 
+    /// A record with a key and no value, as a compacting producer writes
+    /// to delete a key.
+    pub fn tombstone(&self, topic: &str, key: &str) -> At {
+        let record = FutureRecord::<str, [u8]>::to(topic).key(key);
+        let d = self
+            .rt
+            .block_on(self.producer.send(record, Duration::from_secs(30)))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        At {
+            partition: d.partition,
+            offset: d.offset,
+        }
+    }
+
     /// Writes `n` history changelog records (users `h0`, `h1`, ..., one
     /// item each) to partition 0 of the histories topic, as fast as the
     /// broker takes them.

@@ -343,6 +343,12 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     nan[2] = f32::NAN;
     push(&t.catalogue, input.upsert("nan", nan), "bad_embedding");
     push(&t.catalogue, input.retire("never-seen"), "unknown_item");
+    // A tombstone of a live item: not a retirement (that is an ItemRetire).
+    push(
+        &t.catalogue,
+        input.tombstone(&t.catalogue, item),
+        "undecodable",
+    );
     // Interactions: garbage, an unknown schema id, a datum missing its last
     // field, an unknown item, an empty user id.
     push(
@@ -396,7 +402,13 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
             })
             .unwrap_or_else(|| panic!("no dead letter for {topic} {at:?} ({reason})"));
         assert!(l.reason.starts_with(reason), "{} for {reason}", l.reason);
-        assert!(!l.raw.is_empty());
+        // The tombstone's raw is its (absent) value.
+        assert_eq!(
+            l.raw.is_empty(),
+            l.reason.contains("tombstone"),
+            "{}",
+            l.reason
+        );
     }
     let by_reason = |r: &str| {
         letters
@@ -408,6 +420,7 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     };
     assert!(by_reason("bad_embedding").contains("\"embedding\""));
     assert!(by_reason("unknown_schema").contains("99"));
+    assert!(by_reason("undecodable: empty").contains("tombstone"));
     let unknown = letters
         .iter()
         .find(|l| l.reason.contains("no-such-item"))
