@@ -561,22 +561,16 @@ impl Input {
     }
 
     pub fn raw(&self, topic: &str, key: &str, payload: &[u8]) -> At {
-        let record = FutureRecord::to(topic).key(key).payload(payload);
-        let d = self
-            .rt
-            .block_on(self.producer.send(record, Duration::from_secs(30)))
-            .map_err(|(e, _)| e)
-            .unwrap();
-        At {
-            partition: d.partition,
-            offset: d.offset,
-        }
+        self.send(FutureRecord::to(topic).key(key).payload(payload))
     }
 
     /// A record with a key and no value, as a compacting producer writes
     /// to delete a key.
     pub fn tombstone(&self, topic: &str, key: &str) -> At {
-        let record = FutureRecord::<str, [u8]>::to(topic).key(key);
+        self.send(FutureRecord::to(topic).key(key))
+    }
+
+    fn send(&self, record: FutureRecord<'_, str, [u8]>) -> At {
         let d = self
             .rt
             .block_on(self.producer.send(record, Duration::from_secs(30)))
