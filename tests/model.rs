@@ -714,6 +714,28 @@ fn training_learns_a_sequential_pattern() {
     assert!(recall > 0.3, "Recall@10 {recall}");
     let log = std::fs::read_to_string(dir.path().join("train_log.csv")).unwrap();
     assert_eq!(log.lines().count(), 13);
+    // The run's rate pools its epochs' targets and optimisation time, so it
+    // lies within the range of the epochs' own rates.
+    let column = log
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == "examples_per_sec")
+        .unwrap();
+    let rates: Vec<f64> = log
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(column).unwrap().parse().unwrap())
+        .collect();
+    let (lo, hi) = rates
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    assert!(
+        lo * 0.999 <= summary.examples_per_sec && summary.examples_per_sec <= hi * 1.001,
+        "{} outside the epochs' {lo}..{hi}",
+        summary.examples_per_sec
+    );
     let png = std::fs::read(dir.path().join("train_curves.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }

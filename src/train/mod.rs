@@ -149,6 +149,10 @@ pub struct Summary {
     pub best_valid: Option<Report>,
     pub params: usize,
     pub train_secs: f64,
+    /// Training targets per second of optimisation over this run's epochs,
+    /// validation left out (0 when it ran none): the number a device or a
+    /// thread count changes, where `train_secs` also holds validation.
+    pub examples_per_sec: f64,
     pub stopped_early: bool,
 }
 
@@ -263,6 +267,7 @@ pub fn train(
     };
     let mut best_valid = None;
     let mut stopped_early = false;
+    let (mut seen_all, mut optimise_secs) = (0u64, 0.0);
     let siblings = SiblingTable::new(cfg, corpus.sids);
     for epoch in state.epochs_done + 1..=opts.epochs {
         let started = Instant::now();
@@ -300,6 +305,8 @@ pub fn train(
             });
         }
         let train_secs = started.elapsed().as_secs_f64();
+        seen_all += seen;
+        optimise_secs += train_secs;
 
         let vbar = progress(valid.len() as u64, &format!("validate {epoch}"));
         // Serving keeps derived tensors (the transposed output table), so
@@ -370,6 +377,11 @@ pub fn train(
         best_valid,
         params: params.count(),
         train_secs: state.elapsed_secs,
+        examples_per_sec: if optimise_secs > 0.0 {
+            seen_all as f64 / optimise_secs
+        } else {
+            0.0
+        },
         stopped_early,
     })
 }
