@@ -41,9 +41,10 @@
 #                   binary came along (.tools/bin/tansu, from `scripts/broker.sh
 #                   install` here: the check has no network)
 #   summary.json    all of the above in one object
-# The CUDA 13 libraries (cuBLAS, cuRAND, NVRTC, the runtime) are found through
-# LD_LIBRARY_PATH, else in a Python environment's nvidia/cu13/lib (where
-# PyTorch's wheels put them); never at a fixed path.
+# The CUDA 13 libraries the binary links (the runtime, cuBLAS, cuBLASLt, cuRAND)
+# are found through LD_LIBRARY_PATH, else in a Python environment's
+# nvidia/*/lib (where PyTorch's wheels put them), else by a search for the
+# missing sonames under the usual roots; never at a fixed path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { sed -n '2,9p' "$0" >&2; exit 2; }
@@ -51,6 +52,9 @@ out=$(mkdir -p "$1" && cd "$1" && pwd)
 genfeed=$(cd "$(dirname "${2:-target/release/genfeed}")" && pwd)/$(basename "${2:-target/release/genfeed}")
 exec > >(tee "$out/log.txt") 2>&1
 started=$(date +%s)
+# candle puts a backtrace in every error where RUST_BACKTRACE is set; the
+# log wants the error itself (a panic still gets its backtrace).
+export RUST_LIB_BACKTRACE=0
 fail() { echo "gpu-check: $*"; exit 1; }
 step() { echo "== $* (t=$(($(date +%s) - started)) s)"; }
 # Each step's limit, cut to what is left of 460 s, so the whole run stays
@@ -72,20 +76,46 @@ if [[ "$genfeed" == *.xz ]]; then
   genfeed="$work/genfeed"
 fi
 
-has_cublas() { for d in ${LD_LIBRARY_PATH//:/ }; do [ -e "$d/libcublas.so.13" ] && return 0; done; ldconfig -p 2>/dev/null | grep -q 'libcublas.so.13 '; }
+# The libraries the loader cannot find yet, by soname (libcuda.so.1 is the
+# driver's: nvidia-smi ran, so it is usually there).
+missing() { ldd "$genfeed" 2>/dev/null | awk '/not found/ {print $1}'; }
+given="${LD_LIBRARY_PATH:-}"
+found=""
+# Puts in front of the loader's path each folder among the arguments that
+# holds a missing library; in rounds, since a library found names the ones
+# it needs in turn (cuBLAS needs cuBLASLt).
+take() {
+  local so d before
+  for _ in 1 2 3; do
+    before=$(missing)
+    [ -n "$before" ] || return 0
+    for so in $before; do
+      for d in "$@"; do
+        [ -e "$d/$so" ] && { [[ ":$found:" == *":$d:"* ]] || found="${found:+$found:}$d"; break; }
+      done
+    done
+    export LD_LIBRARY_PATH="$found${given:+:$given}"
+    [ "$(missing)" != "$before" ] || return 0
+  done
+}
 libs="LD_LIBRARY_PATH"
-if ! has_cublas; then
-  found=$(python3 - <<'PY' 2>/dev/null
+if [ -n "$(missing)" ]; then
+  # Where PyTorch's wheels put them (nvidia/cu13/lib, or one folder per
+  # library), in any Python environment the python3 here knows of.
+  take $(python3 - <<'PY' 2>/dev/null
 import glob, os, site, sys
 roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
-for r in roots:
-    for lib in glob.glob(os.path.join(r, "nvidia", "cu13", "lib")):
-        if os.path.exists(os.path.join(lib, "libcublas.so.13")):
-            print(lib); sys.exit(0)
+for r in dict.fromkeys(roots):
+    for lib in sorted(glob.glob(os.path.join(r, "nvidia", "*", "lib"))):
+        print(lib)
 PY
   )
-  [ -n "$found" ] || fail "no libcublas.so.13 in LD_LIBRARY_PATH, the loader's cache or a Python environment's nvidia/cu13/lib: point LD_LIBRARY_PATH at the CUDA 13 libraries"
-  export LD_LIBRARY_PATH="$found${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # Then a search of the usual roots, for an environment python3 does not know.
+  [ -z "$(missing)" ] || take $(timeout 30 find /opt /usr /home /root /workspace /venv -xdev \( -name libcuda.so.1 \
+    -o -name libcudart.so.13 -o -name libcublas.so.13 -o -name libcublasLt.so.13 -o -name libcurand.so.10 \
+    -o -name libnvrtc.so.13 \) -printf '%h\n' 2>/dev/null | sort -u)
+  still=$(missing | tr '\n' ' ')
+  [ -z "$still" ] || fail "the binary needs ${still}and the loader finds them neither through LD_LIBRARY_PATH, nor in a Python environment's nvidia/*/lib, nor under /opt, /usr, /home, /root, /workspace or /venv: point LD_LIBRARY_PATH at the CUDA 13 libraries"
   libs="$found"
 fi
 echo "CUDA libraries: $libs"
@@ -199,8 +229,10 @@ if o_cpu and o_dev and len(o_cpu) == len(o_dev):
 b20 = s["bench"].get("b20-n1024") or {}
 s["beam20_batch1024_recs_per_sec"] = b20.get("recs_per_sec")
 s["beam20_batch1024_host_decoding_recs_per_sec"] = (s["bench"].get("b20-n1024-host") or {}).get("recs_per_sec")
+s["train_examples_per_sec"] = (s["train"] or {}).get("examples_per_sec")
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
-keys = ("agreement", "oracle", "beam20_batch1024_recs_per_sec", "beam20_batch1024_host_decoding_recs_per_sec")
+keys = ("agreement", "oracle", "beam20_batch1024_recs_per_sec", "beam20_batch1024_host_decoding_recs_per_sec",
+        "train_examples_per_sec")
 print(json.dumps({k: s[k] for k in keys if k in s}, indent=2))
 PY
 echo "gpu-check: done in $(($(date +%s) - started)) s; results in $out"
