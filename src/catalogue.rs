@@ -50,7 +50,7 @@ impl CatalogueConfig {
         CatalogueConfig {
             dir: dir.into(),
             merge_threshold: 65_536,
-            flush_every_ms: Some(500),
+            flush_every_ms: Some(crate::registry::DEFAULT_FLUSH_EVERY_MS),
         }
     }
 }

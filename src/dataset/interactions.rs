@@ -154,19 +154,6 @@ impl Sequences {
             seqs,
         })
     }
-
-    /// Maps each user id to its dense index.
-    pub fn user_index(&self) -> HashMap<&str, u32> {
-        (0u32..)
-            .zip(&self.users)
-            .map(|(i, u)| (u.as_str(), i))
-            .collect()
-    }
-
-    /// The total number of interactions.
-    pub fn num_interactions(&self) -> usize {
-        self.seqs.iter().map(Vec::len).sum()
-    }
 }
 
 /// Opens an `.inter` file and builds its sequences. See [`Sequences::read`].

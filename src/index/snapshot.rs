@@ -220,24 +220,6 @@ impl Snapshot {
         }
     }
 
-    /// The allowed tokens of a batch of beams in CSR form: beam `i`'s tokens
-    /// are `tokens[offsets[i]..offsets[i + 1]]`. This is the sparse form a
-    /// device-side scatter turns into a mask; both buffers are reused.
-    pub fn gather_allowed(
-        &self,
-        cursors: &[Cursor],
-        tokens: &mut Vec<Code>,
-        offsets: &mut Vec<u32>,
-    ) {
-        tokens.clear();
-        offsets.clear();
-        offsets.push(0);
-        for &cursor in cursors {
-            self.allowed(cursor, |c| tokens.push(c));
-            offsets.push(tokens.len() as u32);
-        }
-    }
-
     /// Tokens allowed after a prefix (empty if the prefix has no live item).
     pub fn allowed_after(&self, codes: &[Code]) -> Vec<Code> {
         let mut out = Vec::new();
