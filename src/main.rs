@@ -12,12 +12,25 @@ fn main() -> ExitCode {
     match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
+            report(&err);
             ExitCode::from(2)
         }
+    }
+}
+
+/// Prints an error and its causes, each once. Many of the crate's errors
+/// quote their source in their own message (so a log line that shows only
+/// the top error still says everything), which would otherwise print every
+/// such source twice.
+fn report(err: &anyhow::Error) {
+    let mut said = err.to_string();
+    eprintln!("error: {said}");
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !said.contains(&cause) {
+            eprintln!("  caused by: {cause}");
+        }
+        said = cause;
     }
 }
 

@@ -404,6 +404,17 @@ fn bad_input_gets_a_clear_error() {
 }
 
 #[test]
+fn an_error_names_the_file_and_says_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.toml");
+    let o = genfeed(&["run", "--config", missing.to_str().unwrap()], "1");
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("none.toml"), "{e}");
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+}
+
+#[test]
 fn encoder_choice_follows_the_columns() {
     let dir = tempfile::tempdir().unwrap();
     let files = synth(dir.path(), 50, 4);
