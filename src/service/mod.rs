@@ -481,7 +481,13 @@ fn check_topics(client: &StreamConsumer, k: &config::KafkaConfig) -> anyhow::Res
     let partitions = |key: &str, topic: &str| -> anyhow::Result<usize> {
         let md = client
             .fetch_metadata(Some(topic), kafka::METADATA_TIMEOUT)
-            .with_context(|| format!("{key}: reading the metadata of topic {topic:?}"))?;
+            .with_context(|| {
+                // The brokers did not answer: the topic's name is not at fault.
+                format!(
+                    "kafka.brokers: no metadata from {} for {key} {topic:?}",
+                    k.brokers
+                )
+            })?;
         let n = md
             .topics()
             .iter()

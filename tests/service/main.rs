@@ -755,7 +755,7 @@ fn refused(cfg: &std::path::Path, lines: &[(&str, String)]) -> (Option<i32>, Str
 }
 
 #[test]
-fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
+fn unreachable_brokers_and_missing_or_misfit_topics_are_refused_at_start() {
     let bed = Bed::new("misfit", 3, Framing::Plain);
     let t = &bed.topics;
     let cases = [
@@ -770,6 +770,12 @@ fn topics_that_are_missing_or_do_not_fit_are_refused_at_start() {
             format!("recommendations_topic = \"{}-nowhere\"", t.recommendations),
             "kafka.recommendations_topic",
             "does not exist",
+        ),
+        (
+            "brokers",
+            "brokers = \"127.0.0.1:1\"".to_string(),
+            "kafka.brokers",
+            "no metadata from 127.0.0.1:1",
         ),
     ];
     for (field, line, key, why) in cases {
