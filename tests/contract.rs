@@ -554,14 +554,21 @@ fn huge_array_counts_are_refused() {
 #[test]
 fn empty_messages_are_empty_in_both_formats() {
     let ids = current_ids();
+    let empty = DecodeError::Empty {
+        record: Interaction::NAME,
+    };
     assert_eq!(
         decode::<Interaction>(&[], ReadFormat::Plain),
-        Err(DecodeError::Empty)
+        Err(empty.clone())
     );
     assert_eq!(
         decode::<Interaction>(&[], ReadFormat::Confluent(&ids)),
-        Err(DecodeError::Empty)
+        Err(empty.clone())
     );
+    // Only on the catalogue does it say how an item is retired.
+    assert!(!empty.to_string().contains("ItemRetire"), "{empty}");
+    let catalogue = decode::<CatalogueEvent>(&[], ReadFormat::Plain).unwrap_err();
+    assert!(catalogue.to_string().contains("ItemRetire"), "{catalogue}");
 }
 
 #[test]

@@ -7,11 +7,13 @@
 /// Why a message could not be decoded into a record.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// The message has no bytes at all (e.g. a Kafka tombstone).
+    /// The message has no bytes at all (e.g. a Kafka tombstone) where a
+    /// `record` was expected.
     #[error(
-        "empty message (a null value, e.g. a tombstone: items are retired by an ItemRetire event)"
+        "empty message (a null value, e.g. a tombstone{})",
+        retire_hint(record)
     )]
-    Empty,
+    Empty { record: &'static str },
     /// The message is shorter than its framing header.
     #[error("truncated message: the header needs {needed} bytes, got {got}")]
     Truncated { needed: usize, got: usize },
@@ -118,4 +120,14 @@ pub enum SchemaIdError {
     /// immutable, so this is a configuration error.
     #[error("schema id {schema_id} is already registered with a different schema")]
     Conflict { schema_id: u32 },
+}
+
+/// On the catalogue, a tombstone is most likely meant as a retirement, which
+/// the contract spells as an event of its own.
+fn retire_hint(record: &str) -> &'static str {
+    if record == <super::CatalogueEvent as super::Record>::NAME {
+        ": items are retired by an ItemRetire event"
+    } else {
+        ""
+    }
 }

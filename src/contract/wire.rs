@@ -90,7 +90,7 @@ pub fn encode<T: Record>(value: &T, format: WireFormat) -> Result<Vec<u8>, Encod
 /// fields are skipped, unknown enum symbols become the enum's default.
 pub fn decode<T: Record>(bytes: &[u8], format: ReadFormat<'_>) -> Result<T, DecodeError> {
     if bytes.is_empty() {
-        return Err(DecodeError::Empty);
+        return Err(DecodeError::Empty { record: T::NAME });
     }
     apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
     let avro = |err| classify(T::NAME, err);
