@@ -49,6 +49,9 @@ pub struct KafkaConfig {
     /// over a partition restores its users from it.
     pub histories_topic: String,
     pub session_timeout_ms: u64,
+    /// How long a start waits for the brokers to answer and the topics to
+    /// exist before it refuses to start; 0 checks once.
+    pub startup_wait_ms: u64,
     /// How long a delivery may take, retries included, before the producer
     /// gives up on it (and the service tries again).
     pub message_timeout_ms: u64,
@@ -73,6 +76,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: "dead-letters".into(),
             histories_topic: "histories".into(),
             session_timeout_ms: 10_000,
+            startup_wait_ms: 30_000,
             message_timeout_ms: 30_000,
             message_max_bytes: 1_000_000,
             wire: WireConfig::default(),

@@ -64,7 +64,7 @@ pub mod waiting;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use arc_swap::ArcSwap;
@@ -280,7 +280,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         instance: instance_id(&paths.state_dir),
         fresh,
     };
-    check_topics(&cat.consumer, k)?;
+    // Waiting for the brokers blocks: this worker's other tasks (the HTTP
+    // probes) move to the other one meanwhile.
+    tokio::task::block_in_place(|| check_topics(&cat.consumer, k))?;
     cat.assign()?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone()));
     let mut learning = start_learning(&cfg, &metrics)?;
@@ -476,11 +478,72 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 /// Refuses to start against topics that are missing or do not fit: a
 /// missing output topic would stall every commit behind retried deliveries,
 /// and a changelog with other partitions than the interactions would restore
-/// the wrong users.
+/// the wrong users. Brokers that do not answer and topics not there yet are
+/// waited for, up to `kafka.startup_wait_ms`: a service started beside its
+/// broker and the job that creates its topics (a compose file, a pod) would
+/// otherwise lose that race and leave its restart to the supervisor.
 fn check_topics(client: &StreamConsumer, k: &config::KafkaConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let wait = Duration::from_millis(k.startup_wait_ms);
+    let mut said = String::new();
+    let (interactions, histories) = loop {
+        let left = wait.saturating_sub(started.elapsed());
+        // A broker that is down holds a metadata request for its whole
+        // timeout: short tries let the log say early what it waits for. A
+        // single check has the whole timeout.
+        let timeout = if wait.is_zero() {
+            kafka::METADATA_TIMEOUT
+        } else {
+            left.clamp(Duration::from_millis(100), Duration::from_secs(2))
+        };
+        match topic_partitions(client, k, timeout) {
+            Ok(n) => break n,
+            Err(e) if !left.is_zero() => {
+                let why = match e.chain().nth(1) {
+                    Some(_) => format!("{e}: {}", e.root_cause()),
+                    None => e.to_string(),
+                };
+                if why != said {
+                    tracing::warn!(
+                        why = %why,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        startup_wait_ms = k.startup_wait_ms,
+                        "waiting for the brokers and topics"
+                    );
+                    said = why;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(500)));
+            }
+            Err(e) if k.startup_wait_ms > 0 => {
+                return Err(e.context(format!(
+                    "waited {} ms for the brokers and topics (kafka.startup_wait_ms)",
+                    k.startup_wait_ms
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if histories != interactions {
+        bail!(
+            "kafka.histories_topic: {:?} has {histories} partitions but {:?} has {interactions}; \
+             the changelog needs exactly one partition per interactions partition",
+            k.histories_topic,
+            k.interactions_topic
+        );
+    }
+    Ok(())
+}
+
+/// The partition counts of the interactions and histories topics, once
+/// every topic is found.
+fn topic_partitions(
+    client: &StreamConsumer,
+    k: &config::KafkaConfig,
+    timeout: Duration,
+) -> anyhow::Result<(usize, usize)> {
     let partitions = |key: &str, topic: &str| -> anyhow::Result<usize> {
         let md = client
-            .fetch_metadata(Some(topic), kafka::METADATA_TIMEOUT)
+            .fetch_metadata(Some(topic), timeout)
             .with_context(|| {
                 // The brokers did not answer: the topic's name is not at fault.
                 format!(
@@ -501,17 +564,10 @@ fn check_topics(client: &StreamConsumer, k: &config::KafkaConfig) -> anyhow::Res
     partitions("kafka.catalogue_topic", &k.catalogue_topic)?;
     partitions("kafka.recommendations_topic", &k.recommendations_topic)?;
     partitions("kafka.dead_letter_topic", &k.dead_letter_topic)?;
-    let interactions = partitions("kafka.interactions_topic", &k.interactions_topic)?;
-    let histories = partitions("kafka.histories_topic", &k.histories_topic)?;
-    if histories != interactions {
-        bail!(
-            "kafka.histories_topic: {:?} has {histories} partitions but {:?} has {interactions}; \
-             the changelog needs exactly one partition per interactions partition",
-            k.histories_topic,
-            k.interactions_topic
-        );
-    }
-    Ok(())
+    Ok((
+        partitions("kafka.interactions_topic", &k.interactions_topic)?,
+        partitions("kafka.histories_topic", &k.histories_topic)?,
+    ))
 }
 
 /// SIGTERM or SIGINT, whichever comes first.

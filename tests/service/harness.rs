@@ -216,8 +216,7 @@ fn topics(test: &str, interaction_partitions: i32) -> Topics {
         histories: format!("{tag}-histories"),
         group: format!("{tag}-group"),
     };
-    let admin: AdminClient<DefaultClientContext> = client("admin").create().unwrap();
-    let new = [
+    create(&[
         NewTopic::new(&t.catalogue, 2, TopicReplication::Fixed(1)),
         NewTopic::new(
             &t.interactions,
@@ -232,15 +231,23 @@ fn topics(test: &str, interaction_partitions: i32) -> Topics {
             TopicReplication::Fixed(1),
         )
         .set("cleanup.policy", "compact"),
-    ];
-    let rt = runtime();
-    let results = rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+    ]);
+    t
+}
+
+/// Creates a topic on the test broker.
+pub fn create_topic(name: &str, partitions: i32) {
+    create(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))]);
+}
+
+fn create(new: &[NewTopic<'_>]) {
+    let admin: AdminClient<DefaultClientContext> = client("admin").create().unwrap();
+    let results = runtime()
+        .block_on(admin.create_topics(new, &AdminOptions::new()))
         .unwrap();
     for r in results {
         r.unwrap();
     }
-    t
 }
 
 fn client(group: &str) -> ClientConfig {
@@ -297,6 +304,7 @@ recommendations_topic = "{rec}"
 dead_letter_topic = "{dlq}"
 histories_topic = "{hist}"
 session_timeout_ms = 6000
+startup_wait_ms = 1000
 
 [kafka.wire]
 format = "{framing}"

@@ -731,9 +731,8 @@ fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
 }
 
 /// Rewrites the config's lines that start with a key of `lines` to the
-/// line given for it, runs `genfeed run` on it, and returns its exit code and
-/// stderr (for configs the service must refuse).
-fn refused(cfg: &std::path::Path, lines: &[(&str, String)]) -> (Option<i32>, String) {
+/// line given for it.
+fn rewrite(cfg: &std::path::Path, lines: &[(&str, String)]) {
     let text = std::fs::read_to_string(cfg).unwrap();
     let changed: Vec<&str> = text
         .lines()
@@ -743,6 +742,12 @@ fn refused(cfg: &std::path::Path, lines: &[(&str, String)]) -> (Option<i32>, Str
         })
         .collect();
     std::fs::write(cfg, changed.join("\n")).unwrap();
+}
+
+/// [`rewrite`]s the config, runs `genfeed run` on it, and returns its exit
+/// code and stderr (for configs the service must refuse).
+fn refused(cfg: &std::path::Path, lines: &[(&str, String)]) -> (Option<i32>, String) {
+    rewrite(cfg, lines);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_genfeed"))
         .args(["run", "--config"])
         .arg(cfg)
@@ -783,7 +788,58 @@ fn unreachable_brokers_and_missing_or_misfit_topics_are_refused_at_start() {
         let (code, err) = refused(&cfg, &[(field, line)]);
         assert_eq!(code, Some(2), "{err}");
         assert!(err.contains(key) && err.contains(why), "{err}");
+        // Brokers and topics were waited for, a misfit is not.
+        assert_eq!(
+            err.contains("waited 1000 ms for the brokers and topics"),
+            why != "partitions",
+            "{err}"
+        );
     }
+}
+
+/// A service started beside the job that creates its topics waits for
+/// them, saying which, then serves.
+#[test]
+fn a_start_waits_for_a_topic_created_after_it_then_serves() {
+    let bed = Bed::new("late", 1, Framing::Plain);
+    let (f, input) = (bed.fixture, &bed.input);
+    bed.upsert_items(..15);
+    let late = format!("{}-late", bed.topics.recommendations);
+    let cfg = bed.config("a", FEED);
+    rewrite(
+        &cfg,
+        &[
+            (
+                "recommendations_topic",
+                format!("recommendations_topic = \"{late}\""),
+            ),
+            (
+                "startup_wait_ms",
+                format!("startup_wait_ms = {}", harness::PATIENCE.as_millis()),
+            ),
+        ],
+    );
+    let mut svc = Service::spawn(&cfg);
+    let waiting = svc.wait_for(
+        |s| {
+            s.log_all()
+                .lines()
+                .find(|l| l.contains("waiting for the brokers and topics"))
+                .map(str::to_string)
+        },
+        "the wait for the topic",
+    );
+    assert!(waiting.contains(&late), "{waiting}");
+    assert_ne!(svc.get("/readyz").map(|(code, _)| code), Some(200));
+    harness::create_topic(&late, 1);
+    svc.wait_for(
+        |s| s.get("/readyz").filter(|(code, _)| *code == 200),
+        "readiness",
+    );
+    let at = HashMap::from([("u".to_string(), input.interaction("u", &f.items[3].0))]);
+    let got = feeds_answering(&Output::new(&late, 1), Framing::Plain, &mut Vec::new(), &at);
+    assert!(!got["u"].items.is_empty());
+    assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
 #[test]
