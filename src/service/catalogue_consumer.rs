@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
-use super::kafka::{now_ms, partitions, MARKER_KEY};
+use super::kafka::{ends_consumption, now_ms, partitions, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::view::{FreshSettings, ItemRef, SharedView, View};
@@ -155,6 +155,7 @@ impl CatalogueConsumer {
         self.count_fresh(&view);
         self.view.store(Arc::new(view.clone()));
         let mut batch = Batch::default();
+        let mut recovered = Recovered::new("catalogue", self.metrics.consumer_errors.clone());
         let mut loading = Loading {
             token: format!("{}/{}", self.instance, now_ms()),
             waiting: self.partitions.iter().copied().collect(),
@@ -173,7 +174,14 @@ impl CatalogueConsumer {
             let publish_at = batch.first.map(|t| t + self.publish_every);
             tokio::select! {
                 m = self.consumer.recv() => {
-                    let m = m.map_err(|source| CatalogueConsumerError::Kafka { topic: self.topic.clone(), source })?.detach();
+                    let m = match m {
+                        Ok(m) => m.detach(),
+                        Err(e) if !ends_consumption(&e) => {
+                            recovered.note(&e);
+                            continue;
+                        }
+                        Err(source) => return Err(CatalogueConsumerError::Kafka { topic: self.topic.clone(), source }),
+                    };
                     let (p, o) = (m.partition(), m.offset());
                     if m.key() == Some(MARKER_KEY) {
                         if m.payload() == Some(loading.token.as_bytes()) {

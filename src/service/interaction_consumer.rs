@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{now_ms, MARKER_KEY};
+use super::kafka::{ends_consumption, now_ms, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -161,6 +161,7 @@ impl Restore {
             tracing::error!(error = %e, topic = %self.topic, "cannot mark or read the changelog; histories are not restored");
             return;
         }
+        let mut recovered = Recovered::new("histories changelog", metrics.consumer_errors.clone());
         while state.values().any(|r| r.end.is_none()) {
             if start.elapsed() > self.timeout {
                 tracing::error!(
@@ -172,7 +173,7 @@ impl Restore {
             let m = match self.reader.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "reading the changelog");
+                    recovered.note(&e);
                     continue;
                 }
                 None => continue,
@@ -279,16 +280,26 @@ impl InteractionConsumer {
     ) -> Result<(), InteractionError> {
         let mut ready = Vec::new();
         let mut catalogue_open = true;
+        let mut recovered = Recovered::new("interactions", self.metrics.consumer_errors.clone());
         loop {
             let wake = self.waiting.wake();
             let waiting = !self.waiting.is_empty();
             let sweep = tokio::select! {
                 m = messages.recv() => {
                     let Some(m) = m else { break };
-                    let m = m.map_err(|source| InteractionError::Kafka {
-                        topic: self.topic.clone(),
-                        source,
-                    })?;
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) if !ends_consumption(&e) => {
+                            recovered.note(&e);
+                            continue;
+                        }
+                        Err(source) => {
+                            return Err(InteractionError::Kafka {
+                                topic: self.topic.clone(),
+                                source,
+                            })
+                        }
+                    };
                     if !self.take(&m).await? {
                         break;
                     }

@@ -201,6 +201,70 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Whether an error a consumer hands out ends the service. librdkafka
+/// reports most of them (a broker restarting, a connection lost, a fetch
+/// timing out) as information and recovers by itself, so ending on them
+/// would turn a broker's restart into an outage; failed authentication or
+/// authorization and fatal errors do not heal.
+pub fn ends_consumption(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            Fatal
+                | Authentication
+                | SaslAuthenticationFailed
+                | TopicAuthorizationFailed
+                | GroupAuthorizationFailed
+                | ClusterAuthorizationFailed
+        )
+    )
+}
+
+/// The errors one reader recovers from ([`ends_consumption`] is false):
+/// each counted, logged at most once per [`Recovered::QUIET`] with how many
+/// were held back, since a broker that is down makes every partition
+/// report every reconnect attempt.
+pub struct Recovered {
+    reading: &'static str,
+    counter: prometheus_client::metrics::counter::Counter,
+    last: Option<std::time::Instant>,
+    held_back: u64,
+}
+
+impl Recovered {
+    const QUIET: Duration = Duration::from_secs(10);
+
+    /// `reading` names what the reader reads, for the log.
+    pub fn new(
+        reading: &'static str,
+        counter: prometheus_client::metrics::counter::Counter,
+    ) -> Recovered {
+        Recovered {
+            reading,
+            counter,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    pub fn note(&mut self, e: &rdkafka::error::KafkaError) {
+        self.counter.inc();
+        if self.last.is_some_and(|t| t.elapsed() < Self::QUIET) {
+            self.held_back += 1;
+            return;
+        }
+        tracing::warn!(
+            reading = self.reading,
+            error = %e,
+            held_back = self.held_back,
+            "a consumer error the client recovers from"
+        );
+        self.last = Some(std::time::Instant::now());
+        self.held_back = 0;
+    }
+}
+
 /// Timeout of blocking metadata calls.
 pub const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -231,4 +295,22 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::KafkaError::MessageConsumption;
+    use rdkafka::types::RDKafkaErrorCode::*;
+
+    use super::ends_consumption;
+
+    #[test]
+    fn broker_trouble_is_recovered_from_and_denied_access_is_not() {
+        for code in [BrokerTransportFailure, AllBrokersDown, OperationTimedOut] {
+            assert!(!ends_consumption(&MessageConsumption(code)), "{code:?}");
+        }
+        for code in [TopicAuthorizationFailed, GroupAuthorizationFailed, Fatal] {
+            assert!(ends_consumption(&MessageConsumption(code)), "{code:?}");
+        }
+    }
 }

@@ -70,7 +70,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
-use super::kafka::{now_ms, partitions, MARKER_KEY, METADATA_TIMEOUT};
+use super::kafka::{now_ms, partitions, Recovered, MARKER_KEY, METADATA_TIMEOUT};
 use super::metrics::Metrics;
 use super::view::View;
 use crate::model::Learnt;
@@ -478,6 +478,10 @@ impl LearntReader {
             }
         };
         let started = Instant::now();
+        let mut recovered = Recovered::new(
+            "histories changelog (learning)",
+            self.metrics.consumer_errors.clone(),
+        );
         let (mut read, mut counted, mut committed) = (0, 0, Instant::now());
         while !stop.load(Relaxed) {
             match self.consumer.poll(Duration::from_millis(50)) {
@@ -491,7 +495,7 @@ impl LearntReader {
                     let step = self.learner.apply(m.partition(), m.offset(), key, payload);
                     counted += u64::from(step);
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "reading the histories changelog"),
+                Some(Err(e)) => recovered.note(&e),
                 None => {}
             }
             // While catching up at start, everything up to the markers is

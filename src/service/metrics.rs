@@ -41,6 +41,9 @@ pub struct Metrics {
     pub changelog_restored: Counter,
     pub feeds: Counter,
     pub feed_retries: Counter,
+    /// Errors the consumers reported and the client recovers from by itself
+    /// (see [`super::kafka::ends_consumption`]).
+    pub consumer_errors: Counter,
     /// Steps (previous item → next) learnt from the histories changelog.
     pub learnt_steps: Counter,
     /// One counter per reason, in the order of [`Reason::ALL`].
@@ -86,28 +89,32 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("genfeed");
         let mut counter =
             |name: &str, help: &str| registered(&mut registry, name, help, Counter::default());
-        let catalogue_events = counter("catalogue_events", "Catalogue messages consumed.");
-        let interaction_events = counter("interaction_events", "Interaction messages consumed.");
+        let catalogue_events = counter("catalogue_events", "Catalogue messages consumed");
+        let interaction_events = counter("interaction_events", "Interaction messages consumed");
         let replayed = counter(
             "interactions_replayed",
-            "Interactions already in the user's history (replays).",
+            "Interactions already in the user's history (replays)",
         );
         let waited = counter(
             "interactions_waited",
-            "Interactions applied after waiting for their item's catalogue event.",
+            "Interactions applied after waiting for their item's catalogue event",
         );
         let changelog_restored = counter(
             "changelog_restored",
-            "Histories changelog records read when partitions were assigned.",
+            "Histories changelog records read when partitions were assigned",
         );
-        let feeds = counter("feeds", "Recommendation events acknowledged by the broker.");
+        let feeds = counter("feeds", "Recommendation events acknowledged by the broker");
         let feed_retries = counter(
             "feed_retries",
-            "Feed deliveries that failed and were sent again.",
+            "Feed deliveries that failed and were sent again",
+        );
+        let consumer_errors = counter(
+            "consumer_errors",
+            "Errors the Kafka consumers reported and recovered from (a broker restarting, a connection lost)",
         );
         let learnt_steps = counter(
             "learnt_steps",
-            "Steps from one item to the next learnt from the stream (every partition's).",
+            "Steps from one item to the next learnt from the stream (every partition's)",
         );
         let family = Family::<Labels, Counter>::default();
         let dead_letters = Reason::ALL
@@ -116,49 +123,49 @@ impl Default for Metrics {
             .collect();
         registry.register(
             "dead_letters",
-            "Input messages sent to the dead-letter topic, by reason.",
+            "Input messages sent to the dead-letter topic, by reason",
             family,
         );
         let mut gauge =
             |name: &str, help: &str| registered(&mut registry, name, help, Gauge::default());
         let index_generation = gauge(
             "index_generation",
-            "Sequence number of the published index snapshot.",
+            "Sequence number of the published index snapshot",
         );
-        let live_items = gauge("live_items", "Items that can be recommended.");
+        let live_items = gauge("live_items", "Items that can be recommended");
         let fresh_items = gauge(
             "fresh_items",
-            "Live items that arrived after training and compete for feed slots by their content.",
+            "Live items that arrived after training and compete for feed slots by their content",
         );
         let learnt_pairs = gauge(
             "learnt_pairs",
-            "Distinct (item, successor) pairs learnt from the stream.",
+            "Distinct (item, successor) pairs learnt from the stream",
         );
         let learnt_items = gauge(
             "learnt_items",
-            "Items with a popularity count learnt from the stream.",
+            "Items with a popularity count learnt from the stream",
         );
-        let pending_users = gauge("pending_users", "Users waiting for a feed.");
+        let pending_users = gauge("pending_users", "Users waiting for a feed");
         let waiting = gauge(
             "interactions_waiting",
-            "Interactions waiting for their item's catalogue event, or behind their user's one that does.",
+            "Interactions waiting for their item's catalogue event, or behind their user's one that does",
         );
         let consumer_lag = gauge(
             "consumer_lag",
-            "Interactions behind the partitions' high watermarks (approximate on brokers whose watermark is approximate).",
+            "Interactions behind the partitions' high watermarks (approximate on brokers whose watermark is approximate)",
         );
         let assigned_partitions = gauge(
             "assigned_partitions",
-            "Interaction partitions this instance owns.",
+            "Interaction partitions this instance owns",
         );
         let ready = gauge(
             "ready",
-            "1 once the catalogue is loaded and the consumer group joined.",
+            "1 once the catalogue is loaded and the consumer group joined",
         );
         let fresh_weight = registered(
             &mut registry,
             "fresh_weight",
-            "Weight of fresh items' content in the search (moves to hold feed.fresh_share).",
+            "Weight of fresh items' content in the search (moves to hold feed.fresh_share)",
             Gauge::<f64, AtomicU64>::default(),
         );
         let mut histogram = |name: &str, help: &str, bounds: &[f64]| {
@@ -169,17 +176,17 @@ impl Default for Metrics {
                 Histogram::new(bounds.iter().copied()),
             )
         };
-        let batch_users = histogram("batch_users", "Users per model batch.", &BATCH_BOUNDS);
+        let batch_users = histogram("batch_users", "Users per model batch", &BATCH_BOUNDS);
         let feed_latency = histogram(
             "feed_latency_seconds",
-            "Interaction timestamp to the feed's delivery acknowledgement.",
+            "Interaction timestamp to the feed's delivery acknowledgement",
             &LATENCY_BOUNDS,
         );
         let generate_seconds =
-            histogram("generate_seconds", "Model time per batch.", &LATENCY_BOUNDS);
+            histogram("generate_seconds", "Model time per batch", &LATENCY_BOUNDS);
         let decodable_latency = histogram(
             "decodable_latency_seconds",
-            "Catalogue event timestamp to the snapshot that makes it decodable.",
+            "Catalogue event timestamp to the snapshot that makes it decodable",
             &LATENCY_BOUNDS,
         );
         Metrics {
@@ -191,6 +198,7 @@ impl Default for Metrics {
             changelog_restored,
             feeds,
             feed_retries,
+            consumer_errors,
             learnt_steps,
             dead_letters,
             batch_users,
@@ -314,5 +322,9 @@ mod tests {
         assert!(text.contains("genfeed_feeds_total 3\n"), "{text}");
         assert!(text.contains("genfeed_live_items 15\n"), "{text}");
         assert!(text.contains("genfeed_ready 1\n"), "{text}");
+        // The exposition ends each help with a full stop of its own.
+        for help in text.lines().filter(|l| l.starts_with("# HELP")) {
+            assert!(help.ends_with('.') && !help.ends_with(".."), "{help}");
+        }
     }
 }
