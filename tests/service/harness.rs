@@ -201,6 +201,57 @@ pub struct Topics {
     pub group: String,
 }
 
+/// A broker of a test's own on a given port, stopped when dropped: for what
+/// the shared one must not go through.
+pub struct OwnBroker {
+    dir: tempfile::TempDir,
+    pub addr: String,
+}
+
+impl OwnBroker {
+    pub fn start(port: u16) -> OwnBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/broker.sh"))
+            .arg("start")
+            .arg(dir.path())
+            .arg(port.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/broker.sh start on {port}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let addr = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        OwnBroker { dir, addr }
+    }
+
+    /// Creates a test's topics here, as [`Bed::new`] did on the shared one.
+    pub fn create_topics(&self, topics: &Topics, interaction_partitions: i32) {
+        create(&self.addr, &new_topics(topics, interaction_partitions));
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("scripts/broker.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A free port on the loopback interface (free when asked).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn topics(test: &str, interaction_partitions: i32) -> Topics {
     static N: AtomicU32 = AtomicU32::new(0);
     let tag = format!(
@@ -216,7 +267,12 @@ fn topics(test: &str, interaction_partitions: i32) -> Topics {
         histories: format!("{tag}-histories"),
         group: format!("{tag}-group"),
     };
-    create(&[
+    create(broker(), &new_topics(&t, interaction_partitions));
+    t
+}
+
+fn new_topics(t: &Topics, interaction_partitions: i32) -> Vec<NewTopic<'_>> {
+    vec![
         NewTopic::new(&t.catalogue, 2, TopicReplication::Fixed(1)),
         NewTopic::new(
             &t.interactions,
@@ -231,17 +287,22 @@ fn topics(test: &str, interaction_partitions: i32) -> Topics {
             TopicReplication::Fixed(1),
         )
         .set("cleanup.policy", "compact"),
-    ]);
-    t
+    ]
 }
 
 /// Creates a topic on the test broker.
 pub fn create_topic(name: &str, partitions: i32) {
-    create(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))]);
+    create(
+        broker(),
+        &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+    );
 }
 
-fn create(new: &[NewTopic<'_>]) {
-    let admin: AdminClient<DefaultClientContext> = client("admin").create().unwrap();
+fn create(addr: &str, new: &[NewTopic<'_>]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", addr)
+        .create()
+        .unwrap();
     let results = runtime()
         .block_on(admin.create_topics(new, &AdminOptions::new()))
         .unwrap();

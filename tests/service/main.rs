@@ -797,6 +797,42 @@ fn unreachable_brokers_and_missing_or_misfit_topics_are_refused_at_start() {
     }
 }
 
+/// A service started before its broker waits for it, and the errors its
+/// consumers were handed while the broker was away do not end it: it loads
+/// and becomes ready on the broker that came.
+#[test]
+fn a_start_before_its_broker_waits_for_it_then_becomes_ready() {
+    let bed = Bed::new("early", 2, Framing::Plain);
+    let port = harness::free_port();
+    let cfg = bed.config("a", FEED);
+    rewrite(
+        &cfg,
+        &[
+            ("brokers", format!("brokers = \"127.0.0.1:{port}\"")),
+            (
+                "startup_wait_ms",
+                format!("startup_wait_ms = {}", harness::PATIENCE.as_millis()),
+            ),
+        ],
+    );
+    let mut svc = Service::spawn(&cfg);
+    svc.wait_for(
+        |s| {
+            s.log_all()
+                .contains("waiting for the brokers and topics")
+                .then_some(())
+        },
+        "the wait for the broker",
+    );
+    let own = harness::OwnBroker::start(port);
+    own.create_topics(&bed.topics, 2);
+    svc.wait_for(
+        |s| s.get("/readyz").filter(|(code, _)| *code == 200),
+        "readiness",
+    );
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
 /// A service started beside the job that creates its topics waits for
 /// them, saying which, then serves.
 #[test]
