@@ -35,12 +35,16 @@ static BROKER_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 extern "C" fn stop_broker() {
     if let Some(dir) = BROKER_DIR.get() {
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/broker.sh"))
-            .arg("stop")
-            .arg(dir)
-            .status();
+        stop_broker_in(dir);
     }
+}
+
+fn stop_broker_in(dir: &Path) {
+    let _ = Command::new("bash")
+        .arg(repo().join("scripts/broker.sh"))
+        .arg("stop")
+        .arg(dir)
+        .status();
 }
 
 pub fn repo() -> PathBuf {
@@ -56,22 +60,29 @@ pub fn broker() -> &'static str {
             return addr;
         }
         let dir = tempfile::tempdir().unwrap().keep();
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/broker.sh"))
-            .arg("start")
-            .arg(&dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/broker.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let addr = start_broker(&dir, None);
         BROKER_DIR.set(dir).unwrap();
         // SAFETY: registers a plain function to run at process exit.
         unsafe { libc::atexit(stop_broker) };
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        addr
     })
+}
+
+/// `scripts/broker.sh start DIR [PORT]`; the broker's address.
+fn start_broker(dir: &Path, port: Option<u16>) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/broker.sh"))
+        .arg("start")
+        .arg(dir)
+        .args(port.map(|p| p.to_string()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/broker.sh start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// A synthetic catalogue, its tokenizer and a model trained on it: built
@@ -211,19 +222,7 @@ pub struct OwnBroker {
 impl OwnBroker {
     pub fn start(port: u16) -> OwnBroker {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("bash")
-            .arg(repo().join("scripts/broker.sh"))
-            .arg("start")
-            .arg(dir.path())
-            .arg(port.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/broker.sh start on {port}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let addr = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let addr = start_broker(dir.path(), Some(port));
         OwnBroker { dir, addr }
     }
 
@@ -235,11 +234,7 @@ impl OwnBroker {
 
 impl Drop for OwnBroker {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo().join("scripts/broker.sh"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
+        stop_broker_in(self.dir.path());
     }
 }
 
