@@ -866,7 +866,9 @@ fn a_start_waits_for_a_topic_created_after_it_then_serves() {
         "the wait for the topic",
     );
     assert!(waiting.contains(&late), "{waiting}");
-    assert_ne!(svc.get("/readyz").map(|(code, _)| code), Some(200));
+    // Waiting, it is alive and not ready.
+    assert_eq!(svc.get("/healthz").map(|(code, _)| code), Some(200));
+    assert_eq!(svc.get("/readyz").map(|(code, _)| code), Some(503));
     harness::create_topic(&late, 1);
     svc.wait_for(
         |s| s.get("/readyz").filter(|(code, _)| *code == 200),
