@@ -624,6 +624,23 @@ impl Input {
         }
     }
 
+    /// Another writer for the same topics whose batches are compressed with
+    /// `codec` (a `compression.type` value), as a producer configured so
+    /// writes them.
+    pub fn compressed(&self, codec: &str) -> Input {
+        let producer = client("producer")
+            .set("linger.ms", "1")
+            .set("compression.type", codec)
+            .create()
+            .unwrap();
+        Input {
+            producer,
+            rt: runtime(),
+            topics: self.topics.clone(),
+            framing: self.framing,
+        }
+    }
+
     pub fn raw(&self, topic: &str, key: &str, payload: &[u8]) -> At {
         self.send(FutureRecord::to(topic).key(key).payload(payload))
     }

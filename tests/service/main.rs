@@ -450,6 +450,37 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
 /// before its item. It waits for the item's catalogue event and is then
 /// applied, and its user's later interactions wait behind it, so the
 /// history keeps their order; other users go on meanwhile.
+/// Producers compress their batches as they are configured to, and a batch
+/// the service's client cannot decompress is worse than a poison message:
+/// it is not a record, so it cannot be dead-lettered, and the client
+/// fetches it again and again, stalling its partition for good. Every codec
+/// a Kafka producer offers is read: one user per codec on one partition,
+/// zstd's first, so a stall behind it would starve the rest. The user ids
+/// are long (within the 256 bytes allowed) and repetitive so that each
+/// batch really is compressed (librdkafka sends a batch plain where
+/// compressing would not shrink it).
+#[test]
+fn interactions_in_batches_of_every_compression_codec_are_read() {
+    let bed = Bed::new("codecs", 1, Framing::Plain);
+    let (f, t) = (bed.fixture, &bed.topics);
+    bed.upsert_items(..15);
+    let mut svc = Service::start(&bed.config("a", "coalesce_ms = 5\nbatch_wait_ms = 5"));
+    let mut last = HashMap::new();
+    for codec in ["zstd", "lz4", "snappy", "gzip", "none"] {
+        let user = format!("{codec}-{}", "u".repeat(200));
+        let at = bed
+            .input
+            .compressed(codec)
+            .interaction(&user, &f.items[1].0);
+        last.insert(user, at);
+    }
+    let out = Output::new(&t.recommendations, 2);
+    let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &last);
+    assert_eq!(got.len(), 5);
+    assert_eq!(svc.metric("genfeed_consumer_errors_total"), Some(0.0));
+    assert!(svc.stop().success());
+}
+
 #[test]
 fn an_interaction_that_comes_before_its_item_waits_for_it_and_keeps_its_order() {
     let bed = Bed::new("early", 1, Framing::Plain);
