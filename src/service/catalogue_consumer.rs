@@ -393,7 +393,7 @@ pub fn decode_reason(e: DecodeError) -> (Reason, String) {
 
 fn content_reason(e: ContentError) -> (Reason, String) {
     let reason = match &e {
-        ContentError::Vector(_) => Reason::BadEmbedding,
+        ContentError::Vector(_) | ContentError::ZeroEmbedding { .. } => Reason::BadEmbedding,
         _ => Reason::NoContent,
     };
     (reason, e.to_string())

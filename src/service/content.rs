@@ -3,7 +3,9 @@
 //! The tokenizer's manifest says how its training items were embedded
 //! ([`EncoderSpec`]); a live item must be embedded the same way, or its
 //! vector lands in the wrong codes. An upsert carries either a ready
-//! embedding (checked for dimension and finiteness) or text fields, joined in
+//! embedding (checked for dimension, finiteness and a direction: all zeros
+//! is a producer's placeholder for "none", and the tokenizer would give it
+//! a confident SID all the same) or text fields, joined in
 //! the order the manifest lists them and run through the same sentence
 //! encoder. Under a collaborative tokenizer an upsert without an embedding
 //! is a new item nobody has touched: its content is embedded as the
@@ -35,6 +37,8 @@ pub enum ContentError {
     NoEncoder { item: String },
     #[error(transparent)]
     Vector(#[from] Box<crate::embed::EmbedError>),
+    #[error("item {item:?}: field \"embedding\" is all zeros; an item without one sends null")]
+    ZeroEmbedding { item: String },
     #[error("item {item:?}: embedding its text failed: {source}")]
     Encode {
         item: String,
@@ -70,6 +74,9 @@ pub fn content(up: &ItemUpsert, spec: &EncoderSpec) -> Result<Content, ContentEr
     let item = &up.item_id;
     if let Some(v) = &up.embedding {
         check_vector(item, "embedding", v, spec.dim()).map_err(Box::new)?;
+        if v.iter().all(|&x| x == 0.0) {
+            return Err(ContentError::ZeroEmbedding { item: item.clone() });
+        }
         return Ok(Content::Vector(v.clone()));
     }
     match spec {
@@ -225,5 +232,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("\"embedding\""), "{err}");
+    }
+
+    #[test]
+    fn an_all_zero_embedding_is_refused_naming_item_and_field() {
+        let spec = EncoderSpec::Precomputed {
+            field: "embedding".into(),
+            dim: 3,
+        };
+        let with = |v: Vec<f32>| ItemUpsert {
+            item_id: "z".into(),
+            embedding: Some(v),
+            ..Default::default()
+        };
+        let err = content(&with(vec![0.0, -0.0, 0.0]), &spec).unwrap_err();
+        assert!(matches!(err, ContentError::ZeroEmbedding { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "item \"z\": field \"embedding\" is all zeros; an item without one sends null"
+        );
+        assert!(content(&with(vec![0.0, 1e-30, 0.0]), &spec).is_ok());
     }
 }

@@ -12,7 +12,8 @@ pub enum Reason {
     UnknownSchema,
     /// Well-formed, but breaks a rule of the contract (an empty id).
     InvalidRecord,
-    /// An embedding of the wrong dimension or with a non-finite value.
+    /// An embedding of the wrong dimension, with a non-finite value, or all
+    /// zeros.
     BadEmbedding,
     /// An upsert with no content the tokenizer can read.
     NoContent,

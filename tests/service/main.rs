@@ -333,7 +333,8 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     let mut poison: Vec<(String, At, &str)> = Vec::new();
     let mut push =
         |topic: &str, at: At, reason: &'static str| poison.push((topic.to_string(), at, reason));
-    // Catalogue: wrong dimension, NaN, a retire of an unknown item.
+    // Catalogue: wrong dimension, NaN, all zeros, a retire of an unknown
+    // item.
     push(
         &t.catalogue,
         input.upsert("short", vec![0.5; 3]),
@@ -342,6 +343,8 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     let mut nan = f.items[30].1.clone();
     nan[2] = f32::NAN;
     push(&t.catalogue, input.upsert("nan", nan), "bad_embedding");
+    let zeros = vec![0.0; f.items[30].1.len()];
+    push(&t.catalogue, input.upsert("zeros", zeros), "bad_embedding");
     push(&t.catalogue, input.retire("never-seen"), "unknown_item");
     // A tombstone of a live item: not a retirement (that is an ItemRetire).
     push(
@@ -419,6 +422,11 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
             .clone()
     };
     assert!(by_reason("bad_embedding").contains("\"embedding\""));
+    let zeros = letters
+        .iter()
+        .find(|l| l.reason.contains("\"zeros\""))
+        .unwrap();
+    assert!(zeros.reason.contains("all zeros"), "{}", zeros.reason);
     assert!(by_reason("unknown_schema").contains("99"));
     assert!(by_reason("undecodable: empty").contains("tombstone"));
     let unknown = letters
@@ -438,7 +446,7 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     assert_eq!(got.len(), 2);
     assert_eq!(
         svc.metric("genfeed_dead_letters_total{reason=\"bad_embedding\"}"),
-        Some(2.0),
+        Some(3.0),
         "{:?}",
         svc.log_text()
     );
