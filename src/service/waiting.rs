@@ -101,12 +101,24 @@ impl Waiting {
 
     /// Queues `held` behind its user's waiting interactions (first in line
     /// when there are none). The caller checks [`Waiting::has_room`].
+    ///
+    /// A message already waiting is not queued twice: a partition revoked
+    /// and assigned back (a rebalance hands every partition out again) is
+    /// read again from its last commit, and the copy read first keeps its
+    /// place and its wait.
     pub fn push(&mut self, held: Held) {
-        self.len += 1;
         let queue = self
             .users
             .entry(held.interaction.user_id.clone())
             .or_default();
+        let (p, o) = (held.trigger.partition, held.trigger.offset);
+        if queue
+            .iter()
+            .any(|h| h.trigger.partition == p && h.trigger.offset == o)
+        {
+            return;
+        }
+        self.len += 1;
         if queue.is_empty() {
             let due = held.since + self.grace;
             self.wake = Some(self.wake.map_or(due, |w| w.min(due)));
@@ -170,6 +182,23 @@ mod tests {
 
     fn offsets(out: &[Held]) -> Vec<i64> {
         out.iter().map(|h| h.trigger.offset).collect()
+    }
+
+    #[test]
+    fn a_message_read_again_keeps_the_first_copy_in_its_place() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(500);
+        let mut w = Waiting::new(Duration::from_secs(2), 10);
+        w.push(held("u", "late", 1, t0));
+        w.push(held("u", "known", 2, t0));
+        w.push(held("u", "late", 1, later));
+        w.push(held("u", "known", 2, later));
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.wake(), Some(t0 + Duration::from_secs(2)));
+        let mut out = Vec::new();
+        w.ready(later, |_| true, &mut out);
+        assert_eq!(offsets(&out), [1, 2]);
+        assert_eq!(out[0].waited(later), Duration::from_millis(500));
     }
 
     #[test]

@@ -541,6 +541,63 @@ fn an_interaction_that_comes_before_its_item_waits_for_it_and_keeps_its_order() 
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+/// Interactions waiting for their item belong to their partition: when a
+/// second instance joins, every partition is revoked (eager rebalancing)
+/// and handed out again. The instance that loses one drops its waiting
+/// interactions without a word (its new owner reads them again from the
+/// last commit, which is before them); one that gets its own partition back
+/// reads them again, and the copies it still holds keep their place. Either
+/// way, when the item comes, each user gets a feed, each interaction is
+/// applied once, and nothing is dead-lettered.
+#[test]
+fn interactions_waiting_for_their_item_survive_a_rebalance() {
+    let bed = Bed::new("wait-moves", 4, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
+    let cfg = |name| bed.config_adding(name, FEED, "[catalogue]", "item_wait_ms = 3600000");
+    let mut a = Service::start(&cfg("a"));
+    a.wait_metric("genfeed_assigned_partitions", |v| v == 4.0);
+    let late = &f.items[12].0;
+    let users: Vec<String> = (0..16).map(|k| format!("w{k}")).collect();
+    let mut last = HashMap::new();
+    for u in &users {
+        last.insert(u.clone(), input.interaction(u, late));
+    }
+    let parts: BTreeSet<i32> = last.values().map(|at| at.partition).collect();
+    assert!(parts.len() >= 2, "users on one partition: {parts:?}");
+    a.wait_metric("genfeed_interactions_waiting", |v| v == 16.0);
+
+    let mut b = Service::start(&cfg("b"));
+    b.wait_metric("genfeed_assigned_partitions", |v| v >= 1.0);
+    a.wait_metric("genfeed_assigned_partitions", |v| (1.0..4.0).contains(&v));
+    input.upsert(late, f.items[12].1.clone());
+    let out = Output::new(&t.recommendations, 2);
+    let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &last);
+    let live: BTreeSet<String> = f.items[..10]
+        .iter()
+        .chain([&f.items[12]])
+        .map(|(id, _)| id.clone())
+        .collect();
+    for u in &users {
+        assert_eq!(
+            items_of(&got[u]),
+            expected(&live, std::slice::from_ref(late)),
+            "{u}"
+        );
+    }
+    for s in [&mut a, &mut b] {
+        s.wait_metric("genfeed_interactions_waiting", |v| v == 0.0);
+        assert_eq!(
+            s.metric("genfeed_dead_letters_total{reason=\"unknown_item\"}"),
+            Some(0.0)
+        );
+        // Applied once: a second copy would be dropped as a replay.
+        assert_eq!(s.metric("genfeed_interactions_replayed_total"), Some(0.0));
+    }
+    assert!(a.stop().success(), "{}", a.log_text());
+    assert!(b.stop().success(), "{}", b.log_text());
+}
+
 #[test]
 fn oversized_messages_cost_one_dead_letter_each_cut_to_fit_and_the_service_goes_on() {
     use genfeed::contract::{DeadLetter, ItemUpsert};
