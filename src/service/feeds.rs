@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::delivery::{Outbox, Sent};
-use super::histories::Histories;
+use super::histories::{Histories, HistoryError};
 use super::kafka::now_ms;
 use super::learnt::{BatchCounts, Counts, LearntSettings, SharedCounts};
 use super::metrics::Metrics;
@@ -71,9 +71,20 @@ pub enum FeedError {
 
 impl FeedWorker {
     /// Serves batches until `jobs` closes; every delivery goes to `sent`.
-    /// A batch that fails (a history that cannot be read, a model error)
-    /// costs its users a dead letter each, not the worker.
-    pub fn run(self, mut jobs: mpsc::Receiver<Vec<Job>>, sent: mpsc::Sender<Sent>) {
+    /// A batch that fails (a corrupt history, a model error) costs its users
+    /// a dead letter each, not the worker.
+    ///
+    /// A histories store that fails (a full disk, an I/O error) is another
+    /// matter: it is not one batch's fault, every batch after would fail
+    /// alike, and dead-lettering them all would throw good interactions
+    /// away, as fast as they come. So the worker stops and returns the
+    /// error, the service stops with it, and the batch's interactions, never
+    /// finished, stay uncommitted: a restart reads them again.
+    pub fn run(
+        self,
+        mut jobs: mpsc::Receiver<Vec<Job>>,
+        sent: mpsc::Sender<Sent>,
+    ) -> Result<(), FeedError> {
         let mut scratch = Scratch {
             generator: Generator::new(&self.model).with_fresh_share(self.fresh_share),
             ords: Vec::new(),
@@ -99,6 +110,10 @@ impl FeedWorker {
                         .map(|(job, items)| self.feed(job, items))
                         .collect()
                 }
+                Err(e @ FeedError::History(HistoryError::Store(_))) => {
+                    tracing::error!(error = %e, "the histories store failed: stopping");
+                    return Err(e);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, users = batch.len(), "a feed batch failed");
                     let detail = format!("the feed batch failed: {e}");
@@ -122,10 +137,11 @@ impl FeedWorker {
             };
             for s in out {
                 if sent.blocking_send(s).is_err() {
-                    return;
+                    return Ok(());
                 }
             }
         }
+        Ok(())
     }
 
     /// One feed per job of the batch, in order: the histories read, one

@@ -346,9 +346,18 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         learnt: learning.counts.clone(),
     };
     let worker_sent = sent_tx.clone();
-    let worker = std::thread::Builder::new()
+    // The worker's end is awaited beside the consumers': a store it cannot
+    // write stops the service (`FeedWorker::run`). A panic drops the sender.
+    let (worker_tx, mut worker_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
         .name("feeds".into())
-        .spawn(move || worker.run(jobs_rx, worker_sent))?;
+        .spawn(move || {
+            let _ = worker_tx.send(worker.run(jobs_rx, worker_sent));
+        })?;
+    let worker_result = |r: Result<Result<(), feeds::FeedError>, _>| match r {
+        Ok(r) => r.context("the feed worker stopped"),
+        Err(_) => Err(anyhow::anyhow!("the feed worker panicked")),
+    };
     let acker = tokio::spawn(delivery::acknowledge(
         sent_rx,
         outbox.clone(),
@@ -384,30 +393,43 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let mut input = tokio::spawn(interactions.run(messages_rx, stop.clone()));
     tracing::info!("running");
 
-    let failure = tokio::select! {
+    let mut worker_ended = false;
+    let ended = tokio::select! {
         _ = signals.recv() => None,
         r = &mut input => Some(r.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into))),
         r = &mut cat_task => Some(r.map_err(anyhow::Error::from).and_then(|r| r.map_err(Into::into))),
+        r = &mut worker_rx => {
+            worker_ended = true;
+            Some(worker_result(r))
+        }
     };
+    let signalled = ended.is_none();
+    // The first error is the one reported; later ones are logged, as they
+    // often follow from it (a full disk fails every store in turn).
+    let mut error = ended.and_then(Result::err);
     tracing::info!("stopping: draining pending feeds");
     let _ = stop_tx.send(true);
     // Everything read is answered and acknowledged, unless that takes
     // longer than `limits.drain_ms` or a second signal says not to wait.
     let drain = async {
-        if failure.is_none() {
+        if signalled {
             input.await??;
         }
         scheduler.await?;
-        tokio::task::spawn_blocking(move || worker.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the feed worker panicked"))?;
+        if !worker_ended {
+            worker_result(worker_rx.await)?;
+        }
         acker.await?;
         anyhow::Ok(())
     };
     let drain_time = Duration::from_millis(cfg.limits.drain_ms);
     let drained = tokio::select! {
         r = tokio::time::timeout(drain_time, drain) => match r {
-            Ok(r) => { r?; true }
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                keep_first(&mut error, e, "draining");
+                false
+            }
             Err(_) => {
                 tracing::warn!(ms = cfg.limits.drain_ms, "limits.drain_ms is over; committing what was acknowledged and stopping");
                 false
@@ -437,10 +459,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!(error = %e, "final commit"),
         Err(_) => tracing::warn!("final commit: no answer in 5 s"),
     }
-    histories.flush()?;
+    if let Err(e) = histories.flush() {
+        keep_first(&mut error, e.into(), "flushing the histories");
+    }
     learning.stop();
-    if drained && (!cat_task.is_finished() || failure.is_none()) {
-        cat_task.await??;
+    if drained && (!cat_task.is_finished() || signalled) {
+        match cat_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => keep_first(&mut error, e.into(), "the catalogue consumer"),
+            Err(e) => keep_first(&mut error, e.into(), "the catalogue consumer"),
+        }
     }
     if drained {
         let _ = lag.await;
@@ -469,9 +497,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         drained,
         "stopped"
     );
-    match failure {
-        Some(r) => r,
-        None => Ok(()),
+    error.map_or(Ok(()), Err)
+}
+
+/// Keeps `e` as the error to report if it is the first, else logs it.
+fn keep_first(error: &mut Option<anyhow::Error>, e: anyhow::Error, what: &str) {
+    match error {
+        None => *error = Some(e),
+        Some(_) => tracing::warn!(error = %e, what, "after the first error"),
     }
 }
 

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -478,15 +479,25 @@ impl Service {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_genfeed"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_genfeed"));
+        command
             .arg("run")
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .unwrap();
+            .stderr(logfile);
+        // SAFETY: only `signal`, which is async-signal-safe, runs between
+        // fork and exec. SIGXFSZ ignored, a write past a file-size limit
+        // (`limit_file_size`) fails with EFBIG, as on a full disk, instead
+        // of killing the process; without a limit it never comes.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let child = command.spawn().unwrap();
         let mut svc = Service {
             child: Some(child),
             state,
@@ -559,6 +570,43 @@ impl Service {
             |s| s.metric(series).filter(|v| ok(*v)),
             &format!("metric {series}"),
         )
+    }
+
+    /// From now on, no file the service writes may grow past `bytes`: its
+    /// stores fail as on a full disk.
+    pub fn limit_file_size(&self, bytes: u64) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        let limit = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: sets a resource limit of our own child.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    /// Whether the process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Waits for the service to exit by itself; fails if [`PATIENCE`] runs
+    /// out first.
+    pub fn exited(&mut self) -> ExitStatus {
+        let c = self.child.as_mut().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < PATIENCE,
+                "the service did not exit:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn kill9(&mut self) {

@@ -598,6 +598,56 @@ fn interactions_waiting_for_their_item_survive_a_rebalance() {
     assert!(b.stop().success(), "{}", b.log_text());
 }
 
+/// A histories store that cannot write (a full disk; here a file-size
+/// limit, which fails writes the same way) is not the fault of the
+/// interactions in flight, and would fail every one after them: the service
+/// stops with the store's error instead of dead-lettering them all, and a
+/// restart with room answers every interaction, none lost.
+#[test]
+fn a_store_that_cannot_write_stops_the_service_and_a_restart_loses_nothing() {
+    let bed = Bed::new("disk-full", 2, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..15);
+    let cfg = bed.config("a", FEED);
+    let mut svc = Service::start(&cfg);
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let mut last = HashMap::new();
+    let wave = |last: &mut HashMap<String, At>, from: usize, n: usize| {
+        for k in from..from + n {
+            let u = format!("u{k}");
+            last.insert(u.clone(), input.interaction(&u, &f.items[k % 15].0));
+        }
+    };
+    wave(&mut last, 0, 20);
+    feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    // The histories file may not grow: new users soon need it to.
+    let histories = svc.state.join("histories/histories.redb");
+    svc.limit_file_size(std::fs::metadata(&histories).unwrap().len());
+    let mut users = 20;
+    while svc.running() && users < 10_000 {
+        wave(&mut last, users, 200);
+        users += 200;
+    }
+    let status = svc.exited();
+    let log = svc.log_all();
+    assert!(!log.contains("dead letter"), "{log}");
+    assert_eq!(status.code(), Some(2), "{log}");
+    // The feed worker or the consumer's appends, whichever writes first.
+    assert!(log.contains("File too large"), "{log}");
+    let error = &log[log.rfind("\nerror: ").unwrap()..];
+    assert!(error.contains("histories.redb"), "{log}");
+
+    let mut svc = Service::start(&cfg);
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    assert_eq!(got.len(), users);
+    assert_eq!(
+        svc.metric("genfeed_dead_letters_total{reason=\"feed_failed\"}"),
+        Some(0.0)
+    );
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
 #[test]
 fn oversized_messages_cost_one_dead_letter_each_cut_to_fit_and_the_service_goes_on() {
     use genfeed::contract::{DeadLetter, ItemUpsert};
