@@ -593,20 +593,7 @@ impl Service {
     /// Waits for the service to exit by itself; fails if [`PATIENCE`] runs
     /// out first.
     pub fn exited(&mut self) -> ExitStatus {
-        let c = self.child.as_mut().unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "the service did not exit:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_exit("the service did not exit")
     }
 
     pub fn kill9(&mut self) {
@@ -621,15 +608,19 @@ impl Service {
         let c = self.child.as_mut().unwrap();
         // SAFETY: sends a signal to our own child.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        self.wait_exit("SIGTERM did not stop the service")
+    }
+
+    fn wait_exit(&mut self, failure: &str) -> ExitStatus {
         let start = Instant::now();
         loop {
-            if let Some(status) = c.try_wait().unwrap() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
                 return status;
             }
             assert!(
                 start.elapsed() < PATIENCE,
-                "SIGTERM did not stop the service:\n{}",
+                "{failure}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
