@@ -18,15 +18,15 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{ends_consumption, now_ms, Recovered, MARKER_KEY};
+use super::kafka::{ends_consumption, now_ms, MarkerProducer, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -103,8 +103,13 @@ impl ConsumerContext for Rebalancing {
 pub struct Restore {
     pub histories: Arc<Histories>,
     pub topic: String,
-    pub reader: BaseConsumer,
-    pub marker: BaseProducer,
+    /// The changelog reader's settings: a reader is made for each restore
+    /// and dropped after, as one kept idle between restores is never
+    /// polled, and librdkafka queues every error it meets (one per
+    /// reconnect while the broker is away) until a poll, or its close,
+    /// hands them all out: 443 log lines at once after 90 s away.
+    pub reader: ClientConfig,
+    pub marker: MarkerProducer,
     pub instance: String,
     pub timeout: Duration,
 }
@@ -153,10 +158,17 @@ impl Restore {
                 },
             );
         }
+        let reader: BaseConsumer = match self.reader.create() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, topic = %self.topic, "cannot make the changelog reader; histories are not restored");
+                return;
+            }
+        };
         if let Err(e) = self
             .marker
             .flush(self.timeout)
-            .and_then(|()| self.reader.assign(&tpl))
+            .and_then(|()| reader.assign(&tpl))
         {
             tracing::error!(error = %e, topic = %self.topic, "cannot mark or read the changelog; histories are not restored");
             return;
@@ -170,7 +182,7 @@ impl Restore {
                 );
                 break;
             }
-            let m = match self.reader.poll(Duration::from_millis(200)) {
+            let m = match reader.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
                     recovered.note(&e);
@@ -198,7 +210,7 @@ impl Restore {
                 }
             }
         }
-        let _ = self.reader.unassign();
+        let _ = reader.unassign();
         for (p, r) in &state {
             if let Some(end) = r.end {
                 if let Err(e) = self.histories.set_changelog_offset(*p, end) {

@@ -201,6 +201,37 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// A marker producer: it writes a record per restore or catch-up, and is
+/// polled on its own thread (one nobody polls queues every error it meets
+/// while the broker is away, until a poll or its close hands them all out).
+pub type MarkerProducer = rdkafka::producer::ThreadedProducer<Quiet>;
+
+/// Creates a [`MarkerProducer`].
+pub fn marker_producer(cfg: &KafkaConfig) -> rdkafka::error::KafkaResult<MarkerProducer> {
+    producer_config(cfg).create_with_context(Quiet)
+}
+
+/// The context of a client whose own errors are not worth a line each: the
+/// main clients report the same broker trouble, and the calls it serves
+/// return their own errors. They are logged at debug level.
+pub struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(fac, message, "librdkafka (marker)");
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka (marker)");
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Quiet {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
 /// Whether an error a consumer hands out ends the service. librdkafka
 /// reports most of them (a broker restarting, a connection lost, a fetch
 /// timing out) as information and recovers by itself, so ending on them

@@ -70,7 +70,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
-use super::kafka::{now_ms, partitions, Recovered, MARKER_KEY, METADATA_TIMEOUT};
+use super::kafka::{now_ms, partitions, MarkerProducer, Recovered, MARKER_KEY, METADATA_TIMEOUT};
 use super::metrics::Metrics;
 use super::view::View;
 use crate::model::Learnt;
@@ -426,7 +426,7 @@ impl Learner {
 pub struct LearntReader {
     pub learner: Learner,
     pub consumer: BaseConsumer,
-    pub marker: rdkafka::producer::BaseProducer,
+    pub marker: MarkerProducer,
     pub topic: String,
     pub instance: String,
     pub shared: SharedCounts,

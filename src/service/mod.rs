@@ -168,10 +168,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                             FetchWait::Latency,
                         );
                         c.set("enable.auto.commit", "false");
-                        c.create().context("creating the changelog reader")?
+                        c
                     },
-                    marker: kafka::producer_config(k)
-                        .create()
+                    marker: kafka::marker_producer(k)
                         .context("creating the changelog marker producer")?,
                     instance: instance_id(&paths.state_dir),
                     timeout: Duration::from_secs(60),
@@ -677,9 +676,7 @@ fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learni
         consumer: client
             .create()
             .context("creating the learnt counts' changelog reader")?,
-        marker: kafka::producer_config(k)
-            .create()
-            .context("creating the learnt counts' marker producer")?,
+        marker: kafka::marker_producer(k).context("creating the learnt counts' marker producer")?,
         topic: k.histories_topic.clone(),
         instance: instance_id(&cfg.paths.state_dir),
         shared: shared.clone(),
