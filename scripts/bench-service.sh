@@ -38,7 +38,8 @@ work=$(mktemp -d)
 genfeed=${GENFEED:-}
 if [ -z "$genfeed" ]; then
   cargo build --release --locked --quiet
-  genfeed="$root/target/release/genfeed"
+  # Where cargo put it: CARGO_TARGET_DIR, when set, moves the build.
+  genfeed="$(cd "$root" && realpath -m "${CARGO_TARGET_DIR:-target}")/release/genfeed"
 fi
 service_pid=""
 cleanup() {

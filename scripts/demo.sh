@@ -31,7 +31,8 @@ bash scripts/install-minilm.sh >/dev/null
 export GENFEED_TEXT_MODEL="$root/models/all-minilm-l6-v2"
 bash scripts/broker.sh install >/dev/null
 cargo build --release --locked --quiet
-genfeed="$root/target/release/genfeed"
+# Where cargo put it: CARGO_TARGET_DIR, when set, moves the build.
+genfeed="$(cd "$root" && realpath -m "${CARGO_TARGET_DIR:-target}")/release/genfeed"
 
 if [ $# -ge 1 ]; then
   data=$(cd "$1" && pwd)

@@ -9,7 +9,7 @@ work=$(mktemp -d); mkdir -p $work/broker
 addr=$(bash scripts/broker.sh start $work/broker)
 bash scripts/broker.sh topics "$addr" catalogue:1:cleanup.policy=compact interactions:4 recommendations:4 dead-letters:1 histories:4:cleanup.policy=compact >/dev/null
 sed "s|^brokers = .*|brokers = \"$addr\"|; s|^state_dir = .*|state_dir = \"$work/state\"|; s|^tokenizer = .*|tokenizer = \"$PWD/runs/demo/tokenizer\"|; s|^model = \"model\"|model = \"$PWD/runs/demo/model\"|" runs/demo/service.toml > $work/service.toml
-g=target/release/genfeed
+g=$(realpath -m "${CARGO_TARGET_DIR:-target}")/release/genfeed
 ready() { # seconds from $1 (ms) to /readyz 200
   for _ in $(seq 1 400); do
     if [ -s $work/state/http.addr ]; then hp=$(cat $work/state/http.addr)
