@@ -47,6 +47,9 @@ pub struct Rebalancing {
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
     pub restore: Restore,
+    /// Told after every revoke: the interactions of revoked partitions that
+    /// wait for their items are dropped by [`InteractionConsumer::run`].
+    pub revoked: watch::Sender<()>,
 }
 
 impl ClientContext for Rebalancing {}
@@ -74,6 +77,7 @@ impl ConsumerContext for Rebalancing {
                 }
             }
             self.offsets.revoke(parts);
+            self.revoked.send_replace(());
             self.metrics.assigned_partitions.set(0);
         }
     }
@@ -260,6 +264,8 @@ pub struct InteractionConsumer {
     /// Changes when the catalogue consumer publishes a view: a waiting
     /// interaction's item may have come.
     pub published: watch::Receiver<()>,
+    /// Changes after a revoke ([`Rebalancing::revoked`]).
+    pub revoked: watch::Receiver<()>,
     pub waiting: Waiting,
     pub histories: Arc<Histories>,
     pub offsets: Arc<Offsets>,
@@ -292,6 +298,7 @@ impl InteractionConsumer {
     ) -> Result<(), InteractionError> {
         let mut ready = Vec::new();
         let mut catalogue_open = true;
+        let mut rebalancing_open = true;
         let mut recovered = Recovered::new("interactions", self.metrics.consumer_errors.clone());
         loop {
             let wake = self.waiting.wake();
@@ -320,6 +327,14 @@ impl InteractionConsumer {
                 r = self.published.changed(), if waiting && catalogue_open => {
                     catalogue_open = r.is_ok();
                     true
+                }
+                r = self.revoked.changed(), if rebalancing_open => {
+                    rebalancing_open = r.is_ok();
+                    let offsets = &self.offsets;
+                    self.waiting
+                        .retain(|h| offsets.holds(h.trigger.partition, h.trigger.offset));
+                    self.metrics.waiting.set(self.waiting.len() as i64);
+                    false
                 }
                 _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => true,
                 _ = stop.changed() => break,

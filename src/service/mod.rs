@@ -151,6 +151,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // restored, once the catalogue is loaded.
     let offsets = Arc::new(Offsets::default());
     let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (revoked_tx, revoked_rx) = watch::channel(());
     let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
         kafka::consumer_config(k, &k.group_id, FetchWait::Latency)
             .create_with_context(Rebalancing {
@@ -175,6 +176,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     instance: instance_id(&paths.state_dir),
                     timeout: Duration::from_secs(60),
                 },
+                revoked: revoked_tx,
             })
             .context("creating the interactions consumer")?,
     );
@@ -370,6 +372,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         topic: k.interactions_topic.clone(),
         view,
         published: published_rx,
+        revoked: revoked_rx,
         waiting: Waiting::new(
             Duration::from_millis(cfg.catalogue.item_wait_ms),
             cfg.catalogue.item_wait_max,

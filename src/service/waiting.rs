@@ -158,6 +158,27 @@ impl Waiting {
             out.extend(queue);
         }
     }
+
+    /// Keeps only the interactions `keep` accepts, each user's in order:
+    /// after a revoke, those of partitions this instance no longer owns go
+    /// (their new owner reads them again), so that the room and
+    /// `genfeed_interactions_waiting` count only what waits here.
+    pub fn retain(&mut self, keep: impl Fn(&Held) -> bool) {
+        let grace = self.grace;
+        let mut wake: Option<Instant> = None;
+        let mut len = 0;
+        self.users.retain(|_, queue| {
+            queue.retain(|h| keep(h));
+            len += queue.len();
+            if let Some(first) = queue.front() {
+                let due = first.since + grace;
+                wake = Some(wake.map_or(due, |w| w.min(due)));
+            }
+            !queue.is_empty()
+        });
+        self.len = len;
+        self.wake = wake;
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +260,29 @@ mod tests {
         w.ready(t1 + grace, |_| false, &mut out);
         assert_eq!(offsets(&out), [1, 2]);
         assert_eq!((w.len(), w.wake()), (0, None));
+    }
+
+    #[test]
+    fn interactions_of_a_revoked_partition_go_and_the_rest_keep_their_order() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(300);
+        let mut w = Waiting::new(Duration::from_secs(2), 3);
+        w.push(held("u", "late", 1, t0));
+        w.push(held("u", "late", 2, t1));
+        w.push(held("u", "late", 3, t1));
+        w.push(held("v", "late", 4, t0));
+        w.retain(|h| h.trigger.offset != 1 && h.trigger.offset != 4);
+        assert_eq!(w.len(), 2);
+        assert!(!w.holds("v"));
+        assert!(w.has_room(), "the room counts what is left");
+        assert_eq!(
+            w.wake(),
+            Some(t1 + Duration::from_secs(2)),
+            "the new first in line's grace"
+        );
+        let mut out = Vec::new();
+        w.ready(t1, |_| true, &mut out);
+        assert_eq!(offsets(&out), [2, 3]);
     }
 
     #[test]

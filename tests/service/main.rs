@@ -544,8 +544,8 @@ fn an_interaction_that_comes_before_its_item_waits_for_it_and_keeps_its_order() 
 /// Interactions waiting for their item belong to their partition: when a
 /// second instance joins, every partition is revoked (eager rebalancing)
 /// and handed out again. The instance that loses one drops its waiting
-/// interactions without a word (its new owner reads them again from the
-/// last commit, which is before them); one that gets its own partition back
+/// interactions (its new owner reads them again from the last commit,
+/// which is before them); one that gets its own partition back
 /// reads them again, and the copies it still holds keep their place. Either
 /// way, when the item comes, each user gets a feed, each interaction is
 /// applied once, and nothing is dead-lettered.
@@ -570,6 +570,13 @@ fn interactions_waiting_for_their_item_survive_a_rebalance() {
     let mut b = Service::start(&cfg("b"));
     b.wait_metric("genfeed_assigned_partitions", |v| v >= 1.0);
     a.wait_metric("genfeed_assigned_partitions", |v| (1.0..4.0).contains(&v));
+    // Each waiting interaction is counted where it waits, once: the one
+    // that lost partitions no longer counts theirs.
+    const WAITING: &str = "genfeed_interactions_waiting";
+    a.wait_for(
+        |a| (a.metric(WAITING)? + b.metric(WAITING)? == 16.0).then_some(()),
+        "the two instances' waiting interactions to add up to 16",
+    );
     input.upsert(late, f.items[12].1.clone());
     let out = Output::new(&t.recommendations, 2);
     let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &last);
