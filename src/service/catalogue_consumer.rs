@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
-use super::kafka::{ends_consumption, now_ms, partitions, Recovered, MARKER_KEY};
+use super::kafka::{ends_consumption, now_ms, partitions, Logged, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::view::{FreshSettings, ItemRef, SharedView, View};
@@ -49,7 +49,7 @@ struct Loading {
 }
 
 pub struct CatalogueConsumer {
-    pub consumer: StreamConsumer,
+    pub consumer: StreamConsumer<Logged>,
     pub topic: String,
     pub catalogue: Catalogue,
     pub text: Option<TextEncoder>,

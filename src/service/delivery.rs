@@ -27,7 +27,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::kafka::{now_ms, Wire, MARKER_KEY};
+use super::kafka::{now_ms, Logged, Wire, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -100,7 +100,7 @@ impl Letter {
 
 /// The producer and the output topics.
 pub struct Outbox {
-    producer: FutureProducer,
+    producer: FutureProducer<Logged>,
     wire: Arc<Wire>,
     feeds: Arc<str>,
     dead_letters: Arc<str>,
@@ -123,7 +123,7 @@ pub struct Topics<'a> {
 impl Outbox {
     /// `message_max_bytes` is the producer's `message.max.bytes`.
     pub fn new(
-        producer: FutureProducer,
+        producer: FutureProducer<Logged>,
         wire: Arc<Wire>,
         topics: Topics<'_>,
         message_max_bytes: usize,
@@ -482,7 +482,7 @@ mod tests {
             ..KafkaConfig::default()
         };
         let producer = super::super::kafka::producer_config(&kafka)
-            .create()
+            .create_with_context(Logged::new("producer"))
             .unwrap();
         let wire = Wire::new(&kafka, LimitsConfig::default().record()).unwrap();
         let topics = Topics {

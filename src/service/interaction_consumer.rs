@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
@@ -26,7 +27,7 @@ use tokio::time::Instant;
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{ends_consumption, now_ms, MarkerProducer, Recovered, MARKER_KEY};
+use super::kafka::{ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -50,9 +51,19 @@ pub struct Rebalancing {
     /// Told after every revoke: the interactions of revoked partitions that
     /// wait for their items are dropped by [`InteractionConsumer::run`].
     pub revoked: watch::Sender<()>,
+    /// librdkafka's own lines, throttled.
+    pub logged: Logged,
 }
 
-impl ClientContext for Rebalancing {}
+impl ClientContext for Rebalancing {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.logged.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.logged.error(error, reason);
+    }
+}
 
 impl ConsumerContext for Rebalancing {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -116,6 +127,8 @@ pub struct Restore {
     pub marker: MarkerProducer,
     pub instance: String,
     pub timeout: Duration,
+    /// The context of each reader made.
+    pub logged: Logged,
 }
 
 /// Where one partition's restore stands.
@@ -162,7 +175,10 @@ impl Restore {
                 },
             );
         }
-        let reader: BaseConsumer = match self.reader.create() {
+        let reader: BaseConsumer<Logged> = match self
+            .reader
+            .create_with_context(self.logged.clone())
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, topic = %self.topic, "cannot make the changelog reader; histories are not restored");

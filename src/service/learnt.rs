@@ -70,7 +70,9 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
-use super::kafka::{now_ms, partitions, MarkerProducer, Recovered, MARKER_KEY, METADATA_TIMEOUT};
+use super::kafka::{
+    now_ms, partitions, Logged, MarkerProducer, Recovered, MARKER_KEY, METADATA_TIMEOUT,
+};
 use super::metrics::Metrics;
 use super::view::View;
 use crate::model::Learnt;
@@ -425,7 +427,7 @@ impl Learner {
 /// commit, until `stop`.
 pub struct LearntReader {
     pub learner: Learner,
-    pub consumer: BaseConsumer,
+    pub consumer: BaseConsumer<Logged>,
     pub marker: MarkerProducer,
     pub topic: String,
     pub instance: String,

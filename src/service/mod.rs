@@ -85,7 +85,7 @@ use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
 use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
-use kafka::FetchWait;
+use kafka::{FetchWait, Logged};
 use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
 use metrics::Metrics;
 use offsets::Offsets;
@@ -130,8 +130,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let k = &cfg.kafka;
     let wire = Arc::new(kafka::Wire::new(k, cfg.limits.record())?);
-    let producer: FutureProducer = kafka::producer_config(k)
-        .create()
+    let logged = Logged::new("producer");
+    let producer: FutureProducer<Logged> = kafka::producer_config(k)
+        .create_with_context(logged.clone())
         .context("creating the producer")?;
     let outbox = Arc::new(Outbox::new(
         producer,
@@ -175,8 +176,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                         .context("creating the changelog marker producer")?,
                     instance: instance_id(&paths.state_dir),
                     timeout: Duration::from_secs(60),
+                    logged: logged.client("histories restore"),
                 },
                 revoked: revoked_tx,
+                logged: logged.client("interactions"),
             })
             .context("creating the interactions consumer")?,
     );
@@ -266,7 +269,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (published, published_rx) = watch::channel(());
     let mut cat = CatalogueConsumer {
         consumer: cat_client
-            .create()
+            .create_with_context(logged.client("catalogue"))
             .context("creating the catalogue consumer")?,
         topic: k.catalogue_topic.clone(),
         catalogue,
@@ -286,7 +289,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| check_topics(&cat.consumer, k))?;
     cat.assign()?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone()));
-    let mut learning = start_learning(&cfg, &metrics)?;
+    let mut learning = start_learning(&cfg, &metrics, &logged)?;
 
     // Interactions name items: read them once the catalogue is loaded, or
     // a backlog would dead-letter every item not read yet.
@@ -517,7 +520,7 @@ fn keep_first(error: &mut Option<anyhow::Error>, e: anyhow::Error, what: &str) {
 /// waited for, up to `kafka.startup_wait_ms`: a service started beside its
 /// broker and the job that creates its topics (a compose file, a pod) would
 /// otherwise lose that race and leave its restart to the supervisor.
-fn check_topics(client: &StreamConsumer, k: &config::KafkaConfig) -> anyhow::Result<()> {
+fn check_topics(client: &StreamConsumer<Logged>, k: &config::KafkaConfig) -> anyhow::Result<()> {
     let started = Instant::now();
     let wait = Duration::from_millis(k.startup_wait_ms);
     let mut said = String::new();
@@ -572,7 +575,7 @@ fn check_topics(client: &StreamConsumer, k: &config::KafkaConfig) -> anyhow::Res
 /// The partition counts of the interactions and histories topics, once
 /// every topic is found.
 fn topic_partitions(
-    client: &StreamConsumer,
+    client: &StreamConsumer<Logged>,
     k: &config::KafkaConfig,
     timeout: Duration,
 ) -> anyhow::Result<(usize, usize)> {
@@ -649,7 +652,11 @@ impl Learning {
 /// Starts reading the histories changelog into the learnt counts
 /// ([`learnt`]), or marks them caught up at once when `learning.enabled` is
 /// off.
-fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learning> {
+fn start_learning(
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    logged: &Logged,
+) -> anyhow::Result<Learning> {
     let l = &cfg.learning;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if !l.enabled {
@@ -677,7 +684,7 @@ fn start_learning(cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<Learni
     let reader = LearntReader {
         learner,
         consumer: client
-            .create()
+            .create_with_context(logged.client("learning"))
             .context("creating the learnt counts' changelog reader")?,
         marker: kafka::marker_producer(k).context("creating the learnt counts' marker producer")?,
         topic: k.histories_topic.clone(),
