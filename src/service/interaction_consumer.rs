@@ -11,7 +11,7 @@
 //! its dead letter); only finished offsets are stored for commit.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
+use super::kafka::{self, ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -53,6 +53,26 @@ pub struct Rebalancing {
     pub revoked: watch::Sender<()>,
     /// librdkafka's own lines, throttled.
     pub logged: Logged,
+    /// Set by an assignment of interactions partitions that the histories
+    /// topic lacks; [`poll`] hands it on and stops.
+    pub uncovered: Mutex<Option<Uncovered>>,
+}
+
+/// Interactions partitions without a histories partition: partitions were
+/// added to the interactions topic while the service ran (a start refuses
+/// unequal counts). Their users' histories would have nowhere to go, and
+/// every interaction of theirs would cost a dead letter, so the service
+/// stops and says what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "partitions {partitions:?} were assigned, but the histories topic {histories_topic:?} has \
+     {histories} partitions; the changelog needs exactly one partition per interactions \
+     partition: add partitions to it as to the interactions topic"
+)]
+pub struct Uncovered {
+    pub partitions: Vec<i32>,
+    pub histories_topic: String,
+    pub histories: usize,
 }
 
 impl ClientContext for Rebalancing {
@@ -93,10 +113,14 @@ impl ConsumerContext for Rebalancing {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions assigned");
+            if let Some(u) = self.uncovered_by(consumer, &parts) {
+                *self.uncovered.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+                return;
+            }
             // This runs on the poll path, before any message of these
             // partitions is handed out: the histories are whole when the
             // first interaction arrives.
@@ -104,6 +128,42 @@ impl ConsumerContext for Rebalancing {
             self.metrics.assigned_partitions.set(parts.len() as i64);
             self.metrics.joined.store(true, Relaxed);
         }
+    }
+}
+
+impl Rebalancing {
+    /// The assigned `parts` that the histories topic has no partition for.
+    /// Its partition count is asked for at each assignment, as partitions
+    /// may have been added to both topics since the start; when the brokers
+    /// do not answer, the restore that follows reports it.
+    fn uncovered_by(&self, consumer: &BaseConsumer<Self>, parts: &[i32]) -> Option<Uncovered> {
+        let topic = &self.restore.topic;
+        let histories = match kafka::partitions(consumer, topic) {
+            Ok(ids) => ids.len(),
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "reading the histories topic's partition count");
+                return None;
+            }
+        };
+        Uncovered::of(parts, topic, histories)
+    }
+}
+
+impl Uncovered {
+    /// The `parts` a histories topic of `histories` partitions lacks, if
+    /// any.
+    fn of(parts: &[i32], histories_topic: &str, histories: usize) -> Option<Uncovered> {
+        let mut partitions: Vec<i32> = parts
+            .iter()
+            .copied()
+            .filter(|&p| usize::try_from(p).map_or(true, |p| p >= histories))
+            .collect();
+        partitions.sort_unstable();
+        (!partitions.is_empty()).then(|| Uncovered {
+            partitions,
+            histories_topic: histories_topic.to_string(),
+            histories,
+        })
     }
 }
 
@@ -257,18 +317,44 @@ impl Restore {
     }
 }
 
-/// Polls the consumer, off the runtime, until `out` closes: messages go to
-/// `out` as they come (a full channel makes the poll wait: backpressure),
-/// and rebalances run here, between polls.
+/// What the poll thread hands on that is not a message.
+#[derive(Debug)]
+pub enum PollError {
+    /// An error the consumer reported.
+    Kafka(KafkaError),
+    /// An assignment the service cannot keep histories for; polling ends.
+    Uncovered(Uncovered),
+}
+
+/// Polls the consumer, off the runtime, until `out` closes or an
+/// assignment is [`Uncovered`]: messages go to `out` as they come (a full
+/// channel makes the poll wait: backpressure), and rebalances run here,
+/// between polls.
 pub fn poll(
     consumer: &BaseConsumer<Rebalancing>,
-    out: &mpsc::Sender<Result<OwnedMessage, KafkaError>>,
+    out: &mpsc::Sender<Result<OwnedMessage, PollError>>,
 ) {
     while !out.is_closed() {
-        let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+        let m = consumer.poll(Duration::from_millis(100));
+        // Checked before the message: an assignment runs inside the poll
+        // that returns the first message of its partitions.
+        let uncovered = consumer
+            .context()
+            .uncovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(u) = uncovered {
+            let _ = out.blocking_send(Err(PollError::Uncovered(u)));
+            return;
+        }
+        let Some(m) = m else {
             continue;
         };
-        if out.blocking_send(m.map(|m| m.detach())).is_err() {
+        if out
+            .blocking_send(m.map(|m| m.detach()).map_err(PollError::Kafka))
+            .is_err()
+        {
             return;
         }
     }
@@ -295,6 +381,8 @@ pub struct InteractionConsumer {
 pub enum InteractionError {
     #[error("interactions topic {topic:?}: {source}")]
     Kafka { topic: String, source: KafkaError },
+    #[error("interactions topic {topic:?}: {source}")]
+    Uncovered { topic: String, source: Uncovered },
     #[error(transparent)]
     History(#[from] HistoryError),
 }
@@ -309,7 +397,7 @@ impl InteractionConsumer {
     /// not committed: the next start reads them again.
     pub async fn run(
         mut self,
-        mut messages: mpsc::Receiver<Result<OwnedMessage, KafkaError>>,
+        mut messages: mpsc::Receiver<Result<OwnedMessage, PollError>>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), InteractionError> {
         let mut ready = Vec::new();
@@ -324,12 +412,18 @@ impl InteractionConsumer {
                     let Some(m) = m else { break };
                     let m = match m {
                         Ok(m) => m,
-                        Err(e) if !ends_consumption(&e) => {
+                        Err(PollError::Kafka(e)) if !ends_consumption(&e) => {
                             recovered.note(&e);
                             continue;
                         }
-                        Err(source) => {
+                        Err(PollError::Kafka(source)) => {
                             return Err(InteractionError::Kafka {
+                                topic: self.topic.clone(),
+                                source,
+                            })
+                        }
+                        Err(PollError::Uncovered(source)) => {
+                            return Err(InteractionError::Uncovered {
                                 topic: self.topic.clone(),
                                 source,
                             })
@@ -503,5 +597,23 @@ impl InteractionConsumer {
             .outbox
             .dead_letter(source, reason, detail, raw, vec![trigger]);
         self.sent.send(sent).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Uncovered;
+
+    #[test]
+    fn an_assignment_beyond_the_histories_partitions_is_uncovered() {
+        assert!(Uncovered::of(&[1, 0], "h", 2).is_none());
+        let u = Uncovered::of(&[3, 0, 2, 1], "h", 2).expect("two partitions lack one");
+        assert_eq!(u.partitions, [2, 3]);
+        let text = u.to_string();
+        assert!(
+            text.contains("partitions [2, 3] were assigned")
+                && text.contains("histories topic \"h\" has 2 partitions"),
+            "{text}"
+        );
     }
 }

@@ -180,6 +180,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 },
                 revoked: revoked_tx,
                 logged: logged.client("interactions"),
+                uncovered: Default::default(),
             })
             .context("creating the interactions consumer")?,
     );
