@@ -1,6 +1,8 @@
 //! The `genfeed` command line.
 
 mod cmd;
+#[cfg(target_os = "linux")]
+mod librdkafka_guard;
 
 use std::process::ExitCode;
 

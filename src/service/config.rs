@@ -61,7 +61,8 @@ pub struct KafkaConfig {
     /// dead letter, cut to fit.
     pub message_max_bytes: usize,
     pub wire: WireConfig,
-    /// Passed to librdkafka as they are (security, tuning).
+    /// Passed to librdkafka as they are (security, tuning), over genfeed's
+    /// own settings.
     pub properties: BTreeMap<String, String>,
 }
 

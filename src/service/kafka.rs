@@ -132,7 +132,12 @@ impl Wire {
 /// The settings every client shares, then the user's pass-through ones.
 pub fn client(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.brokers);
+    c.set("bootstrap.servers", &cfg.brokers)
+        // librdkafka's 5 min is how long a client may go on fetching a topic
+        // deleted under it (tansu's answers do not tell it) and how late it
+        // sees partitions added; a metadata request per 10 s per client is
+        // nothing to a broker.
+        .set("topic.metadata.refresh.interval.ms", "10000");
     for (k, v) in &cfg.properties {
         c.set(k, v);
     }

@@ -294,13 +294,26 @@ pub fn create_topic(name: &str, partitions: i32) {
     );
 }
 
-fn create(addr: &str, new: &[NewTopic<'_>]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+/// Deletes a topic on the test broker.
+pub fn delete_topic(name: &str) {
+    let results = runtime()
+        .block_on(admin(broker()).delete_topics(&[name], &AdminOptions::new()))
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+fn admin(addr: &str) -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", addr)
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+fn create(addr: &str, new: &[NewTopic<'_>]) {
     let results = runtime()
-        .block_on(admin.create_topics(new, &AdminOptions::new()))
+        .block_on(admin(addr).create_topics(new, &AdminOptions::new()))
         .unwrap();
     for r in results {
         r.unwrap();

@@ -655,6 +655,34 @@ fn a_store_that_cannot_write_stops_the_service_and_a_restart_loses_nothing() {
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+/// Deleting a topic the service reads crashed it: librdkafka looked a
+/// fetch response's topic up by a null name (`src/librdkafka_guard.rs`).
+/// Now the service lives through it, and reads the topic once it is made
+/// again.
+#[test]
+fn a_topic_deleted_under_the_service_and_made_again_is_read_again() {
+    let bed = Bed::new("remade", 2, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
+    let mut svc = Service::start(&bed.config("a", FEED));
+    svc.wait_metric("genfeed_assigned_partitions", |v| v == 2.0);
+    harness::delete_topic(&t.interactions);
+    svc.wait_for(
+        |s| s.log_all().contains("not found in cache").then_some(()),
+        "the fetch response that named the deleted topic by a null name",
+    );
+    harness::create_topic(&t.interactions, 2);
+    let out = Output::new(&t.recommendations, 2);
+    let mut last = HashMap::new();
+    for k in 0..8 {
+        let u = format!("r{k}");
+        last.insert(u.clone(), input.interaction(&u, &f.items[k].0));
+    }
+    let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &last);
+    assert_eq!(got.len(), 8);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
 #[test]
 fn oversized_messages_cost_one_dead_letter_each_cut_to_fit_and_the_service_goes_on() {
     use genfeed::contract::{DeadLetter, ItemUpsert};
