@@ -11,7 +11,7 @@
 //! its dead letter); only finished offsets are stored for commit.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use std::time::Duration;
 
@@ -54,8 +54,9 @@ pub struct Rebalancing {
     /// librdkafka's own lines, throttled.
     pub logged: Logged,
     /// Set by an assignment of interactions partitions that the histories
-    /// topic lacks; [`poll`] hands it on and stops.
-    pub uncovered: Mutex<Option<Uncovered>>,
+    /// topic lacks; [`poll`] hands it on and stops. Read after every poll,
+    /// so a lock-free load.
+    pub uncovered: OnceLock<Uncovered>,
 }
 
 /// Interactions partitions without a histories partition: partitions were
@@ -118,7 +119,7 @@ impl ConsumerContext for Rebalancing {
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?parts, "partitions assigned");
             if let Some(u) = self.uncovered_by(consumer, &parts) {
-                *self.uncovered.lock().unwrap_or_else(|e| e.into_inner()) = Some(u);
+                let _ = self.uncovered.set(u);
                 return;
             }
             // This runs on the poll path, before any message of these
@@ -338,14 +339,8 @@ pub fn poll(
         let m = consumer.poll(Duration::from_millis(100));
         // Checked before the message: an assignment runs inside the poll
         // that returns the first message of its partitions.
-        let uncovered = consumer
-            .context()
-            .uncovered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(u) = uncovered {
-            let _ = out.blocking_send(Err(PollError::Uncovered(u)));
+        if let Some(u) = consumer.context().uncovered.get() {
+            let _ = out.blocking_send(Err(PollError::Uncovered(u.clone())));
             return;
         }
         let Some(m) = m else {
