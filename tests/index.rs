@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use genfeed::index::{Index, Opened};
+use genfeed::index::{Index, Opened, Snapshot};
 use genfeed::sid::{Code, Sid};
 use proptest::prelude::*;
 
@@ -55,6 +55,17 @@ fn model_allowed(model: &BTreeMap<Sid, u32>, prefix: &[Code]) -> Vec<Code> {
     out
 }
 
+/// The tokens the snapshot offers after `codes`, sorted, as decoding steps
+/// through them.
+fn allowed_after(s: &Snapshot, codes: &[Code]) -> Vec<Code> {
+    let mut out = Vec::new();
+    if let Some(c) = s.seek(codes) {
+        s.allowed(c, |code| out.push(code));
+    }
+    out.sort_unstable();
+    out
+}
+
 fn check(index: &Index, model: &BTreeMap<Sid, u32>) -> Result<(), TestCaseError> {
     let s = index.reader().snapshot();
     let live: Vec<(Sid, u32)> = model.iter().map(|(&s, &o)| (s, o)).collect();
@@ -69,7 +80,7 @@ fn check(index: &Index, model: &BTreeMap<Sid, u32>) -> Result<(), TestCaseError>
                 }
                 let p = [a, b, c];
                 prop_assert_eq!(
-                    s.allowed_after(&p),
+                    allowed_after(&s, &p),
                     model_allowed(model, &p),
                     "after {:?}",
                     p
@@ -92,7 +103,7 @@ fn check(index: &Index, model: &BTreeMap<Sid, u32>) -> Result<(), TestCaseError>
                 }
             }
             prop_assert_eq!(
-                s.allowed_after(&[a, b]),
+                allowed_after(&s, &[a, b]),
                 model_allowed(model, &[a, b]),
                 "after {}-{}",
                 a,
@@ -100,13 +111,13 @@ fn check(index: &Index, model: &BTreeMap<Sid, u32>) -> Result<(), TestCaseError>
             );
         }
         prop_assert_eq!(
-            s.allowed_after(&[a]),
+            allowed_after(&s, &[a]),
             model_allowed(model, &[a]),
             "after {}",
             a
         );
     }
-    prop_assert_eq!(s.allowed_after(&[]), model_allowed(model, &[]));
+    prop_assert_eq!(allowed_after(&s, &[]), model_allowed(model, &[]));
     Ok(())
 }
 

@@ -221,7 +221,8 @@ impl Snapshot {
     }
 
     /// Tokens allowed after a prefix (empty if the prefix has no live item).
-    pub fn allowed_after(&self, codes: &[Code]) -> Vec<Code> {
+    #[cfg(test)]
+    pub(crate) fn allowed_after(&self, codes: &[Code]) -> Vec<Code> {
         let mut out = Vec::new();
         if let Some(c) = self.seek(codes) {
             self.allowed(c, |code| out.push(code));
