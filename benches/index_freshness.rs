@@ -19,6 +19,7 @@ use std::sync::Arc;
 use genfeed::catalogue::{vector_hash, Catalogue, CatalogueConfig};
 use genfeed::embed::{EncoderSpec, Vectors};
 use genfeed::index::Index;
+use genfeed::registry::Position;
 use genfeed::tokenizer::train::{train, Provenance, TrainData, TrainOptions};
 use genfeed::tokenizer::Method;
 use indicatif::ProgressBar;
@@ -85,7 +86,12 @@ fn main() {
         let v = vector(&mut rng);
         position += 1;
         catalogue
-            .upsert(&format!("item-{i}"), vector_hash(&v), &v, position)
+            .upsert(
+                &format!("item-{i}"),
+                vector_hash(&v),
+                &v,
+                Position::new(0, position),
+            )
             .unwrap();
         if i % 64 == 63 {
             catalogue.publish().unwrap();
@@ -113,7 +119,12 @@ fn main() {
                 rng.random_range(0..100_000)
             };
             catalogue
-                .upsert(&format!("item-{id}"), vector_hash(&v), &v, position)
+                .upsert(
+                    &format!("item-{id}"),
+                    vector_hash(&v),
+                    &v,
+                    Position::new(0, position),
+                )
                 .unwrap();
         },
         |catalogue| {

@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::time::Instant;
 
-use genfeed::registry::{Registry, TokenizerBinding};
+use genfeed::registry::{Position, Registry, TokenizerBinding};
 use genfeed::sid::Code;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,7 +37,7 @@ fn main() {
         r.apply_upsert(
             &format!("item-{i}"),
             [i as u8; 32],
-            position,
+            Position::new(0, position),
             generation,
             || Ok::<_, Infallible>(c),
         )
@@ -60,7 +60,7 @@ fn main() {
         r.apply_upsert(
             &format!("item-{id}"),
             [!(i as u8); 32],
-            position,
+            Position::new(0, position),
             generation,
             || Ok::<_, Infallible>(c),
         )

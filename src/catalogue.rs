@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::index::{Index, IndexError, IndexReader, Opened, Snapshot};
-use crate::registry::{LiveChange, Registry, RegistryError, TokenizerBinding};
+use crate::registry::{LiveChange, Position, Registry, RegistryError, TokenizerBinding};
 use crate::sid::{Code, Sid};
 use crate::tokenizer::FrozenTokenizer;
 
@@ -142,7 +142,7 @@ impl Catalogue {
         item_id: &str,
         content_hash: [u8; 32],
         vector: &[f32],
-        position: u64,
+        position: Position,
     ) -> Result<LiveChange, CatalogueError> {
         self.upsert_with(item_id, content_hash, position, |_| {
             Ok::<_, std::convert::Infallible>(vector.to_vec())
@@ -160,7 +160,7 @@ impl Catalogue {
         &mut self,
         item_id: &str,
         content_hash: [u8; 32],
-        position: u64,
+        position: Position,
         vector: impl FnOnce(&FrozenTokenizer) -> Result<Vec<f32>, E>,
     ) -> Result<LiveChange, CatalogueError>
     where
@@ -185,7 +185,11 @@ impl Catalogue {
 
     /// Applies a retire. An item never seen is an error for the caller to
     /// dead-letter.
-    pub fn retire(&mut self, item_id: &str, position: u64) -> Result<LiveChange, CatalogueError> {
+    pub fn retire(
+        &mut self,
+        item_id: &str,
+        position: Position,
+    ) -> Result<LiveChange, CatalogueError> {
         let change = self
             .registry
             .apply_retire(item_id, position, self.index.next_seq())?;

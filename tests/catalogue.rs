@@ -9,7 +9,7 @@ use std::sync::Arc;
 use genfeed::catalogue::{vector_hash, Catalogue, CatalogueConfig};
 use genfeed::embed::catalogue::encode_items;
 use genfeed::embed::EncoderSpec;
-use genfeed::registry::LiveChange;
+use genfeed::registry::{LiveChange, Position};
 use genfeed::sid::Sid;
 use genfeed::synth::{generate, SynthConfig};
 use genfeed::tokenizer::train::{train, Provenance, TrainData, TrainOptions};
@@ -83,7 +83,9 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     // A training item gets its training SID.
     let (train_id, train_sid) = tok.training_items()[7].clone();
     let v = vector(&mut rng);
-    let change = cat.upsert(&train_id, vector_hash(&v), &v, 1).unwrap();
+    let change = cat
+        .upsert(&train_id, vector_hash(&v), &v, Position::new(0, 1))
+        .unwrap();
     assert!(
         matches!(change, LiveChange::Added { sid, .. } if sid == train_sid),
         "{change:?}"
@@ -91,7 +93,9 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
 
     // A brand-new item: decodable at the next publish, no merge needed.
     let v = vector(&mut rng);
-    let LiveChange::Added { ord, sid } = cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap()
+    let LiveChange::Added { ord, sid } = cat
+        .upsert("brand-new", vector_hash(&v), &v, Position::new(0, 2))
+        .unwrap()
     else {
         panic!("a new item is added");
     };
@@ -107,7 +111,8 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
 
     // Replaying the same event changes nothing.
     assert_eq!(
-        cat.upsert("brand-new", vector_hash(&v), &v, 2).unwrap(),
+        cat.upsert("brand-new", vector_hash(&v), &v, Position::new(0, 2))
+            .unwrap(),
         LiveChange::Unchanged
     );
 
@@ -115,7 +120,9 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     // decodes the old SID, and nobody else gets it while that reader lives.
     let held = cat.publish().unwrap();
     let w: Vec<f32> = v.iter().map(|x| -x).collect();
-    let change = cat.upsert("brand-new", vector_hash(&w), &w, 3).unwrap();
+    let change = cat
+        .upsert("brand-new", vector_hash(&w), &w, Position::new(0, 3))
+        .unwrap();
     let LiveChange::Moved { old, new, .. } = change else {
         panic!("content change moves the SID: {change:?}");
     };
@@ -126,7 +133,12 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     assert_eq!(held.get(old), Some(ord));
     for i in 0..200 {
         let LiveChange::Added { sid: other, .. } = cat
-            .upsert(&format!("same-{i}"), vector_hash(&v), &v, 4)
+            .upsert(
+                &format!("same-{i}"),
+                vector_hash(&v),
+                &v,
+                Position::new(0, 4),
+            )
             .unwrap()
         else {
             panic!("added");
@@ -139,10 +151,10 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     drop(held);
 
     // Retire: gone at the next publish; an unknown item is an error.
-    cat.retire("brand-new", 5).unwrap();
+    cat.retire("brand-new", Position::new(0, 5)).unwrap();
     let s = cat.publish().unwrap();
     assert_eq!(s.get(new), None);
-    assert!(cat.retire("never-seen", 6).is_err());
+    assert!(cat.retire("never-seen", Position::new(0, 6)).is_err());
 
     // Merge and restart: the index equals the registry.
     cat.merge_now().unwrap();
@@ -171,10 +183,11 @@ fn crash_child(dir: &Path) {
             position += 1;
             let id = format!("item-{}", rng.random_range(0..20_000));
             if rng.random_range(0..5) == 0 {
-                let _ = cat.retire(&id, position);
+                let _ = cat.retire(&id, Position::new(0, position));
             } else {
                 let v = vector(&mut rng);
-                cat.upsert(&id, vector_hash(&v), &v, position).unwrap();
+                cat.upsert(&id, vector_hash(&v), &v, Position::new(0, position))
+                    .unwrap();
             }
         }
         cat.publish().unwrap();

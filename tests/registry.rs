@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use genfeed::registry::{
-    ItemEntry, LiveChange, Registry, RegistryError, Status, TokenizerBinding,
+    Applied, ItemEntry, LiveChange, Position, Registry, RegistryError, Status, TokenizerBinding,
     DEFAULT_FLUSH_EVERY_MS,
 };
 use genfeed::sid::{Code, Sid};
@@ -35,6 +35,11 @@ fn open(dir: &Path, training: &[(&str, &str)]) -> Registry {
     Registry::open(dir, &binding(training), Some(DEFAULT_FLUSH_EVERY_MS)).unwrap()
 }
 
+/// Offset `o` of catalogue partition 0.
+fn at(o: u64) -> Position {
+    Position::new(0, o)
+}
+
 fn hash(h: u8) -> [u8; 32] {
     [h; 32]
 }
@@ -52,7 +57,7 @@ fn no_tokenizer() -> Result<Vec<Code>, String> {
 }
 
 fn upsert(r: &mut Registry, id: &str, h: u8, pos: u64, c: &[Code]) -> LiveChange {
-    r.apply_upsert(id, hash(h), pos, 0, codes(c)).unwrap()
+    r.apply_upsert(id, hash(h), at(pos), 0, codes(c)).unwrap()
 }
 
 fn live(r: &Registry) -> Vec<(Sid, u32)> {
@@ -96,8 +101,8 @@ fn new_items_take_the_smallest_free_code_of_their_prefix() {
     assert_eq!(r.item_id(3).unwrap(), None);
     let e = r.get("c").unwrap().unwrap();
     assert_eq!(
-        (e.status, e.position, e.content_hash),
-        (Status::Live, Some(2), hash(1))
+        (e.status, e.applied.last(), e.content_hash),
+        (Status::Live, Some(at(2)), hash(1))
     );
     r.check().unwrap();
 }
@@ -111,7 +116,7 @@ fn training_items_keep_their_training_sids() {
         (e.ord, e.sid, e.status),
         (1, Some(sid("1-2-2")), Status::Reserved)
     );
-    assert_eq!(e.position, None);
+    assert!(e.applied.is_empty());
     assert!(live(&r).is_empty(), "reserved SIDs are not live");
     // A new item with the same prefix gets the code the training items left free.
     assert_eq!(
@@ -123,7 +128,9 @@ fn training_items_keep_their_training_sids() {
     );
     // A training item gets its training SID without running the tokenizer,
     // whatever its content hash.
-    let t1 = r.apply_upsert("t1", hash(7), 0, 0, no_tokenizer).unwrap();
+    let t1 = r
+        .apply_upsert("t1", hash(7), at(0), 0, no_tokenizer)
+        .unwrap();
     assert_eq!(
         t1,
         LiveChange::Added {
@@ -134,7 +141,7 @@ fn training_items_keep_their_training_sids() {
     assert_eq!(live(&r), vec![(sid("1-2-1"), 2), (sid("1-2-2"), 1)]);
     // 1-2-0 is still reserved for t0, and the prefix is full.
     let err = r
-        .apply_upsert("other", hash(1), 1, 0, codes(&[1, 2]))
+        .apply_upsert("other", hash(1), at(1), 0, codes(&[1, 2]))
         .unwrap_err();
     assert!(matches!(err, RegistryError::PrefixFull { ref item, .. } if item == "other"));
     r.check().unwrap();
@@ -148,16 +155,59 @@ fn replays_change_nothing_and_skip_the_tokenizer() {
     let before = r.get("a").unwrap();
     // The same event again, and an older one with other content.
     for (h, pos) in [(1, 5), (2, 4)] {
-        let change = r.apply_upsert("a", hash(h), pos, 0, no_tokenizer).unwrap();
+        let change = r
+            .apply_upsert("a", hash(h), at(pos), 0, no_tokenizer)
+            .unwrap();
         assert_eq!(change, LiveChange::Unchanged);
     }
-    assert_eq!(r.apply_retire("a", 5, 0).unwrap(), LiveChange::Unchanged);
+    assert_eq!(
+        r.apply_retire("a", at(5), 0).unwrap(),
+        LiveChange::Unchanged
+    );
     assert_eq!(r.get("a").unwrap(), before);
     assert_eq!(r.live_count(), 1);
     // A newer event with the same content only moves the position.
-    let change = r.apply_upsert("a", hash(1), 9, 0, no_tokenizer).unwrap();
+    let change = r
+        .apply_upsert("a", hash(1), at(9), 0, no_tokenizer)
+        .unwrap();
     assert_eq!(change, LiveChange::Unchanged);
-    assert_eq!(r.get("a").unwrap().unwrap().position, Some(9));
+    assert_eq!(r.get("a").unwrap().unwrap().applied.last(), Some(at(9)));
+    r.check().unwrap();
+}
+
+#[test]
+fn a_later_event_on_another_partition_is_applied_whatever_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = open(dir.path(), &[]);
+    upsert(&mut r, "a", 1, 50, &[1, 2]);
+    // A producer that does not key by item id sent the retire to partition
+    // 1, whose offsets are far behind partition 0's.
+    assert_eq!(
+        r.apply_retire("a", Position::new(1, 3), 0).unwrap(),
+        LiveChange::Retired {
+            ord: 0,
+            sid: sid("1-2-0")
+        }
+    );
+    assert!(live(&r).is_empty());
+    // Both events are replays now, whichever partition is read again first.
+    assert_eq!(
+        r.apply_upsert("a", hash(1), at(50), 0, no_tokenizer)
+            .unwrap(),
+        LiveChange::Unchanged
+    );
+    assert_eq!(
+        r.apply_retire("a", Position::new(1, 3), 0).unwrap(),
+        LiveChange::Unchanged
+    );
+    assert!(live(&r).is_empty());
+    // The entry remembers both partitions across a reopen.
+    drop(r);
+    let r = open(dir.path(), &[]);
+    let applied = r.get("a").unwrap().unwrap().applied;
+    assert!(applied.replays(at(50)) && applied.replays(Position::new(1, 3)));
+    assert!(!applied.replays(Position::new(1, 4)));
+    assert_eq!(applied.partitions().collect::<Vec<_>>(), [0, 1]);
     r.check().unwrap();
 }
 
@@ -166,7 +216,9 @@ fn a_content_change_moves_the_item_and_keeps_its_old_sid_bound() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = open(dir.path(), &[]);
     upsert(&mut r, "a", 1, 0, &[1, 2]);
-    let moved = r.apply_upsert("a", hash(2), 1, 4, codes(&[5, 6])).unwrap();
+    let moved = r
+        .apply_upsert("a", hash(2), at(1), 4, codes(&[5, 6]))
+        .unwrap();
     assert_eq!(
         moved,
         LiveChange::Moved {
@@ -194,7 +246,9 @@ fn a_content_change_moves_the_item_and_keeps_its_old_sid_bound() {
         }
     );
     // New content with the same prefix keeps the SID.
-    let same_prefix = r.apply_upsert("a", hash(3), 4, 0, codes(&[5, 6])).unwrap();
+    let same_prefix = r
+        .apply_upsert("a", hash(3), at(4), 0, codes(&[5, 6]))
+        .unwrap();
     assert_eq!(same_prefix, LiveChange::Unchanged);
     let e = r.get("a").unwrap().unwrap();
     assert_eq!((e.sid, e.content_hash), (Some(sid("5-6-0")), hash(3)));
@@ -207,25 +261,34 @@ fn retiring_takes_the_sid_out_of_the_live_set() {
     let mut r = open(dir.path(), &[("t0", "7-7-0")]);
     upsert(&mut r, "a", 1, 0, &[1, 2]);
     assert_eq!(
-        r.apply_retire("a", 1, 3).unwrap(),
+        r.apply_retire("a", at(1), 3).unwrap(),
         LiveChange::Retired {
             ord: 1,
             sid: sid("1-2-0")
         }
     );
-    assert_eq!(r.apply_retire("a", 1, 3).unwrap(), LiveChange::Unchanged);
-    assert_eq!(r.apply_retire("a", 2, 3).unwrap(), LiveChange::Unchanged);
+    assert_eq!(
+        r.apply_retire("a", at(1), 3).unwrap(),
+        LiveChange::Unchanged
+    );
+    assert_eq!(
+        r.apply_retire("a", at(2), 3).unwrap(),
+        LiveChange::Unchanged
+    );
     let e = r.get("a").unwrap().unwrap();
     assert_eq!(
-        (e.status, e.sid, e.retired_generation, e.position),
-        (Status::Retired, Some(sid("1-2-0")), Some(3), Some(2))
+        (e.status, e.sid, e.retired_generation, e.applied.last()),
+        (Status::Retired, Some(sid("1-2-0")), Some(3), Some(at(2)))
     );
     assert!(live(&r).is_empty());
     assert_eq!(r.live_count(), 0);
     // Retiring a training item that never went live changes no live SID.
-    assert_eq!(r.apply_retire("t0", 3, 3).unwrap(), LiveChange::Unchanged);
+    assert_eq!(
+        r.apply_retire("t0", at(3), 3).unwrap(),
+        LiveChange::Unchanged
+    );
     assert_eq!(r.get("t0").unwrap().unwrap().status, Status::Retired);
-    let err = r.apply_retire("ghost", 4, 3).unwrap_err();
+    let err = r.apply_retire("ghost", at(4), 3).unwrap_err();
     assert!(matches!(err, RegistryError::UnknownItem(ref id) if id == "ghost"));
     assert_eq!(r.get("ghost").unwrap(), None);
     r.check().unwrap();
@@ -237,10 +300,12 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
     let mut r = open(dir.path(), &[]);
     upsert(&mut r, "a", 1, 0, &[1, 2]);
     upsert(&mut r, "b", 1, 1, &[3, 4]);
-    r.apply_retire("a", 2, 1).unwrap();
-    r.apply_retire("b", 3, 1).unwrap();
+    r.apply_retire("a", at(2), 1).unwrap();
+    r.apply_retire("b", at(3), 1).unwrap();
     // Same content: old SID, no tokenizer.
-    let a = r.apply_upsert("a", hash(1), 4, 1, no_tokenizer).unwrap();
+    let a = r
+        .apply_upsert("a", hash(1), at(4), 1, no_tokenizer)
+        .unwrap();
     assert_eq!(
         a,
         LiveChange::Added {
@@ -249,7 +314,9 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
         }
     );
     // Other content and prefix: a new SID; the old one stays bound until release.
-    let b = r.apply_upsert("b", hash(2), 5, 1, codes(&[5, 6])).unwrap();
+    let b = r
+        .apply_upsert("b", hash(2), at(5), 1, codes(&[5, 6]))
+        .unwrap();
     assert_eq!(
         b,
         LiveChange::Added {
@@ -266,7 +333,7 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
     );
     r.check().unwrap();
     // Released: the retired item's SID is gone and goes to the next comer.
-    r.apply_retire("a", 7, 2).unwrap();
+    r.apply_retire("a", at(7), 2).unwrap();
     assert_eq!(r.release(2).unwrap(), 2);
     let e = r.get("a").unwrap().unwrap();
     assert_eq!((e.status, e.sid), (Status::Retired, None));
@@ -278,7 +345,8 @@ fn a_retired_item_comes_back_under_its_old_sid_until_released() {
         }
     );
     assert_eq!(
-        r.apply_upsert("a", hash(1), 9, 2, codes(&[1, 2])).unwrap(),
+        r.apply_upsert("a", hash(1), at(9), 2, codes(&[1, 2]))
+            .unwrap(),
         LiveChange::Added {
             ord: 0,
             sid: sid("1-2-1")
@@ -296,7 +364,7 @@ fn failed_events_leave_the_registry_unchanged() {
     }
     upsert(&mut r, "x", 1, 3, &[7, 7]);
     let err = r
-        .apply_upsert("d", hash(1), 4, 0, codes(&[1, 2]))
+        .apply_upsert("d", hash(1), at(4), 0, codes(&[1, 2]))
         .unwrap_err();
     let RegistryError::PrefixFull { item, source } = &err else {
         panic!("{err}");
@@ -310,25 +378,27 @@ fn failed_events_leave_the_registry_unchanged() {
         "{err}"
     );
     let err = r
-        .apply_upsert("d", hash(1), 4, 0, no_tokenizer)
+        .apply_upsert("d", hash(1), at(4), 0, no_tokenizer)
         .unwrap_err();
     assert!(err.to_string().contains("the tokenizer ran"), "{err}");
-    let err = r.apply_upsert("d", hash(1), 4, 0, codes(&[1])).unwrap_err();
+    let err = r
+        .apply_upsert("d", hash(1), at(4), 0, codes(&[1]))
+        .unwrap_err();
     assert!(
         matches!(err, RegistryError::Codes { ref item, .. } if item == "d"),
         "{err}"
     );
     // A move into a full prefix fails whole: the item stays where it was.
     let err = r
-        .apply_upsert("x", hash(2), 5, 0, codes(&[1, 2]))
+        .apply_upsert("x", hash(2), at(5), 0, codes(&[1, 2]))
         .unwrap_err();
     assert!(matches!(err, RegistryError::PrefixFull { .. }), "{err}");
     assert_eq!(r.get("d").unwrap(), None);
     assert_eq!(r.item_id(4).unwrap(), None);
     let x = r.get("x").unwrap().unwrap();
     assert_eq!(
-        (x.sid, x.content_hash, x.position),
-        (Some(sid("7-7-0")), hash(1), Some(3))
+        (x.sid, x.content_hash, x.applied.last()),
+        (Some(sid("7-7-0")), hash(1), Some(at(3)))
     );
     assert_eq!(r.live_count(), 4);
     // The failed allocations gave nothing away.
@@ -384,8 +454,9 @@ fn reopening_restores_everything() {
     let mut r = open(dir.path(), &training);
     upsert(&mut r, "t0", 1, 0, &[1, 2]);
     upsert(&mut r, "a", 1, 1, &[1, 2]);
-    r.apply_upsert("a", hash(2), 2, 1, codes(&[5, 6])).unwrap();
-    r.apply_retire("t0", 3, 1).unwrap();
+    r.apply_upsert("a", hash(2), at(2), 1, codes(&[5, 6]))
+        .unwrap();
+    r.apply_retire("t0", at(3), 1).unwrap();
     r.set_index_generation(7).unwrap();
     r.meta_set("base", b"fst-7").unwrap();
     let ids = ["t0", "t1", "a"];
@@ -463,11 +534,11 @@ enum Event {
     Upsert {
         item: String,
         hash: u8,
-        position: u64,
+        position: Position,
     },
     Retire {
         item: String,
-        position: u64,
+        position: Position,
     },
 }
 
@@ -486,11 +557,11 @@ impl Event {
                 position,
             } => {
                 let c = prefix_of(*h);
-                r.apply_upsert(item, hash(*h), *position, *position, || {
+                r.apply_upsert(item, hash(*h), *position, position.offset, || {
                     Ok::<_, Infallible>(c)
                 })
             }
-            Event::Retire { item, position } => r.apply_retire(item, *position, *position),
+            Event::Retire { item, position } => r.apply_retire(item, *position, position.offset),
         }
     }
 }
@@ -500,7 +571,7 @@ impl Event {
 fn crash_events(n: usize) -> Vec<Event> {
     (0..n)
         .map(|i| {
-            let position = i as u64;
+            let position = at(i as u64);
             if i % 7 == 3 {
                 // The item upserted three events ago.
                 let item = item_id((i - 3) % 12);
@@ -625,6 +696,8 @@ struct Model {
     /// Every bound SID: its item's ord and the generation it left at, if it did.
     bound: BTreeMap<Sid, (u32, Option<u64>)>,
     next_ord: u32,
+    /// (item, partition) → the last offset applied from that partition.
+    read: BTreeMap<(String, u32), u64>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -640,6 +713,7 @@ impl Model {
             items: BTreeMap::new(),
             bound: BTreeMap::new(),
             next_ord: 0,
+            read: BTreeMap::new(),
         };
         for (id, s) in training {
             let entry = ItemEntry {
@@ -647,7 +721,7 @@ impl Model {
                 sid: Some(sid(s)),
                 status: Status::Reserved,
                 content_hash: [0; 32],
-                position: None,
+                applied: Applied::default(),
                 retired_generation: None,
             };
             m.bound.insert(sid(s), (m.next_ord, None));
@@ -663,7 +737,16 @@ impl Model {
             .find(|s| !self.bound.contains_key(s))
     }
 
-    fn upsert(&mut self, id: &str, h: u8, position: u64, generation: u64) -> Outcome {
+    /// Whether the event at `position` was applied to item `id` already:
+    /// the last offset the model applied from the event's partition is at
+    /// or after it. (Kept apart from [`Applied`], which it checks.)
+    fn replays(&self, id: &str, position: Position) -> bool {
+        self.read
+            .get(&(id.to_string(), position.partition))
+            .is_some_and(|&o| position.offset <= o)
+    }
+
+    fn upsert(&mut self, id: &str, h: u8, position: Position, generation: u64) -> Outcome {
         let codes = prefix_of(h);
         let Some(mut e) = self.items.get(id).cloned() else {
             let Some(new) = self.free_sid(&codes) else {
@@ -677,13 +760,15 @@ impl Model {
                 sid: Some(new),
                 status: Status::Live,
                 content_hash: hash(h),
-                position: Some(position),
+                applied: Applied::at(position),
                 retired_generation: None,
             };
             self.items.insert(id.to_string(), entry);
+            self.read
+                .insert((id.to_string(), position.partition), position.offset);
             return Outcome::Applied(LiveChange::Added { ord, sid: new });
         };
-        if e.position.is_some_and(|p| position <= p) {
+        if self.replays(id, position) {
             return Outcome::Applied(LiveChange::Unchanged);
         }
         let same = e.content_hash == hash(h);
@@ -714,19 +799,24 @@ impl Model {
         self.bound.insert(e.sid.unwrap(), (ord, None));
         e.status = Status::Live;
         e.content_hash = hash(h);
-        e.position = Some(position);
+        e.applied.record(position);
         self.items.insert(id.to_string(), e);
+        self.read
+            .insert((id.to_string(), position.partition), position.offset);
         Outcome::Applied(change)
     }
 
-    fn retire(&mut self, id: &str, position: u64, generation: u64) -> Outcome {
-        let Some(e) = self.items.get_mut(id) else {
+    fn retire(&mut self, id: &str, position: Position, generation: u64) -> Outcome {
+        if !self.items.contains_key(id) {
             return Outcome::UnknownItem;
-        };
-        if e.position.is_some_and(|p| position <= p) {
+        }
+        if self.replays(id, position) {
             return Outcome::Applied(LiveChange::Unchanged);
         }
-        e.position = Some(position);
+        self.read
+            .insert((id.to_string(), position.partition), position.offset);
+        let e = self.items.get_mut(id).unwrap();
+        e.applied.record(position);
         let was = e.status;
         if was == Status::Retired {
             return Outcome::Applied(LiveChange::Unchanged);
@@ -774,12 +864,17 @@ impl Model {
 
 #[derive(Clone, Debug)]
 enum Op {
+    /// An upsert read from catalogue partition `partition` (items' events
+    /// spread over two partitions, as a producer that does not key by item
+    /// id writes them).
     Upsert {
         item: usize,
         hash: u8,
+        partition: u32,
     },
     Retire {
         item: usize,
+        partition: u32,
     },
     /// Applies the n-th earlier event again, at its old position.
     Replay(usize),
@@ -796,8 +891,9 @@ const MODEL_TRAINING: [(&str, &str); 2] = [("t0", "0-1-0"), ("t1", "1-1-1")];
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (0..MODEL_ITEMS.len(), 0u8..6).prop_map(|(item, hash)| Op::Upsert { item, hash }),
-        2 => (0..MODEL_ITEMS.len()).prop_map(|item| Op::Retire { item }),
+        5 => (0..MODEL_ITEMS.len(), 0u8..6, 0u32..2)
+            .prop_map(|(item, hash, partition)| Op::Upsert { item, hash, partition }),
+        2 => (0..MODEL_ITEMS.len(), 0u32..2).prop_map(|(item, partition)| Op::Retire { item, partition }),
         2 => any::<usize>().prop_map(Op::Replay),
         1 => (0u64..3).prop_map(|back| Op::Release { back }),
         1 => Just(Op::NextGeneration),
@@ -831,15 +927,21 @@ proptest! {
         let mut m = Model::new(&MODEL_TRAINING);
         let mut history: Vec<Event> = Vec::new();
         let mut generation: u64 = 0;
+        // Each partition's next offset.
+        let mut next = [0u64; 2];
+        let mut read = |partition: u32| {
+            let offset = &mut next[partition as usize];
+            *offset += 1;
+            Position::new(partition, *offset - 1)
+        };
         for (step, op) in ops.iter().enumerate() {
-            let position = step as u64;
             let reg = r.as_mut().unwrap();
             let event = match op {
-                Op::Upsert { item, hash } => Some(Event::Upsert {
-                    item: MODEL_ITEMS[*item].into(), hash: *hash, position,
+                Op::Upsert { item, hash, partition } => Some(Event::Upsert {
+                    item: MODEL_ITEMS[*item].into(), hash: *hash, position: read(*partition),
                 }),
-                Op::Retire { item } => Some(Event::Retire {
-                    item: MODEL_ITEMS[*item].into(), position,
+                Op::Retire { item, partition } => Some(Event::Retire {
+                    item: MODEL_ITEMS[*item].into(), position: read(*partition),
                 }),
                 Op::Replay(n) if !history.is_empty() => Some(history[n % history.len()].clone()),
                 Op::Replay(_) => None,

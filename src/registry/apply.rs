@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
 
+use super::applied::{Applied, Position};
 use super::codec::{self, Binding, SidState, Table};
 use super::staging::Writes;
 use super::{corrupt, ItemEntry, LiveChange, Registry, RegistryError, Status};
@@ -21,7 +22,7 @@ impl Registry {
         &mut self,
         item_id: &str,
         content_hash: [u8; 32],
-        position: u64,
+        position: Position,
         generation: u64,
         content_codes: impl FnOnce() -> Result<Vec<Code>, E>,
     ) -> Result<LiveChange, RegistryError>
@@ -39,7 +40,7 @@ impl Registry {
                 sid: Some(sid),
                 status: Status::Live,
                 content_hash,
-                position: Some(position),
+                applied: Applied::at(position),
                 retired_generation: None,
             };
             w.entry(item_id, &entry);
@@ -50,12 +51,12 @@ impl Registry {
             self.live += 1;
             return Ok(LiveChange::Added { ord, sid });
         };
-        if e.position.is_some_and(|p| position <= p) {
+        if e.applied.replays(position) {
             return Ok(LiveChange::Unchanged);
         }
         let same_content = e.content_hash == content_hash;
         e.content_hash = content_hash;
-        e.position = Some(position);
+        e.applied.record(position);
         let ord = e.ord;
         let change = match (e.status, e.sid) {
             (Status::Reserved, Some(sid)) => {
@@ -121,17 +122,17 @@ impl Registry {
     pub fn apply_retire(
         &mut self,
         item_id: &str,
-        position: u64,
+        position: Position,
         generation: u64,
     ) -> Result<LiveChange, RegistryError> {
         self.write_if_due()?;
         let Some(mut e) = self.get(item_id)? else {
             return Err(RegistryError::UnknownItem(item_id.to_string()));
         };
-        if e.position.is_some_and(|p| position <= p) {
+        if e.applied.replays(position) {
             return Ok(LiveChange::Unchanged);
         }
-        e.position = Some(position);
+        e.applied.record(position);
         let mut w = Writes::default();
         let change = match (e.status, e.sid) {
             (Status::Retired, _) => LiveChange::Unchanged,

@@ -12,9 +12,15 @@
 //!
 //! Integers are big-endian, so keys made of them sort numerically.
 
+use super::applied::{Applied, Position};
 use crate::sid::{Code, Sid, MAX_LEVELS};
 
 const LAYOUT: u8 = 1;
+
+/// Item entries' layout. Layout 1 kept one offset per item and no
+/// partition; it reads as partition 0, where a one-partition catalogue
+/// had it.
+const ENTRY_LAYOUT: u8 = 2;
 
 /// A logical table of the registry: a key prefix in its one store table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,9 +108,9 @@ pub struct ItemEntry {
     pub status: Status,
     /// The content hash of the last applied upsert (zero for a reserved item).
     pub content_hash: [u8; 32],
-    /// The position of the last applied event for this item; `None` for a
-    /// reserved item no event has touched yet.
-    pub position: Option<u64>,
+    /// The last event applied to the item from each catalogue partition
+    /// (see [`Applied`]); empty for a reserved item no event has touched.
+    pub applied: Applied,
     /// The index generation at which the item was last retired.
     pub retired_generation: Option<u64>,
 }
@@ -176,7 +182,7 @@ pub fn decode_u64(bytes: &[u8]) -> Result<u64, String> {
 
 pub fn encode_entry(e: &ItemEntry) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    out.push(LAYOUT);
+    out.push(ENTRY_LAYOUT);
     out.push(match e.status {
         Status::Reserved => 0,
         Status::Live => 1,
@@ -191,7 +197,12 @@ pub fn encode_entry(e: &ItemEntry) -> Vec<u8> {
         }
     }
     out.extend_from_slice(&e.content_hash);
-    put_opt(&mut out, e.position);
+    let applied = e.applied.positions();
+    out.extend_from_slice(&(applied.len() as u32).to_be_bytes());
+    for p in applied {
+        out.extend_from_slice(&p.partition.to_be_bytes());
+        out.extend_from_slice(&p.offset.to_be_bytes());
+    }
     put_opt(&mut out, e.retired_generation);
     out
 }
@@ -199,7 +210,7 @@ pub fn encode_entry(e: &ItemEntry) -> Vec<u8> {
 /// Decodes an item entry whose SID, if any, has `levels` levels.
 pub fn decode_entry(bytes: &[u8], levels: usize) -> Result<ItemEntry, String> {
     let mut r = Reader(bytes);
-    r.layout()?;
+    let layout = r.version(&[1, ENTRY_LAYOUT])?;
     let status = match r.u8()? {
         0 => Status::Reserved,
         1 => Status::Live,
@@ -217,7 +228,19 @@ pub fn decode_entry(bytes: &[u8], levels: usize) -> Result<ItemEntry, String> {
     }
     let mut content_hash = [0; 32];
     content_hash.copy_from_slice(r.take(32)?);
-    let position = r.opt()?;
+    let applied = if layout == 1 {
+        let last = r.opt()?.map(|offset| Position::new(0, offset));
+        Applied::from_positions(last.into_iter().collect())
+    } else {
+        let n = r.u32()? as usize;
+        if n > r.0.len() / 12 {
+            return Err(format!("{n} applied positions in {} bytes", r.0.len()));
+        }
+        let positions = (0..n)
+            .map(|_| Ok(Position::new(r.u32()?, r.u64()?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        Applied::from_positions(positions)
+    };
     let retired_generation = r.opt()?;
     r.end()?;
     Ok(ItemEntry {
@@ -225,7 +248,7 @@ pub fn decode_entry(bytes: &[u8], levels: usize) -> Result<ItemEntry, String> {
         sid,
         status,
         content_hash,
-        position,
+        applied,
         retired_generation,
     })
 }
@@ -335,8 +358,13 @@ impl<'a> Reader<'a> {
     }
 
     fn layout(&mut self) -> Result<(), String> {
+        self.version(&[LAYOUT]).map(drop)
+    }
+
+    /// The value's layout version, one of `known`.
+    fn version(&mut self, known: &[u8]) -> Result<u8, String> {
         match self.u8()? {
-            LAYOUT => Ok(()),
+            v if known.contains(&v) => Ok(v),
             v => Err(format!("unknown layout version {v}")),
         }
     }
@@ -360,7 +388,7 @@ mod tests {
             sid: Some("1-2-3-4".parse().unwrap()),
             status: Status::Live,
             content_hash: [9; 32],
-            position: Some(42),
+            applied: Applied::at(Position::new(3, 42)),
             retired_generation: None,
         }
     }
@@ -371,9 +399,35 @@ mod tests {
         assert_eq!(decode_entry(&encode_entry(&e), 4).unwrap(), e);
         e.status = Status::Retired;
         e.sid = None;
-        e.position = None;
+        e.applied = Applied::default();
         e.retired_generation = Some(u64::MAX);
         assert_eq!(decode_entry(&encode_entry(&e), 4).unwrap(), e);
+        e.applied.record(Position::new(0, 7));
+        e.applied.record(Position::new(1, u64::MAX));
+        assert_eq!(decode_entry(&encode_entry(&e), 4).unwrap(), e);
+    }
+
+    #[test]
+    fn a_layout_1_entry_reads_its_offset_as_partition_0s() {
+        let e = entry();
+        let mut old = vec![1];
+        let now = encode_entry(&e);
+        // status, ord, SID (levels byte and 8 bytes), content hash: as in layout 2.
+        let fixed = 1 + 4 + 1 + 8 + 32;
+        old.extend_from_slice(&now[1..1 + fixed]);
+        old.push(1);
+        old.extend_from_slice(&42u64.to_be_bytes());
+        old.push(0);
+        let read = decode_entry(&old, 4).unwrap();
+        assert_eq!(read.applied, Applied::at(Position::new(0, 42)));
+        assert_eq!(
+            (read.ord, read.sid, read.content_hash),
+            (e.ord, e.sid, e.content_hash)
+        );
+        old[1 + fixed] = 0;
+        old.truncate(1 + fixed + 1);
+        old.push(0);
+        assert!(decode_entry(&old, 4).unwrap().applied.is_empty());
     }
 
     #[test]
@@ -423,15 +477,21 @@ mod tests {
     #[test]
     fn bad_tags_are_errors() {
         let mut bytes = encode_entry(&entry());
-        bytes[0] = 2;
+        bytes[0] = 3;
         assert!(decode_entry(&bytes, 4).unwrap_err().contains("layout"));
-        bytes[0] = LAYOUT;
+        bytes[0] = ENTRY_LAYOUT;
         bytes[1] = 9;
         assert!(decode_entry(&bytes, 4).unwrap_err().contains("status"));
         let mut live_without_sid = entry();
         live_without_sid.sid = None;
         let err = decode_entry(&encode_entry(&live_without_sid), 4).unwrap_err();
         assert!(err.contains("without a SID"), "{err}");
+        // A count of positions the bytes cannot hold is refused before
+        // reading (it follows the layout, status, ord, SID and hash).
+        let mut huge = encode_entry(&entry());
+        huge[47..51].copy_from_slice(&u32::MAX.to_be_bytes());
+        let err = decode_entry(&huge, 4).unwrap_err();
+        assert!(err.contains("applied positions"), "{err}");
     }
 
     #[test]

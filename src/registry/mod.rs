@@ -15,7 +15,8 @@
 //! - **New SIDs follow the tokenizer's rule**: content codes plus the smallest
 //!   last-level code the prefix has free ([`SidAllocator`]).
 //! - **Replays change nothing.** Each item remembers the position of the last
-//!   event applied to it; an event at or before that position is a replay and
+//!   event applied to it from each catalogue partition ([`Applied`]); an
+//!   event at or before that position in its partition is a replay and
 //!   is ignored, without running the tokenizer.
 //! - **Content changes move the item.** An upsert with a new content hash
 //!   re-tokenizes the item; if its content prefix changed it gets a new SID and
@@ -66,6 +67,7 @@
 //! returned: events after the committed offset are replayed on restart, and
 //! replays are harmless.
 
+mod applied;
 mod apply;
 mod binding;
 mod check;
@@ -78,6 +80,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use applied::{Applied, Position};
 pub use binding::TokenizerBinding;
 pub use codec::{ItemEntry, Status};
 pub use error::RegistryError;
@@ -346,7 +349,9 @@ mod tests {
             matches!(&err, RegistryError::Corrupt { tree: "items", key, .. } if key == "\"a\""),
             "{err}"
         );
-        let err = r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap_err();
+        let err = r
+            .apply_upsert("a", [1; 32], Position::new(0, 0), 0, codes)
+            .unwrap_err();
         assert!(matches!(err, RegistryError::Corrupt { .. }), "{err}");
         assert!(r.check().is_err());
     }
@@ -356,12 +361,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ord = {
             let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
-            let LiveChange::Added { ord, .. } = r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap()
+            let LiveChange::Added { ord, .. } = r
+                .apply_upsert("a", [1; 32], Position::new(0, 0), 0, codes)
+                .unwrap()
             else {
                 panic!("a new item is added")
             };
             r.set_content(ord, &[(1, 0.5)]);
-            r.apply_upsert("a", [2; 32], 1, 0, codes).unwrap();
+            r.apply_upsert("a", [2; 32], Position::new(0, 1), 0, codes)
+                .unwrap();
             r.set_content(ord, &[(2, 1.5), (7, -1.0)]);
             ord
         };
@@ -391,9 +399,12 @@ mod tests {
     fn check_finds_tables_that_disagree() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
-        r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap();
-        r.apply_upsert("a", [2; 32], 1, 0, || Ok::<_, Infallible>(vec![3, 3]))
+        r.apply_upsert("a", [1; 32], Position::new(0, 0), 0, codes)
             .unwrap();
+        r.apply_upsert("a", [2; 32], Position::new(0, 1), 0, || {
+            Ok::<_, Infallible>(vec![3, 3])
+        })
+        .unwrap();
         r.check().unwrap();
         // A SID that left but is not waiting for release could never be freed.
         let sid: Sid = "1-2-1".parse().unwrap();
@@ -490,12 +501,16 @@ mod tests {
     fn staged_events_are_read_back_and_written_in_groups() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
-        r.apply_upsert("a", [1; 32], 0, 0, codes).unwrap();
+        r.apply_upsert("a", [1; 32], Position::new(0, 0), 0, codes)
+            .unwrap();
         assert_eq!(r.db.get(&Table::Items.key(b"a")).unwrap(), None, "staged");
-        assert_eq!(r.get("a").unwrap().unwrap().position, Some(0));
+        assert_eq!(
+            r.get("a").unwrap().unwrap().applied.last(),
+            Some(Position::new(0, 0))
+        );
         assert_eq!(r.item_id(1).unwrap().as_deref(), Some("a"));
         std::thread::sleep(GROUP_AGE);
-        r.apply_retire("a", 1, 0).unwrap();
+        r.apply_retire("a", Position::new(0, 1), 0).unwrap();
         assert!(
             r.db.get(&Table::Items.key(b"a")).unwrap().is_some(),
             "the old group"

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::codec::{self, Binding, SidState, Table};
+use super::Applied;
 use super::{
     corrupt, ItemEntry, Registry, RegistryError, Status, TokenizerBinding, FILE, FORMAT,
     INIT_BATCH, META_CAPACITY, META_FORMAT, META_LEVELS, META_VERSION,
@@ -94,7 +95,7 @@ impl Registry {
                     sid: Some(*sid),
                     status: Status::Reserved,
                     content_hash: [0; 32],
-                    position: None,
+                    applied: Applied::default(),
                     retired_generation: None,
                 };
                 batch.push((

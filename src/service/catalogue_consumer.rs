@@ -7,7 +7,7 @@
 //! batch the index is published, the registry flushed, and only then are
 //! the batch's offsets recorded. A crash replays at most the batches after
 //! the last record, and replays change nothing (the registry remembers each
-//! item's last position).
+//! item's last position in each partition).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,14 +22,14 @@ use tokio::time::Instant;
 
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
-use super::kafka::{ends_consumption, now_ms, partitions, Logged, Recovered, MARKER_KEY};
+use super::kafka::{ends_consumption, now_ms, partitions, Logged, Recovered, Throttle, MARKER_KEY};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::view::{FreshSettings, ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
 use crate::contract::{CatalogueEvent, DecodeError, ItemChange};
 use crate::embed::text::TextEncoder;
-use crate::registry::{LiveChange, RegistryError};
+use crate::registry::{LiveChange, Position, RegistryError};
 
 /// Registry meta key of a partition's next offset.
 fn offset_key(topic: &str, partition: i32) -> String {
@@ -66,6 +66,9 @@ pub struct CatalogueConsumer {
     pub instance: String,
     /// Fresh items in feeds; `None`: off.
     pub fresh: Option<FreshSettings>,
+    /// Warnings of items whose events come on more than one partition: a
+    /// producer that does not key by item id sends one per event.
+    pub unkeyed: Throttle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +99,7 @@ pub fn initial_view(
     let mut items = imbl::OrdMap::new();
     for kv in catalogue.registry().items() {
         let (id, entry) = kv?;
-        if entry.position.is_none() {
+        if entry.applied.is_empty() {
             continue; // reserved for a training item, never seen online
         }
         let id: Arc<str> = id.into();
@@ -195,7 +198,7 @@ impl CatalogueConsumer {
                     self.metrics.catalogue_events.inc();
                     let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                     let raw = m.payload().unwrap_or(&[]);
-                    let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, o))?;
+                    let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, Position::new(p as u32, o as u64)))?;
                     if let Err((reason, detail)) = out {
                         self.metrics.dead_letter(reason);
                         batch.dead.push(self.outbox.dead_letter((&self.topic, p, o), reason, &detail, raw, Vec::new()));
@@ -239,13 +242,12 @@ impl CatalogueConsumer {
         &mut self,
         view: &mut View,
         raw: &[u8],
-        o: i64,
+        position: Position,
     ) -> Result<Rejected, CatalogueConsumerError> {
         let event: CatalogueEvent = match self.outbox.wire().decode(raw) {
             Ok(e) => e,
             Err(e) => return Ok(Err(decode_reason(e))),
         };
-        let position = o as u64;
         let change = match &event.change {
             ItemChange::Upsert(up) => {
                 let spec = &self.catalogue.tokenizer().manifest().input.encoder;
@@ -290,8 +292,18 @@ impl CatalogueConsumer {
             (LiveChange::Unchanged, None) => return Ok(Ok(())),
             _ => self.catalogue.registry().get(id)?,
         };
+        if let Some(e) = entry.as_ref().filter(|e| e.applied.spread()) {
+            if let Some(held_back) = self.unkeyed.pass(std::time::Instant::now()) {
+                tracing::warn!(
+                    item = id,
+                    partitions = ?e.applied.partitions().collect::<Vec<_>>(),
+                    held_back,
+                    "an item's catalogue events came on more than one partition: they are applied in the order read, which Kafka keeps within a partition only; key the catalogue's records by item_id"
+                );
+            }
+        }
         if let (Some(e), Some(words)) = (&entry, words) {
-            if e.position == Some(position) {
+            if e.applied.last() == Some(position) {
                 self.catalogue.set_content(e.ord, &words);
                 view.content.insert(e.ord, words);
             }

@@ -263,7 +263,7 @@ pub fn ends_consumption(e: &rdkafka::error::KafkaError) -> bool {
 /// with how many were held back: a broker that is away makes every client
 /// report every reconnect of every connection, a line or more a second.
 #[derive(Default)]
-struct Throttle {
+pub struct Throttle {
     last: Option<Instant>,
     held_back: u64,
 }
@@ -273,7 +273,7 @@ impl Throttle {
 
     /// Whether a line may be written at `now`: `Some(lines held back since
     /// the last one)`, or `None` while quiet.
-    fn pass(&mut self, now: Instant) -> Option<u64> {
+    pub fn pass(&mut self, now: Instant) -> Option<u64> {
         if self
             .last
             .is_some_and(|t| now.saturating_duration_since(t) < Self::QUIET)

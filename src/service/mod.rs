@@ -85,7 +85,7 @@ use delivery::Outbox;
 use feeds::FeedWorker;
 use histories::Histories;
 use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
-use kafka::{FetchWait, Logged};
+use kafka::{FetchWait, Logged, Throttle};
 use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
 use metrics::Metrics;
 use offsets::Offsets;
@@ -284,6 +284,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         partitions: Vec::new(),
         instance: instance_id(&paths.state_dir),
         fresh,
+        unkeyed: Throttle::default(),
     };
     // Waiting for the brokers blocks: this worker's other tasks (the HTTP
     // probes) move to the other one meanwhile.

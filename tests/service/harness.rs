@@ -752,29 +752,42 @@ impl Input {
     }
 
     pub fn upsert(&self, id: &str, embedding: Vec<f32>) -> At {
-        self.upsert_item(ItemUpsert {
-            item_id: id.into(),
-            embedding: Some(embedding),
-            ..Default::default()
-        })
+        self.upsert_item(embedded(id, embedding))
     }
 
     pub fn upsert_item(&self, item: ItemUpsert) -> At {
-        let key = item.item_id.clone();
-        let e = CatalogueEvent {
-            change: ItemChange::Upsert(item),
-        };
-        self.raw(&self.topics.catalogue.clone(), &key, &self.record(&e, 1))
+        self.catalogue(ItemChange::Upsert(item), None)
     }
 
     pub fn retire(&self, id: &str) -> At {
-        let e = CatalogueEvent {
-            change: ItemChange::Retire(ItemRetire {
-                item_id: id.into(),
-                reason: "test".into(),
-            }),
+        self.catalogue(retire(id), None)
+    }
+
+    /// An upsert written to catalogue partition `partition` whatever its key,
+    /// as a producer that does not key by item id spreads an item's events.
+    pub fn upsert_to(&self, partition: i32, id: &str, embedding: Vec<f32>) -> At {
+        self.catalogue(ItemChange::Upsert(embedded(id, embedding)), Some(partition))
+    }
+
+    /// A retire written to catalogue partition `partition` (see
+    /// [`upsert_to`](Self::upsert_to)).
+    pub fn retire_to(&self, partition: i32, id: &str) -> At {
+        self.catalogue(retire(id), Some(partition))
+    }
+
+    fn catalogue(&self, change: ItemChange, partition: Option<i32>) -> At {
+        let key = match &change {
+            ItemChange::Upsert(u) => u.item_id.clone(),
+            ItemChange::Retire(r) => r.item_id.clone(),
         };
-        self.raw(&self.topics.catalogue.clone(), id, &self.record(&e, 1))
+        let payload = self.record(&CatalogueEvent { change }, 1);
+        let mut record = FutureRecord::to(&self.topics.catalogue)
+            .key(key.as_str())
+            .payload(payload.as_slice());
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        self.send(record)
     }
 
     pub fn interaction(&self, user: &str, item: &str) -> At {
@@ -786,6 +799,21 @@ impl Input {
         };
         self.raw(&self.topics.interactions.clone(), user, &self.record(&i, 2))
     }
+}
+
+fn embedded(id: &str, embedding: Vec<f32>) -> ItemUpsert {
+    ItemUpsert {
+        item_id: id.into(),
+        embedding: Some(embedding),
+        ..Default::default()
+    }
+}
+
+fn retire(id: &str) -> ItemChange {
+    ItemChange::Retire(ItemRetire {
+        item_id: id.into(),
+        reason: "test".into(),
+    })
 }
 
 /// Reads a topic from the start, across calls.

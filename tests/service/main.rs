@@ -120,6 +120,65 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+/// A producer that does not key the catalogue by item id spreads an item's
+/// events over partitions whose offsets say nothing about each other: a
+/// retire read after the item's upsert is applied whatever its offset, and
+/// stays applied across a restart.
+#[test]
+fn an_items_events_spread_over_catalogue_partitions_are_applied_in_the_order_read() {
+    let bed = Bed::new("unkeyed", 1, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    let mut live: BTreeSet<String> = BTreeSet::new();
+    // Partition 0 runs ten offsets ahead of partition 1.
+    for (id, v) in f.items.iter().take(10) {
+        input.upsert_to(0, id, v.clone());
+        live.insert(id.clone());
+    }
+    let config = bed.config("a", FEED);
+    let mut svc = Service::start(&config);
+    svc.wait_metric("genfeed_live_items", |v| v == 10.0);
+    let gone = f.items[9].0.clone();
+    let retired_at = input.retire_to(1, &gone);
+    assert!(retired_at.offset < 9, "{retired_at:?}");
+    live.remove(&gone);
+    // Two new items after the retire on its partition: once both are live,
+    // the retire was read (9 + 2 live; 12 if it were taken for a replay).
+    for (id, v) in &f.items[10..12] {
+        input.upsert_to(1, id, v.clone());
+        live.insert(id.clone());
+    }
+    svc.wait_metric("genfeed_live_items", |v| v >= 11.0);
+
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let mut round = |seen: &mut HashMap<String, Vec<String>>, k: usize| {
+        let mut last = HashMap::new();
+        for u in 0..10 {
+            let user = format!("user-{u}");
+            let item = &f.items[(u + k) % 9].0;
+            last.insert(user.clone(), input.interaction(&user, item));
+            seen.entry(user).or_default().push(item.clone());
+        }
+        for (user, feed) in feeds_answering(&out, Framing::Plain, &mut feeds, &last) {
+            assert_eq!(items_of(&feed), expected(&live, &seen[&user]), "{user}");
+        }
+    };
+    round(&mut seen, 0);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+    let log = svc.log_all();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("more than one partition") && l.contains(&gone)),
+        "no warning names {gone}:\n{log}"
+    );
+
+    let mut svc = Service::start(&config);
+    assert_eq!(svc.metric("genfeed_live_items"), Some(11.0));
+    round(&mut seen, 1);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
 /// A restore that takes a while (a long changelog partition) runs off the
 /// async runtime: `/healthz` answers while it goes on, `/readyz` says not
 /// ready until it is done, and then every record was read.
