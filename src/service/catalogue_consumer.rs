@@ -9,7 +9,7 @@
 //! the last record, and replays change nothing (the registry remembers each
 //! item's last position in each partition).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,10 @@ use tokio::time::Instant;
 
 use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
-use super::kafka::{ends_consumption, now_ms, partitions, Logged, Recovered, Throttle, MARKER_KEY};
+use super::kafka::{
+    ends_consumption, listed, now_ms, partitions, restarted, Logged, Recovered, Throttle,
+    MARKER_KEY, RECHECK_EVERY,
+};
 use super::metrics::Metrics;
 use super::reason::Reason;
 use super::view::{FreshSettings, ItemRef, SharedView, View};
@@ -34,6 +37,16 @@ use crate::registry::{LiveChange, Position, RegistryError};
 /// Registry meta key of a partition's next offset.
 fn offset_key(topic: &str, partition: i32) -> String {
     format!("catalogue-offset/{topic}/{partition}")
+}
+
+/// Registry meta key of a partition's base (see [`CatalogueConsumer::bases`]).
+fn base_key(topic: &str, partition: i32) -> String {
+    format!("catalogue-base/{topic}/{partition}")
+}
+
+/// A big-endian u64 or i64 meta value.
+fn be8(value: Option<Vec<u8>>) -> Option<[u8; 8]> {
+    value.as_deref().and_then(|b| b.try_into().ok())
 }
 
 /// The catalogue is *loaded* (and the interactions may be read) once every
@@ -69,6 +82,17 @@ pub struct CatalogueConsumer {
     /// Warnings of items whose events come on more than one partition: a
     /// producer that does not key by item id sends one per event.
     pub unkeyed: Throttle,
+    /// Per partition, the next offset to read: where the registry's
+    /// recorded offset puts it, then one past each message read.
+    pub next: HashMap<i32, i64>,
+    /// Per partition, what is added to an offset to make the event's
+    /// [`Position`] in the registry: raised past every position given so
+    /// far each time the partition's log begins again (see [`Landed`](super::kafka::Landed)), so
+    /// that the new log's events are not taken for replays of the old's.
+    pub bases: HashMap<i32, u64>,
+    /// Whether the brokers said, since the last check of the logs, that
+    /// the topic was not there: when it is back, its logs are new.
+    pub topic_went: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,32 +148,67 @@ pub fn initial_view(
 }
 
 impl CatalogueConsumer {
-    /// Assigns every partition, each from its recorded offset (or the start).
-    pub fn assign(&mut self) -> Result<(), CatalogueConsumerError> {
+    /// Assigns every partition, each from its recorded offset (or the
+    /// start), after writing the end markers that say where the catalogue
+    /// ends as of now (see [`Loading`]); a partition whose marker lands
+    /// below its recorded offset is read from its start (see
+    /// [`restart`](Self::restart)). Returns the markers' token.
+    pub async fn assign(&mut self) -> Result<String, CatalogueConsumerError> {
+        let kafka = |source| CatalogueConsumerError::Kafka {
+            topic: self.topic.clone(),
+            source,
+        };
+        let token = format!("{}/{}", self.instance, now_ms());
+        let listed = tokio::task::block_in_place(|| partitions(&self.consumer, &self.topic));
+        for p in listed.map_err(kafka)? {
+            let registry = self.catalogue.registry();
+            let stored =
+                be8(registry.meta_get(&offset_key(&self.topic, p))?).map(i64::from_be_bytes);
+            let base =
+                be8(registry.meta_get(&base_key(&self.topic, p))?).map_or(0, u64::from_be_bytes);
+            self.next.insert(p, stored.unwrap_or(0));
+            self.bases.insert(p, base);
+            self.partitions.push(p);
+            let end = self
+                .outbox
+                .mark(&self.topic, p, &token)
+                .await
+                .map_err(|source| CatalogueConsumerError::Marker {
+                    topic: self.topic.clone(),
+                    partition: p,
+                    source,
+                })?;
+            if restarted(end, stored.unwrap_or(0)) {
+                self.restart(p, end)?;
+            }
+        }
+        self.reassign()?;
+        Ok(token)
+    }
+
+    /// Assigns every partition from its next offset to read.
+    fn reassign(&self) -> Result<(), CatalogueConsumerError> {
         let kafka = |source| CatalogueConsumerError::Kafka {
             topic: self.topic.clone(),
             source,
         };
         let mut tpl = TopicPartitionList::new();
-        for p in partitions(&self.consumer, &self.topic).map_err(kafka)? {
-            let stored = self
-                .catalogue
-                .registry()
-                .meta_get(&offset_key(&self.topic, p))?;
-            let offset = match stored.as_deref().map(<[u8; 8]>::try_from) {
-                Some(Ok(b)) => Offset::Offset(i64::from_be_bytes(b)),
-                _ => Offset::Beginning,
+        for &p in &self.partitions {
+            let offset = match self.next[&p] {
+                0 => Offset::Beginning,
+                o => Offset::Offset(o),
             };
             tpl.add_partition_offset(&self.topic, p, offset)
                 .map_err(kafka)?;
-            self.partitions.push(p);
         }
-        self.consumer.assign(&tpl).map_err(kafka)
+        tokio::task::block_in_place(|| self.consumer.assign(&tpl)).map_err(kafka)
     }
 
+    /// Runs until `stop`; `token` is [`assign`](Self::assign)'s.
     pub async fn run(
         mut self,
         mut stop: watch::Receiver<bool>,
+        token: String,
     ) -> Result<(), CatalogueConsumerError> {
         let mut view = initial_view(&self.catalogue, self.fresh.as_ref())?;
         self.metrics
@@ -160,32 +219,33 @@ impl CatalogueConsumer {
         let mut batch = Batch::default();
         let mut recovered = Recovered::new("catalogue", self.metrics.consumer_errors.clone());
         let mut loading = Loading {
-            token: format!("{}/{}", self.instance, now_ms()),
+            token,
             waiting: self.partitions.iter().copied().collect(),
         };
-        for &p in &self.partitions {
-            self.outbox
-                .mark(&self.topic, p, &loading.token)
-                .await
-                .map_err(|source| CatalogueConsumerError::Marker {
-                    topic: self.topic.clone(),
-                    partition: p,
-                    source,
-                })?;
-        }
+        // After a consumer error (the broker away, the topic gone) the log
+        // read may not be the one the offsets are from any more; checked
+        // once the topic is back.
+        let mut suspect = false;
+        let mut recheck = tokio::time::interval(RECHECK_EVERY);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let publish_at = batch.first.map(|t| t + self.publish_every);
             tokio::select! {
+                _ = recheck.tick(), if suspect => {
+                    suspect = !self.check_logs().await?;
+                }
                 m = self.consumer.recv() => {
                     let m = match m {
                         Ok(m) => m.detach(),
                         Err(e) if !ends_consumption(&e) => {
                             recovered.note(&e);
+                            suspect = true;
                             continue;
                         }
                         Err(source) => return Err(CatalogueConsumerError::Kafka { topic: self.topic.clone(), source }),
                     };
                     let (p, o) = (m.partition(), m.offset());
+                    self.next.insert(p, o + 1);
                     if m.key() == Some(MARKER_KEY) {
                         if m.payload() == Some(loading.token.as_bytes()) {
                             batch.marked.push(p);
@@ -198,7 +258,8 @@ impl CatalogueConsumer {
                     self.metrics.catalogue_events.inc();
                     let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                     let raw = m.payload().unwrap_or(&[]);
-                    let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, Position::new(p as u32, o as u64)))?;
+                    let position = Position::new(p as u32, self.bases[&p] + o as u64);
+                    let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, position))?;
                     if let Err((reason, detail)) = out {
                         self.metrics.dead_letter(reason);
                         batch.dead.push(self.outbox.dead_letter((&self.topic, p, o), reason, &detail, raw, Vec::new()));
@@ -219,6 +280,73 @@ impl CatalogueConsumer {
         }
         self.publish(&mut view, &mut batch, &mut loading).await?;
         self.catalogue.flush()?;
+        Ok(())
+    }
+
+    /// Checks, once the topic is back with as many partitions as when
+    /// assigned, that each partition's log is the one read: one the broker
+    /// said it did not have since the last check is new, and so is one
+    /// whose end marker lands below where the consumer reads on (see
+    /// [`Landed`](super::kafka::Landed)). Such a partition is read again
+    /// from its start. Whether it could check.
+    async fn check_logs(&mut self) -> Result<bool, CatalogueConsumerError> {
+        let listed = tokio::task::block_in_place(|| {
+            listed(&self.consumer, &self.topic, Duration::from_secs(2))
+        });
+        match listed {
+            // The brokers are away.
+            None => return Ok(false),
+            Some(n) if n != self.partitions.len() => {
+                self.topic_went |= n == 0;
+                return Ok(false);
+            }
+            Some(_) => {}
+        }
+        let token = format!("{}/check/{}", self.instance, now_ms());
+        let mut landed = Vec::with_capacity(self.partitions.len());
+        for &p in &self.partitions {
+            match self.outbox.mark(&self.topic, p, &token).await {
+                Ok(end) => landed.push((p, self.next[&p], end)),
+                Err(_) => return Ok(false),
+            }
+        }
+        let went = std::mem::take(&mut self.topic_went);
+        let mut again = false;
+        for (p, from, end) in landed {
+            if went || restarted(end, from) {
+                self.restart(p, end)?;
+                again = true;
+            }
+        }
+        if again {
+            // One assignment for all: librdkafka aborts on an assignment
+            // made while the last one is still being taken up.
+            self.reassign()?;
+        }
+        Ok(true)
+    }
+
+    /// Makes `partition` be read again from its start (at the next
+    /// [`reassign`](Self::reassign)): the log it was read from is gone (its
+    /// end marker landed at `end`, below where the consumer reads on; or the
+    /// topic was gone). Its base is raised past every position given from
+    /// the old log first, durably, so that the new log's events are
+    /// applied, not taken for replays.
+    fn restart(&mut self, partition: i32, end: i64) -> Result<(), CatalogueConsumerError> {
+        let read = self.next[&partition];
+        let base = self.bases[&partition] + read as u64;
+        self.catalogue
+            .registry()
+            .meta_set(&base_key(&self.topic, partition), &base.to_be_bytes())?;
+        self.bases.insert(partition, base);
+        self.next.insert(partition, 0);
+        tracing::warn!(
+            topic = %self.topic,
+            partition,
+            read_up_to = read,
+            end,
+            "the catalogue partition's log began again (the topic was made again, or the broker lost it): reading it from the start"
+        );
         Ok(())
     }
 

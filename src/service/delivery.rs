@@ -150,8 +150,9 @@ impl Outbox {
     }
 
     /// Writes an end marker carrying `token` to `topic`'s `partition` and
-    /// waits for its acknowledgement (see [`MARKER_KEY`]).
-    pub async fn mark(&self, topic: &str, partition: i32, token: &str) -> Result<(), KafkaError> {
+    /// waits for its acknowledgement (see [`MARKER_KEY`]); returns the
+    /// offset it landed at, the partition's end.
+    pub async fn mark(&self, topic: &str, partition: i32, token: &str) -> Result<i64, KafkaError> {
         let record = FutureRecord::<[u8], str>::to(topic)
             .partition(partition)
             .key(MARKER_KEY)
@@ -159,7 +160,7 @@ impl Outbox {
         self.producer
             .send(record, Duration::from_secs(10))
             .await
-            .map(drop)
+            .map(|d| d.offset)
             .map_err(|(e, _)| e)
     }
 

@@ -40,6 +40,10 @@ pub enum HistoryError {
 
 const HEADER: usize = 12;
 
+/// The offset of a history whose partition's log restarted: below every
+/// offset, so that no interaction passes for a replay of one before it.
+const FORGOTTEN: i64 = -1;
+
 /// The key under which the changelog offset of a partition is kept: no user
 /// id starts with a NUL byte (the contract refuses them).
 fn changelog_key(partition: i32) -> Vec<u8> {
@@ -139,6 +143,34 @@ impl Histories {
         }
         self.write(&mut staged, user, record.to_vec())?;
         Ok(true)
+    }
+
+    /// Forgets where the interactions of `partition`'s users were read,
+    /// keeping their items: the partition's log restarted (the topic was
+    /// made again, or the broker lost it), so its offsets begin again below
+    /// the ones held, and every new interaction would pass for a replay.
+    /// Returns how many users it touched.
+    pub fn forget_offsets(&self, partition: i32) -> Result<usize, HistoryError> {
+        let mut staged = self.staged();
+        staged.commit(&self.db)?;
+        let mut touched = 0;
+        for kv in self.db.scan(&[])? {
+            let (user, mut value) = kv?;
+            // Changelog offsets are kept under keys that start with NUL.
+            if user.first() == Some(&0) || value.len() < HEADER {
+                continue;
+            }
+            if value[..4] == partition.to_be_bytes() {
+                value[4..HEADER].copy_from_slice(&FORGOTTEN.to_be_bytes());
+                staged.stage([(user, Some(value))]);
+                touched += 1;
+                if staged.due(GROUP, Duration::MAX) {
+                    staged.commit(&self.db)?;
+                }
+            }
+        }
+        staged.commit(&self.db)?;
+        Ok(touched)
     }
 
     /// `user`'s items, oldest first, into `out` (cleared first).
@@ -248,6 +280,42 @@ mod tests {
         assert_eq!(out, [3, 4, 5]);
         h.get("nobody", &mut out).unwrap();
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn forgotten_offsets_let_a_restarted_partition_append_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Histories::open(dir.path(), 5).unwrap();
+        h.append("u", at(0, 40), 1).unwrap();
+        h.append("v", at(1, 40), 2).unwrap();
+        h.set_changelog_offset(0, 7).unwrap();
+        // Partition 0 restarted: its offsets begin again at 0.
+        assert!(
+            h.append("u", at(0, 3), 3).unwrap().is_none(),
+            "taken for a replay"
+        );
+        assert_eq!(h.forget_offsets(0).unwrap(), 1);
+        let record = h.append("u", at(0, 3), 3).unwrap().expect("appended");
+        assert!(
+            h.append("u", at(0, 3), 3).unwrap().is_none(),
+            "a replay again"
+        );
+        assert!(
+            h.append("v", at(1, 39), 4).unwrap().is_none(),
+            "partition 1 kept"
+        );
+        let mut out = Vec::new();
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [1, 3]);
+        assert_eq!(last_step(&record).unwrap().0, at(0, 3));
+        assert_eq!(h.changelog_offset(0).unwrap(), Some(7));
+        // A changelog record of the restarted partition is newer than a
+        // forgotten history.
+        let other = Histories::open(&dir.path().join("other"), 5).unwrap();
+        other.append("w", at(0, 9), 1).unwrap();
+        other.forget_offsets(0).unwrap();
+        let theirs = h.append("w", at(0, 4), 2).unwrap().unwrap();
+        assert!(other.restore("w", &theirs).unwrap());
     }
 
     #[test]

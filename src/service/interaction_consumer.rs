@@ -27,7 +27,9 @@ use tokio::time::Instant;
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{self, ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
+use super::kafka::{
+    self, ends_consumption, now_ms, Landed, Logged, MarkerProducer, Recovered, MARKER_KEY,
+};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -204,10 +206,41 @@ impl Restore {
     fn partitions(&self, parts: &[i32], metrics: &Metrics) {
         let start = std::time::Instant::now();
         let token = format!("{}/{}", self.instance, now_ms());
+        let landed = Arc::new(Landed::default());
+        let mut marked = Vec::with_capacity(parts.len());
+        for &p in parts {
+            let record = BaseRecord::with_opaque_to(&self.topic, landed.clone())
+                .partition(p)
+                .key(MARKER_KEY)
+                .payload(token.as_str());
+            match self.marker.send::<[u8], str>(record) {
+                Ok(()) => marked.push(p),
+                Err((e, _)) => {
+                    tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored")
+                }
+            }
+        }
+        if let Err(e) = self.marker.flush(self.timeout) {
+            tracing::error!(error = %e, topic = %self.topic, "cannot mark the changelog's end; histories are not restored");
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
         let mut state = std::collections::HashMap::new();
-        for &p in parts {
+        for p in marked {
             let from = match self.histories.changelog_offset(p) {
+                Ok(Some(o)) if landed.restarted(p, o + 1) == Some(true) => {
+                    // The interactions' log went with the changelog's: their
+                    // offsets begin again too.
+                    match self.histories.forget_offsets(p) {
+                        Ok(users) => {
+                            tracing::warn!(partition = p, recorded = o, users, topic = %self.topic, "the changelog partition's log began again (the topic was made again, or the broker lost it): reading it whole; its users keep their items, and their new interactions are not taken for replays")
+                        }
+                        Err(e) => {
+                            tracing::error!(partition = p, error = %e, "the changelog partition's log began again, and its users' offsets could not be forgotten: their new interactions may be taken for replays")
+                        }
+                    }
+                    Offset::Beginning
+                }
                 Ok(Some(o)) => Offset::Offset(o + 1),
                 Ok(None) => Offset::Beginning,
                 Err(e) => {
@@ -215,14 +248,6 @@ impl Restore {
                     Offset::Beginning
                 }
             };
-            let record = BaseRecord::<[u8], str>::to(&self.topic)
-                .partition(p)
-                .key(MARKER_KEY)
-                .payload(token.as_str());
-            if let Err((e, _)) = self.marker.send(record) {
-                tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored");
-                continue;
-            }
             if let Err(e) = tpl.add_partition_offset(&self.topic, p, from) {
                 tracing::error!(partition = p, error = %e, "reading the changelog");
                 continue;
@@ -246,12 +271,8 @@ impl Restore {
                 return;
             }
         };
-        if let Err(e) = self
-            .marker
-            .flush(self.timeout)
-            .and_then(|()| reader.assign(&tpl))
-        {
-            tracing::error!(error = %e, topic = %self.topic, "cannot mark or read the changelog; histories are not restored");
+        if let Err(e) = reader.assign(&tpl) {
+            tracing::error!(error = %e, topic = %self.topic, "cannot read the changelog; histories are not restored");
             return;
         }
         let mut recovered = Recovered::new("histories changelog", metrics.consumer_errors.clone());

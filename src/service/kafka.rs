@@ -211,7 +211,45 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
 /// A marker producer: it writes a record per restore or catch-up, and is
 /// polled on its own thread (one nobody polls queues every error it meets
 /// while the broker is away, until a poll or its close hands them all out).
+/// Each record carries the [`Landed`] its delivery is noted in.
 pub type MarkerProducer = rdkafka::producer::ThreadedProducer<Quiet>;
+
+/// Where a round of end markers landed, by partition.
+///
+/// A marker lands at its partition's end, so it also tells whether an
+/// offset a reader holds is still one of that log's: one past the end
+/// means the partition's log began again (the topic was deleted and made
+/// again, or the broker lost it), and no offset read from the old log
+/// means anything in the new one. Kafka answers a fetch past the end with
+/// an error that makes the client start over, but not every
+/// Kafka-protocol broker does: tansu answers with nothing, and the reader
+/// would wait, silent, until the new log grew past its old offset.
+#[derive(Debug, Default)]
+pub struct Landed(Mutex<HashMap<i32, i64>>);
+
+impl Landed {
+    fn note(&self, partition: i32, offset: i64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(partition, offset);
+    }
+
+    /// Whether `partition`'s marker landed below `from`, an offset the
+    /// reader was to read on from (see the type's docs). `None` while no
+    /// delivery was noted.
+    pub fn restarted(&self, partition: i32, from: i64) -> Option<bool> {
+        let landed = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        landed.get(&partition).map(|&end| restarted(end, from))
+    }
+}
+
+/// Whether a marker that landed at `end` says that the log an offset `from`
+/// was read up to is gone (see [`Landed`]): a live log's end is at or past
+/// every offset read from it.
+pub fn restarted(end: i64, from: i64) -> bool {
+    end < from
+}
 
 /// Creates a [`MarkerProducer`].
 pub fn marker_producer(cfg: &KafkaConfig) -> rdkafka::error::KafkaResult<MarkerProducer> {
@@ -234,9 +272,14 @@ impl rdkafka::ClientContext for Quiet {
 }
 
 impl rdkafka::producer::ProducerContext for Quiet {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = Arc<Landed>;
 
-    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, landed: Arc<Landed>) {
+        use rdkafka::Message as _;
+        if let Ok(m) = result {
+            landed.note(m.partition(), m.offset());
+        }
+    }
 }
 
 /// Whether an error a consumer hands out ends the service. librdkafka
@@ -412,6 +455,29 @@ pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
         ));
     }
     Ok(ids)
+}
+
+/// How often, after a consumer error, a reader looks for its topic to
+/// check with an end marker per partition that the logs it reads are still
+/// the ones its offsets are from (see [`Landed`]): a broker that lost the
+/// topic (tansu keeps it in memory) or a topic made again begin the offsets
+/// anew. Markers are written only once the topic is listed again with its
+/// partitions: a broker that makes topics on a write would otherwise make
+/// the topic itself, with its own settings.
+pub const RECHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// How many partitions the brokers list for `topic`: 0 when they say it is
+/// not there, `None` when they do not answer within `timeout`. Asked with
+/// a consumer, whose metadata requests never make a topic (a broker that
+/// makes topics on a write may also make them on a producer's request).
+pub fn listed<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl rdkafka::consumer::Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Option<usize> {
+    let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+    let t = md.topics().iter().find(|t| t.name() == topic)?;
+    Some(t.partitions().len())
 }
 
 /// Milliseconds since the Unix epoch.

@@ -71,7 +71,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
 use super::kafka::{
-    now_ms, partitions, Logged, MarkerProducer, Recovered, MARKER_KEY, METADATA_TIMEOUT,
+    listed, now_ms, partitions, Landed, Logged, MarkerProducer, Recovered, MARKER_KEY,
+    METADATA_TIMEOUT, RECHECK_EVERY,
 };
 use super::metrics::Metrics;
 use super::view::View;
@@ -331,6 +332,14 @@ impl Learner {
         true
     }
 
+    /// Starts `partition` over: its changelog's log and the interactions'
+    /// it records began again, so offsets read from the old ones mean
+    /// nothing (see [`Landed`]). The counts stay.
+    pub fn restart(&mut self, partition: i32) {
+        self.applied.insert(partition, -1);
+        self.read.insert(partition, 0);
+    }
+
     fn is_applied(&self, at: Position) -> bool {
         self.applied
             .get(&at.partition)
@@ -439,31 +448,94 @@ impl LearntReader {
     /// Assigns every changelog partition from its stored offset (or the
     /// start) and writes an end marker to each; returns the partitions
     /// whose marker is still to be read and the marker's token.
-    fn start(&self) -> Result<(HashSet<i32>, String), LearntError> {
+    fn start(&mut self) -> Result<(HashSet<i32>, String), LearntError> {
         let kafka = |source| LearntError::Kafka {
             topic: self.topic.clone(),
             source,
         };
         let token = format!("{}/learnt/{}", self.instance, now_ms());
-        let mut tpl = TopicPartitionList::new();
+        let landed = Arc::new(Landed::default());
         let mut waiting = HashSet::new();
         for p in partitions(&self.consumer, &self.topic).map_err(kafka)? {
-            let from = self
-                .learner
-                .next_offset(p)
-                .map_or(Offset::Beginning, Offset::Offset);
-            tpl.add_partition_offset(&self.topic, p, from)
-                .map_err(kafka)?;
-            let marker = BaseRecord::<[u8], str>::to(&self.topic)
+            let marker = BaseRecord::with_opaque_to(&self.topic, landed.clone())
                 .partition(p)
                 .key(MARKER_KEY)
                 .payload(token.as_str());
-            self.marker.send(marker).map_err(|(e, _)| kafka(e))?;
+            self.marker
+                .send::<[u8], str>(marker)
+                .map_err(|(e, _)| kafka(e))?;
             waiting.insert(p);
         }
         self.marker.flush(METADATA_TIMEOUT).map_err(kafka)?;
+        let mut tpl = TopicPartitionList::new();
+        for &p in &waiting {
+            let from = match self.learner.next_offset(p) {
+                Some(o) if landed.restarted(p, o) == Some(true) => {
+                    tracing::warn!(partition = p, recorded = o, topic = %self.topic, "the changelog partition's log began again (the topic was made again, or the broker lost it): learning from it whole, the counts learnt so far kept");
+                    self.learner.restart(p);
+                    Offset::Beginning
+                }
+                Some(o) => Offset::Offset(o),
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(&self.topic, p, from)
+                .map_err(kafka)?;
+        }
         self.consumer.assign(&tpl).map_err(kafka)?;
         Ok((waiting, token))
+    }
+
+    /// Checks, once the changelog topic is back with all the partitions
+    /// assigned, that each partition's log is the one read, as the
+    /// catalogue consumer does: one the brokers said was gone (`went`) or
+    /// whose end marker lands below the next offset to read is new (see
+    /// [`Landed`]), and is learnt from its start with its replay offsets
+    /// forgotten. Whether it could check.
+    fn check_logs(&mut self, went: &mut bool) -> bool {
+        let Some(n) = listed(&self.consumer, &self.topic, RECHECK_EVERY) else {
+            return false;
+        };
+        let Ok(assigned) = self.consumer.assignment() else {
+            return false;
+        };
+        let parts: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
+        if n != parts.len() {
+            *went |= n == 0;
+            return false;
+        }
+        let landed = Arc::new(Landed::default());
+        let token = format!("{}/learnt-check/{}", self.instance, now_ms());
+        for &p in &parts {
+            let marker = BaseRecord::with_opaque_to(&self.topic, landed.clone())
+                .partition(p)
+                .key(MARKER_KEY)
+                .payload(token.as_str());
+            if self.marker.send::<[u8], str>(marker).is_err() {
+                return false;
+            }
+        }
+        if self.marker.flush(METADATA_TIMEOUT).is_err() {
+            return false;
+        }
+        let went = std::mem::take(went);
+        let mut again = false;
+        let mut tpl = TopicPartitionList::new();
+        for &p in &parts {
+            let from = self.learner.next_offset(p).unwrap_or(0);
+            if went || landed.restarted(p, from) == Some(true) {
+                tracing::warn!(partition = p, read_up_to = from, topic = %self.topic, "the changelog partition's log began again (the topic was made again, or the broker lost it): learning from it whole, the counts learnt so far kept");
+                self.learner.restart(p);
+                again = true;
+            }
+            let offset = match self.learner.next_offset(p) {
+                Some(o) if o > 0 => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            if tpl.add_partition_offset(&self.topic, p, offset).is_err() {
+                return false;
+            }
+        }
+        !again || self.consumer.assign(&tpl).is_ok()
     }
 
     /// Runs until `stop`. Errors are logged: the feeds go on with the last
@@ -485,6 +557,9 @@ impl LearntReader {
             self.metrics.consumer_errors.clone(),
         );
         let (mut read, mut counted, mut committed) = (0, 0, Instant::now());
+        // After a consumer error, the logs are checked once the topic is
+        // back (see `check_logs`).
+        let (mut suspect, mut topic_went, mut checked) = (false, false, Instant::now());
         while !stop.load(Relaxed) {
             match self.consumer.poll(Duration::from_millis(50)) {
                 Some(Ok(m)) => {
@@ -497,8 +572,15 @@ impl LearntReader {
                     let step = self.learner.apply(m.partition(), m.offset(), key, payload);
                     counted += u64::from(step);
                 }
-                Some(Err(e)) => recovered.note(&e),
+                Some(Err(e)) => {
+                    recovered.note(&e);
+                    suspect = true;
+                }
                 None => {}
+            }
+            if suspect && checked.elapsed() >= RECHECK_EVERY {
+                checked = Instant::now();
+                suspect = !self.check_logs(&mut topic_went);
             }
             // While catching up at start, everything up to the markers is
             // committed as soon as they are read: readiness waits for it.
@@ -605,6 +687,33 @@ mod tests {
         assert_eq!(again.counts.successors(2), &[(3, 2)]);
         assert_eq!(again.counts.popular(), counts.popular());
         assert_eq!(again.items(), 4);
+    }
+
+    #[test]
+    fn a_restarted_partition_is_learnt_from_its_start_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Learner::open(dir.path(), settings(4, 4)).unwrap();
+        assert!(l.apply(0, 40, b"u", &record(0, 30, &[1, 2])));
+        assert!(l.apply(1, 8, b"v", &record(1, 9, &[1, 3])));
+        // The logs began again: the offsets are low again.
+        assert!(!l.apply(0, 0, b"u", &record(0, 2, &[2, 4])), "a replay");
+        l.restart(0);
+        assert_eq!(l.next_offset(0), Some(0));
+        assert!(l.apply(0, 0, b"u", &record(0, 2, &[2, 4])));
+        assert!(
+            !l.apply(0, 0, b"u", &record(0, 2, &[2, 4])),
+            "a replay again"
+        );
+        assert!(
+            !l.apply(1, 9, b"v", &record(1, 9, &[1, 3])),
+            "partition 1 kept"
+        );
+        l.commit().unwrap();
+        drop(l);
+        let l = Learner::open(dir.path(), settings(4, 4)).unwrap();
+        assert_eq!(l.next_offset(0), Some(1));
+        assert_eq!(l.counts().successors(2), &[(4, 1)]);
+        assert_eq!(l.counts().successors(1), &[(2, 1), (3, 1)]);
     }
 
     #[test]

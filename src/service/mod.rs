@@ -285,12 +285,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         instance: instance_id(&paths.state_dir),
         fresh,
         unkeyed: Throttle::default(),
+        next: Default::default(),
+        bases: Default::default(),
+        topic_went: false,
     };
     // Waiting for the brokers blocks: this worker's other tasks (the HTTP
     // probes) move to the other one meanwhile.
     tokio::task::block_in_place(|| check_topics(&cat.consumer, k))?;
-    cat.assign()?;
-    let mut cat_task = tokio::spawn(cat.run(stop.clone()));
+    let token = cat.assign().await?;
+    let mut cat_task = tokio::spawn(cat.run(stop.clone(), token));
     let mut learning = start_learning(&cfg, &metrics, &logged)?;
 
     // Interactions name items: read them once the catalogue is loaded, or

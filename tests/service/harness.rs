@@ -321,8 +321,12 @@ fn create(addr: &str, new: &[NewTopic<'_>]) {
 }
 
 fn client(group: &str) -> ClientConfig {
+    client_of(broker(), group)
+}
+
+fn client_of(addr: &str, group: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", broker())
+    c.set("bootstrap.servers", addr)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
@@ -667,7 +671,15 @@ pub struct At {
 
 impl Input {
     pub fn new(topics: &Topics, framing: Framing) -> Input {
-        let producer = client("producer").set("linger.ms", "1").create().unwrap();
+        Input::of(broker(), topics, framing)
+    }
+
+    /// A writer to the broker at `addr`.
+    pub fn of(addr: &str, topics: &Topics, framing: Framing) -> Input {
+        let producer = client_of(addr, "producer")
+            .set("linger.ms", "1")
+            .create()
+            .unwrap();
         Input {
             producer,
             rt: runtime(),
@@ -823,7 +835,14 @@ pub struct Output {
 
 impl Output {
     pub fn new(topic: &str, partitions: i32) -> Output {
-        let consumer: BaseConsumer = client(&format!("{topic}-reader")).create().unwrap();
+        Output::of(broker(), topic, partitions)
+    }
+
+    /// A reader of the broker at `addr`.
+    pub fn of(addr: &str, topic: &str, partitions: i32) -> Output {
+        let consumer: BaseConsumer = client_of(addr, &format!("{topic}-reader"))
+            .create()
+            .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition_offset(topic, p, Offset::Beginning)
