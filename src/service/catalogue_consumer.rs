@@ -24,7 +24,7 @@ use super::content::{content, vector, ContentError};
 use super::delivery::{Outbox, Sent};
 use super::kafka::{
     ends_consumption, listed, now_ms, partitions, restarted, Logged, Recovered, Throttle,
-    MARKER_KEY, RECHECK_EVERY,
+    CHECK_EVERY, MARKER_KEY, RECHECK_EVERY,
 };
 use super::metrics::Metrics;
 use super::reason::Reason;
@@ -228,12 +228,15 @@ impl CatalogueConsumer {
         let mut suspect = false;
         let mut recheck = tokio::time::interval(RECHECK_EVERY);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval_at(Instant::now() + CHECK_EVERY, CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let publish_at = batch.first.map(|t| t + self.publish_every);
             tokio::select! {
                 _ = recheck.tick(), if suspect => {
                     suspect = !self.check_logs().await?;
                 }
+                _ = check.tick() => suspect = true,
                 m = self.consumer.recv() => {
                     let m = match m {
                         Ok(m) => m.detach(),

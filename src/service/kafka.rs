@@ -466,6 +466,12 @@ pub fn partitions<C: rdkafka::consumer::ConsumerContext>(
 /// the topic itself, with its own settings.
 pub const RECHECK_EVERY: Duration = Duration::from_millis(250);
 
+/// How often a reader checks its logs (see [`RECHECK_EVERY`]) without a
+/// consumer error to prompt it: a topic deleted and made again while the
+/// brokers stay up gives an assigned reader none. A marker per partition
+/// each time; compaction keeps one.
+pub const CHECK_EVERY: Duration = Duration::from_secs(10);
+
 /// How many partitions the brokers list for `topic`: 0 when they say it is
 /// not there, `None` when they do not answer within `timeout`. Asked with
 /// a consumer, whose metadata requests never make a topic (a broker that

@@ -71,7 +71,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
 use super::kafka::{
-    listed, now_ms, partitions, Landed, Logged, MarkerProducer, Recovered, MARKER_KEY,
+    listed, now_ms, partitions, Landed, Logged, MarkerProducer, Recovered, CHECK_EVERY, MARKER_KEY,
     METADATA_TIMEOUT, RECHECK_EVERY,
 };
 use super::metrics::Metrics;
@@ -578,6 +578,7 @@ impl LearntReader {
                 }
                 None => {}
             }
+            suspect |= checked.elapsed() >= CHECK_EVERY;
             if suspect && checked.elapsed() >= RECHECK_EVERY {
                 checked = Instant::now();
                 suspect = !self.check_logs(&mut topic_went);
