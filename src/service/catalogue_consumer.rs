@@ -467,31 +467,35 @@ impl CatalogueConsumer {
         if batch.first.is_none() {
             return Ok(());
         }
-        // The fresh set's content rows are rebuilt too (up to
-        // `feed.fresh_max` of them): off the runtime, with the publish.
-        tokio::task::block_in_place(|| -> Result<(), CatalogueConsumerError> {
-            view.snapshot = self.catalogue.publish()?;
-            view.fresh = self
-                .fresh
-                .as_ref()
-                .map(|f| f.items(&view.snapshot, &view.items, &view.content));
-            Ok(())
-        })?;
-        self.view.store(Arc::new(view.clone()));
-        self.published.send_replace(());
-        let now = now_ms();
-        for &ts in &batch.timestamps {
+        // A batch of markers alone (the checks of the logs write one every
+        // few seconds) changed nothing to publish once loaded.
+        if !batch.timestamps.is_empty() || !loading.waiting.is_empty() {
+            // The fresh set's content rows are rebuilt too (up to
+            // `feed.fresh_max` of them): off the runtime, with the publish.
+            tokio::task::block_in_place(|| -> Result<(), CatalogueConsumerError> {
+                view.snapshot = self.catalogue.publish()?;
+                view.fresh = self
+                    .fresh
+                    .as_ref()
+                    .map(|f| f.items(&view.snapshot, &view.items, &view.content));
+                Ok(())
+            })?;
+            self.view.store(Arc::new(view.clone()));
+            self.published.send_replace(());
+            let now = now_ms();
+            for &ts in &batch.timestamps {
+                self.metrics
+                    .decodable_latency
+                    .observe((now - ts) as f64 / 1000.0);
+            }
             self.metrics
-                .decodable_latency
-                .observe((now - ts) as f64 / 1000.0);
+                .index_generation
+                .set(view.snapshot.seq() as i64);
+            self.metrics
+                .live_items
+                .set(self.catalogue.registry().live_count() as i64);
+            self.count_fresh(view);
         }
-        self.metrics
-            .index_generation
-            .set(view.snapshot.seq() as i64);
-        self.metrics
-            .live_items
-            .set(self.catalogue.registry().live_count() as i64);
-        self.count_fresh(view);
         for d in batch.dead.drain(..) {
             self.outbox.delivered(d, &self.metrics).await;
         }
