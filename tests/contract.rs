@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use apache_avro::{writer::datum::GenericDatumWriter, Schema};
 use genfeed::contract::{
     decode, encode, CatalogueEvent, DeadLetter, DecodeError, EncodeError, InputPosition,
-    Interaction, InteractionKind, ItemChange, ItemRetire, ItemUpsert, RankedItem, ReadFormat,
-    Recommendation, Record, SchemaIds, WireFormat, MAX_ALLOCATION_BYTES,
+    Interaction, InteractionKind, ItemChange, ItemRetire, ItemUpsert, Limits, RankedItem,
+    ReadFormat, Recommendation, Record, SchemaIds, WireFormat, MAX_ALLOCATION_BYTES,
 };
 use proptest::prelude::*;
 use serde::Serialize;
@@ -569,6 +569,48 @@ fn empty_messages_are_empty_in_both_formats() {
     assert!(!empty.to_string().contains("ItemRetire"), "{empty}");
     let catalogue = decode::<CatalogueEvent>(&[], ReadFormat::Plain).unwrap_err();
     assert!(catalogue.to_string().contains("ItemRetire"), "{catalogue}");
+}
+
+/// A catalogue tombstone retires the item its key names, and a key that
+/// names no item as the contract spells ids is an error naming the key.
+#[test]
+fn a_catalogue_tombstone_retires_the_item_its_key_names() {
+    let limits = Limits {
+        id_bytes: 8,
+        text_bytes: 64,
+    };
+    let event = CatalogueEvent::tombstone(Some(b"item-1"), &limits).unwrap();
+    match &event.change {
+        ItemChange::Retire(r) => assert_eq!(r.item_id, "item-1"),
+        other => panic!("{other:?}"),
+    }
+    // It is a retirement the contract could carry as an event.
+    let bytes = encode(&event, WireFormat::Plain).unwrap();
+    assert_eq!(
+        decode::<CatalogueEvent>(&bytes, ReadFormat::Plain),
+        Ok(event)
+    );
+
+    let keyless = CatalogueEvent::tombstone(None, &limits).unwrap_err();
+    assert_eq!(keyless, DecodeError::KeylessTombstone);
+    assert!(keyless.to_string().contains("no key"), "{keyless}");
+    let bad = |key: &[u8]| CatalogueEvent::tombstone(Some(key), &limits).unwrap_err();
+    for (key, field_error) in [
+        (&b""[..], "invalid key: must not be empty"),
+        (b"\0marker", "invalid key: must not start with a NUL byte"),
+        (
+            b"\xff\xfe",
+            "invalid key: a tombstone's key names the item it retires, in UTF-8",
+        ),
+        (
+            b"123456789",
+            "field key is too large: 9 bytes, over the limit of 8",
+        ),
+    ] {
+        let e = bad(key).to_string();
+        assert!(e.starts_with(CatalogueEvent::NAME), "{e}");
+        assert!(e.contains(field_error), "{key:?}: {e}");
+    }
 }
 
 #[test]

@@ -7,13 +7,17 @@
 /// Why a message could not be decoded into a record.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    /// The message has no bytes at all (e.g. a Kafka tombstone) where a
-    /// `record` was expected.
+    /// The message has no bytes at all (a Kafka tombstone, or an empty
+    /// value) where a `record` was expected.
     #[error(
-        "empty message (a null value, e.g. a tombstone{})",
+        "empty message: no bytes where a {record} was expected{}",
         retire_hint(record)
     )]
     Empty { record: &'static str },
+    /// A catalogue tombstone retires the item its key names; this one has
+    /// no key, so it names none.
+    #[error("a tombstone (a null value) with no key: a catalogue tombstone retires the item its key names")]
+    KeylessTombstone,
     /// The message is shorter than its framing header.
     #[error("truncated message: the header needs {needed} bytes, got {got}")]
     Truncated { needed: usize, got: usize },
@@ -122,12 +126,13 @@ pub enum SchemaIdError {
     Conflict { schema_id: u32 },
 }
 
-/// On the catalogue, a tombstone is most likely meant as a retirement, which
-/// the contract spells as an event of its own.
+/// On the catalogue, an empty value is most likely meant as a retirement,
+/// which is either an event of its own or a tombstone: a null value, not an
+/// empty one.
 fn retire_hint(record: &str) -> &'static str {
     if record == <super::CatalogueEvent as super::Record>::NAME {
-        ": items are retired by an ItemRetire event"
+        " (items are retired by an ItemRetire event, or by a tombstone: a null value keyed by the item id)"
     } else {
-        ""
+        " (a null value, e.g. a tombstone, or an empty one)"
     }
 }

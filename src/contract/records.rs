@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use apache_avro::Schema;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use super::schemas;
+use super::{error::DecodeError, schemas};
 
 /// A Rust type that is one record of the contract.
 ///
@@ -118,6 +118,41 @@ impl CatalogueEvent {
             ItemChange::Upsert(upsert) => &upsert.item_id,
             ItemChange::Retire(retire) => &retire.item_id,
         }
+    }
+
+    /// The retirement a catalogue tombstone stands for: a record with a
+    /// null value, keyed by the item's id.
+    ///
+    /// On a compacted topic a tombstone deletes its key's earlier records,
+    /// so a reader that starts after compaction never sees the item. A
+    /// reader that kept the item live would then disagree with every later
+    /// one; retiring it keeps them all the same. The key must be an id as
+    /// the contract spells one; errors name the field `key`.
+    pub fn tombstone(key: Option<&[u8]>, limits: &Limits) -> Result<CatalogueEvent, DecodeError> {
+        let invalid = |v: Violation| DecodeError::Invalid {
+            record: Self::NAME,
+            field: v.field,
+            detail: v.detail,
+        };
+        let key = key.ok_or(DecodeError::KeylessTombstone)?;
+        at_most("key", key.len(), limits.id_bytes).map_err(|v| DecodeError::OverLimit {
+            record: Self::NAME,
+            field: v.field,
+            detail: v.detail,
+        })?;
+        let item_id = std::str::from_utf8(key).map_err(|e| {
+            invalid(Violation {
+                field: "key",
+                detail: format!("a tombstone's key names the item it retires, in UTF-8: {e}"),
+            })
+        })?;
+        non_empty("key", item_id).map_err(invalid)?;
+        Ok(CatalogueEvent {
+            change: ItemChange::Retire(ItemRetire {
+                item_id: item_id.to_owned(),
+                reason: "tombstone".to_owned(),
+            }),
+        })
     }
 }
 

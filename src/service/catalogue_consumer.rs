@@ -262,7 +262,8 @@ impl CatalogueConsumer {
                     let ts = m.timestamp().to_millis().unwrap_or_else(now_ms);
                     let raw = m.payload().unwrap_or(&[]);
                     let position = Position::new(p as u32, self.bases[&p] + o as u64);
-                    let out = tokio::task::block_in_place(|| self.apply(&mut view, raw, position))?;
+                    let decoded = self.outbox.wire().catalogue(m.key(), m.payload());
+                    let out = tokio::task::block_in_place(|| self.apply(&mut view, decoded, position))?;
                     if let Err((reason, detail)) = out {
                         self.metrics.dead_letter(reason);
                         batch.dead.push(self.outbox.dead_letter((&self.topic, p, o), reason, &detail, raw, Vec::new()));
@@ -372,10 +373,10 @@ impl CatalogueConsumer {
     fn apply(
         &mut self,
         view: &mut View,
-        raw: &[u8],
+        decoded: Result<CatalogueEvent, DecodeError>,
         position: Position,
     ) -> Result<Rejected, CatalogueConsumerError> {
-        let event: CatalogueEvent = match self.outbox.wire().decode(raw) {
+        let event = match decoded {
             Ok(e) => e,
             Err(e) => return Ok(Err(decode_reason(e))),
         };

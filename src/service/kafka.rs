@@ -112,6 +112,20 @@ impl Wire {
         Ok(record)
     }
 
+    /// Decodes a catalogue record: a null value (a tombstone) is the
+    /// retirement of the item its key names (see
+    /// [`CatalogueEvent::tombstone`]).
+    pub fn catalogue(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<CatalogueEvent, DecodeError> {
+        match value {
+            Some(bytes) => self.decode(bytes),
+            None => CatalogueEvent::tombstone(key, &self.limits),
+        }
+    }
+
     fn format(&self, id: u32) -> WireFormat {
         match self.kind {
             WireKind::Plain => WireFormat::Plain,

@@ -709,10 +709,14 @@ impl Input {
         self.send(FutureRecord::to(topic).key(key).payload(payload))
     }
 
-    /// A record with a key and no value, as a compacting producer writes
-    /// to delete a key.
-    pub fn tombstone(&self, topic: &str, key: &str) -> At {
-        self.send(FutureRecord::to(topic).key(key))
+    /// A record with no value, as a compacting producer writes to delete
+    /// a key.
+    pub fn tombstone(&self, topic: &str, key: Option<&str>) -> At {
+        let record = FutureRecord::to(topic);
+        self.send(match key {
+            Some(key) => record.key(key),
+            None => record.partition(0),
+        })
     }
 
     fn send(&self, record: FutureRecord<'_, str, [u8]>) -> At {

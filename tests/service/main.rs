@@ -57,11 +57,15 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
         assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     }
 
-    // Retire three items; once the service has processed it, no feed may
-    // hold them.
+    // Retire three items, the last by a tombstone (compaction will drop
+    // its records, so an instance started later never sees it); once the
+    // service has processed them, no feed may hold them.
     let retired: Vec<String> = live.iter().take(3).cloned().collect();
-    for id in &retired {
+    for id in &retired[..2] {
         input.retire(id);
+    }
+    input.tombstone(&t.catalogue, Some(&retired[2]));
+    for id in &retired {
         live.remove(id);
     }
     svc.wait_metric("genfeed_live_items", |v| v == 12.0);
@@ -405,10 +409,16 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     let zeros = vec![0.0; f.items[30].1.len()];
     push(&t.catalogue, input.upsert("zeros", zeros), "bad_embedding");
     push(&t.catalogue, input.retire("never-seen"), "unknown_item");
-    // A tombstone of a live item: not a retirement (that is an ItemRetire).
+    // A tombstone that names no item, and an empty value, which is not a
+    // tombstone.
     push(
         &t.catalogue,
-        input.tombstone(&t.catalogue, item),
+        input.tombstone(&t.catalogue, None),
+        "undecodable",
+    );
+    push(
+        &t.catalogue,
+        input.raw(&t.catalogue, item, b""),
         "undecodable",
     );
     // Interactions: garbage, an unknown schema id, a datum missing its last
@@ -464,7 +474,7 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
             })
             .unwrap_or_else(|| panic!("no dead letter for {topic} {at:?} ({reason})"));
         assert!(l.reason.starts_with(reason), "{} for {reason}", l.reason);
-        // The tombstone's raw is its (absent) value.
+        // The empty records' raw is their (absent or empty) value.
         assert_eq!(
             l.raw.is_empty(),
             l.reason.contains("tombstone"),
@@ -488,6 +498,7 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     assert!(zeros.reason.contains("all zeros"), "{}", zeros.reason);
     assert!(by_reason("unknown_schema").contains("99"));
     assert!(by_reason("undecodable: empty").contains("tombstone"));
+    assert!(by_reason("undecodable: a tombstone").contains("no key"));
     let unknown = letters
         .iter()
         .find(|l| l.reason.contains("no-such-item"))
