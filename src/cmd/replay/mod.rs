@@ -503,10 +503,11 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
             ));
         }
         println!(
-            "{} interactions in {:.1} s ({:.1}/s); {} feeds ({:.1}/s); interaction→feed latency p50 {:.1} ms, p99 {:.1} ms{news}",
+            "{} interactions in {:.1} s ({:.1}/s), {} of them answered by a feed; {} feeds ({:.1}/s); interaction→feed latency p50 {:.1} ms, p99 {:.1} ms{news}",
             summary.interactions,
             summary.seconds,
             summary.interactions_per_s,
+            summary.answered,
             summary.feeds,
             summary.feeds_per_s,
             summary.latency_ms_p50,
