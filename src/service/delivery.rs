@@ -456,7 +456,7 @@ pub async fn acknowledge<C: ConsumerContext + 'static>(
                     .observe((now - t.timestamp_ms) as f64 / 1000.0);
             }
             if let Some(w) = offsets.finish(t.partition, t.offset) {
-                let _ = tpl.add_partition_offset(&topic, t.partition, Offset::Offset(w));
+                store_at(&mut tpl, &topic, t.partition, w);
             }
         }
         if tpl.count() > 0 {
@@ -467,6 +467,18 @@ pub async fn acknowledge<C: ConsumerContext + 'static>(
             }
         }
     }
+}
+
+/// Sets `partition`'s offset to store in `tpl`, once per partition: a
+/// second `add_partition_offset` of a partition appends an element with no
+/// offset and sets the first one's, and librdkafka then stores the empty
+/// one last, so nothing was committed whenever one feed answered two
+/// interactions of a partition (a user's coalesced events).
+fn store_at(tpl: &mut TopicPartitionList, topic: &str, partition: i32, offset: i64) {
+    let _ = match tpl.find_partition(topic, partition) {
+        Some(_) => tpl.set_partition_offset(topic, partition, Offset::Offset(offset)),
+        None => tpl.add_partition_offset(topic, partition, Offset::Offset(offset)),
+    };
 }
 
 #[cfg(test)]
@@ -506,6 +518,22 @@ mod tests {
     fn letter_of(sent: &Sent) -> DeadLetter {
         assert!(matches!(sent.kind, Kind::DeadLetter(_)));
         decode(&sent.payload, ReadFormat::Plain).unwrap()
+    }
+
+    /// One feed answering several interactions of a partition stores that
+    /// partition once, at its newest offset, and no element without one.
+    #[test]
+    fn offsets_to_store_name_each_partition_once_at_its_newest() {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in [(3, 5), (1, 2), (3, 7)] {
+            store_at(&mut tpl, "interactions", partition, offset);
+        }
+        let stored: Vec<(i32, Offset)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset()))
+            .collect();
+        assert_eq!(stored, [(3, Offset::Offset(7)), (1, Offset::Offset(2))]);
     }
 
     #[test]

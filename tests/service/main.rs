@@ -927,6 +927,53 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
     }
 }
 
+/// A clean stop commits every answered interaction, also those a feed
+/// answered together (a user's events within `coalesce_ms`): the next start
+/// reads none of them again. It used to read the whole topic again, and
+/// feed every user anew, whenever one feed had answered two interactions
+/// of a partition.
+#[test]
+fn a_clean_restart_reads_no_answered_interaction_again() {
+    let bed = Bed::new("commit", 2, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..15);
+    let cfg = bed.config("a", FEED);
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    // Each round is written before the service starts: read as a backlog,
+    // a user's three interactions come within `coalesce_ms`.
+    let send = |seed: usize| -> HashMap<String, At> {
+        wave(f, 20, 3, seed)
+            .into_iter()
+            .map(|(user, item)| {
+                let at = input.interaction(&user, &item);
+                (user, at)
+            })
+            .collect()
+    };
+    let last = send(0);
+    let mut svc = Service::start(&cfg);
+    assert_eq!(
+        feeds_answering(&out, Framing::Plain, &mut feeds, &last).len(),
+        20
+    );
+    let coalesced = svc.metric("genfeed_feeds_total").unwrap();
+    assert!(coalesced < 60.0, "no feed answered two interactions");
+    assert!(svc.stop().success(), "{}", svc.log_text());
+
+    // Once the new round is answered, a replay would have been read: each
+    // partition is read in order.
+    let last = send(1);
+    let mut svc = Service::start(&cfg);
+    assert_eq!(
+        feeds_answering(&out, Framing::Plain, &mut feeds, &last).len(),
+        20
+    );
+    assert_eq!(svc.metric("genfeed_interactions_replayed_total"), Some(0.0));
+    assert_eq!(svc.metric("genfeed_interaction_events_total"), Some(60.0));
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
 #[test]
 fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
     let bed = Bed::new("group", 4, Framing::Plain);
