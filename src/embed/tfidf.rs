@@ -144,6 +144,34 @@ impl TfIdf {
         self.dim
     }
 
+    /// Names the weighting: equal for equal weightings, whatever order
+    /// their file lists the words in. Rows weighed with another weighting
+    /// mean nothing beside this one's (another width hashes words to other
+    /// buckets), so whoever stores rows keeps it beside them.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        for c in &self.columns {
+            field(c.as_bytes());
+        }
+        field(&(self.dim as u64).to_le_bytes());
+        field(&self.documents.to_le_bytes());
+        for (column, df) in &self.df {
+            field(column.as_bytes());
+            let mut words: Vec<_> = df.iter().collect();
+            words.sort_unstable();
+            for (word, n) in words {
+                field(word.as_bytes());
+                field(&n.to_le_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+
     /// The columns a live item's words are read from.
     pub fn columns(&self) -> &[String] {
         &self.columns
@@ -253,6 +281,20 @@ mod tests {
         let d: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
         d / (n(a) * n(b))
+    }
+
+    /// The digest names the weighting, not its file: a copy read back
+    /// (its words in another order) has the same one, another fit not.
+    #[test]
+    fn a_digest_is_the_weightings_not_its_files() {
+        let (d, items) = catalogue(&["a b c", "b c d", "c d e", "e f g"]);
+        let w = TfIdf::fit(&items, 64);
+        w.save(d.path()).unwrap();
+        let back = TfIdf::load(d.path()).unwrap().unwrap();
+        assert_eq!(back.digest(), w.digest());
+        assert_ne!(TfIdf::fit(&items, 32).digest(), w.digest());
+        let (_e, fewer) = catalogue(&["a b c", "b c d", "c d e"]);
+        assert_ne!(TfIdf::fit(&fewer, 64).digest(), w.digest());
     }
 
     #[test]

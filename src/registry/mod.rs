@@ -262,6 +262,21 @@ impl Registry {
         )]);
     }
 
+    /// Forgets every recorded content row, when they were weighed another
+    /// way than the rows to come. How many there were.
+    pub fn forget_contents(&self) -> Result<usize, RegistryError> {
+        self.write_staged()?;
+        let mut gone = Vec::new();
+        for kv in self.scan(Table::Content) {
+            gone.push((kv?.0, None));
+        }
+        let n = gone.len();
+        let mut staged = self.staged();
+        staged.stage(gone);
+        staged.commit(&self.db)?;
+        Ok(n)
+    }
+
     /// Every recorded content row by ord, in ord order: what the service's
     /// content lookup starts from.
     pub fn contents(

@@ -44,6 +44,10 @@ fn base_key(topic: &str, partition: i32) -> String {
     format!("catalogue-base/{topic}/{partition}")
 }
 
+/// Registry meta key of the digest of the weighting the stored content
+/// rows were weighed with ([`TfIdf::digest`](crate::embed::tfidf::TfIdf::digest)).
+const WEIGHTING_KEY: &str = "content-weighting";
+
 /// A big-endian u64 or i64 meta value.
 fn be8(value: Option<Vec<u8>>) -> Option<[u8; 8]> {
     value.as_deref().and_then(|b| b.try_into().ok())
@@ -93,6 +97,12 @@ pub struct CatalogueConsumer {
     /// Whether the brokers said, since the last check of the logs, that
     /// the topic was not there: when it is back, its logs are new.
     pub topic_went: bool,
+    /// Set while the catalogue is read again from its start to weigh the
+    /// items' words anew: the weighting's digest, recorded once loaded.
+    pub reweigh: Option<[u8; 32]>,
+    /// Per partition, the offset below which a re-read reads only what was
+    /// read before: what it rejects was dead-lettered then.
+    pub read_before: HashMap<i32, i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +169,7 @@ impl CatalogueConsumer {
             source,
         };
         let token = format!("{}/{}", self.instance, now_ms());
+        self.reweigh = self.weighed_anew()?;
         let listed = tokio::task::block_in_place(|| partitions(&self.consumer, &self.topic));
         for p in listed.map_err(kafka)? {
             let registry = self.catalogue.registry();
@@ -180,10 +191,51 @@ impl CatalogueConsumer {
                 })?;
             if restarted(end, stored.unwrap_or(0)) {
                 self.restart(p, end)?;
+            } else if self.reweigh.is_some() {
+                self.read_before.insert(p, self.next[&p]);
+                self.next.insert(p, 0);
             }
         }
         self.reassign()?;
         Ok(token)
+    }
+
+    /// Whether the stored content rows were weighed otherwise than the
+    /// model directory's weighting weighs words (another fit, or none: an
+    /// item read while there was none has no row): then they are
+    /// forgotten, and the catalogue is read again from its start, where
+    /// each item's last applied upsert weighs its words anew. Returns the
+    /// digest to record once that read is done.
+    fn weighed_anew(&self) -> Result<Option<[u8; 32]>, CatalogueConsumerError> {
+        let registry = self.catalogue.registry();
+        let stored = registry.meta_get(WEIGHTING_KEY)?;
+        let Some(digest) = self
+            .fresh
+            .as_ref()
+            .and_then(|f| f.words())
+            .map(|w| w.digest())
+        else {
+            // Rows stop following the events: a weighting that comes back
+            // finds them stale.
+            if stored.as_deref().is_some_and(|d| !d.is_empty()) {
+                registry.meta_set(WEIGHTING_KEY, &[])?;
+            }
+            return Ok(None);
+        };
+        if stored.as_deref() == Some(&digest[..]) {
+            return Ok(None);
+        }
+        let forgotten = tokio::task::block_in_place(|| registry.forget_contents())?;
+        // A first start reads the catalogue from its start anyway.
+        if stored.is_some() || forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "the items' words were weighed otherwise when they were stored (the model \
+                 directory's content-tfidf.json is new): reading the catalogue again from its \
+                 start to weigh them anew"
+            );
+        }
+        Ok(Some(digest))
     }
 
     /// Assigns every partition from its next offset to read.
@@ -264,7 +316,10 @@ impl CatalogueConsumer {
                     let position = Position::new(p as u32, self.bases[&p] + o as u64);
                     let decoded = self.outbox.wire().catalogue(m.key(), m.payload());
                     let out = tokio::task::block_in_place(|| self.apply(&mut view, decoded, position))?;
-                    if let Err((reason, detail)) = out {
+                    // A re-read's rejects below where it read before were
+                    // dead-lettered then.
+                    let sent_before = self.read_before.get(&p).is_some_and(|&b| o < b);
+                    if let (Err((reason, detail)), false) = (out, sent_before) {
                         self.metrics.dead_letter(reason);
                         batch.dead.push(self.outbox.dead_letter((&self.topic, p, o), reason, &detail, raw, Vec::new()));
                     }
@@ -344,6 +399,7 @@ impl CatalogueConsumer {
             .meta_set(&base_key(&self.topic, partition), &base.to_be_bytes())?;
         self.bases.insert(partition, base);
         self.next.insert(partition, 0);
+        self.read_before.remove(&partition);
         tracing::warn!(
             topic = %self.topic,
             partition,
@@ -355,17 +411,30 @@ impl CatalogueConsumer {
     }
 
     /// Marks the catalogue loaded once every partition's marker is published.
-    fn check_loaded(&self, loading: &mut Loading, marked: &[i32]) {
+    /// A re-read to weigh the words anew is done then too.
+    fn check_loaded(
+        &mut self,
+        loading: &mut Loading,
+        marked: &[i32],
+    ) -> Result<(), CatalogueConsumerError> {
         for p in marked {
             loading.waiting.remove(p);
         }
-        if loading.waiting.is_empty() && !self.metrics.catalogue_loaded.load(Relaxed) {
+        if !loading.waiting.is_empty() {
+            return Ok(());
+        }
+        if let Some(digest) = self.reweigh.take() {
+            self.catalogue.registry().meta_set(WEIGHTING_KEY, &digest)?;
+            self.read_before.clear();
+        }
+        if !self.metrics.catalogue_loaded.load(Relaxed) {
             tracing::info!(
                 live = self.catalogue.registry().live_count(),
                 "catalogue loaded"
             );
             self.metrics.catalogue_loaded.store(true, Relaxed);
         }
+        Ok(())
     }
 
     /// Applies one message to the registry and the view; an error is the
@@ -509,7 +578,7 @@ impl CatalogueConsumer {
             }
             Ok(())
         })?;
-        self.check_loaded(loading, &batch.marked);
+        self.check_loaded(loading, &batch.marked)?;
         *batch = Batch::default();
         Ok(())
     }

@@ -288,6 +288,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         next: Default::default(),
         bases: Default::default(),
         topic_went: false,
+        reweigh: None,
+        read_before: Default::default(),
     };
     // Waiting for the brokers blocks: this worker's other tasks (the HTTP
     // probes) move to the other one meanwhile.

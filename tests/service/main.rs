@@ -268,7 +268,9 @@ fn a_fresh_item_reaches_the_feed_of_the_user_it_fits_without_retraining() {
 /// item's words reaches the feed, the one that shares only its embedding
 /// does not. The words are kept with the registry: after a restart, which
 /// reads none of the earlier catalogue events again, a new user whose
-/// last item is the same gets the same newcomer.
+/// last item is the same gets the same newcomer. Items read while the
+/// model had no weighting, or another one, have their words weighed anew
+/// when it comes: the catalogue is read again once.
 #[test]
 fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
     use genfeed::contract::ItemUpsert;
@@ -324,6 +326,11 @@ fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
         "{err}"
     );
     let cfg = bed.config("a", feed);
+    // First without a weighting: fresh items scored by their SIDs, no
+    // words stored.
+    let mut svc = Service::start(&cfg);
+    assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(17.0));
+    assert!(svc.stop().success());
     let text = std::fs::read_to_string(&cfg).unwrap();
     let moved = text.replace(
         &format!("model = \"{}\"", f.model.display()),
@@ -334,25 +341,30 @@ fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
     let feed_of = |user: &str| {
         input.interaction(user, &f.items[7].0);
         let at = HashMap::from([(user.to_string(), input.interaction(user, last))]);
-        let out = Output::new(&t.recommendations, 1);
+        let out = Output::new(&t.recommendations, 2);
         let got = feeds_answering(&out, Framing::Plain, &mut Vec::new(), &at);
         let ids: Vec<String> = got[user].items.iter().map(|i| i.item_id.clone()).collect();
         ids
     };
-    let mut svc = Service::start(&cfg);
-    assert_eq!(svc.metric("genfeed_fresh_items"), Some(2.0));
-    let ids = feed_of("u");
-    assert_eq!(ids.len(), 3, "{ids:?}");
-    assert_eq!(ids[1], "fresh-words", "{ids:?}");
-    assert!(!ids.contains(&"fresh-embedding".to_string()), "{ids:?}");
-    assert!(svc.stop().success());
-
-    let mut svc = Service::start(&cfg);
-    assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(0.0));
-    let ids = feed_of("v");
-    assert_eq!(ids[1], "fresh-words", "{ids:?}");
-    assert!(!ids.contains(&"fresh-embedding".to_string()), "{ids:?}");
-    assert!(svc.stop().success());
+    // With it, the catalogue is read again for the words; then not.
+    let weighed = |user: &str, events: f64| {
+        let mut svc = Service::start(&cfg);
+        assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(events));
+        assert_eq!(svc.metric("genfeed_fresh_items"), Some(2.0));
+        let ids = feed_of(user);
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        assert_eq!(ids[1], "fresh-words", "{ids:?}");
+        assert!(!ids.contains(&"fresh-embedding".to_string()), "{ids:?}");
+        assert!(svc.stop().success());
+    };
+    weighed("u", 17.0);
+    weighed("v", 0.0);
+    // Another fit hashes the words to other buckets: weighed anew.
+    genfeed::embed::tfidf::TfIdf::fit(&items, 96)
+        .save(&model)
+        .unwrap();
+    weighed("w", 17.0);
+    weighed("x", 0.0);
 }
 
 /// Ready means the whole catalogue written before start-up is read and
