@@ -101,7 +101,8 @@ pub struct CatalogueConsumer {
     /// items' words anew: the weighting's digest, recorded once loaded.
     pub reweigh: Option<[u8; 32]>,
     /// Per partition, the offset below which a re-read reads only what was
-    /// read before: what it rejects was dead-lettered then.
+    /// read before: what it rejects was dead-lettered then, and its
+    /// recorded offset stays there until the re-read passes it.
     pub read_before: HashMap<i32, i64>,
 }
 
@@ -572,6 +573,12 @@ impl CatalogueConsumer {
         tokio::task::block_in_place(|| -> Result<(), CatalogueConsumerError> {
             self.catalogue.flush()?;
             for &(p, next) in &batch.next {
+                // A re-read keeps the offset it started from until it
+                // passes it: a crash before then re-reads from the start
+                // again and knows what was dead-lettered.
+                if self.read_before.get(&p).is_some_and(|&b| next < b) {
+                    continue;
+                }
                 self.catalogue
                     .registry()
                     .meta_set(&offset_key(&self.topic, p), &next.to_be_bytes())?;

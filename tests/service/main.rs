@@ -312,6 +312,9 @@ fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
     // Item 8's words share nothing with item 3's ("w8 g2" against "w3 g0").
     upsert("fresh-embedding", near, words(8));
     upsert("fresh-words", &f.items[8].1, words(3));
+    // Dead-lettered on the first read, not on the re-reads.
+    input.raw(&t.catalogue, "junk", b"\x07garbage");
+    let undecodable = "genfeed_dead_letters_total{reason=\"undecodable\"}";
     let feed = "beams = 20\ntop_k = 3\ncoalesce_ms = 5\nbatch_wait_ms = 5\nfresh_weight = 0.5\nfresh_after = 1\nfresh_half_at = 0";
     // Asked for by name where the model has no weighting: a clear refusal.
     let refused = bed.config("none", &format!("{feed}\nfresh_content = \"catalogue\""));
@@ -329,7 +332,8 @@ fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
     // First without a weighting: fresh items scored by their SIDs, no
     // words stored.
     let mut svc = Service::start(&cfg);
-    assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(17.0));
+    assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(18.0));
+    assert_eq!(svc.metric(undecodable), Some(1.0));
     assert!(svc.stop().success());
     let text = std::fs::read_to_string(&cfg).unwrap();
     let moved = text.replace(
@@ -350,6 +354,7 @@ fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
     let weighed = |user: &str, events: f64| {
         let mut svc = Service::start(&cfg);
         assert_eq!(svc.metric("genfeed_catalogue_events_total"), Some(events));
+        assert_eq!(svc.metric(undecodable), Some(0.0));
         assert_eq!(svc.metric("genfeed_fresh_items"), Some(2.0));
         let ids = feed_of(user);
         assert_eq!(ids.len(), 3, "{ids:?}");
@@ -357,13 +362,13 @@ fn fresh_items_are_scored_by_their_catalogue_words_across_a_restart() {
         assert!(!ids.contains(&"fresh-embedding".to_string()), "{ids:?}");
         assert!(svc.stop().success());
     };
-    weighed("u", 17.0);
+    weighed("u", 18.0);
     weighed("v", 0.0);
     // Another fit hashes the words to other buckets: weighed anew.
     genfeed::embed::tfidf::TfIdf::fit(&items, 96)
         .save(&model)
         .unwrap();
-    weighed("w", 17.0);
+    weighed("w", 18.0);
     weighed("x", 0.0);
 }
 
