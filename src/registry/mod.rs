@@ -371,6 +371,30 @@ mod tests {
         assert!(r.check().is_err());
     }
 
+    /// Forgotten rows stay forgotten across a reopen, staged ones with
+    /// them; the items keep their entries.
+    #[test]
+    fn forgotten_content_rows_are_gone_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut r = Registry::open(dir.path(), &binding(), None).unwrap();
+            for (k, id) in ["a", "b"].into_iter().enumerate() {
+                let LiveChange::Added { ord, .. } = r
+                    .apply_upsert(id, [1; 32], Position::new(0, k as u64), 0, codes)
+                    .unwrap()
+                else {
+                    panic!("a new item is added")
+                };
+                r.set_content(ord, &[(1, 0.5)]);
+            }
+            assert_eq!(r.forget_contents().unwrap(), 2);
+        }
+        let r = Registry::open(dir.path(), &binding(), None).unwrap();
+        assert_eq!(r.contents().count(), 0);
+        assert!(r.get("a").unwrap().is_some() && r.get("b").unwrap().is_some());
+        r.check().unwrap();
+    }
+
     #[test]
     fn content_rows_survive_a_reopen_and_the_last_one_wins() {
         let dir = tempfile::tempdir().unwrap();
