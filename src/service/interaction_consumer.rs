@@ -19,7 +19,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -27,9 +27,7 @@ use tokio::time::Instant;
 use super::catalogue_consumer::decode_reason;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{
-    self, ends_consumption, now_ms, Landed, Logged, MarkerProducer, Recovered, MARKER_KEY,
-};
+use super::kafka::{self, ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -206,20 +204,14 @@ impl Restore {
     fn partitions(&self, parts: &[i32], metrics: &Metrics) {
         let start = std::time::Instant::now();
         let token = format!("{}/{}", self.instance, now_ms());
-        let landed = Arc::new(Landed::default());
-        let mut marked = Vec::with_capacity(parts.len());
-        for &p in parts {
-            let record = BaseRecord::with_opaque_to(&self.topic, landed.clone())
-                .partition(p)
-                .key(MARKER_KEY)
-                .payload(token.as_str());
-            match self.marker.send::<[u8], str>(record) {
-                Ok(()) => marked.push(p),
-                Err((e, _)) => {
-                    tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored")
-                }
-            }
+        let (landed, failed) = kafka::mark_ends(&self.marker, &self.topic, parts, &token);
+        for (p, e) in &failed {
+            tracing::error!(partition = p, error = %e, topic = %self.topic, "cannot mark the changelog's end; histories of this partition are not restored");
         }
+        let marked = parts
+            .iter()
+            .copied()
+            .filter(|p| failed.iter().all(|(q, _)| q != p));
         if let Err(e) = self.marker.flush(self.timeout) {
             tracing::error!(error = %e, topic = %self.topic, "cannot mark the changelog's end; histories are not restored");
             return;

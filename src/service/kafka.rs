@@ -265,6 +265,30 @@ pub fn restarted(end: i64, from: i64) -> bool {
     end < from
 }
 
+/// Queues an end marker with `token` for each of `partitions` of `topic`;
+/// once the producer is flushed, the returned [`Landed`] holds where each
+/// landed. The partitions whose marker could not be queued come back with
+/// their error; what that costs is the caller's to say.
+pub fn mark_ends(
+    producer: &MarkerProducer,
+    topic: &str,
+    partitions: &[i32],
+    token: &str,
+) -> (Arc<Landed>, Vec<(i32, rdkafka::error::KafkaError)>) {
+    let landed = Arc::new(Landed::default());
+    let mut failed = Vec::new();
+    for &p in partitions {
+        let record = rdkafka::producer::BaseRecord::with_opaque_to(topic, landed.clone())
+            .partition(p)
+            .key(MARKER_KEY)
+            .payload(token);
+        if let Err((e, _)) = producer.send::<[u8], str>(record) {
+            failed.push((p, e));
+        }
+    }
+    (landed, failed)
+}
+
 /// Creates a [`MarkerProducer`].
 pub fn marker_producer(cfg: &KafkaConfig) -> rdkafka::error::KafkaResult<MarkerProducer> {
     producer_config(cfg).create_with_context(Quiet)

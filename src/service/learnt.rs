@@ -66,13 +66,13 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::histories::{last_step, Position};
 use super::kafka::{
-    listed, now_ms, partitions, Landed, Logged, MarkerProducer, Recovered, CHECK_EVERY, MARKER_KEY,
-    METADATA_TIMEOUT, RECHECK_EVERY,
+    listed, mark_ends, now_ms, partitions, Logged, MarkerProducer, Recovered, CHECK_EVERY,
+    MARKER_KEY, METADATA_TIMEOUT, RECHECK_EVERY,
 };
 use super::metrics::Metrics;
 use super::view::View;
@@ -454,19 +454,13 @@ impl LearntReader {
             source,
         };
         let token = format!("{}/learnt/{}", self.instance, now_ms());
-        let landed = Arc::new(Landed::default());
-        let mut waiting = HashSet::new();
-        for p in partitions(&self.consumer, &self.topic).map_err(kafka)? {
-            let marker = BaseRecord::with_opaque_to(&self.topic, landed.clone())
-                .partition(p)
-                .key(MARKER_KEY)
-                .payload(token.as_str());
-            self.marker
-                .send::<[u8], str>(marker)
-                .map_err(|(e, _)| kafka(e))?;
-            waiting.insert(p);
+        let listed = partitions(&self.consumer, &self.topic).map_err(kafka)?;
+        let (landed, failed) = mark_ends(&self.marker, &self.topic, &listed, &token);
+        if let Some((_, e)) = failed.into_iter().next() {
+            return Err(kafka(e));
         }
         self.marker.flush(METADATA_TIMEOUT).map_err(kafka)?;
+        let waiting: HashSet<i32> = listed.into_iter().collect();
         let mut tpl = TopicPartitionList::new();
         for &p in &waiting {
             let from = match self.learner.next_offset(p) {
@@ -503,18 +497,9 @@ impl LearntReader {
             *went |= n == 0;
             return false;
         }
-        let landed = Arc::new(Landed::default());
         let token = format!("{}/learnt-check/{}", self.instance, now_ms());
-        for &p in &parts {
-            let marker = BaseRecord::with_opaque_to(&self.topic, landed.clone())
-                .partition(p)
-                .key(MARKER_KEY)
-                .payload(token.as_str());
-            if self.marker.send::<[u8], str>(marker).is_err() {
-                return false;
-            }
-        }
-        if self.marker.flush(METADATA_TIMEOUT).is_err() {
+        let (landed, failed) = mark_ends(&self.marker, &self.topic, &parts, &token);
+        if !failed.is_empty() || self.marker.flush(METADATA_TIMEOUT).is_err() {
             return false;
         }
         let went = std::mem::take(went);
