@@ -496,6 +496,18 @@ impl Config {
                 format!("{t} is not a positive number"),
             ));
         }
+        let rows = f.beams.saturating_mul(f.batch_max);
+        if rows > SEARCH_ROWS {
+            return Err((
+                "feed.beams",
+                format!(
+                    "{} beams for each of {} users (feed.batch_max) are {rows} search rows, \
+                     more than {SEARCH_ROWS}: every row holds a decoder cache and a row of \
+                     logits at each step",
+                    f.beams, f.batch_max
+                ),
+            ));
+        }
         if f.top_k > f.beams {
             return Err((
                 "feed.top_k",
@@ -551,6 +563,13 @@ impl Config {
     }
 }
 
+/// Beams of one model batch at most (`feed.beams × feed.batch_max`). The
+/// search holds a decoder cache and a row of logits per beam: at TIGER's
+/// dimensions 65,536 rows are about 3 GiB of cache, which a GPU holds and a
+/// CPU still runs; a careless `beams = 100000` would take the memory of the
+/// host before the first feed instead of being refused by name.
+const SEARCH_ROWS: usize = 65_536;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,6 +618,12 @@ mod tests {
         assert_eq!(cuda.feed.device, FeedDevice::Cuda);
         let err = load(&format!("{PATHS}[feed]\nbeams = 5\ntop_k = 10\n")).unwrap_err();
         assert!(err.to_string().contains("feed.top_k"), "{err}");
+        let err = load(&format!("{PATHS}[feed]\nbeams = 100000\n")).unwrap_err();
+        assert!(err.to_string().contains("feed.beams"), "{err}");
+        let wide = load(&format!("{PATHS}[feed]\nbeams = 1024\nbatch_max = 64\n")).unwrap();
+        assert_eq!(wide.feed.beams * wide.feed.batch_max, SEARCH_ROWS);
+        let err = load(&format!("{PATHS}[feed]\nbeams = 1024\nbatch_max = 65\n")).unwrap_err();
+        assert!(err.to_string().contains("feed.batch_max"), "{err}");
         let err = load(&format!("{PATHS}[kafka]\nmessage_max_bytes = 6000\n")).unwrap_err();
         assert!(err.to_string().contains("kafka.message_max_bytes"), "{err}");
         let err = load(&format!(
