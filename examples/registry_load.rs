@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use genfeed::registry::{Position, Registry, TokenizerBinding};
 use genfeed::sid::Code;
+use genfeed::tokenizer::ContentCodes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -26,8 +27,11 @@ fn main() {
     };
     let mut r = Registry::open(dir.path(), &binding, Some(500)).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let codes =
-        |rng: &mut ChaCha8Rng| -> Vec<Code> { (0..3).map(|_| rng.random_range(0..64)).collect() };
+    let codes = |rng: &mut ChaCha8Rng| {
+        let codes: Vec<Code> = (0..3).map(|_| rng.random_range(0..64)).collect();
+        let last_ranked = vec![codes[2]];
+        ContentCodes { codes, last_ranked }
+    };
     let mut position = 0u64;
     let mut generation = 0u64;
     let start = Instant::now();

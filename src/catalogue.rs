@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use crate::index::{Index, IndexError, IndexReader, Opened, Snapshot};
 use crate::registry::{LiveChange, Position, Registry, RegistryError, TokenizerBinding};
-use crate::sid::{Code, Sid};
+use crate::sid::Sid;
 use crate::tokenizer::FrozenTokenizer;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -168,16 +168,11 @@ impl Catalogue {
     {
         let generation = self.index.next_seq();
         let tokenizer = &self.tokenizer;
-        let levels = tokenizer.sid_levels() - 1;
         let change =
             self.registry
                 .apply_upsert(item_id, content_hash, position, generation, || {
                     let v = vector(tokenizer).map_err(BoxError::from)?;
-                    let mut codes = vec![0 as Code; levels];
-                    tokenizer
-                        .content_codes(item_id, &v, &mut codes)
-                        .map_err(BoxError::from)?;
-                    Ok::<_, BoxError>(codes)
+                    tokenizer.content_codes(item_id, &v).map_err(BoxError::from)
                 })?;
         self.follow(change);
         Ok(change)

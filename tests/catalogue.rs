@@ -1,6 +1,7 @@
 //! The catalogue path end to end: tokenizer, registry and index kept in step,
 //! through publishes, merges, restarts and a crash in the middle of a merge.
 
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -10,7 +11,7 @@ use genfeed::catalogue::{vector_hash, Catalogue, CatalogueConfig};
 use genfeed::embed::catalogue::encode_items;
 use genfeed::embed::EncoderSpec;
 use genfeed::registry::{LiveChange, Position};
-use genfeed::sid::Sid;
+use genfeed::sid::{Code, Sid};
 use genfeed::synth::{generate, SynthConfig};
 use genfeed::tokenizer::train::{train, Provenance, TrainData, TrainOptions};
 use genfeed::tokenizer::{FrozenTokenizer, Method};
@@ -20,8 +21,9 @@ use rand_chacha::ChaCha8Rng;
 
 const DIM: usize = 8;
 
-/// A small RQ-KMeans tokenizer over 8-dimensional embeddings.
-fn tokenizer(dir: &Path) -> Arc<FrozenTokenizer> {
+/// A small RQ-KMeans tokenizer over 8-dimensional embeddings, `capacity`
+/// items to a content prefix.
+fn tokenizer(dir: &Path, capacity: usize) -> Arc<FrozenTokenizer> {
     let files = generate(
         dir,
         &SynthConfig {
@@ -42,7 +44,7 @@ fn tokenizer(dir: &Path) -> Arc<FrozenTokenizer> {
     let ids: Vec<String> = items.rows.iter().map(|r| r.id.clone()).collect();
     let mut opts = TrainOptions::new(Method::RqKmeans);
     opts.codebook_size = 16;
-    opts.last_level_capacity = Some(4096);
+    opts.last_level_capacity = Some(capacity);
     let out = dir.join("tokenizer");
     train(
         &ids,
@@ -74,7 +76,7 @@ fn registry_live(c: &Catalogue) -> Vec<(Sid, u32)> {
 #[test]
 fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
+    let tok = tokenizer(dir.path(), 4096);
     let cfg = CatalogueConfig::new(dir.path().join("catalogue"));
     let (mut cat, _) = Catalogue::open(tok.clone(), &cfg).unwrap();
     let reader = cat.reader();
@@ -167,6 +169,69 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     assert_eq!(cat.reader().snapshot().len(), 201);
 }
 
+#[test]
+fn items_of_one_content_past_a_prefixs_capacity_take_the_prefixes_next_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let capacity = 256;
+    let tok = tokenizer(dir.path(), capacity);
+    let cfg = CatalogueConfig::new(dir.path().join("catalogue"));
+    let (mut cat, _) = Catalogue::open(tok.clone(), &cfg).unwrap();
+    let v = vector(&mut ChaCha8Rng::seed_from_u64(3));
+    let order: Vec<Vec<Code>> = tok.content_codes("twin", &v).unwrap().prefixes().collect();
+    let mut taken: BTreeMap<&[Code], usize> = BTreeMap::new();
+    for (_, sid) in tok.training_items() {
+        *taken.entry(sid.prefix()).or_default() += 1;
+    }
+
+    // Twice a prefix's capacity and more, all with the same content.
+    let n = 2 * capacity + 100;
+    let mut added = Vec::new();
+    for i in 0..n {
+        let change = cat
+            .upsert(
+                &format!("twin-{i}"),
+                vector_hash(&v),
+                &v,
+                Position::new(0, i as u64),
+            )
+            .unwrap();
+        let LiveChange::Added { ord, sid } = change else {
+            panic!("twin {i}: {change:?}");
+        };
+        added.push((ord, sid));
+    }
+    let s = cat.publish().unwrap();
+    for &(ord, sid) in &added {
+        assert_eq!(s.get(sid), Some(ord), "every twin is decodable");
+    }
+    let distinct: HashSet<Sid> = added.iter().map(|&(_, sid)| sid).collect();
+    assert_eq!(distinct.len(), n);
+
+    // They filled the prefixes in the tokenizer's order: the nearest first,
+    // each to its capacity (with the training items there) before the next.
+    let mut twins: BTreeMap<&[Code], usize> = BTreeMap::new();
+    for (_, sid) in &added {
+        *twins.entry(sid.prefix()).or_default() += 1;
+    }
+    let used = order
+        .iter()
+        .take_while(|p| twins.contains_key(p.as_slice()))
+        .count();
+    assert_eq!(
+        used,
+        twins.len(),
+        "used prefixes {twins:?}, order {order:?}"
+    );
+    assert!(used >= 3, "{twins:?}");
+    for p in &order[..used - 1] {
+        let held = twins[p.as_slice()] + taken.get(p.as_slice()).copied().unwrap_or(0);
+        assert_eq!(
+            held, capacity,
+            "prefix {p:?} left room before the next took twins"
+        );
+    }
+}
+
 const CHILD: &str = "GENFEED_CRASH_CHILD_DIR";
 
 /// Runs as a child process: applies batches of changes and merges in a loop,
@@ -204,7 +269,7 @@ fn kill_during_merge_then_restart_index_equals_registry() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
+    let tok = tokenizer(dir.path(), 4096);
     drop(tok);
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([

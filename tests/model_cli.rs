@@ -598,8 +598,7 @@ fn a_collaborative_tokenizer_gives_a_new_item_its_sid_from_its_content_alone() {
         };
         let c = content(&up, &spec).unwrap();
         let v = vector(&up.item_id, &c, None, &frozen).unwrap();
-        let mut codes = vec![0; levels];
-        frozen.content_codes(&up.item_id, &v, &mut codes).unwrap();
+        let codes = frozen.content_codes(&up.item_id, &v).unwrap().codes;
         let sid = sids[&up.item_id];
         assert_eq!(codes, sid.codes()[..levels], "{}", up.item_id);
         same_first += usize::from(sid.codes()[0] == known[id.as_str()].codes()[0]);

@@ -11,6 +11,7 @@ use genfeed::registry::{
     DEFAULT_FLUSH_EVERY_MS,
 };
 use genfeed::sid::{Code, Sid};
+use genfeed::tokenizer::ContentCodes;
 use proptest::prelude::*;
 
 const CAPACITY: usize = 3;
@@ -44,15 +45,19 @@ fn hash(h: u8) -> [u8; 32] {
     [h; 32]
 }
 
-/// A tokenizer stand-in that gives `codes`.
-fn codes(codes: &[Code]) -> impl FnOnce() -> Result<Vec<Code>, Infallible> {
-    let codes = codes.to_vec();
-    move || Ok(codes)
+/// A tokenizer stand-in that gives `codes`, with no prefix to go to when
+/// theirs is full.
+fn codes(codes: &[Code]) -> impl FnOnce() -> Result<ContentCodes, Infallible> {
+    let content = ContentCodes {
+        codes: codes.to_vec(),
+        last_ranked: codes.last().copied().into_iter().collect(),
+    };
+    move || Ok(content)
 }
 
 /// A tokenizer stand-in for events that must not run the tokenizer: if it
 /// runs, the apply fails and so does the test.
-fn no_tokenizer() -> Result<Vec<Code>, String> {
+fn no_tokenizer() -> Result<ContentCodes, String> {
     Err("the tokenizer ran".into())
 }
 
@@ -542,10 +547,14 @@ enum Event {
     },
 }
 
-/// The content prefix of content `hash`: pairs of hashes share a prefix, so
-/// content changes sometimes keep the SID and sometimes move it.
-fn prefix_of(hash: u8) -> Vec<Code> {
-    vec![Code::from(hash / 2), 1]
+/// The content codes of content `hash`: pairs of hashes share a prefix, so
+/// content changes sometimes keep the SID and sometimes move it. Odd hashes
+/// go to the prefix next to theirs when it is full; even ones have none.
+fn content_of(hash: u8) -> ContentCodes {
+    ContentCodes {
+        codes: vec![Code::from(hash / 2), 1],
+        last_ranked: if hash % 2 == 1 { vec![1, 2] } else { vec![1] },
+    }
 }
 
 impl Event {
@@ -556,7 +565,7 @@ impl Event {
                 hash: h,
                 position,
             } => {
-                let c = prefix_of(*h);
+                let c = content_of(*h);
                 r.apply_upsert(item, hash(*h), *position, position.offset, || {
                     Ok::<_, Infallible>(c)
                 })
@@ -737,6 +746,22 @@ impl Model {
             .find(|s| !self.bound.contains_key(s))
     }
 
+    /// Where an item with content `h` goes: the first of its prefixes with
+    /// room, or `Ok(None)` if it reaches `stay` (the prefix it holds) first.
+    fn placed(&self, h: u8, stay: Option<&[Code]>) -> Result<Option<Sid>, ()> {
+        let content = content_of(h);
+        for &last in &content.last_ranked {
+            let prefix = [content.codes[0], last];
+            if stay == Some(&prefix[..]) {
+                return Ok(None);
+            }
+            if let Some(s) = self.free_sid(&prefix) {
+                return Ok(Some(s));
+            }
+        }
+        Err(())
+    }
+
     /// Whether the event at `position` was applied to item `id` already:
     /// the last offset the model applied from the event's partition is at
     /// or after it. (Kept apart from [`Applied`], which it checks.)
@@ -747,9 +772,8 @@ impl Model {
     }
 
     fn upsert(&mut self, id: &str, h: u8, position: Position, generation: u64) -> Outcome {
-        let codes = prefix_of(h);
         let Some(mut e) = self.items.get(id).cloned() else {
-            let Some(new) = self.free_sid(&codes) else {
+            let Ok(Some(new)) = self.placed(h, None) else {
                 return Outcome::PrefixFull;
             };
             let ord = self.next_ord;
@@ -775,25 +799,28 @@ impl Model {
         let ord = e.ord;
         let change = match (e.status, e.sid) {
             (Status::Reserved, Some(s)) => LiveChange::Added { ord, sid: s },
-            (Status::Live, Some(s)) if same || codes == s.prefix() => LiveChange::Unchanged,
-            (Status::Live, Some(old)) => {
-                let Some(new) = self.free_sid(&codes) else {
-                    return Outcome::PrefixFull;
-                };
-                self.bound.insert(old, (ord, Some(generation)));
-                e.sid = Some(new);
-                LiveChange::Moved { ord, old, new }
-            }
-            (Status::Retired, Some(old)) if same || codes == old.prefix() => {
-                LiveChange::Added { ord, sid: old }
-            }
-            (Status::Retired, _) => {
-                let Some(new) = self.free_sid(&codes) else {
-                    return Outcome::PrefixFull;
-                };
-                e.sid = Some(new);
-                LiveChange::Added { ord, sid: new }
-            }
+            (Status::Live, Some(_)) if same => LiveChange::Unchanged,
+            (Status::Live, Some(old)) => match self.placed(h, Some(old.prefix())) {
+                Ok(None) => LiveChange::Unchanged,
+                Ok(Some(new)) => {
+                    self.bound.insert(old, (ord, Some(generation)));
+                    e.sid = Some(new);
+                    LiveChange::Moved { ord, old, new }
+                }
+                Err(()) => return Outcome::PrefixFull,
+            },
+            (Status::Retired, Some(old)) if same => LiveChange::Added { ord, sid: old },
+            (Status::Retired, old) => match self.placed(h, old.as_ref().map(Sid::prefix)) {
+                Ok(None) => LiveChange::Added {
+                    ord,
+                    sid: old.unwrap(),
+                },
+                Ok(Some(new)) => {
+                    e.sid = Some(new);
+                    LiveChange::Added { ord, sid: new }
+                }
+                Err(()) => return Outcome::PrefixFull,
+            },
             (_, None) => unreachable!("the model keeps a SID on every non-retired item"),
         };
         self.bound.insert(e.sid.unwrap(), (ord, None));
@@ -965,7 +992,7 @@ proptest! {
                 let bound_before = m.bound.clone();
                 let (got, want) = match &event {
                     Event::Upsert { item, hash: h, position } => {
-                        let c = prefix_of(*h);
+                        let c = content_of(*h);
                         let got = reg.apply_upsert(item, hash(*h), *position, generation, || {
                             Ok::<_, Infallible>(c)
                         });

@@ -185,13 +185,19 @@ fn svd_tokenizes_from_interactions_and_folds_in_new_items() {
         .map(|(u, _)| seqs.users[u].as_str())
         .collect();
     let v = tok.fold_in(users.iter().copied()).unwrap();
-    let mut codes = [0u16; 3];
-    tok.content_codes("new", &v, &mut codes).unwrap();
+    let content = tok.content_codes("new", &v).unwrap();
     let known = tok.training_items()[target].1;
-    assert_eq!(&codes[..], known.prefix());
+    assert_eq!(&content.codes[..], known.prefix());
+    // Where the item goes if that prefix is full: the last factor's other
+    // bins, its own first, then outwards.
+    let bins = tok.manifest().codebook_sizes[2];
+    let mut ranked = content.last_ranked.clone();
+    assert_eq!(ranked[0], content.codes[2]);
+    ranked.sort_unstable();
+    assert_eq!(ranked, (0..bins as u16).collect::<Vec<_>>());
     assert!(tok.fold_in(["nobody"]).is_none());
     // Bins are no codewords: there is nothing to reconstruct.
-    assert!(!tok.reconstruct(&codes, &mut Vec::new()));
+    assert!(!tok.reconstruct(&content.codes, &mut Vec::new()));
 }
 
 #[test]

@@ -8,23 +8,25 @@ use super::applied::{Applied, Position};
 use super::codec::{self, Binding, SidState, Table};
 use super::staging::Writes;
 use super::{corrupt, ItemEntry, LiveChange, Registry, RegistryError, Status};
-use crate::sid::{Code, Sid};
+use crate::sid::Sid;
+use crate::tokenizer::ContentCodes;
 
 impl Registry {
     /// Applies an upsert of `item_id` whose content hashes to `content_hash`,
     /// read at `position` of the catalogue topic. `generation` is the index
     /// generation a SID leaving now is tagged with (see the module docs).
     ///
-    /// `content_codes` runs the tokenizer (all SID levels but the last); it is
-    /// called only when the item needs a new SID, so replays skip it. An error
-    /// from it, or a full prefix, leaves the registry unchanged.
+    /// `content_codes` runs the tokenizer (all SID levels but the last, and
+    /// the prefixes to try when theirs is full); it is called only when the
+    /// item needs a new SID, so replays skip it. An error from it, or a full
+    /// prefix with no room next to it, leaves the registry unchanged.
     pub fn apply_upsert<E>(
         &mut self,
         item_id: &str,
         content_hash: [u8; 32],
         position: Position,
         generation: u64,
-        content_codes: impl FnOnce() -> Result<Vec<Code>, E>,
+        content_codes: impl FnOnce() -> Result<ContentCodes, E>,
     ) -> Result<LiveChange, RegistryError>
     where
         E: Into<Box<dyn StdError + Send + Sync>>,
@@ -34,7 +36,7 @@ impl Registry {
         let Some(mut e) = self.get(item_id)? else {
             let codes = self.content_codes(item_id, content_codes)?;
             let ord = self.new_ord()?;
-            let sid = self.allocate(item_id, &codes)?;
+            let sid = self.place_new(item_id, &codes)?;
             let entry = ItemEntry {
                 ord,
                 sid: Some(sid),
@@ -66,30 +68,30 @@ impl Registry {
             (Status::Live, Some(_)) if same_content => LiveChange::Unchanged,
             (Status::Live, Some(old)) => {
                 let codes = self.content_codes(item_id, content_codes)?;
-                if codes == old.prefix() {
-                    LiveChange::Unchanged
-                } else {
-                    let new = self.allocate(item_id, &codes)?;
-                    w.leave(old, ord, generation);
-                    w.bind(new, ord, SidState::Live);
-                    e.sid = Some(new);
-                    LiveChange::Moved { ord, old, new }
+                match self.place(item_id, &codes, old)? {
+                    None => LiveChange::Unchanged,
+                    Some(new) => {
+                        w.leave(old, ord, generation);
+                        w.bind(new, ord, SidState::Live);
+                        e.sid = Some(new);
+                        LiveChange::Moved { ord, old, new }
+                    }
                 }
             }
             (Status::Retired, Some(old)) => {
-                let codes = if same_content {
+                let new = if same_content {
                     None
                 } else {
-                    Some(self.content_codes(item_id, content_codes)?)
+                    let codes = self.content_codes(item_id, content_codes)?;
+                    self.place(item_id, &codes, old)?
                 };
-                match codes {
-                    Some(codes) if codes != old.prefix() => {
-                        let new = self.allocate(item_id, &codes)?;
+                match new {
+                    Some(new) => {
                         w.bind(new, ord, SidState::Live);
                         e.sid = Some(new);
                         LiveChange::Added { ord, sid: new }
                     }
-                    _ => {
+                    None => {
                         let left_at = self.left_at(old, ord)?;
                         w.stay(old, ord, left_at);
                         LiveChange::Added { ord, sid: old }
@@ -98,7 +100,7 @@ impl Registry {
             }
             (Status::Retired, None) => {
                 let codes = self.content_codes(item_id, content_codes)?;
-                let new = self.allocate(item_id, &codes)?;
+                let new = self.place_new(item_id, &codes)?;
                 w.bind(new, ord, SidState::Live);
                 e.sid = Some(new);
                 LiveChange::Added { ord, sid: new }
@@ -208,8 +210,8 @@ impl Registry {
     pub(super) fn content_codes<E>(
         &self,
         item_id: &str,
-        content_codes: impl FnOnce() -> Result<Vec<Code>, E>,
-    ) -> Result<Vec<Code>, RegistryError>
+        content_codes: impl FnOnce() -> Result<ContentCodes, E>,
+    ) -> Result<ContentCodes, RegistryError>
     where
         E: Into<Box<dyn StdError + Send + Sync>>,
     {
@@ -217,24 +219,47 @@ impl Registry {
             item: item_id.to_string(),
             source: e.into(),
         })?;
-        if codes.len() != self.levels - 1 {
-            return Err(RegistryError::Codes {
-                item: item_id.to_string(),
-                source: format!(
-                    "{} content codes for {}-level SIDs, expected {}",
-                    codes.len(),
-                    self.levels,
-                    self.levels - 1
-                )
-                .into(),
-            });
+        let bad = |why: String| RegistryError::Codes {
+            item: item_id.to_string(),
+            source: why.into(),
+        };
+        if codes.codes.len() != self.levels - 1 {
+            return Err(bad(format!(
+                "{} content codes for {}-level SIDs, expected {}",
+                codes.codes.len(),
+                self.levels,
+                self.levels - 1
+            )));
+        }
+        if codes.last_ranked.first() != codes.codes.last() {
+            return Err(bad(format!(
+                "the prefixes to try, {:?}, do not start with the nearest code, {:?}",
+                codes.last_ranked.first(),
+                codes.codes.last()
+            )));
         }
         Ok(codes)
     }
 
-    pub(super) fn allocate(&mut self, item_id: &str, codes: &[Code]) -> Result<Sid, RegistryError> {
+    fn place_new(&mut self, item_id: &str, codes: &ContentCodes) -> Result<Sid, RegistryError> {
         self.allocator
-            .allocate(codes)
+            .place_new(codes)
+            .map_err(|source| RegistryError::PrefixFull {
+                item: item_id.to_string(),
+                source,
+            })
+    }
+
+    /// A new SID for an item that holds `old`, or `None` where it stays
+    /// ([`SidAllocator::place`](crate::tokenizer::SidAllocator::place)).
+    fn place(
+        &mut self,
+        item_id: &str,
+        codes: &ContentCodes,
+        old: Sid,
+    ) -> Result<Option<Sid>, RegistryError> {
+        self.allocator
+            .place(codes, old.prefix())
             .map_err(|source| RegistryError::PrefixFull {
                 item: item_id.to_string(),
                 source,

@@ -13,14 +13,17 @@
 //!   SIDs, so on first open every training SID is *reserved* for its item, and
 //!   the item's first upsert makes exactly that SID live.
 //! - **New SIDs follow the tokenizer's rule**: content codes plus the smallest
-//!   last-level code the prefix has free ([`SidAllocator`]).
+//!   last-level code the prefix has free; a full prefix sends the item to the
+//!   next one its [`ContentCodes`](crate::tokenizer::ContentCodes) name
+//!   ([`SidAllocator`]).
 //! - **Replays change nothing.** Each item remembers the position of the last
 //!   event applied to it from each catalogue partition ([`Applied`]); an
 //!   event at or before that position in its partition is a replay and
 //!   is ignored, without running the tokenizer.
 //! - **Content changes move the item.** An upsert with a new content hash
 //!   re-tokenizes the item; if its content prefix changed it gets a new SID and
-//!   the old one leaves the live set. (Same prefix: the SID stays.)
+//!   the old one leaves the live set. (Same prefix, or one it would reach
+//!   before any prefix with room: the SID stays.)
 //! - **A SID is never handed to another item while a snapshot may refer to
 //!   it.** A SID that leaves the live set (retired, or the old SID of a moved
 //!   item) stays *bound* to its item, tagged with the index generation it left
@@ -339,6 +342,7 @@ mod tests {
 
     use super::*;
     use crate::sid::Code;
+    use crate::tokenizer::ContentCodes;
 
     fn binding() -> TokenizerBinding {
         TokenizerBinding {
@@ -349,8 +353,16 @@ mod tests {
         }
     }
 
-    fn codes() -> Result<Vec<Code>, Infallible> {
-        Ok(vec![1, 2])
+    /// Content codes with no prefix to go to when theirs is full.
+    fn only(codes: &[Code]) -> ContentCodes {
+        ContentCodes {
+            codes: codes.to_vec(),
+            last_ranked: codes.last().copied().into_iter().collect(),
+        }
+    }
+
+    fn codes() -> Result<ContentCodes, Infallible> {
+        Ok(only(&[1, 2]))
     }
 
     #[test]
@@ -441,7 +453,7 @@ mod tests {
         r.apply_upsert("a", [1; 32], Position::new(0, 0), 0, codes)
             .unwrap();
         r.apply_upsert("a", [2; 32], Position::new(0, 1), 0, || {
-            Ok::<_, Infallible>(vec![3, 3])
+            Ok::<_, Infallible>(only(&[3, 3]))
         })
         .unwrap();
         r.check().unwrap();

@@ -19,7 +19,8 @@ pub enum Reason {
     NoContent,
     /// An interaction or retire naming an item the catalogue never had.
     UnknownItem,
-    /// The tokenizer could not place the item (e.g. its prefix is full).
+    /// The tokenizer could not place the item: its content prefix and every
+    /// prefix next to it are full.
     Tokenizer,
     /// A field over its configured limit (`limits.*`).
     TooLarge,

@@ -10,9 +10,16 @@
 //! Training applies it to the training items in item-id order, so the first item
 //! of a group gets 0, the next 1, and so on; a new item later takes the smallest
 //! free code given every SID handed out before it. Existing SIDs are never moved.
+//!
+//! Training sizes the last level to twice its largest group at least, but new
+//! items can still fill a prefix (many with the same content). Such an item
+//! then tries the prefixes next to its own, in the order its
+//! [`ContentCodes`] give, and takes the first with room
+//! ([`SidAllocator::place_new`]): only when all of them are full is it refused.
 
 use std::collections::HashMap;
 
+use super::ContentCodes;
 use crate::sid::{Code, Sid};
 
 /// Tracks which last-level codes each prefix has handed out.
@@ -24,11 +31,14 @@ pub struct SidAllocator {
 
 /// A prefix already holds `capacity` items: the tokenizer's last level is full
 /// there and the model's vocabulary cannot name another item with that prefix.
+/// `neighbours`: how many prefixes next to it were tried and were full too.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("semantic-ID prefix {prefix} already holds {capacity} items, the last level's capacity")]
+#[error("semantic-ID prefix {prefix} already holds {capacity} items, the last level's capacity{}",
+    match .neighbours { 0 => String::new(), n => format!(", and so do the {n} prefixes next to it") })]
 pub struct PrefixFull {
     pub prefix: Sid,
     pub capacity: usize,
+    pub neighbours: usize,
 }
 
 impl SidAllocator {
@@ -75,6 +85,7 @@ impl SidAllocator {
         let full = || PrefixFull {
             prefix: key,
             capacity: self.capacity,
+            neighbours: 0,
         };
         let (w, word) = bits
             .iter()
@@ -90,6 +101,46 @@ impl SidAllocator {
         codes[..prefix.len()].copy_from_slice(prefix);
         codes[prefix.len()] = code as Code;
         Ok(Sid::new(&codes[..=prefix.len()]).expect("prefix plus one level"))
+    }
+
+    /// The SID a new item with `content` codes takes: the smallest free
+    /// last-level code of the first of its prefixes with room.
+    pub fn place_new(&mut self, content: &ContentCodes) -> Result<Sid, PrefixFull> {
+        for p in content.prefixes() {
+            if let Ok(sid) = self.allocate(&p) {
+                return Ok(sid);
+            }
+        }
+        Err(self.all_full(content))
+    }
+
+    /// Where an item that holds a SID under the prefix `current` goes when
+    /// its content codes are now `content`: `None` when it stays, which it
+    /// does if it reaches `current` before any prefix with room (its own
+    /// code there is taken by itself); else a new SID, as
+    /// [`place_new`](Self::place_new) gives.
+    pub fn place(
+        &mut self,
+        content: &ContentCodes,
+        current: &[Code],
+    ) -> Result<Option<Sid>, PrefixFull> {
+        for p in content.prefixes() {
+            if p == current {
+                return Ok(None);
+            }
+            if let Ok(sid) = self.allocate(&p) {
+                return Ok(Some(sid));
+            }
+        }
+        Err(self.all_full(content))
+    }
+
+    fn all_full(&self, content: &ContentCodes) -> PrefixFull {
+        PrefixFull {
+            prefix: Sid::new(&content.codes).expect("a content prefix has 1 to 7 levels"),
+            capacity: self.capacity,
+            neighbours: content.last_ranked.len().saturating_sub(1),
+        }
     }
 }
 
@@ -130,6 +181,52 @@ mod tests {
         let err = a.allocate(&[0]).unwrap_err();
         assert_eq!(err.capacity, 65);
         assert!(err.to_string().contains("prefix 0 "), "{err}");
+    }
+
+    fn content(codes: &[Code], last_ranked: &[Code]) -> ContentCodes {
+        ContentCodes {
+            codes: codes.to_vec(),
+            last_ranked: last_ranked.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_full_prefix_sends_new_items_to_the_next_nearest_prefix_with_room() {
+        let mut a = SidAllocator::new(2);
+        let c = content(&[4, 7], &[7, 3, 9]);
+        let placed: Vec<String> = (0..6)
+            .map(|_| a.place_new(&c).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            placed,
+            ["4-7-0", "4-7-1", "4-3-0", "4-3-1", "4-9-0", "4-9-1"]
+        );
+        let err = a.place_new(&c).unwrap_err();
+        assert_eq!((err.prefix.to_string(), err.neighbours), ("4-7".into(), 2));
+        assert!(
+            err.to_string().contains("the 2 prefixes next to it"),
+            "{err}"
+        );
+        // A code freed in the nearest prefix is taken first again.
+        a.remove("4-7-1".parse().unwrap());
+        assert_eq!(a.place_new(&c).unwrap().to_string(), "4-7-1");
+    }
+
+    #[test]
+    fn an_item_stays_where_it_is_unless_a_nearer_prefix_has_room() {
+        let mut a = SidAllocator::new(1);
+        let c = content(&[0, 1], &[1, 2, 3]);
+        assert_eq!(a.place_new(&c).unwrap().to_string(), "0-1-0");
+        assert_eq!(a.place_new(&c).unwrap().to_string(), "0-2-0");
+        // The second item, in 0-2, has new content whose nearest prefix is
+        // still full: it stays.
+        assert_eq!(a.place(&c, &[0, 2]).unwrap(), None);
+        // Its content now prefers 0-3, which has room: it moves.
+        let moved = content(&[0, 3], &[3, 2, 1]);
+        assert_eq!(
+            a.place(&moved, &[0, 2]).unwrap().unwrap().to_string(),
+            "0-3-0"
+        );
     }
 
     #[test]

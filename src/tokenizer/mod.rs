@@ -8,7 +8,9 @@
 //!    quantile bins of SVD item factors for catalogues with no content
 //!    ([`Method::Svd`], GPTRec). Similar items share leading codes.
 //! 2. **The collision level.** One more code separates items whose content codes
-//!    are equal ([`collisions`]): the smallest code free under that prefix.
+//!    are equal ([`collisions`]): the smallest code free under that prefix. A
+//!    new item whose prefix is full takes the nearest prefix with room, the
+//!    same codes but the last content code's next nearest ([`ContentCodes`]).
 //!
 //! Training ([`train`]) writes a self-describing artifact directory
 //! ([`artifact`]); [`FrozenTokenizer`] loads it in any process and never changes
@@ -49,6 +51,38 @@ pub enum TokenizeError {
     PrefixFull { item: String, source: PrefixFull },
     #[error("item {item:?}: the SVD tokenizer places unseen items by their interactions, and none of this item's users is known to it")]
     NoKnownUsers { item: String },
+}
+
+/// An item's content codes, all SID levels but the last, and the order in
+/// which it tries prefixes when the one they make is full.
+///
+/// A prefix holds at most the last level's capacity of items. Items with
+/// the same content (the same title sold by many sellers, say) have the
+/// same codes, and past that capacity they would get no SID at all: not
+/// recommendable, only dead-lettered. They go to the prefixes next to
+/// theirs instead: the same codes but the last content code's next nearest
+/// (by the same distance that chose it), so they stay with what shares
+/// their leading codes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentCodes {
+    /// The nearest code at each content level.
+    pub codes: Vec<Code>,
+    /// Every code of the last content level, nearest first (so the first is
+    /// the last of `codes`).
+    pub last_ranked: Vec<Code>,
+}
+
+impl ContentCodes {
+    /// The prefixes the item may take, in order: `codes`, then the same
+    /// with the last code replaced by each next nearest one.
+    pub fn prefixes(&self) -> impl Iterator<Item = Vec<Code>> + '_ {
+        let (_, lead) = self.codes.split_last().expect("at least one content level");
+        self.last_ranked.iter().map(move |&c| {
+            let mut p = lead.to_vec();
+            p.push(c);
+            p
+        })
+    }
 }
 
 /// The content-code stage of a loaded tokenizer.
@@ -204,18 +238,39 @@ impl FrozenTokenizer {
         &self.items
     }
 
-    /// The content codes of one item's vector (all levels but the last).
-    /// Checks the vector first: wrong dimension or a non-finite value is an
-    /// error naming the item.
-    pub fn content_codes(
-        &self,
-        item: &str,
-        vector: &[f32],
-        codes: &mut [Code],
-    ) -> Result<(), EmbedError> {
+    /// The content codes of one item's vector (all levels but the last),
+    /// with the order of the prefixes it tries when theirs is full. Checks
+    /// the vector first: wrong dimension or a non-finite value is an error
+    /// naming the item.
+    pub fn content_codes(&self, item: &str, vector: &[f32]) -> Result<ContentCodes, EmbedError> {
         check_vector(item, "embedding", vector, self.input_dim())?;
-        self.quantise(vector, codes);
-        Ok(())
+        let mut codes = vec![0; self.manifest.content_levels];
+        let mut last_ranked = Vec::new();
+        match &self.stage {
+            Stage::Residual { encoder, rq } => {
+                let x = self.encode(vector, encoder.as_ref());
+                let mut scratch = vec![0.0; x.len()];
+                rq.quantize(&x, &mut codes, &mut scratch);
+                rq.rank_last(&x, &codes, &mut scratch, &mut last_ranked);
+            }
+            Stage::Svd { edges, .. } => {
+                svd_bins(edges, vector, &mut codes);
+                let (edges, &v) = edges.last().zip(vector.last()).expect("a level");
+                svd::rank_bins(edges, v, &mut last_ranked);
+            }
+        }
+        Ok(ContentCodes { codes, last_ranked })
+    }
+
+    /// What the residual codebooks quantise: the normalised vector, through
+    /// the RQ-VAE encoder where there is one.
+    fn encode(&self, vector: &[f32], encoder: Option<&Mlp>) -> Vec<f32> {
+        let mut x = vec![0.0; vector.len()];
+        self.normaliser.apply(vector, &mut x);
+        match encoder {
+            Some(mlp) => mlp.forward(&x),
+            None => x,
+        }
     }
 
     /// Content codes of a checked vector; returns the squared quantisation
@@ -223,18 +278,12 @@ impl FrozenTokenizer {
     fn quantise(&self, vector: &[f32], codes: &mut [Code]) -> (f32, f32) {
         match &self.stage {
             Stage::Residual { encoder, rq } => {
-                let mut x = vec![0.0; vector.len()];
-                self.normaliser.apply(vector, &mut x);
-                if let Some(mlp) = encoder {
-                    x = mlp.forward(&x);
-                }
+                let x = self.encode(vector, encoder.as_ref());
                 let mut scratch = vec![0.0; x.len()];
                 (rq.quantize(&x, codes, &mut scratch), quantize::dot(&x, &x))
             }
             Stage::Svd { edges, .. } => {
-                for ((code, e), &v) in codes.iter_mut().zip(edges).zip(vector) {
-                    *code = e.partition_point(|&edge| edge <= v) as Code;
-                }
+                svd_bins(edges, vector, codes);
                 (0.0, 0.0)
             }
         }
@@ -321,6 +370,13 @@ impl FrozenTokenizer {
     }
 }
 
+/// Each SVD factor's quantile bin.
+fn svd_bins(edges: &[Vec<f32>], vector: &[f32], codes: &mut [Code]) {
+    for ((code, e), &v) in codes.iter_mut().zip(edges).zip(vector) {
+        *code = e.partition_point(|&edge| edge <= v) as Code;
+    }
+}
+
 fn read_mlp(weights: &artifact::Weights, name: &str, input: usize) -> Result<Mlp, ArtifactError> {
     let mut layers = Vec::new();
     let mut inputs = input;
@@ -358,17 +414,14 @@ impl Assigner<'_> {
         if let Some(&sid) = self.known.get(item) {
             return Ok(sid);
         }
-        let mut codes = [0; MAX_LEVELS];
-        let levels = self.tokenizer.manifest.content_levels;
-        self.tokenizer
-            .content_codes(item, vector, &mut codes[..levels])?;
-        let sid = self
-            .allocator
-            .allocate(&codes[..levels])
-            .map_err(|source| TokenizeError::PrefixFull {
-                item: item.to_string(),
-                source,
-            })?;
+        let content = self.tokenizer.content_codes(item, vector)?;
+        let sid =
+            self.allocator
+                .place_new(&content)
+                .map_err(|source| TokenizeError::PrefixFull {
+                    item: item.to_string(),
+                    source,
+                })?;
         self.known.insert(item.to_string(), sid);
         Ok(sid)
     }

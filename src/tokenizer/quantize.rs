@@ -81,6 +81,23 @@ impl Codebook {
         }
         best
     }
+
+    /// Every code from the nearest codeword to `x` to the farthest, ties to
+    /// the lower code: [`nearest`](Self::nearest) first.
+    pub fn ranked(&self, x: &[f32], out: &mut Vec<Code>) {
+        let scores: Vec<f32> = self
+            .words
+            .chunks(self.dim)
+            .zip(&self.half_norms)
+            .map(|(w, h)| dot(x, w) - h)
+            .collect();
+        out.clear();
+        out.extend((0..self.k).map(|c| c as Code));
+        out.sort_by(|&a, &b| {
+            let (a, b) = (usize::from(a), usize::from(b));
+            scores[b].total_cmp(&scores[a]).then(a.cmp(&b))
+        });
+    }
 }
 
 /// Residual quantisation: each level quantises what the previous levels left.
@@ -117,6 +134,20 @@ impl ResidualQuantizer {
             }
         }
         dot(residual, residual)
+    }
+
+    /// The last level's codes from nearest to farthest to what the levels
+    /// before it leave of `x`, given their `codes`: the order in which an
+    /// item whose nearest prefix is full tries the prefixes next to it.
+    pub fn rank_last(&self, x: &[f32], codes: &[Code], residual: &mut [f32], out: &mut Vec<Code>) {
+        let (last, before) = self.levels.split_last().expect("at least one level");
+        residual.copy_from_slice(x);
+        for (book, &c) in before.iter().zip(codes) {
+            for (r, w) in residual.iter_mut().zip(book.word(usize::from(c))) {
+                *r -= w;
+            }
+        }
+        last.ranked(residual, out);
     }
 }
 
@@ -279,6 +310,14 @@ mod tests {
         let err = rq.quantize(&[9.0, 10.9], &mut codes, &mut scratch);
         assert_eq!(codes, [1, 2]);
         assert!((err - (1.0 + 0.01)).abs() < 1e-4, "{err}");
+        // What level 0 leaves of (9, 10.9) is (-1, 0.9): nearest (0, 1),
+        // then (0, 0), then (1, 0).
+        let mut ranked = Vec::new();
+        rq.rank_last(&[9.0, 10.9], &codes, &mut scratch, &mut ranked);
+        assert_eq!(ranked, [2, 0, 1]);
+        // A tie (equidistant codewords) goes to the lower code.
+        rq.rank_last(&[10.6, 10.6], &[1, 0], &mut scratch, &mut ranked);
+        assert_eq!(ranked, [1, 2, 0]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! decomposition of a `(k + p) × (k + p)` matrix, so it scales with the number
 //! of interactions, not with users × items.
 
+use crate::sid::Code;
 use nalgebra::{DMatrix, SymmetricEigen};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -158,6 +159,29 @@ pub fn quantile_edges(values: &[f32], bins: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Every bin from the one `v` falls in to the farthest (by how far `v` is
+/// from the bin's range), ties to the lower bin; `edges` as
+/// [`quantile_edges`] cut them.
+pub fn rank_bins(edges: &[f32], v: f32, out: &mut Vec<Code>) {
+    let gap = |bin: usize| {
+        let below = bin.checked_sub(1).map_or(f32::NEG_INFINITY, |b| edges[b]);
+        let above = edges.get(bin).copied().unwrap_or(f32::INFINITY);
+        if v < below {
+            below - v
+        } else if v >= above {
+            v - above
+        } else {
+            0.0
+        }
+    };
+    out.clear();
+    out.extend((0..=edges.len()).map(|b| b as Code));
+    out.sort_by(|&a, &b| {
+        let (a, b) = (usize::from(a), usize::from(b));
+        gap(a).total_cmp(&gap(b)).then(a.cmp(&b))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +232,16 @@ mod tests {
             counts[edges.partition_point(|e| e <= v)] += 1;
         }
         assert_eq!(counts, [250; 4]);
+    }
+
+    #[test]
+    fn bins_rank_from_the_value_outwards() {
+        let edges = [1.0, 2.0, 4.0];
+        let mut out = Vec::new();
+        rank_bins(&edges, 2.2, &mut out);
+        assert_eq!(out, [2, 1, 0, 3]);
+        assert_eq!(usize::from(out[0]), edges.partition_point(|&e| e <= 2.2));
+        rank_bins(&edges, 5.0, &mut out);
+        assert_eq!(out, [3, 2, 1, 0]);
     }
 }

@@ -103,8 +103,7 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
     live.insert(back.clone());
     svc.wait_metric("genfeed_live_items", |v| v == 14.0);
     let tokenizer = genfeed::tokenizer::FrozenTokenizer::load(&f.tokenizer).unwrap();
-    let mut codes = vec![0; tokenizer.sid_levels() - 1];
-    tokenizer.content_codes(back, content, &mut codes).unwrap();
+    let codes = tokenizer.content_codes(back, content).unwrap().codes;
     let mut last = HashMap::new();
     for u in 0..30 {
         let user = format!("user-{u}");
