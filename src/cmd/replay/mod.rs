@@ -230,9 +230,12 @@ async fn replay(a: ReplayArgs, cfg: Config) -> anyhow::Result<()> {
     let total = ((a.rate * a.seconds) as usize).min(events.len());
 
     let pending = Arc::new(Mutex::new(Pending::default()));
-    let reader = tokio::spawn(read_feeds(cfg.clone(), pending.clone()));
-    // The reader starts at the topic's end; give it its assignment first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let feeds = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || feed_consumer(&cfg)
+    })
+    .await??;
+    let reader = tokio::spawn(read_feeds(feeds, cfg.clone(), pending.clone()));
 
     let mut score = None;
     // Items the service has (the training catalogue), and where the rest
@@ -735,7 +738,13 @@ fn upsert(items: &Items, row: usize, id: String) -> ItemUpsert {
 
 /// Reads feeds from the end of the recommendations topic and answers the
 /// waiting interactions.
-async fn read_feeds(cfg: Config, pending: Arc<Mutex<Pending>>) -> anyhow::Result<()> {
+/// A consumer of the feeds topic, assigned every partition at the offset
+/// where it ends now. An offset, not [`Offset::End`]: librdkafka resolves a
+/// logical offset at its first fetch, some time after `assign` returns, and
+/// feeds written before then would be missed. (A high watermark that lags
+/// behind the log, as tansu's can, starts it a few feeds early, which only
+/// reads feeds no interaction of the replay waits for.)
+fn feed_consumer(cfg: &Config) -> anyhow::Result<StreamConsumer> {
     let k = &cfg.kafka;
     let mut c = kafka::consumer_config(
         k,
@@ -748,10 +757,20 @@ async fn read_feeds(cfg: Config, pending: Arc<Mutex<Pending>>) -> anyhow::Result
     let mut tpl = TopicPartitionList::new();
     for t in md.topics() {
         for p in t.partitions() {
-            tpl.add_partition_offset(t.name(), p.id(), Offset::End)?;
+            let (_, end) = consumer.fetch_watermarks(t.name(), p.id(), kafka::METADATA_TIMEOUT)?;
+            tpl.add_partition_offset(t.name(), p.id(), Offset::Offset(end))?;
         }
     }
     consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+async fn read_feeds(
+    consumer: StreamConsumer,
+    cfg: Config,
+    pending: Arc<Mutex<Pending>>,
+) -> anyhow::Result<()> {
+    let k = &cfg.kafka;
     let mut ids = SchemaIds::new();
     ids.insert::<Recommendation>(
         k.wire.recommendation_id,
