@@ -68,6 +68,7 @@ pub struct Catalogue {
     tokenizer: Arc<FrozenTokenizer>,
     registry: Registry,
     index: Index,
+    spilled: u64,
 }
 
 /// The vocabulary of each SID level: content codebooks, then the collision
@@ -111,6 +112,7 @@ impl Catalogue {
                 tokenizer,
                 registry,
                 index,
+                spilled: 0,
             },
             opened,
         ))
@@ -118,6 +120,15 @@ impl Catalogue {
 
     pub fn tokenizer(&self) -> &FrozenTokenizer {
         &self.tokenizer
+    }
+
+    /// Items given a SID outside their nearest content prefix, that one
+    /// being full, since this catalogue was opened
+    /// ([`SidAllocator::place_new`](crate::tokenizer::SidAllocator::place_new)):
+    /// a count that grows says the tokenizer's last level is too small for
+    /// the catalogue.
+    pub fn spilled(&self) -> u64 {
+        self.spilled
     }
 
     /// Records item `ord`'s weighted content words with the event applied
@@ -168,12 +179,22 @@ impl Catalogue {
     {
         let generation = self.index.next_seq();
         let tokenizer = &self.tokenizer;
+        let mut nearest = None;
         let change =
             self.registry
                 .apply_upsert(item_id, content_hash, position, generation, || {
                     let v = vector(tokenizer).map_err(BoxError::from)?;
-                    tokenizer.content_codes(item_id, &v).map_err(BoxError::from)
+                    let codes = tokenizer
+                        .content_codes(item_id, &v)
+                        .map_err(BoxError::from)?;
+                    nearest = Some(codes.codes.clone());
+                    Ok::<_, BoxError>(codes)
                 })?;
+        if let (Some(nearest), LiveChange::Added { sid, .. } | LiveChange::Moved { new: sid, .. }) =
+            (nearest, change)
+        {
+            self.spilled += u64::from(sid.prefix() != nearest.as_slice());
+        }
         self.follow(change);
         Ok(change)
     }

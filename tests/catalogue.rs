@@ -206,6 +206,9 @@ fn items_of_one_content_past_a_prefixs_capacity_take_the_prefixes_next_to_it() {
     }
     let distinct: HashSet<Sid> = added.iter().map(|&(_, sid)| sid).collect();
     assert_eq!(distinct.len(), n);
+    let outside = added.iter().filter(|(_, sid)| sid.prefix() != order[0]);
+    assert_eq!(cat.spilled(), outside.count() as u64);
+    assert!(cat.spilled() >= (n - capacity) as u64);
 
     // They filled the prefixes in the tokenizer's order: the nearest first,
     // each to its capacity (with the training items there) before the next.

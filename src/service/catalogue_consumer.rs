@@ -86,6 +86,8 @@ pub struct CatalogueConsumer {
     /// Warnings of items whose events come on more than one partition: a
     /// producer that does not key by item id sends one per event.
     pub unkeyed: Throttle,
+    /// Warnings of new items placed next to their full content prefix.
+    pub spilled: Throttle,
     /// Per partition, the next offset to read: where the registry's
     /// recorded offset puts it, then one past each message read.
     pub next: HashMap<i32, i64>,
@@ -483,6 +485,17 @@ impl CatalogueConsumer {
             Err(e) => return Err(e.into()),
         };
         let id = event.item_id();
+        let spilled = self.catalogue.spilled() - self.metrics.items_spilled.get();
+        if spilled > 0 {
+            self.metrics.items_spilled.inc_by(spilled);
+            if let Some(held_back) = self.spilled.pass(std::time::Instant::now()) {
+                tracing::warn!(
+                    item = id,
+                    held_back,
+                    "an item's content prefix is full: it was given a SID in the prefix next to it; if this goes on, train the tokenizer with a larger --last-level-capacity"
+                );
+            }
+        }
         // An applied upsert's words replace the item's, whether or not its
         // SID moved; a replay (the entry holds a later position) leaves
         // them.

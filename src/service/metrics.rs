@@ -58,6 +58,9 @@ pub struct Metrics {
     pub decodable_latency: Histogram,
     pub index_generation: Gauge,
     pub live_items: Gauge,
+    /// Items given a SID outside their nearest content prefix, that one
+    /// being full ([`Catalogue::spilled`](crate::catalogue::Catalogue::spilled)).
+    pub items_spilled: Counter,
     /// Live items that arrived after training, competing by their content.
     pub fresh_items: Gauge,
     /// The weight they are searched at: `feed.fresh_weight`, or where
@@ -111,6 +114,10 @@ impl Default for Metrics {
         let consumer_errors = counter(
             "consumer_errors",
             "Errors the Kafka consumers reported and recovered from (a broker restarting, a connection lost)",
+        );
+        let items_spilled = counter(
+            "items_spilled",
+            "New items given a SID in a prefix next to their content's, which was full; if it grows, train the tokenizer with a larger --last-level-capacity",
         );
         let learnt_steps = counter(
             "learnt_steps",
@@ -207,6 +214,7 @@ impl Default for Metrics {
             decodable_latency,
             index_generation,
             live_items,
+            items_spilled,
             fresh_items,
             fresh_weight,
             learnt_pairs,

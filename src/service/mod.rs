@@ -285,6 +285,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         instance: instance_id(&paths.state_dir),
         fresh,
         unkeyed: Throttle::default(),
+        spilled: Throttle::default(),
         next: Default::default(),
         bases: Default::default(),
         topic_went: false,
