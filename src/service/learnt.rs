@@ -449,8 +449,9 @@ impl LearntReader {
     /// start) and writes an end marker to each; returns the partitions
     /// whose marker is still to be read and the marker's token.
     fn start(&mut self) -> Result<(HashSet<i32>, String), LearntError> {
+        let topic = self.topic.clone();
         let kafka = |source| LearntError::Kafka {
-            topic: self.topic.clone(),
+            topic: topic.clone(),
             source,
         };
         let token = format!("{}/learnt/{}", self.instance, now_ms());
@@ -465,8 +466,7 @@ impl LearntReader {
         for &p in &waiting {
             let from = match self.learner.next_offset(p) {
                 Some(o) if landed.restarted(p, o) == Some(true) => {
-                    tracing::warn!(partition = p, recorded = o, topic = %self.topic, "the changelog partition's log began again (the topic was made again, or the broker lost it): learning from it whole, the counts learnt so far kept");
-                    self.learner.restart(p);
+                    self.begin_again(p, o);
                     Offset::Beginning
                 }
                 Some(o) => Offset::Offset(o),
@@ -477,6 +477,13 @@ impl LearntReader {
         }
         self.consumer.assign(&tpl).map_err(kafka)?;
         Ok((waiting, token))
+    }
+
+    /// Partition `p`'s log began again below offset `read_up_to`: it is
+    /// learnt from its start, its replay offsets forgotten.
+    fn begin_again(&mut self, p: i32, read_up_to: i64) {
+        tracing::warn!(partition = p, read_up_to, topic = %self.topic, "the changelog partition's log began again (the topic was made again, or the broker lost it): learning from it whole, the counts learnt so far kept");
+        self.learner.restart(p);
     }
 
     /// Checks, once the changelog topic is back with all the partitions
@@ -508,8 +515,7 @@ impl LearntReader {
         for &p in &parts {
             let from = self.learner.next_offset(p).unwrap_or(0);
             if went || landed.restarted(p, from) == Some(true) {
-                tracing::warn!(partition = p, read_up_to = from, topic = %self.topic, "the changelog partition's log began again (the topic was made again, or the broker lost it): learning from it whole, the counts learnt so far kept");
-                self.learner.restart(p);
+                self.begin_again(p, from);
                 again = true;
             }
             let offset = match self.learner.next_offset(p) {
