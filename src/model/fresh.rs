@@ -209,14 +209,25 @@ enum Rows {
     },
 }
 
+/// Rows [`Rows::new`] reads before it may take a fresh set for dense.
+const DECIDE_AFTER: usize = 64;
+
 impl Rows {
     /// `n` rows, each a unit vector that `row(i, out)` writes to the empty
     /// `out` (false for an item without content). Sparse where at most a
     /// quarter of the values are non-zero: a sparse entry is twice a dense
     /// one's bytes, and its dot product gathers.
+    ///
+    /// Rows go to the sparse entries until the first [`DECIDE_AFTER`] of
+    /// them are denser than that, and straight to the dense table after: a
+    /// dense fresh set (the SIDs' reconstructions, 10,000 × 384) built
+    /// through the entries took twice its size again, and growing them
+    /// copied that on the way, at every publish.
     fn new(dim: usize, n: usize, mut row: impl FnMut(usize, &mut Vec<f32>) -> bool) -> Rows {
-        let (mut starts, mut entries, mut r) = (vec![0], Vec::new(), Vec::new());
-        for i in 0..n {
+        let (mut starts, mut entries) = (vec![0], Vec::new());
+        let mut r = Vec::with_capacity(dim);
+        let mut i = 0;
+        while i < n {
             r.clear();
             if row(i, &mut r) {
                 entries.extend(
@@ -227,8 +238,12 @@ impl Rows {
                 );
             }
             starts.push(entries.len());
+            i += 1;
+            if i >= DECIDE_AFTER && entries.len() * 4 > i * dim {
+                break;
+            }
         }
-        if entries.len() * 4 <= n * dim {
+        if i == n && entries.len() * 4 <= n * dim {
             return Rows::Sparse {
                 dim,
                 starts,
@@ -236,9 +251,17 @@ impl Rows {
             };
         }
         let mut dense = vec![0.0; n * dim];
-        for (i, row) in dense.chunks_exact_mut(dim.max(1)).enumerate() {
-            for &(j, x) in &entries[starts[i]..starts[i + 1]] {
-                row[j as usize] = x;
+        let mut rows = dense.chunks_exact_mut(dim.max(1));
+        for (k, out) in rows.by_ref().take(i).enumerate() {
+            for &(j, x) in &entries[starts[k]..starts[k + 1]] {
+                out[j as usize] = x;
+            }
+        }
+        drop(entries);
+        for (k, out) in (i..n).zip(rows) {
+            r.clear();
+            if row(k, &mut r) {
+                out[..r.len()].copy_from_slice(&r);
             }
         }
         Rows::Dense(ContentTable::new(dim, dense))
@@ -808,7 +831,13 @@ mod tests {
             .map(|i| (0..dim).map(|j| ((i * dim + j) as f32).sin()).collect())
             .collect();
         let q: Vec<f32> = (0..dim).map(|j| (j as f32 * 0.7).cos()).collect();
-        for (rows, sparse) in [(words, true), (dense, false)] {
+        // Past the rows that decide, rows go to the table straight: one
+        // without content among them stays without.
+        let mut many: Vec<Vec<f32>> = (0..DECIDE_AFTER + 40)
+            .map(|i| (0..dim).map(|j| ((i * dim + j) as f32).cos()).collect())
+            .collect();
+        many[DECIDE_AFTER + 7].fill(0.0);
+        for (rows, sparse) in [(words, true), (dense, false), (many, false)] {
             let kept = Rows::new(dim, rows.len(), |i, out| {
                 out.extend_from_slice(&rows[i]);
                 rows[i].iter().any(|&x| x != 0.0)
