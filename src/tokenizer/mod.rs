@@ -250,8 +250,7 @@ impl FrozenTokenizer {
             Stage::Residual { encoder, rq } => {
                 let x = self.encode(vector, encoder.as_ref());
                 let mut scratch = vec![0.0; x.len()];
-                rq.quantize(&x, &mut codes, &mut scratch);
-                rq.rank_last(&x, &codes, &mut scratch, &mut last_ranked);
+                rq.quantize_ranked(&x, &mut codes, &mut scratch, &mut last_ranked);
             }
             Stage::Svd { edges, .. } => {
                 svd_bins(edges, vector, &mut codes);

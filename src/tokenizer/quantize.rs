@@ -83,13 +83,15 @@ impl Codebook {
     }
 
     /// Every code from the nearest codeword to `x` to the farthest, ties to
-    /// the lower code: [`nearest`](Self::nearest) first.
+    /// the lower code: [`nearest`](Self::nearest) first (a score that is not
+    /// a number ranks last, as `nearest` never takes one).
     pub fn ranked(&self, x: &[f32], out: &mut Vec<Code>) {
         let scores: Vec<f32> = self
             .words
             .chunks(self.dim)
             .zip(&self.half_norms)
             .map(|(w, h)| dot(x, w) - h)
+            .map(|s| if s.is_nan() { f32::NEG_INFINITY } else { s })
             .collect();
         out.clear();
         out.extend((0..self.k).map(|c| c as Code));
@@ -126,28 +128,38 @@ impl ResidualQuantizer {
     /// of length `dim`, so the hot path allocates nothing.
     pub fn quantize(&self, x: &[f32], codes: &mut [Code], residual: &mut [f32]) -> f32 {
         residual.copy_from_slice(x);
-        for (level, book) in self.levels.iter().enumerate() {
-            let c = book.nearest(residual);
-            codes[level] = c as Code;
-            for (r, w) in residual.iter_mut().zip(book.word(c)) {
-                *r -= w;
-            }
-        }
+        descend(&self.levels, codes, residual);
         dot(residual, residual)
     }
 
-    /// The last level's codes from nearest to farthest to what the levels
-    /// before it leave of `x`, given their `codes`: the order in which an
-    /// item whose nearest prefix is full tries the prefixes next to it.
-    pub fn rank_last(&self, x: &[f32], codes: &[Code], residual: &mut [f32], out: &mut Vec<Code>) {
-        let (last, before) = self.levels.split_last().expect("at least one level");
+    /// [`quantize`](Self::quantize)'s codes, with every code of the last
+    /// level ranked into `last` from nearest to farthest (its code in
+    /// `codes` is the first): the order in which an item whose nearest
+    /// prefix is full tries the prefixes next to it.
+    pub fn quantize_ranked(
+        &self,
+        x: &[f32],
+        codes: &mut [Code],
+        residual: &mut [f32],
+        last: &mut Vec<Code>,
+    ) {
+        let (book, before) = self.levels.split_last().expect("at least one level");
         residual.copy_from_slice(x);
-        for (book, &c) in before.iter().zip(codes) {
-            for (r, w) in residual.iter_mut().zip(book.word(usize::from(c))) {
-                *r -= w;
-            }
+        descend(before, codes, residual);
+        book.ranked(residual, last);
+        codes[before.len()] = last[0];
+    }
+}
+
+/// Each of `levels` quantises `residual` in turn: its nearest code goes to
+/// `codes`, and its codeword is taken from `residual`.
+fn descend(levels: &[Codebook], codes: &mut [Code], residual: &mut [f32]) {
+    for (level, book) in levels.iter().enumerate() {
+        let c = book.nearest(residual);
+        codes[level] = c as Code;
+        for (r, w) in residual.iter_mut().zip(book.word(c)) {
+            *r -= w;
         }
-        last.ranked(residual, out);
     }
 }
 
@@ -312,12 +324,14 @@ mod tests {
         assert!((err - (1.0 + 0.01)).abs() < 1e-4, "{err}");
         // What level 0 leaves of (9, 10.9) is (-1, 0.9): nearest (0, 1),
         // then (0, 0), then (1, 0).
-        let mut ranked = Vec::new();
-        rq.rank_last(&[9.0, 10.9], &codes, &mut scratch, &mut ranked);
+        let (mut ranked, mut same) = (Vec::new(), [0; 2]);
+        rq.quantize_ranked(&[9.0, 10.9], &mut same, &mut scratch, &mut ranked);
         assert_eq!(ranked, [2, 0, 1]);
+        assert_eq!(same, codes);
         // A tie (equidistant codewords) goes to the lower code.
-        rq.rank_last(&[10.6, 10.6], &[1, 0], &mut scratch, &mut ranked);
+        rq.quantize_ranked(&[10.6, 10.6], &mut same, &mut scratch, &mut ranked);
         assert_eq!(ranked, [1, 2, 0]);
+        assert_eq!(same, [1, 1]);
     }
 
     #[test]
