@@ -191,7 +191,7 @@ impl ContentTable {
     }
 }
 
-/// The fresh items' unit vectors, by position. Catalogue words are a few
+/// A segment's unit vectors, by row. Catalogue words are a few
 /// dozen weighted buckets of 1,024, and a request scores every fresh item:
 /// kept dense, 10,000 of them cost a request 10 M multiply-adds (bench
 /// generate: 121 → 79 recommendations/s), so rows that are mostly zeros
@@ -209,7 +209,7 @@ enum Rows {
     },
 }
 
-/// Rows [`Rows::new`] reads before it may take a fresh set for dense.
+/// Rows [`Rows::new`] reads before it may take a segment for dense.
 const DECIDE_AFTER: usize = 64;
 
 impl Rows {
@@ -220,9 +220,9 @@ impl Rows {
     ///
     /// Rows go to the sparse entries until the first [`DECIDE_AFTER`] of
     /// them are denser than that, and straight to the dense table after: a
-    /// dense fresh set (the SIDs' reconstructions, 10,000 × 384) built
+    /// dense segment (the SIDs' reconstructions, up to 10,000 × 384) built
     /// through the entries took twice its size again, and growing them
-    /// copied that on the way, at every publish.
+    /// copied that on the way.
     fn new(dim: usize, n: usize, mut row: impl FnMut(usize, &mut Vec<f32>) -> bool) -> Rows {
         let (mut starts, mut entries) = (vec![0], Vec::new());
         let mut r = Vec::with_capacity(dim);
@@ -267,6 +267,23 @@ impl Rows {
         Rows::Dense(ContentTable::new(dim, dense))
     }
 
+    fn len(&self) -> usize {
+        match self {
+            Rows::Dense(table) => table.len(),
+            Rows::Sparse { starts, .. } => starts.len() - 1,
+        }
+    }
+
+    /// The rows' keys by `affinity`.
+    fn keys(&self, affinity: &Affinity) -> Keys {
+        let mut keys = Keys::new(affinity.rank());
+        let (mut row, mut k) = (Vec::new(), Vec::new());
+        for i in 0..self.len() {
+            let found = self.dense(i, &mut row);
+            keys.push(affinity, found.then_some(&row[..]), &mut k);
+        }
+        keys
+    }
     fn dim(&self) -> usize {
         match self {
             Rows::Dense(table) => table.dim(),
@@ -316,6 +333,120 @@ impl Rows {
 /// catalogue event (the space an affinity was fitted in).
 pub type ItemContent = Arc<dyn Fn(Sid, u32, &mut Vec<f32>) -> bool + Send + Sync>;
 
+/// Looks `content` up for an item into `out`, scaled to unit length;
+/// false when there is none, or none `dim` wide.
+fn unit_content(content: &ItemContent, dim: usize, sid: Sid, ord: u32, out: &mut Vec<f32>) -> bool {
+    if !(content(sid, ord, out) && out.len() == dim) {
+        return false;
+    }
+    let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm == 0.0 {
+        return false;
+    }
+    out.iter_mut().for_each(|x| *x /= norm);
+    true
+}
+
+/// Fresh items' content rows built together, side by side and immutable:
+/// fresh sets share them, and a request reads each one front to back.
+/// Offline a fresh set is one segment. The service publishes a new fresh
+/// set with every index publish, a few dozen a second during a catalogue
+/// flood, and building all its rows each time (10,000 SID reconstructions
+/// 8 ms, as many items' catalogue words with the affinity 31 ms: `cargo
+/// bench --bench fresh_set`) was most of the catalogue consumer's work and
+/// allocation then; so it writes a segment of the items that arrived or
+/// changed since the last publish and merges segments the way a
+/// log-structured store does ([`crate::service::view::FreshRows`]). Rows
+/// allocated one by one instead scattered what a request reads: 4.5% of
+/// recommendations/s at 10,000 fresh items.
+#[derive(Clone)]
+pub struct Segment {
+    rows: Rows,
+    /// The rows' keys, where an affinity scores them.
+    keys: Option<Keys>,
+}
+
+impl Segment {
+    /// `n` rows, each a unit vector that `row(i, out)` writes to the empty
+    /// `out` (false for an item without content), keyed by `affinity`.
+    fn new(
+        dim: usize,
+        n: usize,
+        affinity: Option<&Affinity>,
+        row: impl FnMut(usize, &mut Vec<f32>) -> bool,
+    ) -> Segment {
+        let rows = Rows::new(dim, n, row);
+        Segment {
+            keys: affinity.map(|a| rows.keys(a)),
+            rows,
+        }
+    }
+
+    /// The rows of `items` (`(sid, ord)`), their content looked up in
+    /// `content` (`dim` wide), keyed by `affinity` where there is one.
+    pub fn looked_up(
+        content: &ItemContent,
+        dim: usize,
+        items: &[(Sid, u32)],
+        affinity: Option<&Affinity>,
+    ) -> Segment {
+        Segment::new(dim, items.len(), affinity, |i, out| {
+            let (sid, ord) = items[i];
+            unit_content(content, dim, sid, ord, out)
+        })
+    }
+
+    /// The rows `picked` (`(segment, row)`) of `segments`, side by side in
+    /// that order: copied, nothing computed again.
+    pub fn merged(segments: &[Arc<Segment>], picked: &[(usize, u32)]) -> Segment {
+        let dim = segments.first().map_or(0, |s| s.rows.dim());
+        let rows = Rows::new(dim, picked.len(), |i, out| {
+            let (s, r) = picked[i];
+            segments[s].rows.dense(r as usize, out)
+        });
+        let rank = segments
+            .iter()
+            .find_map(|s| s.keys.as_ref().map(|k| k.rank));
+        let keys = rank.map(|rank| {
+            let mut keys = Keys::new(rank);
+            for &(s, r) in picked {
+                keys.copy(segments[s].keys.as_ref(), r as usize);
+            }
+            keys
+        });
+        Segment { rows, keys }
+    }
+
+    /// How many rows it holds.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The same rows keyed by `affinity` instead.
+    fn keyed(&self, affinity: &Affinity) -> Segment {
+        Segment {
+            rows: self.rows.clone(),
+            keys: Some(self.rows.keys(affinity)),
+        }
+    }
+
+    /// Row `i`'s content logit for the unit query `q` at `1 / τ` = `inv`,
+    /// plus the affinity's for its projection of the query (`projected`);
+    /// `None` for an item without content.
+    fn logit(&self, i: usize, q: &[f32], inv: f32, projected: Option<&[f32]>) -> Option<f32> {
+        let cos = self.rows.dot(i, q)?;
+        let learnt = match (&self.keys, projected) {
+            (Some(k), Some(p)) => k.logit(p, i),
+            _ => 0.0,
+        };
+        Some(cos * inv + learnt)
+    }
+}
+
 /// Where a query reads the content of the items a history ends with.
 #[derive(Clone)]
 enum Queries {
@@ -330,33 +461,25 @@ enum Queries {
 #[derive(Clone)]
 pub struct FreshItems {
     queries: Queries,
-    /// The fresh items' unit vectors, by position.
-    rows: Rows,
+    dim: usize,
     /// Fresh items sorted by SID, their ords beside them.
     sids: Vec<Sid>,
     ords: Vec<u32>,
+    segments: Vec<Arc<Segment>>,
+    /// Each fresh item's row (`(segment, row)`) and position, segment by
+    /// segment and row by row: the order a request reads them in.
+    rows: Vec<(u32, u32, u32)>,
     temperature: f32,
     query_items: usize,
-    /// A sample of known items' ords and how many known items each stands
+    /// A sample of known items' rows and how many known items each stands
     /// for, when the softmax runs over the whole catalogue.
-    known: Vec<u32>,
+    known: Option<Segment>,
     known_scale: f32,
     slots: usize,
     after: usize,
     half_at: usize,
-    affinity: Option<Keyed>,
-}
-
-/// An affinity with its keys and biases found for the fresh items (and the
-/// known sample's) once, at construction: per request only the query's
-/// projection is left.
-#[derive(Clone)]
-struct Keyed {
-    affinity: Arc<Affinity>,
-    /// By position.
-    fresh: Keys,
-    /// In the known sample's order.
-    known: Keys,
+    /// Projects the query; the rows were keyed by it.
+    affinity: Option<Arc<Affinity>>,
 }
 
 /// Rows' affinity keys and biases.
@@ -369,30 +492,41 @@ struct Keys {
 }
 
 impl Keys {
-    /// `None` stands for an item without content: zeros.
-    fn new<'a>(affinity: &Affinity, rows: impl Iterator<Item = Option<&'a [f32]>>) -> Keys {
-        let mut keys = Keys {
-            rank: affinity.rank(),
+    fn new(rank: usize) -> Keys {
+        Keys {
+            rank,
             keys: Vec::new(),
             bias: Vec::new(),
-        };
-        let mut k = Vec::new();
-        rows.for_each(|r| keys.push(affinity, r, &mut k));
-        keys
+        }
     }
 
-    /// Appends a row's key and bias (`k` is scratch space).
+    /// Appends a row's key and bias (`k` is scratch space); `None` stands
+    /// for an item without content: zeros.
     fn push(&mut self, affinity: &Affinity, row: Option<&[f32]>, k: &mut Vec<f32>) {
         match row {
             Some(r) => {
                 self.bias.push(affinity.key_of(r, k));
                 self.keys.extend_from_slice(k);
             }
-            None => {
-                self.bias.push(0.0);
-                self.keys.resize(self.keys.len() + self.rank, 0.0);
-            }
+            None => self.zeros(),
         }
+    }
+
+    /// Appends row `i` of `from` (zeros where it has no keys).
+    fn copy(&mut self, from: Option<&Keys>, i: usize) {
+        match from.filter(|f| f.rank == self.rank) {
+            Some(f) => {
+                self.keys
+                    .extend_from_slice(&f.keys[i * f.rank..(i + 1) * f.rank]);
+                self.bias.push(f.bias[i]);
+            }
+            None => self.zeros(),
+        }
+    }
+
+    fn zeros(&mut self) {
+        self.bias.push(0.0);
+        self.keys.resize(self.keys.len() + self.rank, 0.0);
     }
 
     /// Row `i`'s affinity logit for the projected query `q`.
@@ -401,11 +535,10 @@ impl Keys {
     }
 }
 
-/// Sorted by SID, one per SID.
-fn sorted(mut fresh: Vec<(Sid, u32)>) -> (Vec<Sid>, Vec<u32>) {
+/// Sorts by SID, one item per SID.
+fn sort_by_sid<T>(fresh: &mut Vec<(Sid, u32, T)>) {
     fresh.sort_unstable_by(|a, b| a.0.codes().cmp(b.0.codes()));
     fresh.dedup_by_key(|f| f.0);
-    fresh.into_iter().unzip()
 }
 
 impl FreshItems {
@@ -413,58 +546,75 @@ impl FreshItems {
     /// target; `content` must cover their ords and those of the items
     /// histories end with.
     pub fn new(content: ContentTable, fresh: Vec<(Sid, u32)>, temperature: f32) -> FreshItems {
-        let (sids, ords) = sorted(fresh);
-        let rows = Rows::new(content.dim(), ords.len(), |i, out| {
-            content.row(ords[i]).is_some_and(|r| {
+        let mut fresh: Vec<(Sid, u32, (usize, u32))> =
+            fresh.into_iter().map(|(s, o)| (s, o, (0, 0))).collect();
+        sort_by_sid(&mut fresh);
+        fresh.iter_mut().zip(0..).for_each(|(f, i)| f.2 .1 = i);
+        let segment = Segment::new(content.dim(), fresh.len(), None, |i, out| {
+            content.row(fresh[i].1).is_some_and(|r| {
                 out.extend_from_slice(r);
                 true
             })
         });
-        FreshItems::with_rows(Queries::Table(content), rows, sids, ords, temperature)
+        let dim = content.dim();
+        let queries = Queries::Table(content);
+        FreshItems::with_rows(
+            queries,
+            dim,
+            vec![Arc::new(segment)],
+            fresh,
+            temperature,
+            None,
+        )
     }
 
-    /// As [`FreshItems::new`], every item's `dim`-wide content looked up
-    /// per item: the fresh items' once, here, and the query's per request.
+    /// As [`FreshItems::new`], the query's content looked up per item and
+    /// the fresh items' rows (`(segment, row)` of `segments`) built by the
+    /// caller from the same content ([`Segment::looked_up`]), keyed by
+    /// `affinity` where there is one: a caller that publishes fresh sets
+    /// often keeps the rows of the items still in them.
     pub fn by_item(
         content: ItemContent,
         dim: usize,
-        fresh: Vec<(Sid, u32)>,
+        segments: Vec<Arc<Segment>>,
+        mut fresh: Vec<(Sid, u32, (usize, u32))>,
         temperature: f32,
+        affinity: Option<Arc<Affinity>>,
     ) -> FreshItems {
-        let (sids, ords) = sorted(fresh);
-        let rows = Rows::new(dim, sids.len(), |i, out| {
-            if !(content(sids[i], ords[i], out) && out.len() == dim) {
-                return false;
-            }
-            let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                out.iter_mut().for_each(|x| *x /= norm);
-            }
-            true
-        });
-        FreshItems::with_rows(Queries::Items(content), rows, sids, ords, temperature)
+        sort_by_sid(&mut fresh);
+        let queries = Queries::Items(content);
+        FreshItems::with_rows(queries, dim, segments, fresh, temperature, affinity)
     }
 
+    /// `fresh` sorted by SID, one per SID.
     fn with_rows(
         queries: Queries,
-        rows: Rows,
-        sids: Vec<Sid>,
-        ords: Vec<u32>,
+        dim: usize,
+        segments: Vec<Arc<Segment>>,
+        fresh: Vec<(Sid, u32, (usize, u32))>,
         temperature: f32,
+        affinity: Option<Arc<Affinity>>,
     ) -> FreshItems {
+        let mut rows: Vec<(u32, u32, u32)> = (0u32..)
+            .zip(&fresh)
+            .map(|(p, &(_, _, (s, r)))| (s as u32, r, p))
+            .collect();
+        rows.sort_unstable();
         FreshItems {
             queries,
+            dim,
+            sids: fresh.iter().map(|f| f.0).collect(),
+            ords: fresh.iter().map(|f| f.1).collect(),
+            segments,
             rows,
-            sids,
-            ords,
             temperature: temperature.max(1e-4),
             query_items: 1,
-            known: Vec::new(),
+            known: None,
             known_scale: 0.0,
             slots: usize::MAX,
             after: 0,
             half_at: 0,
-            affinity: None,
+            affinity,
         }
     }
 
@@ -474,36 +624,19 @@ impl FreshItems {
     /// match the content is refused here, and the items are left as they
     /// were.
     pub fn set_affinity(&mut self, affinity: Arc<Affinity>) -> Result<(), String> {
-        if affinity.dim() != self.rows.dim() {
+        if affinity.dim() != self.dim {
             return Err(format!(
                 "the affinity reads {}-wide content, the fresh items' is {}-wide",
                 affinity.dim(),
-                self.rows.dim()
+                self.dim
             ));
         }
-        let mut fresh = Keys::new(&affinity, std::iter::empty());
-        let (mut row, mut k) = (Vec::new(), Vec::new());
-        for i in 0..self.len() {
-            let found = self.rows.dense(i, &mut row);
-            fresh.push(&affinity, found.then_some(&row[..]), &mut k);
+        for segment in &mut self.segments {
+            *segment = Arc::new(segment.keyed(&affinity));
         }
-        let known = Keys::new(&affinity, std::iter::empty());
-        self.affinity = Some(Keyed {
-            affinity,
-            fresh,
-            known,
-        });
-        self.key_known();
+        self.known = self.known.as_ref().map(|k| k.keyed(&affinity));
+        self.affinity = Some(affinity);
         Ok(())
-    }
-
-    /// Keys for the known sample, whichever of it and the affinity came
-    /// last.
-    fn key_known(&mut self) {
-        let (Some(keyed), Queries::Table(table)) = (&mut self.affinity, &self.queries) else {
-            return;
-        };
-        keyed.known = Keys::new(&keyed.affinity, self.known.iter().map(|&o| table.row(o)));
     }
 
     /// Normalises the content softmax over the whole catalogue instead of
@@ -517,11 +650,18 @@ impl FreshItems {
     /// ([`FreshItems::by_item`]) the sample is ignored.
     pub fn with_known_sample(mut self, sample: Vec<u32>, known: usize) -> FreshItems {
         self.known_scale = known as f32 / sample.len().max(1) as f32;
-        self.known = sample;
-        self.key_known();
+        if let Queries::Table(table) = &self.queries {
+            let affinity = self.affinity.as_deref();
+            let segment = Segment::new(self.dim, sample.len(), affinity, |i, out| {
+                table.row(sample[i]).is_some_and(|r| {
+                    out.extend_from_slice(r);
+                    true
+                })
+            });
+            self.known = Some(segment);
+        }
         self
     }
-
     pub fn len(&self) -> usize {
         self.sids.len()
     }
@@ -612,18 +752,13 @@ impl FreshItems {
     ) -> bool {
         log_p.clear();
         query.clear();
-        query.resize(self.rows.dim(), 0.0);
+        query.resize(self.dim, 0.0);
         let mut weight = 1.0;
         for &(sid, ord) in recent.iter().rev().take(self.query_items) {
             let row = match &self.queries {
                 Queries::Table(table) => table.row(ord),
                 Queries::Items(content) => {
-                    let found = content(sid, ord, part) && part.len() == query.len();
-                    let norm = part.iter().map(|x| x * x).sum::<f32>().sqrt();
-                    (found && norm > 0.0).then(|| {
-                        part.iter_mut().for_each(|x| *x /= norm);
-                        &part[..]
-                    })
+                    unit_content(content, self.dim, sid, ord, part).then_some(&part[..])
                 }
             };
             if let Some(row) = row {
@@ -642,42 +777,38 @@ impl FreshItems {
         let query = &query[..];
         // The affinity's query projection goes where the history's rows
         // were read: `part` is free again.
-        let learnt = self.affinity.as_ref().map(|a| {
-            a.affinity.query_of(query, part);
-            (a, &part[..])
+        let projected = self.affinity.as_ref().map(|a| {
+            a.query_of(query, part);
+            &part[..]
         });
         let inv = 1.0 / self.temperature;
         let mut max = f32::NEG_INFINITY;
-        for (i, &sid) in self.sids.iter().enumerate() {
-            let s = match (!blocked(i, sid)).then(|| self.rows.dot(i, query)) {
-                Some(Some(cos)) => cos * inv + learnt.map_or(0.0, |(a, q)| a.fresh.logit(q, i)),
-                _ => f32::NEG_INFINITY,
-            };
-            max = max.max(s);
-            log_p.push(s);
+        log_p.resize(self.len(), f32::NEG_INFINITY);
+        for &(s, r, p) in &self.rows {
+            let p = p as usize;
+            if blocked(p, self.sids[p]) {
+                continue;
+            }
+            let segment = &self.segments[s as usize];
+            if let Some(l) = segment.logit(r as usize, query, inv, projected) {
+                log_p[p] = l;
+                max = max.max(l);
+            }
         }
         if max == f32::NEG_INFINITY {
             return false;
         }
-        let known: f32 = match &self.queries {
-            Queries::Table(table) => self
-                .known
-                .iter()
-                .enumerate()
-                .filter_map(|(j, &o)| table.row(o).map(|v| (j, v)))
-                .map(|(j, v)| {
-                    let a = learnt.map_or(0.0, |(a, q)| a.known.logit(q, j));
-                    (dot(query, v) * inv + a - max).exp()
-                })
-                .sum(),
-            Queries::Items(_) => 0.0,
-        };
+        let known: f32 = self.known.as_ref().map_or(0.0, |k| {
+            (0..k.len())
+                .filter_map(|j| k.logit(j, query, inv, projected))
+                .map(|s| (s - max).exp())
+                .sum()
+        });
         let z = log_p.iter().map(|&s| (s - max).exp()).sum::<f32>() + self.known_scale * known;
         let lse = max + z.ln();
         log_p.iter_mut().for_each(|s| *s -= lse);
         true
     }
-
     /// The `i`-th fresh item (in SID order).
     pub fn item(&self, i: usize) -> (Sid, u32) {
         (self.sids[i], self.ords[i])
@@ -861,6 +992,53 @@ mod tests {
         }
     }
 
+    /// A merged segment's rows are its sources' rows, values and keys,
+    /// whichever of them were sparse or dense.
+    #[test]
+    fn merged_rows_score_as_their_sources() {
+        let dim = 16;
+        let words = |i: usize, out: &mut Vec<f32>| {
+            out.resize(dim, 0.0);
+            out[i] = 0.6;
+            out[(3 * i + 5) % dim] = 0.8;
+            i != 2
+        };
+        let dense = |i: usize, out: &mut Vec<f32>| {
+            out.extend((0..dim).map(|j| ((i * dim + j) as f32).sin() / 2.0));
+            true
+        };
+        let wave = |n: usize, f: f32| (0..n).map(|j| (j as f32 * f).sin() / 4.0).collect();
+        let affinity = Affinity::new(
+            "t",
+            dim,
+            wave(dim * 3, 0.3),
+            wave(dim * 3, 1.1),
+            wave(dim, 2.3),
+        )
+        .unwrap();
+        let segments = [
+            Arc::new(Segment::new(dim, 4, Some(&affinity), words)),
+            Arc::new(Segment::new(dim, 3, Some(&affinity), dense)),
+        ];
+        assert!(matches!(segments[0].rows, Rows::Sparse { .. }));
+        assert!(matches!(segments[1].rows, Rows::Dense(_)));
+        let picked = [(1, 2), (0, 2), (0, 3), (1, 0)];
+        let merged = Segment::merged(&segments, &picked);
+        assert_eq!(merged.len(), 4);
+        let q: Vec<f32> = (0..dim).map(|j| (j as f32 * 0.7).cos() / 2.9).collect();
+        let mut projected = Vec::new();
+        affinity.query_of(&q, &mut projected);
+        for (i, &(s, r)) in picked.iter().enumerate() {
+            let want = segments[s].logit(r as usize, &q, 5.0, Some(&projected));
+            let got = merged.logit(i, &q, 5.0, Some(&projected));
+            match (got, want) {
+                (Some(g), Some(w)) => assert!((g - w).abs() < 1e-5, "row {i}: {g} against {w}"),
+                (g, w) => assert_eq!(g, w, "row {i}"),
+            }
+        }
+        assert_eq!(merged.logit(1, &q, 5.0, Some(&projected)), None);
+    }
+
     #[test]
     fn content_looked_up_per_item_scores_as_the_table_does() {
         // The same four items as above, their content found from the SID's
@@ -873,7 +1051,16 @@ mod tests {
             v != [0.0, 0.0]
         });
         let fresh_sids = vec![(sid(&[1, 0]), 1), (sid(&[2, 0]), 2), (sid(&[3, 0]), 3)];
-        let by_sid = FreshItems::by_item(content, 2, fresh_sids.clone(), 0.1);
+        let segment = Segment::looked_up(&content, 2, &fresh_sids, None);
+        let rows = (0..).zip(&fresh_sids).map(|(r, &(s, o))| (s, o, (0, r)));
+        let by_sid = FreshItems::by_item(
+            content,
+            2,
+            vec![Arc::new(segment)],
+            rows.collect(),
+            0.1,
+            None,
+        );
         let table = ContentTable::new(2, vectors.concat());
         let by_ord = FreshItems::new(table, fresh_sids, 0.1);
         let (mut q, mut part, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -65,7 +65,7 @@ pub use affinity::{Affinity, AFFINITY_FILE};
 pub use beam::{Filter, Generated, Generator, Request, SearchOptions};
 pub use config::{ModelConfig, ModelError, CONFIG_FILE, WEIGHTS_FILE};
 pub use flops::{flops_per_request, flops_per_train_position};
-pub use fresh::{ContentTable, FreshItems, ItemContent};
+pub use fresh::{ContentTable, FreshItems, ItemContent, Segment};
 pub use siblings::{SiblingTable, MAX_SIBLINGS};
 pub use transformer::{param_count, Dropout, ItemTokens, Model, Params, TrainBatch};
 pub(crate) use transformer::{window_mask, window_positions};

@@ -28,7 +28,7 @@ use super::kafka::{
 };
 use super::metrics::Metrics;
 use super::reason::Reason;
-use super::view::{FreshSettings, ItemRef, SharedView, View};
+use super::view::{FreshRows, FreshSettings, ItemRef, SharedView, View};
 use crate::catalogue::{Catalogue, CatalogueError};
 use crate::contract::{CatalogueEvent, DecodeError, ItemChange};
 use crate::embed::text::TextEncoder;
@@ -83,6 +83,8 @@ pub struct CatalogueConsumer {
     pub instance: String,
     /// Fresh items in feeds; `None`: off.
     pub fresh: Option<FreshSettings>,
+    /// The rows of the fresh set last published.
+    pub fresh_rows: FreshRows,
     /// Warnings of items whose events come on more than one partition: a
     /// producer that does not key by item id sends one per event.
     pub unkeyed: Throttle,
@@ -131,6 +133,7 @@ pub enum CatalogueConsumerError {
 pub fn initial_view(
     catalogue: &Catalogue,
     fresh: Option<&FreshSettings>,
+    fresh_rows: &mut FreshRows,
 ) -> Result<View, RegistryError> {
     let mut ords = imbl::HashMap::new();
     let mut items = imbl::OrdMap::new();
@@ -152,7 +155,7 @@ pub fn initial_view(
     }
     let snapshot = catalogue.reader().snapshot();
     Ok(View {
-        fresh: fresh.map(|f| f.items(&snapshot, &items, &content)),
+        fresh: fresh.map(|f| f.items(fresh_rows, &snapshot, &items, &content)),
         snapshot,
         ords,
         items,
@@ -265,7 +268,7 @@ impl CatalogueConsumer {
         mut stop: watch::Receiver<bool>,
         token: String,
     ) -> Result<(), CatalogueConsumerError> {
-        let mut view = initial_view(&self.catalogue, self.fresh.as_ref())?;
+        let mut view = initial_view(&self.catalogue, self.fresh.as_ref(), &mut self.fresh_rows)?;
         self.metrics
             .live_items
             .set(self.catalogue.registry().live_count() as i64);
@@ -554,14 +557,19 @@ impl CatalogueConsumer {
         // A batch of markers alone (the checks of the logs write one every
         // few seconds) changed nothing to publish once loaded.
         if !batch.timestamps.is_empty() || !loading.waiting.is_empty() {
-            // The fresh set's content rows are rebuilt too (up to
-            // `feed.fresh_max` of them): off the runtime, with the publish.
+            // The fresh set is published too (up to `feed.fresh_max` items,
+            // the rows of the new ones built): off the runtime, with the
+            // index.
             tokio::task::block_in_place(|| -> Result<(), CatalogueConsumerError> {
                 view.snapshot = self.catalogue.publish()?;
-                view.fresh = self
-                    .fresh
-                    .as_ref()
-                    .map(|f| f.items(&view.snapshot, &view.items, &view.content));
+                view.fresh = self.fresh.as_ref().map(|f| {
+                    f.items(
+                        &mut self.fresh_rows,
+                        &view.snapshot,
+                        &view.items,
+                        &view.content,
+                    )
+                });
                 Ok(())
             })?;
             self.view.store(Arc::new(view.clone()));

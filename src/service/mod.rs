@@ -257,9 +257,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let (http_stop_tx, http_stop) = watch::channel(false);
     let http = tokio::spawn(http::serve(listener, metrics.clone(), http_stop));
 
+    let mut fresh_rows = view::FreshRows::default();
     let view = Arc::new(ArcSwap::from_pointee(catalogue_consumer::initial_view(
         &catalogue,
         fresh.as_ref(),
+        &mut fresh_rows,
     )?));
     let mut cat_client = kafka::consumer_config(
         k,
@@ -284,6 +286,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         partitions: Vec::new(),
         instance: instance_id(&paths.state_dir),
         fresh,
+        fresh_rows,
         unkeyed: Throttle::default(),
         spilled: Throttle::default(),
         next: Default::default(),
