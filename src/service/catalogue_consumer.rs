@@ -166,9 +166,9 @@ pub fn initial_view(
 impl CatalogueConsumer {
     /// Assigns every partition, each from its recorded offset (or the
     /// start), after writing the end markers that say where the catalogue
-    /// ends as of now (see [`Loading`]); a partition whose marker lands
-    /// below its recorded offset is read from its start (see
-    /// [`restart`](Self::restart)). Returns the markers' token.
+    /// ends as of now (the loading state waits for them); a partition
+    /// whose marker lands below its recorded offset is read from its
+    /// start. Returns the markers' token.
     pub async fn assign(&mut self) -> Result<String, CatalogueConsumerError> {
         let kafka = |source| CatalogueConsumerError::Kafka {
             topic: self.topic.clone(),

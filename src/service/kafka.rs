@@ -340,7 +340,7 @@ pub fn ends_consumption(e: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
-/// At most one log line per [`Throttle::QUIET`] for one kind of trouble,
+/// At most one log line per 10 s for one kind of trouble,
 /// with how many were held back: a broker that is away makes every client
 /// report every reconnect of every connection, a line or more a second.
 #[derive(Default)]

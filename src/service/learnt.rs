@@ -334,7 +334,7 @@ impl Learner {
 
     /// Starts `partition` over: its changelog's log and the interactions'
     /// it records began again, so offsets read from the old ones mean
-    /// nothing (see [`Landed`]). The counts stay.
+    /// nothing (see [`Landed`](super::kafka::Landed)). The counts stay.
     pub fn restart(&mut self, partition: i32) {
         self.applied.insert(partition, -1);
         self.read.insert(partition, 0);
