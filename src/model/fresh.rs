@@ -284,6 +284,7 @@ impl Rows {
         }
         keys
     }
+
     fn dim(&self) -> usize {
         match self {
             Rows::Dense(table) => table.dim(),
@@ -397,7 +398,8 @@ impl Segment {
     }
 
     /// The rows `picked` (`(segment, row)`) of `segments`, side by side in
-    /// that order: copied, nothing computed again.
+    /// that order: values and keys copied, no content looked up or
+    /// projected again.
     pub fn merged(segments: &[Arc<Segment>], picked: &[(usize, u32)]) -> Segment {
         let dim = segments.first().map_or(0, |s| s.rows.dim());
         let rows = Rows::new(dim, picked.len(), |i, out| {
@@ -546,10 +548,13 @@ impl FreshItems {
     /// target; `content` must cover their ords and those of the items
     /// histories end with.
     pub fn new(content: ContentTable, fresh: Vec<(Sid, u32)>, temperature: f32) -> FreshItems {
-        let mut fresh: Vec<(Sid, u32, (usize, u32))> =
-            fresh.into_iter().map(|(s, o)| (s, o, (0, 0))).collect();
+        let mut fresh: Vec<(Sid, u32, ())> = fresh.into_iter().map(|(s, o)| (s, o, ())).collect();
         sort_by_sid(&mut fresh);
-        fresh.iter_mut().zip(0..).for_each(|(f, i)| f.2 .1 = i);
+        // One segment, its rows in SID order.
+        let fresh: Vec<(Sid, u32, (usize, u32))> = (0..)
+            .zip(fresh)
+            .map(|(r, (s, o, ()))| (s, o, (0, r)))
+            .collect();
         let segment = Segment::new(content.dim(), fresh.len(), None, |i, out| {
             content.row(fresh[i].1).is_some_and(|r| {
                 out.extend_from_slice(r);
@@ -662,6 +667,7 @@ impl FreshItems {
         }
         self
     }
+
     pub fn len(&self) -> usize {
         self.sids.len()
     }
