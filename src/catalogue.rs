@@ -199,8 +199,8 @@ impl Catalogue {
         Ok(change)
     }
 
-    /// Applies a retire. An item never seen is an error for the caller to
-    /// dead-letter.
+    /// Applies a retire. An item never seen is recorded as retired
+    /// ([`LiveChange::RetiredUnseen`]).
     pub fn retire(
         &mut self,
         item_id: &str,
@@ -215,7 +215,7 @@ impl Catalogue {
 
     fn follow(&mut self, change: LiveChange) {
         match change {
-            LiveChange::Unchanged => {}
+            LiveChange::Unchanged | LiveChange::RetiredUnseen { .. } => {}
             LiveChange::Added { ord, sid } => {
                 self.index.insert(sid, ord);
             }

@@ -152,11 +152,17 @@ fn changes_are_decodable_at_the_next_publish_and_follow_the_registry() {
     }
     drop(held);
 
-    // Retire: gone at the next publish; an unknown item is an error.
+    // Retire: gone at the next publish; an item never seen is recorded,
+    // retired, and decodes nothing.
     cat.retire("brand-new", Position::new(0, 5)).unwrap();
     let s = cat.publish().unwrap();
     assert_eq!(s.get(new), None);
-    assert!(cat.retire("never-seen", Position::new(0, 6)).is_err());
+    let live = cat.reader().snapshot().live();
+    assert!(matches!(
+        cat.retire("never-seen", Position::new(0, 6)).unwrap(),
+        LiveChange::RetiredUnseen { .. }
+    ));
+    assert_eq!(cat.publish().unwrap().live(), live);
 
     // Merge and restart: the index equals the registry.
     cat.merge_now().unwrap();

@@ -293,9 +293,36 @@ fn retiring_takes_the_sid_out_of_the_live_set() {
         LiveChange::Unchanged
     );
     assert_eq!(r.get("t0").unwrap().unwrap().status, Status::Retired);
-    let err = r.apply_retire("ghost", at(4), 3).unwrap_err();
-    assert!(matches!(err, RegistryError::UnknownItem(ref id) if id == "ghost"));
-    assert_eq!(r.get("ghost").unwrap(), None);
+    // Retiring an item never seen (its upserts compacted away) records it
+    // as retired, with no SID; a replay of that retire changes nothing, and
+    // an upsert brings it live like any retired item.
+    let LiveChange::RetiredUnseen { ord } = r.apply_retire("ghost", at(4), 3).unwrap() else {
+        panic!("a retire of an unseen item records it");
+    };
+    let e = r.get("ghost").unwrap().unwrap();
+    assert_eq!(
+        (e.ord, e.status, e.sid, e.applied.last()),
+        (ord, Status::Retired, None, Some(at(4)))
+    );
+    assert_eq!(r.item_id(ord).unwrap().as_deref(), Some("ghost"));
+    assert_eq!(r.live_count(), 0);
+    assert_eq!(
+        r.apply_retire("ghost", at(4), 3).unwrap(),
+        LiveChange::Unchanged
+    );
+    r.check().unwrap();
+    drop(r);
+    let mut r = open(dir.path(), &[("t0", "7-7-0")]);
+    assert_eq!(r.get("ghost").unwrap().unwrap().ord, ord);
+    assert!(matches!(
+        upsert(&mut r, "ghost", 3, 5, &[3, 4]),
+        LiveChange::Added { ord: o, .. } if o == ord
+    ));
+    assert!(matches!(
+        upsert(&mut r, "b", 4, 6, &[4, 5]),
+        LiveChange::Added { ord: o, .. } if o == ord + 1
+    ));
+    assert_eq!(r.live_count(), 2);
     r.check().unwrap();
 }
 
@@ -712,7 +739,6 @@ struct Model {
 #[derive(Debug, PartialEq)]
 enum Outcome {
     Applied(LiveChange),
-    UnknownItem,
     PrefixFull,
 }
 
@@ -835,7 +861,20 @@ impl Model {
 
     fn retire(&mut self, id: &str, position: Position, generation: u64) -> Outcome {
         if !self.items.contains_key(id) {
-            return Outcome::UnknownItem;
+            let ord = self.next_ord;
+            self.next_ord += 1;
+            let entry = ItemEntry {
+                ord,
+                sid: None,
+                status: Status::Retired,
+                content_hash: [0; 32],
+                applied: Applied::at(position),
+                retired_generation: None,
+            };
+            self.items.insert(id.to_string(), entry);
+            self.read
+                .insert((id.to_string(), position.partition), position.offset);
+            return Outcome::Applied(LiveChange::RetiredUnseen { ord });
         }
         if self.replays(id, position) {
             return Outcome::Applied(LiveChange::Unchanged);
@@ -931,7 +970,6 @@ fn op() -> impl Strategy<Value = Op> {
 fn outcome(result: Result<LiveChange, RegistryError>) -> Outcome {
     match result {
         Ok(change) => Outcome::Applied(change),
-        Err(RegistryError::UnknownItem(_)) => Outcome::UnknownItem,
         Err(RegistryError::PrefixFull { .. }) => Outcome::PrefixFull,
         Err(e) => panic!("unexpected error: {e}"),
     }

@@ -120,7 +120,8 @@ impl Registry {
 
     /// Applies a retire of `item_id` read at `position`; its SID leaves the
     /// live set at index generation `generation` and stays bound to it until
-    /// released. An item the registry never saw is [`RegistryError::UnknownItem`].
+    /// released. An item the registry never saw becomes a retired item with
+    /// no SID ([`LiveChange::RetiredUnseen`]; the module docs say why).
     pub fn apply_retire(
         &mut self,
         item_id: &str,
@@ -128,14 +129,27 @@ impl Registry {
         generation: u64,
     ) -> Result<LiveChange, RegistryError> {
         self.write_if_due()?;
+        let mut w = Writes::default();
         let Some(mut e) = self.get(item_id)? else {
-            return Err(RegistryError::UnknownItem(item_id.to_string()));
+            let ord = self.new_ord()?;
+            let entry = ItemEntry {
+                ord,
+                sid: None,
+                status: Status::Retired,
+                content_hash: [0; 32],
+                applied: Applied::at(position),
+                retired_generation: None,
+            };
+            w.entry(item_id, &entry);
+            w.ord(ord, item_id);
+            self.stage(w);
+            self.next_ord += 1;
+            return Ok(LiveChange::RetiredUnseen { ord });
         };
         if e.applied.replays(position) {
             return Ok(LiveChange::Unchanged);
         }
         e.applied.record(position);
-        let mut w = Writes::default();
         let change = match (e.status, e.sid) {
             (Status::Retired, _) => LiveChange::Unchanged,
             (status @ (Status::Reserved | Status::Live), Some(sid)) => {

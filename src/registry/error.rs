@@ -4,8 +4,8 @@ use crate::tokenizer::PrefixFull;
 
 /// Why a registry operation failed.
 ///
-/// [`RegistryError::UnknownItem`], [`RegistryError::PrefixFull`] and
-/// [`RegistryError::Codes`] are about one event and leave the registry
+/// [`RegistryError::PrefixFull`] and [`RegistryError::Codes`] are about one
+/// event and leave the registry
 /// unchanged: the service dead-letters the event and goes on. The others are
 /// about the store itself and should stop the process.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +27,6 @@ pub enum RegistryError {
     WrongTokenizer { found: String, expected: String },
     #[error("tokenizer binding: {0}")]
     Binding(String),
-    #[error("item {0:?} is not in the registry")]
-    UnknownItem(String),
     #[error("item {item:?}: {source}")]
     PrefixFull { item: String, source: PrefixFull },
     #[error("item {item:?}: no content codes: {source}")]

@@ -16,6 +16,11 @@
 //!   last-level code the prefix has free; a full prefix sends the item to the
 //!   next one its [`ContentCodes`](crate::tokenizer::ContentCodes) name
 //!   ([`SidAllocator`]).
+//! - **A retire of an item never seen records it, retired.** On a compacted
+//!   catalogue topic the retire is all that is left of an item retired long
+//!   ago, so an instance that starts from scratch must end where one that saw
+//!   the item's upserts did: the item known (its interactions belong in
+//!   histories), not live, with no SID.
 //! - **Replays change nothing.** Each item remembers the position of the last
 //!   event applied to it from each catalogue partition ([`Applied`]); an
 //!   event at or before that position in its partition is a replay and
@@ -139,6 +144,9 @@ pub enum LiveChange {
     Moved { ord: u32, old: Sid, new: Sid },
     /// `sid`, item `ord`'s, left the live set.
     Retired { ord: u32, sid: Sid },
+    /// A retire named an item never seen: it is now known as item `ord`,
+    /// retired, with no SID (see [`Registry::apply_retire`]).
+    RetiredUnseen { ord: u32 },
 }
 
 /// The registry. One writer: every change goes through `&mut self`.

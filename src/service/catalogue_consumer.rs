@@ -473,9 +473,6 @@ impl CatalogueConsumer {
         };
         let change = match change {
             Ok(c) => c,
-            Err(CatalogueError::Registry(e @ RegistryError::UnknownItem(_))) => {
-                return Ok(Err((Reason::UnknownItem, e.to_string())))
-            }
             Err(CatalogueError::Registry(RegistryError::Codes { source, .. }))
                 if source.is::<ContentError>() =>
             {
@@ -528,6 +525,9 @@ impl CatalogueConsumer {
         }
         if change == LiveChange::Unchanged {
             return Ok(Ok(()));
+        }
+        if let LiveChange::RetiredUnseen { .. } = change {
+            self.metrics.retired_unseen.inc();
         }
         if let Some(e) = entry {
             let id: Arc<str> = view

@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Items given a SID outside their nearest content prefix, that one
     /// being full ([`Catalogue::spilled`](crate::catalogue::Catalogue::spilled)).
     pub items_spilled: Counter,
+    /// Retires of items this instance never saw, kept as retired items.
+    pub retired_unseen: Counter,
     /// Live items that arrived after training, competing by their content.
     pub fresh_items: Gauge,
     /// The weight they are searched at: `feed.fresh_weight`, or where
@@ -118,6 +120,10 @@ impl Default for Metrics {
         let items_spilled = counter(
             "items_spilled",
             "New items given a SID in a prefix next to their content's, which was full; if it grows, train the tokenizer with a larger --last-level-capacity",
+        );
+        let retired_unseen = counter(
+            "catalogue_retired_unseen",
+            "Retires of items this instance never saw, kept as retired items: on a compacted catalogue, items retired before their upserts were compacted away; otherwise a producer retiring ids it never upserted",
         );
         let learnt_steps = counter(
             "learnt_steps",
@@ -215,6 +221,7 @@ impl Default for Metrics {
             index_generation,
             live_items,
             items_spilled,
+            retired_unseen,
             fresh_items,
             fresh_weight,
             learnt_pairs,

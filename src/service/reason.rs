@@ -17,7 +17,7 @@ pub enum Reason {
     BadEmbedding,
     /// An upsert with no content the tokenizer can read.
     NoContent,
-    /// An interaction or retire naming an item the catalogue never had.
+    /// An interaction naming an item the catalogue never had.
     UnknownItem,
     /// The tokenizer could not place the item: its content prefix and every
     /// prefix next to it are full.

@@ -123,6 +123,71 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
+/// Compaction leaves of an item retired long ago its retire (or tombstone)
+/// alone. An instance that starts from such a topic keeps the item as a
+/// retired one, as an instance that read its upserts does: its interactions
+/// go into histories instead of costing a dead letter on every new
+/// instance, and when it comes back, users who saw it are not offered it.
+#[test]
+fn a_retire_whose_upserts_were_compacted_away_keeps_the_item_known() {
+    let bed = Bed::new("compacted", 1, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
+    // Not training items: those the registry knows from the start.
+    let gone = &"gone-long-ago".to_string();
+    input.retire(gone);
+    input.tombstone(&t.catalogue, Some("gone-too"));
+    let mut svc = Service::start(&bed.config("a", FEED));
+    assert_eq!(
+        svc.metric("genfeed_catalogue_retired_unseen_total"),
+        Some(2.0)
+    );
+    assert_eq!(svc.metric("genfeed_live_items"), Some(10.0));
+
+    let mut live: BTreeSet<String> = f.items[..10].iter().map(|(id, _)| id.clone()).collect();
+    let (first, second) = (&f.items[0].0, &f.items[1].0);
+    input.interaction("u", gone);
+    let last = HashMap::from([
+        ("u".to_string(), input.interaction("u", first)),
+        ("v".to_string(), input.interaction("v", first)),
+    ]);
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    for user in ["u", "v"] {
+        assert_eq!(
+            items_of(&got[user]),
+            expected(&live, std::slice::from_ref(first)),
+            "{user}"
+        );
+    }
+    let unknown = "genfeed_dead_letters_total{reason=\"unknown_item\"}";
+    assert_eq!(svc.metric(unknown), Some(0.0), "{}", svc.log_text());
+    assert_eq!(svc.metric("genfeed_interactions_waited_total"), Some(0.0));
+
+    // It comes back: v, who never saw it, gets it; u does not.
+    let mut content = f.items[20].1.clone();
+    content[0] += 1e-3;
+    input.upsert(gone, content);
+    live.insert(gone.clone());
+    svc.wait_metric("genfeed_live_items", |v| v == 11.0);
+    let last = HashMap::from([
+        ("u".to_string(), input.interaction("u", second)),
+        ("v".to_string(), input.interaction("v", second)),
+    ]);
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    assert_eq!(
+        items_of(&got["u"]),
+        expected(&live, &[gone.clone(), first.clone(), second.clone()])
+    );
+    assert_eq!(
+        items_of(&got["v"]),
+        expected(&live, &[first.clone(), second.clone()])
+    );
+    assert!(items_of(&got["v"]).contains(gone));
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
 /// A producer that does not key the catalogue by item id spreads an item's
 /// events over partitions whose offsets say nothing about each other: a
 /// retire read after the item's upsert is applied whatever its offset, and
@@ -412,8 +477,7 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     let mut poison: Vec<(String, At, &str)> = Vec::new();
     let mut push =
         |topic: &str, at: At, reason: &'static str| poison.push((topic.to_string(), at, reason));
-    // Catalogue: wrong dimension, NaN, all zeros, a retire of an unknown
-    // item.
+    // Catalogue: wrong dimension, NaN, all zeros.
     push(
         &t.catalogue,
         input.upsert("short", vec![0.5; 3]),
@@ -424,7 +488,6 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     push(&t.catalogue, input.upsert("nan", nan), "bad_embedding");
     let zeros = vec![0.0; f.items[30].1.len()];
     push(&t.catalogue, input.upsert("zeros", zeros), "bad_embedding");
-    push(&t.catalogue, input.retire("never-seen"), "unknown_item");
     // A tombstone that names no item, and an empty value, which is not a
     // tombstone.
     push(
