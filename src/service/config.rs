@@ -516,10 +516,11 @@ impl Config {
         }
         // Every output must fit in one message whatever the ids: a feed (a
         // user id twice, key and field, and top_k item ids) and a history
-        // record (a user id and 4 bytes an item), with room to spare.
+        // changelog record (a user id, and an item id and its length an
+        // item), with room to spare.
         let id = self.limits.id_bytes;
         let feed = 2 * id + f.top_k * (id + 64);
-        let history = id + 12 + 4 * f.history_len;
+        let history = id + 13 + (id + 4) * f.history_len;
         let needed = feed.max(history) + 4096;
         if self.kafka.message_max_bytes < needed {
             return Err((

@@ -16,9 +16,10 @@
 //! produces the feeds those appends caused, which is what lets their offsets
 //! be committed.
 //!
-//! The same value is what the changelog topic carries (the Kafka Streams
-//! pattern): when a partition moves to another instance, that instance
-//! [`restore`](Histories::restore)s the partition's users from it.
+//! Each append is also written to the changelog topic (the Kafka Streams
+//! pattern), naming the items by id ([`super::changelog`]): when a partition
+//! moves to another instance, that instance [`restore`](Histories::restore)s
+//! the partition's users from it.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -36,6 +37,8 @@ pub enum HistoryError {
     Store(#[from] StoreError),
     #[error("histories: the record of user {user:?} is corrupt ({len} bytes)")]
     Corrupt { user: String, len: usize },
+    #[error(transparent)]
+    Changelog(#[from] super::changelog::NotAHistory),
 }
 
 const HEADER: usize = 12;
@@ -100,14 +103,14 @@ impl Histories {
     }
 
     /// Appends `ord` to `user`'s history unless the event at `at` was
-    /// applied already. Returns the new record (for the changelog) when it
+    /// applied already. Returns the new history (for the changelog) when it
     /// was appended.
     pub fn append(
         &self,
         user: &str,
         at: Position,
         ord: u32,
-    ) -> Result<Option<Vec<u8>>, HistoryError> {
+    ) -> Result<Option<Stored>, HistoryError> {
         let mut staged = self.staged();
         let old = self.read(&staged, user)?;
         let (last, ords) = match &old {
@@ -125,23 +128,28 @@ impl Histories {
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
         self.write(&mut staged, user, value.clone())?;
-        Ok(Some(value))
+        Ok(Some(Stored(value)))
     }
 
-    /// Takes `record` (a changelog value) as `user`'s history unless the
-    /// history held here is as recent. Returns whether it was taken.
-    pub fn restore(&self, user: &str, record: &[u8]) -> Result<bool, HistoryError> {
-        let (theirs, _) = decode(user, record)?;
+    /// Takes the history at `at` holding `ords` (read from the changelog)
+    /// as `user`'s unless the history held here is as recent. Returns
+    /// whether it was taken.
+    pub fn restore(&self, user: &str, at: Position, ords: &[u32]) -> Result<bool, HistoryError> {
         let mut staged = self.staged();
         if let Some(mine) = self.read(&staged, user)? {
             let (mine, _) = decode(user, &mine)?;
-            if let (Some(m), Some(t)) = (mine, theirs) {
-                if m.partition == t.partition && m.offset >= t.offset {
-                    return Ok(false);
-                }
+            if mine.is_some_and(|m| m.partition == at.partition && m.offset >= at.offset) {
+                return Ok(false);
             }
         }
-        self.write(&mut staged, user, record.to_vec())?;
+        let keep = &ords[ords.len().saturating_sub(self.capacity)..];
+        let mut value = Vec::with_capacity(HEADER + 4 * keep.len());
+        value.extend_from_slice(&at.partition.to_be_bytes());
+        value.extend_from_slice(&at.offset.to_be_bytes());
+        for ord in keep {
+            value.extend_from_slice(&ord.to_be_bytes());
+        }
+        self.write(&mut staged, user, value)?;
         Ok(true)
     }
 
@@ -227,19 +235,19 @@ impl Drop for Histories {
     }
 }
 
-/// The last applied position and the ords' bytes.
-/// The step a changelog record took: where its interaction was read, and
-/// the user's previous and newest items after it (a record is written for
-/// each append, so the newest item is the one appended). `None` for a
-/// record that is not a history.
-pub fn last_step(record: &[u8]) -> Option<(Position, Option<u32>, u32)> {
-    let (at, ords) = decode("", record).ok()?;
-    let ord = |c: &[u8]| u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-    let mut items = ords.rchunks_exact(4);
-    let last = ord(items.next()?);
-    Some((at?, items.next().map(ord), last))
+/// A history as [`Histories::append`] stored it.
+pub struct Stored(Vec<u8>);
+
+impl Stored {
+    /// The items, oldest first.
+    pub fn ords(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0[HEADER..]
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    }
 }
 
+/// The last applied position and the ords' bytes.
 fn decode<'a>(user: &str, v: &'a [u8]) -> Result<(Option<Position>, &'a [u8]), HistoryError> {
     if v.len() < HEADER || (v.len() - HEADER) % 4 != 0 {
         return Err(HistoryError::Corrupt {
@@ -307,15 +315,14 @@ mod tests {
         let mut out = Vec::new();
         h.get("u", &mut out).unwrap();
         assert_eq!(out, [1, 3]);
-        assert_eq!(last_step(&record).unwrap().0, at(0, 3));
+        assert_eq!(record.ords().collect::<Vec<_>>(), [1, 3]);
         assert_eq!(h.changelog_offset(0).unwrap(), Some(7));
         // A changelog record of the restarted partition is newer than a
         // forgotten history.
         let other = Histories::open(&dir.path().join("other"), 5).unwrap();
         other.append("w", at(0, 9), 1).unwrap();
         other.forget_offsets(0).unwrap();
-        let theirs = h.append("w", at(0, 4), 2).unwrap().unwrap();
-        assert!(other.restore("w", &theirs).unwrap());
+        assert!(other.restore("w", at(0, 4), &[2]).unwrap());
     }
 
     #[test]
@@ -360,29 +367,22 @@ mod tests {
     #[test]
     fn a_changelog_record_restores_a_history_unless_it_is_older() {
         let dir = tempfile::tempdir().unwrap();
-        let old = Histories::open(&dir.path().join("old"), 5).unwrap();
-        old.append("u", at(2, 1), 7).unwrap();
-        let record = old.append("u", at(2, 5), 8).unwrap().unwrap();
-        let stale = {
-            let d = Histories::open(&dir.path().join("stale"), 5).unwrap();
-            d.append("u", at(2, 1), 7).unwrap().unwrap()
-        };
-        let new = Histories::open(&dir.path().join("new"), 5).unwrap();
-        assert!(new.restore("u", &record).unwrap());
+        let h = Histories::open(dir.path(), 3).unwrap();
+        h.append("u", at(2, 3), 7).unwrap();
+        assert!(h.restore("u", at(2, 5), &[1, 2, 7, 8]).unwrap());
+        let mut out = Vec::new();
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [2, 7, 8], "bounded as appends are");
         assert!(
-            !new.restore("u", &stale).unwrap(),
+            !h.restore("u", at(2, 4), &[9]).unwrap(),
             "older than what is held"
         );
-        let mut out = Vec::new();
-        new.get("u", &mut out).unwrap();
-        assert_eq!(out, [7, 8]);
         assert!(
-            new.append("u", at(2, 5), 9).unwrap().is_none(),
+            h.append("u", at(2, 5), 9).unwrap().is_none(),
             "restored position"
         );
-        assert!(matches!(
-            new.restore("v", b"short"),
-            Err(HistoryError::Corrupt { .. })
-        ));
+        assert!(h.restore("v", at(1, 0), &[]).unwrap());
+        h.get("v", &mut out).unwrap();
+        assert!(out.is_empty());
     }
 }

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::catalogue_consumer::decode_reason;
+use super::changelog;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
 use super::kafka::{self, ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
@@ -190,12 +191,18 @@ pub struct Restore {
     pub timeout: Duration,
     /// The context of each reader made.
     pub logged: Logged,
+    /// Maps the records' item ids to this instance's ords. Set once the
+    /// catalogue's first view is made, which is before the consumer is
+    /// first polled, so before any restore.
+    pub view: Arc<OnceLock<SharedView>>,
 }
 
 /// Where one partition's restore stands.
 struct Reading {
     read: u64,
     taken: u64,
+    /// Items of restored histories this instance does not know (left out).
+    unknown: usize,
     /// The offset of this restore's marker, once read.
     end: Option<i64>,
 }
@@ -249,6 +256,7 @@ impl Restore {
                 Reading {
                     read: 0,
                     taken: 0,
+                    unknown: 0,
                     end: None,
                 },
             );
@@ -267,7 +275,12 @@ impl Restore {
             tracing::error!(error = %e, topic = %self.topic, "cannot read the changelog; histories are not restored");
             return;
         }
+        let Some(view) = self.view.get() else {
+            tracing::error!(topic = %self.topic, "no catalogue view to read the changelog's item ids by; histories are not restored");
+            return;
+        };
         let mut recovered = Recovered::new("histories changelog", metrics.consumer_errors.clone());
+        let mut ords = Vec::new();
         while state.values().any(|r| r.end.is_none()) {
             if start.elapsed() > self.timeout {
                 tracing::error!(
@@ -296,7 +309,13 @@ impl Restore {
             }
             r.read += 1;
             let user = String::from_utf8_lossy(key);
-            match self.histories.restore(&user, m.payload().unwrap_or(&[])) {
+            let restored = changelog::Record::parse(m.payload().unwrap_or(&[]))
+                .map_err(HistoryError::from)
+                .and_then(|record| {
+                    r.unknown += record.ords(&view.load(), &mut ords);
+                    self.histories.restore(&user, record.at, &ords)
+                });
+            match restored {
                 Ok(true) => r.taken += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -316,6 +335,7 @@ impl Restore {
                 partition = p,
                 read = r.read,
                 taken = r.taken,
+                unknown_items = r.unknown,
                 complete = r.end.is_some(),
                 "histories restored"
             );
@@ -578,7 +598,8 @@ impl InteractionConsumer {
         let outputs = 1 + u32::from(record.is_some());
         self.offsets
             .begin(trigger.partition, trigger.offset, outputs);
-        if let Some(record) = record {
+        if let Some(history) = record {
+            let record = changelog::record(at, history.ords(), &self.view.load());
             let log = self.outbox.changelog(&i.user_id, record, trigger);
             if self.sent.send(log).await.is_err() {
                 return Ok(false);

@@ -24,6 +24,11 @@
 //! append, whose last two items are the step taken. Every instance therefore
 //! applies the same records, and the same history gets the same feed
 //! whichever instance owns the user; a rebalance changes nothing here.
+//! Records name items by id ([`super::changelog`]), so none is read before
+//! the catalogue as it stood at start is in the view; a step whose newest
+//! item this instance has not read yet (its upsert written just before its
+//! first interaction, and this instance's catalogue reader behind the
+//! writer's) is not counted here.
 //!
 //! # Exactly once, across restarts
 //!
@@ -69,13 +74,14 @@ use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::histories::{last_step, Position};
+use super::changelog::Record;
+use super::histories::Position;
 use super::kafka::{
-    listed, mark_ends, now_ms, partitions, Logged, MarkerProducer, Recovered, CHECK_EVERY,
-    MARKER_KEY, METADATA_TIMEOUT, RECHECK_EVERY,
+    listed, mark_ends, now_ms, partitions, Logged, MarkerProducer, Recovered, Throttle,
+    CHECK_EVERY, MARKER_KEY, METADATA_TIMEOUT, RECHECK_EVERY,
 };
 use super::metrics::Metrics;
-use super::view::View;
+use super::view::{SharedView, View};
 use crate::model::Learnt;
 use crate::sid::Sid;
 use crate::store::{Store, StoreError};
@@ -222,6 +228,15 @@ fn meta_key(prefix: &[u8], partition: i32) -> Vec<u8> {
     [prefix, &partition.to_be_bytes()].concat()
 }
 
+/// What one changelog record teaches: where its interaction was read, and
+/// the user's previous and newest items after it, as this instance's ords.
+#[derive(Clone, Copy, Debug)]
+pub struct Step {
+    pub at: Position,
+    pub previous: Option<u32>,
+    pub last: u32,
+}
+
 /// The writer: applies changelog records, commits them with their offsets,
 /// and publishes [`Counts`].
 pub struct Learner {
@@ -302,20 +317,13 @@ impl Learner {
         self.read.get(&partition).copied()
     }
 
-    /// Applies one changelog record read at `offset` of `partition`;
-    /// whether it counted (a marker, a replay or a record that is not a
-    /// history does not).
-    pub fn apply(&mut self, partition: i32, offset: i64, key: &[u8], record: &[u8]) -> bool {
+    /// Applies the changelog record read at `offset` of `partition`, which
+    /// took `step` (`None` for a record that counts nothing: a marker, one
+    /// that is not a history, one whose newest item this instance does not
+    /// know). Whether it counted (a replay does not).
+    pub fn apply(&mut self, partition: i32, offset: i64, step: Option<Step>) -> bool {
         self.read.insert(partition, offset + 1);
-        if key == MARKER_KEY {
-            return false;
-        }
-        let Some((at, previous, last)) = last_step(record) else {
-            tracing::warn!(
-                partition,
-                offset,
-                "a histories changelog record that is not a history; not counted"
-            );
+        let Some(Step { at, previous, last }) = step else {
             return false;
         };
         if self.is_applied(at) {
@@ -442,6 +450,10 @@ pub struct LearntReader {
     pub instance: String,
     pub shared: SharedCounts,
     pub metrics: Arc<Metrics>,
+    /// Maps the records' item ids to this instance's ords.
+    pub view: SharedView,
+    /// Quiets the warning about records whose item is not known here.
+    pub unknown: Throttle,
 }
 
 impl LearntReader {
@@ -542,6 +554,14 @@ impl LearntReader {
                 return;
             }
         };
+        // Records name items by id: none is read before the view holds the
+        // catalogue as it stood at start.
+        while !self.metrics.catalogue_loaded.load(Relaxed) {
+            if stop.load(Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let started = Instant::now();
         let mut recovered = Recovered::new(
             "histories changelog (learning)",
@@ -559,9 +579,17 @@ impl LearntReader {
                     if key == MARKER_KEY && m.payload() == Some(token.as_bytes()) {
                         waiting.remove(&m.partition());
                     }
-                    let payload = m.payload().unwrap_or(&[]);
-                    let step = self.learner.apply(m.partition(), m.offset(), key, payload);
-                    counted += u64::from(step);
+                    let step = match key {
+                        MARKER_KEY => None,
+                        _ => step(
+                            &self.view.load(),
+                            &mut self.unknown,
+                            m.partition(),
+                            m.offset(),
+                            m.payload().unwrap_or(&[]),
+                        ),
+                    };
+                    counted += u64::from(self.learner.apply(m.partition(), m.offset(), step));
                 }
                 Some(Err(e)) => {
                     recovered.note(&e);
@@ -618,6 +646,38 @@ impl LearntReader {
     }
 }
 
+/// The step of the changelog record at `offset` of `partition`, in the ords
+/// of `view`; `unknown` throttles the warning about items `view` does not
+/// know.
+fn step(
+    view: &View,
+    unknown: &mut Throttle,
+    partition: i32,
+    offset: i64,
+    record: &[u8],
+) -> Option<Step> {
+    let record = match Record::parse(record) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(partition, offset, error = %e, "not counted");
+            return None;
+        }
+    };
+    let Some((previous, last)) = record.last_step(view) else {
+        // Its item's upsert not read here yet (written just before its
+        // first interaction), or compacted away after a tombstone.
+        if let Some(held_back) = unknown.pass(Instant::now()) {
+            tracing::warn!(partition, offset, held_back, "a histories changelog record whose newest item this instance does not know; not counted");
+        }
+        return None;
+    };
+    Some(Step {
+        at: record.at,
+        previous,
+        last,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,14 +692,15 @@ mod tests {
         }
     }
 
-    /// A changelog record: position and the history after the append.
-    fn record(partition: i32, offset: i64, ords: &[u32]) -> Vec<u8> {
-        let mut v = partition.to_be_bytes().to_vec();
-        v.extend_from_slice(&offset.to_be_bytes());
-        for o in ords {
-            v.extend_from_slice(&o.to_be_bytes());
-        }
-        v
+    /// The step of a changelog record: position and the history after the
+    /// append.
+    fn record(partition: i32, offset: i64, ords: &[u32]) -> Option<Step> {
+        let (&last, before) = ords.split_last()?;
+        Some(Step {
+            at: Position { partition, offset },
+            previous: before.last().copied(),
+            last,
+        })
     }
 
     #[test]
@@ -656,13 +717,13 @@ mod tests {
             (1, 6, vec![5, 2, 3]),
         ];
         for (i, (p, o, h)) in records.iter().enumerate() {
-            assert!(l.apply(*p, i as i64, b"u", &record(*p, *o, h)));
+            assert!(l.apply(*p, i as i64, record(*p, *o, h)));
         }
         // A record written twice (an append redone after a crash), a
         // marker and a record that is not a history count nothing.
-        assert!(!l.apply(1, 6, b"u", &record(1, 5, &[5, 2])));
-        assert!(!l.apply(1, 7, MARKER_KEY, b"token"));
-        assert!(!l.apply(1, 8, b"u", b"junk"));
+        assert!(!l.apply(1, 6, record(1, 5, &[5, 2])));
+        assert!(!l.apply(1, 7, None));
+        assert!(!l.apply(1, 8, None));
         let counts = l.commit().unwrap();
         assert_eq!(counts.successors(2), &[(3, 2)]);
         assert_eq!(counts.successors(1), &[(2, 1)]);
@@ -685,21 +746,15 @@ mod tests {
     fn a_restarted_partition_is_learnt_from_its_start_again() {
         let dir = tempfile::tempdir().unwrap();
         let mut l = Learner::open(dir.path(), settings(4, 4)).unwrap();
-        assert!(l.apply(0, 40, b"u", &record(0, 30, &[1, 2])));
-        assert!(l.apply(1, 8, b"v", &record(1, 9, &[1, 3])));
+        assert!(l.apply(0, 40, record(0, 30, &[1, 2])));
+        assert!(l.apply(1, 8, record(1, 9, &[1, 3])));
         // The logs began again: the offsets are low again.
-        assert!(!l.apply(0, 0, b"u", &record(0, 2, &[2, 4])), "a replay");
+        assert!(!l.apply(0, 0, record(0, 2, &[2, 4])), "a replay");
         l.restart(0);
         assert_eq!(l.next_offset(0), Some(0));
-        assert!(l.apply(0, 0, b"u", &record(0, 2, &[2, 4])));
-        assert!(
-            !l.apply(0, 0, b"u", &record(0, 2, &[2, 4])),
-            "a replay again"
-        );
-        assert!(
-            !l.apply(1, 9, b"v", &record(1, 9, &[1, 3])),
-            "partition 1 kept"
-        );
+        assert!(l.apply(0, 0, record(0, 2, &[2, 4])));
+        assert!(!l.apply(0, 0, record(0, 2, &[2, 4])), "a replay again");
+        assert!(!l.apply(1, 9, record(1, 9, &[1, 3])), "partition 1 kept");
         l.commit().unwrap();
         drop(l);
         let l = Learner::open(dir.path(), settings(4, 4)).unwrap();
@@ -714,7 +769,7 @@ mod tests {
         let mut l = Learner::open(dir.path(), settings(2, 2)).unwrap();
         let steps = [(1, 2), (1, 2), (1, 3), (1, 4), (1, 4), (1, 5)];
         for (i, (a, b)) in steps.into_iter().enumerate() {
-            l.apply(0, i as i64, b"u", &record(0, i as i64, &[a, b]));
+            l.apply(0, i as i64, record(0, i as i64, &[a, b]));
         }
         let counts = l.commit().unwrap();
         // 4 replaced 3, the least counted; 5 came with 2 and 4 tied at
@@ -733,7 +788,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut l = Learner::open(dir.path(), settings(64, 5)).unwrap();
             for (p, o, h) in order {
-                l.apply(*p, *o, b"u", &record(*p, *o, h));
+                l.apply(*p, *o, record(*p, *o, h));
             }
             let c = l.commit().unwrap();
             let mut s: Vec<(u32, Vec<(u32, u32)>)> = (0..7)

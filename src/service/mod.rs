@@ -46,6 +46,7 @@
 //!   or at once on a second signal, whatever is still pending.
 
 pub mod catalogue_consumer;
+pub mod changelog;
 pub mod config;
 pub mod content;
 pub mod delivery;
@@ -90,7 +91,7 @@ use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
-use view::{FreshContent, FreshSettings};
+use view::{FreshContent, FreshSettings, SharedView};
 use waiting::Waiting;
 
 /// Deliveries awaiting acknowledgement at most, before the model waits.
@@ -153,6 +154,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let offsets = Arc::new(Offsets::default());
     let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (revoked_tx, revoked_rx) = watch::channel(());
+    let restore_view = Arc::new(std::sync::OnceLock::new());
     let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
         kafka::consumer_config(k, &k.group_id, FetchWait::Latency)
             .create_with_context(Rebalancing {
@@ -177,6 +179,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     instance: instance_id(&paths.state_dir),
                     timeout: Duration::from_secs(60),
                     logged: logged.client("histories restore"),
+                    view: restore_view.clone(),
                 },
                 revoked: revoked_tx,
                 logged: logged.client("interactions"),
@@ -263,6 +266,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         fresh.as_ref(),
         &mut fresh_rows,
     )?));
+    let _ = restore_view.set(view.clone());
     let mut cat_client = kafka::consumer_config(
         k,
         &format!("{}-catalogue", k.group_id),
@@ -300,7 +304,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| check_topics(&cat.consumer, k))?;
     let token = cat.assign().await?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone(), token));
-    let mut learning = start_learning(&cfg, &metrics, &logged)?;
+    let mut learning = start_learning(&cfg, &metrics, &logged, &view)?;
 
     // Interactions name items: read them once the catalogue is loaded, or
     // a backlog would dead-letter every item not read yet.
@@ -667,6 +671,7 @@ fn start_learning(
     cfg: &Config,
     metrics: &Arc<Metrics>,
     logged: &Logged,
+    view: &SharedView,
 ) -> anyhow::Result<Learning> {
     let l = &cfg.learning;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -702,6 +707,8 @@ fn start_learning(
         instance: instance_id(&cfg.paths.state_dir),
         shared: shared.clone(),
         metrics: metrics.clone(),
+        view: view.clone(),
+        unknown: Throttle::default(),
     };
     let flag = stop.clone();
     let thread = std::thread::Builder::new()

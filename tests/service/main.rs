@@ -1107,6 +1107,70 @@ fn two_instances_split_the_partitions_and_a_rebalance_loses_nothing() {
     assert!(b.stop().success(), "{}", b.log_text());
 }
 
+/// An instance numbers items in the order it read the catalogue: one that
+/// read it as it grew and one that starts after compaction reordered it
+/// number them differently. A history handed from one to the other through
+/// the changelog must still name the same items.
+#[test]
+fn a_history_handed_to_an_instance_that_numbers_items_otherwise_keeps_its_items() {
+    let bed = Bed::new("numbering", 1, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..10);
+    // Two new items: a feed offers one fresh item at most (feed.fresh_*).
+    let new: Vec<(String, Vec<f32>)> = (0..2)
+        .map(|k| {
+            let mut v = f.items[20 + k].1.clone();
+            v[0] += 1e-3;
+            (format!("new-{k}"), v)
+        })
+        .collect();
+    for (id, v) in &new {
+        input.upsert(id, v.clone());
+    }
+    // The catalogue instance b reads holds the same items, the new ones in
+    // the reverse order.
+    let mut reordered = t.clone();
+    reordered.catalogue = format!("{}-reordered", t.catalogue);
+    harness::create_topic(&reordered.catalogue, 1);
+    let other = harness::Input::new(&reordered, Framing::Plain);
+    for (id, v) in f.items[..10].iter().chain(new.iter().rev()) {
+        other.upsert(id, v.clone());
+    }
+    let mut live: BTreeSet<String> = f.items[..10].iter().map(|(id, _)| id.clone()).collect();
+    live.extend(new.iter().map(|(id, _)| id.clone()));
+
+    let mut a = Service::start(&bed.config("a", FEED));
+    a.wait_metric("genfeed_assigned_partitions", |v| v == 1.0);
+    let seen = [new[0].0.clone(), f.items[1].0.clone(), f.items[0].0.clone()];
+    input.interaction("u", &seen[0]);
+    let last = HashMap::from([("u".to_string(), input.interaction("u", &seen[1]))]);
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    assert_eq!(items_of(&got["u"]), expected(&live, &seen[..2]));
+    assert!(a.stop().success(), "{}", a.log_text());
+
+    let cfg = bed.config("b", FEED);
+    rewrite(
+        &cfg,
+        &[(
+            "catalogue_topic",
+            format!("catalogue_topic = \"{}\"", reordered.catalogue),
+        )],
+    );
+    let mut b = Service::start(&cfg);
+    b.wait_metric("genfeed_assigned_partitions", |v| v == 1.0);
+    let last = HashMap::from([("u".to_string(), input.interaction("u", &seen[2]))]);
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    assert_eq!(
+        items_of(&got["u"]),
+        expected(&live, &seen),
+        "{}",
+        b.log_text()
+    );
+    assert!(b.stop().success(), "{}", b.log_text());
+}
+
 /// Rewrites the config's lines that start with a key of `lines` to the
 /// line given for it.
 fn rewrite(cfg: &std::path::Path, lines: &[(&str, String)]) {

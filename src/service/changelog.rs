@@ -1,0 +1,248 @@
+//! The histories changelog's records: a user's history with its items named
+//! by id.
+//!
+//! A history is kept as registry ords ([`super::histories`]), but ords are
+//! each instance's own numbering: they follow the order in which it read
+//! the catalogue, and that order differs between instances reading several
+//! catalogue partitions, and between an instance that read an item's upserts
+//! and one that started after compaction dropped them. The changelog is read
+//! by other instances (a partition's new owner restores its users from it,
+//! and every instance learns successor counts from it, [`super::learnt`]),
+//! so its records name items by id and each reader maps them to its own
+//! ords.
+//!
+//! A record is `[0xFF][partition: i32][offset: i64]([length: u32][id])*`,
+//! all big-endian, items oldest first: the position of the interaction last
+//! applied and the history after it. Records written before ids
+//! (`[partition][offset][ord: u32]*`, which cannot start with 0xFF: a
+//! partition is never negative) are read as ords, as they were written.
+
+use super::histories::Position;
+use super::view::View;
+
+/// The first byte of a record that names items by id.
+const IDS: u8 = 0xFF;
+
+const HEADER: usize = 1 + 4 + 8;
+
+/// Why a changelog record could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("a histories changelog record of {len} bytes is not a history: {why}")]
+pub struct NotAHistory {
+    len: usize,
+    why: &'static str,
+}
+
+/// A changelog record, parsed.
+pub struct Record<'a> {
+    /// Where the interaction last applied to the history was read.
+    pub at: Position,
+    items: Items<'a>,
+}
+
+enum Items<'a> {
+    /// `([length: u32][id])*`, checked whole by [`Record::parse`].
+    Ids(&'a [u8]),
+    /// `[ord: u32]*` of a record written before ids.
+    Ords(&'a [u8]),
+}
+
+/// The record of a history at `at` holding `ords`, oldest first, each named
+/// by its id in `view`. An ord the view does not know (one restored from a
+/// record written before ids under another numbering) is left out.
+pub fn record(at: Position, ords: impl Iterator<Item = u32>, view: &View) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 16 * ords.size_hint().0);
+    out.push(IDS);
+    out.extend_from_slice(&at.partition.to_be_bytes());
+    out.extend_from_slice(&at.offset.to_be_bytes());
+    for id in ords.filter_map(|o| Some(&view.item(o)?.id)) {
+        let len = u32::try_from(id.len()).expect("ids are bounded by limits.id_bytes");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(id.as_bytes());
+    }
+    out
+}
+
+impl<'a> Record<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Record<'a>, NotAHistory> {
+        let bad = |why| NotAHistory {
+            len: bytes.len(),
+            why,
+        };
+        let (items, head) = match bytes.first() {
+            Some(&IDS) => {
+                let rest = bytes.get(HEADER..).ok_or(bad("too short"))?;
+                let mut left = rest;
+                while !left.is_empty() {
+                    let (len, after) = split_len(left).ok_or(bad("an id's length is cut"))?;
+                    left = after.get(len..).ok_or(bad("an id is cut"))?;
+                    std::str::from_utf8(&after[..len]).map_err(|_| bad("an id is not UTF-8"))?;
+                }
+                (Items::Ids(rest), &bytes[1..HEADER])
+            }
+            _ => {
+                if bytes.len() < HEADER - 1 || (bytes.len() - (HEADER - 1)) % 4 != 0 {
+                    return Err(bad("neither ids nor ords"));
+                }
+                (Items::Ords(&bytes[HEADER - 1..]), &bytes[..HEADER - 1])
+            }
+        };
+        let at = Position {
+            partition: i32::from_be_bytes(head[..4].try_into().expect("4 bytes")),
+            offset: i64::from_be_bytes(head[4..].try_into().expect("8 bytes")),
+        };
+        Ok(Record { at, items })
+    }
+
+    /// The items as ords of `view` into `out` (cleared first), oldest
+    /// first; returns how many the view does not know, which are left out.
+    pub fn ords(&self, view: &View, out: &mut Vec<u32>) -> usize {
+        out.clear();
+        let mut unknown = 0;
+        self.each(view, |o| match o {
+            Some(o) => out.push(o),
+            None => unknown += 1,
+        });
+        unknown
+    }
+
+    /// The step the record took: the history's previous and newest items as
+    /// ords of `view` (a record is written for each append, so the newest is
+    /// the one appended). `None` when the history is empty or the view does
+    /// not know its newest item; a previous item it does not know is `None`.
+    pub fn last_step(&self, view: &View) -> Option<(Option<u32>, u32)> {
+        let (mut previous, mut last) = (None, None);
+        self.each(view, |o| {
+            previous = last;
+            last = Some(o);
+        });
+        Some((previous.flatten(), last??))
+    }
+
+    /// Calls `f` with each item's ord in `view` (`None` where unknown),
+    /// oldest first.
+    fn each(&self, view: &View, mut f: impl FnMut(Option<u32>)) {
+        match self.items {
+            Items::Ids(mut left) => {
+                while let Some((len, after)) = split_len(left) {
+                    let id = std::str::from_utf8(&after[..len]).expect("checked by parse");
+                    f(view.ord(id));
+                    left = &after[len..];
+                }
+            }
+            Items::Ords(ords) => {
+                for c in ords.chunks_exact(4) {
+                    let ord = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+                    f(view.item(ord).map(|_| ord));
+                }
+            }
+        }
+    }
+}
+
+/// An id's length and what follows it, if the length is whole.
+fn split_len(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let (len, rest) = bytes.split_first_chunk::<4>()?;
+    Some((u32::from_be_bytes(*len) as usize, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+    use crate::service::view::ItemRef;
+
+    /// A view numbering `ids` in the order given.
+    fn view(ids: &[&str]) -> View {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut index, _) = Index::open(dir.path(), &[4, 4], None, &[], 1 << 16).unwrap();
+        let ords = ids
+            .iter()
+            .zip(0u32..)
+            .map(|(&id, o)| (id.into(), o))
+            .collect();
+        let items = ids
+            .iter()
+            .zip(0u32..)
+            .map(|(&id, o)| {
+                let item = ItemRef {
+                    id: id.into(),
+                    sid: None,
+                    live: false,
+                };
+                (o, item)
+            })
+            .collect();
+        View {
+            snapshot: index.publish(),
+            ords,
+            items,
+            fresh: None,
+            content: imbl::HashMap::new(),
+        }
+    }
+
+    fn at(partition: i32, offset: i64) -> Position {
+        Position { partition, offset }
+    }
+
+    #[test]
+    fn a_record_names_items_by_id_so_another_numbering_reads_the_same_items() {
+        let writer = view(&["a", "b", "c", "d"]);
+        // The same items numbered in another order, less one, plus another.
+        let reader = view(&["x", "d", "b", "a"]);
+        let bytes = record(at(3, 41), [0, 1, 3, 2].into_iter(), &writer);
+        let r = Record::parse(&bytes).unwrap();
+        assert_eq!(r.at, at(3, 41));
+        let mut ords = Vec::new();
+        assert_eq!(r.ords(&reader, &mut ords), 1, "c is unknown to the reader");
+        assert_eq!(ords, [3, 2, 1], "a, b, d");
+        assert_eq!(r.last_step(&reader), None, "the newest, c, is unknown");
+        let bytes = record(at(3, 42), [0, 1, 2, 3].into_iter(), &writer);
+        let r = Record::parse(&bytes).unwrap();
+        assert_eq!(r.last_step(&reader), Some((None, 1)), "c → d");
+        assert_eq!(r.last_step(&writer), Some((Some(2), 3)));
+        // An ord the writer's view does not know is left out.
+        let bytes = record(at(0, 1), [9, 1].into_iter(), &writer);
+        assert_eq!(Record::parse(&bytes).unwrap().ords(&writer, &mut ords), 0);
+        assert_eq!(ords, [1]);
+    }
+
+    #[test]
+    fn records_written_before_ids_are_read_as_ords() {
+        let v = view(&["a", "b", "c"]);
+        let mut old = 2i32.to_be_bytes().to_vec();
+        old.extend_from_slice(&7i64.to_be_bytes());
+        for ord in [2u32, 0, 8] {
+            old.extend_from_slice(&ord.to_be_bytes());
+        }
+        let r = Record::parse(&old).unwrap();
+        assert_eq!(r.at, at(2, 7));
+        let mut ords = Vec::new();
+        assert_eq!(r.ords(&v, &mut ords), 1, "8 is no item here");
+        assert_eq!(ords, [2, 0]);
+        assert_eq!(r.last_step(&v), None);
+    }
+
+    #[test]
+    fn what_is_not_a_history_is_refused() {
+        let good = record(at(0, 5), [0, 1].into_iter(), &view(&["a", "b"]));
+        let mut not_utf8 = good.clone();
+        *not_utf8.last_mut().unwrap() = 0xC3;
+        let mut long = good[..HEADER].to_vec();
+        long.extend_from_slice(&100u32.to_be_bytes());
+        long.extend_from_slice(b"abc");
+        for bad in [
+            &b""[..],
+            b"short",
+            &good[..HEADER - 1],
+            &good[..good.len() - 1],
+            &good[..HEADER + 2],
+            &long,
+            &not_utf8,
+        ] {
+            let e = Record::parse(bad).err().expect("refused");
+            assert!(e.to_string().contains("not a history"), "{e}");
+        }
+    }
+}
