@@ -28,7 +28,9 @@ use super::catalogue_consumer::decode_reason;
 use super::changelog;
 use super::delivery::{Outbox, Sent, Trigger};
 use super::histories::{Histories, HistoryError, Position};
-use super::kafka::{self, ends_consumption, now_ms, Logged, MarkerProducer, Recovered, MARKER_KEY};
+use super::kafka::{
+    self, ends_consumption, now_ms, Logged, MarkerProducer, Recovered, Throttle, MARKER_KEY,
+};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
@@ -403,6 +405,8 @@ pub struct InteractionConsumer {
     pub metrics: Arc<Metrics>,
     pub scheduler: mpsc::Sender<Event>,
     pub sent: mpsc::Sender<Sent>,
+    /// Quiets the warning about interactions not keyed by their user.
+    pub miskeyed: Throttle,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -512,6 +516,18 @@ impl InteractionConsumer {
                 return Ok(self.dead_letter(trigger, reason, &detail, raw).await);
             }
         };
+        if m.key() != Some(i.user_id.as_bytes()) {
+            self.metrics.interactions_miskeyed.inc();
+            if let Some(held_back) = self.miskeyed.pass(std::time::Instant::now()) {
+                tracing::warn!(
+                    user = i.user_id,
+                    partition = trigger.partition,
+                    offset = trigger.offset,
+                    held_back,
+                    "an interaction whose record key is not its user_id: a user's interactions must all come on one partition, since one instance holds the user's history and recognises a replay by its position there; key the interactions' records by user_id"
+                );
+            }
+        }
         if !self.waiting.is_empty() && self.waiting.holds(&i.user_id) {
             if self.waiting.has_room() {
                 self.wait(i, raw, trigger);

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub replayed: Counter,
     /// Interactions applied after waiting for their item's catalogue event.
     pub waited: Counter,
+    /// Interactions whose record key is not their user id.
+    pub interactions_miskeyed: Counter,
     /// Histories changelog records read by restores (after a restart on the
     /// same state, only what others wrote since).
     pub changelog_restored: Counter,
@@ -103,6 +105,10 @@ impl Default for Metrics {
         let waited = counter(
             "interactions_waited",
             "Interactions applied after waiting for their item's catalogue event",
+        );
+        let interactions_miskeyed = counter(
+            "interactions_miskeyed",
+            "Interactions whose record key is not their user_id (none, or another): such a user's interactions can come on several partitions, so several instances, each holding part of the history; key them by user_id",
         );
         let changelog_restored = counter(
             "changelog_restored",
@@ -208,6 +214,7 @@ impl Default for Metrics {
             interaction_events,
             replayed,
             waited,
+            interactions_miskeyed,
             changelog_restored,
             feeds,
             feed_retries,

@@ -401,6 +401,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         scheduler: events_tx,
         sent: sent_tx,
+        miskeyed: Throttle::default(),
     };
     // The consumer is polled on its own thread: rebalances run there, and
     // a partition's restore (up to a minute) or the producer's flush on a

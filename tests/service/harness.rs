@@ -807,13 +807,19 @@ impl Input {
     }
 
     pub fn interaction(&self, user: &str, item: &str) -> At {
+        self.interaction_keyed(user, item, user)
+    }
+
+    /// An interaction whose record key is `key`, as a careless producer
+    /// writes it.
+    pub fn interaction_keyed(&self, user: &str, item: &str, key: &str) -> At {
         let i = Interaction {
             user_id: user.into(),
             item_id: item.into(),
             kind: InteractionKind::Click,
             timestamp: 1_700_000_000_000,
         };
-        self.raw(&self.topics.interactions.clone(), user, &self.record(&i, 2))
+        self.raw(&self.topics.interactions.clone(), key, &self.record(&i, 2))
     }
 }
 

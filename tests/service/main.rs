@@ -534,7 +534,9 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
         input.raw(&t.interactions, "x", &empty),
         "invalid_record",
     );
-    let good_user_after = input.interaction("good-2", item);
+    // Keyed by another id than its user's, as a careless producer writes
+    // it: applied (counted and logged, so it shows).
+    let good_user_after = input.interaction_keyed("good-2", item, "x");
 
     let dlq = Output::new(&t.dead_letters, 1);
     let mut letters: Vec<DeadLetter> = Vec::new();
@@ -593,6 +595,10 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     ]);
     let got = feeds_answering(&out, Framing::Confluent, &mut Vec::new(), &last);
     assert_eq!(got.len(), 2);
+    assert_eq!(svc.metric("genfeed_interactions_miskeyed_total"), Some(1.0));
+    assert!(svc
+        .log_text()
+        .contains("key the interactions' records by user_id"));
     assert_eq!(
         svc.metric("genfeed_dead_letters_total{reason=\"bad_embedding\"}"),
         Some(3.0),
