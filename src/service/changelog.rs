@@ -40,6 +40,7 @@ pub struct Record<'a> {
     items: Items<'a>,
 }
 
+#[derive(Clone, Copy)]
 enum Items<'a> {
     /// `([length: u32][id])*`, checked whole by [`Record::parse`].
     Ids(&'a [u8]),
@@ -99,10 +100,12 @@ impl<'a> Record<'a> {
     pub fn ords(&self, view: &View, out: &mut Vec<u32>) -> usize {
         out.clear();
         let mut unknown = 0;
-        self.each(view, |o| match o {
-            Some(o) => out.push(o),
-            None => unknown += 1,
-        });
+        for item in self.items() {
+            match item.ord(view) {
+                Some(o) => out.push(o),
+                None => unknown += 1,
+            }
+        }
         unknown
     }
 
@@ -111,31 +114,44 @@ impl<'a> Record<'a> {
     /// the one appended). `None` when the history is empty or the view does
     /// not know its newest item; a previous item it does not know is `None`.
     pub fn last_step(&self, view: &View) -> Option<(Option<u32>, u32)> {
-        let (mut previous, mut last) = (None, None);
-        self.each(view, |o| {
-            previous = last;
-            last = Some(o);
-        });
-        Some((previous.flatten(), last??))
+        let (previous, last) = self
+            .items()
+            .fold((None, None), |(_, last), item| (last, Some(item)));
+        let last = last?.ord(view)?;
+        Some((previous.and_then(|p| p.ord(view)), last))
     }
 
-    /// Calls `f` with each item's ord in `view` (`None` where unknown),
-    /// oldest first.
-    fn each(&self, view: &View, mut f: impl FnMut(Option<u32>)) {
-        match self.items {
-            Items::Ids(mut left) => {
-                while let Some((len, after)) = split_len(left) {
-                    let id = std::str::from_utf8(&after[..len]).expect("checked by parse");
-                    f(view.ord(id));
-                    left = &after[len..];
-                }
+    /// The items as written, oldest first.
+    fn items(&self) -> impl Iterator<Item = Item<'a>> {
+        let mut left = self.items;
+        std::iter::from_fn(move || match &mut left {
+            Items::Ids(bytes) => {
+                let (len, after) = split_len(bytes)?;
+                let (id, rest) = after.split_at(len);
+                *bytes = rest;
+                Some(Item::Id(std::str::from_utf8(id).expect("checked by parse")))
             }
-            Items::Ords(ords) => {
-                for c in ords.chunks_exact(4) {
-                    let ord = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-                    f(view.item(ord).map(|_| ord));
-                }
+            Items::Ords(bytes) => {
+                let (ord, rest) = bytes.split_first_chunk::<4>()?;
+                *bytes = rest;
+                Some(Item::Ord(u32::from_be_bytes(*ord)))
             }
+        })
+    }
+}
+
+/// An item of a record, as written.
+enum Item<'a> {
+    Id(&'a str),
+    Ord(u32),
+}
+
+impl Item<'_> {
+    /// Its ord in `view`, if the view knows it.
+    fn ord(&self, view: &View) -> Option<u32> {
+        match *self {
+            Item::Id(id) => view.ord(id),
+            Item::Ord(ord) => view.item(ord).map(|_| ord),
         }
     }
 }
