@@ -114,11 +114,22 @@ impl<'a> Record<'a> {
     /// the one appended). `None` when the history is empty or the view does
     /// not know its newest item; a previous item it does not know is `None`.
     pub fn last_step(&self, view: &View) -> Option<(Option<u32>, u32)> {
-        let (previous, last) = self
-            .items()
-            .fold((None, None), |(_, last), item| (last, Some(item)));
+        let (previous, last) = self.last_two();
         let last = last?.ord(view)?;
         Some((previous.and_then(|p| p.ord(view)), last))
+    }
+
+    /// Whether `view` knows both items [`Record::last_step`] reads.
+    pub fn knows_last_step(&self, view: &View) -> bool {
+        let (previous, last) = self.last_two();
+        let known = |item: Item<'_>| item.ord(view).is_some();
+        last.is_some_and(known) && previous.is_none_or(known)
+    }
+
+    /// The history's item before its newest, and its newest.
+    fn last_two(&self) -> (Option<Item<'a>>, Option<Item<'a>>) {
+        self.items()
+            .fold((None, None), |(_, last), item| (last, Some(item)))
     }
 
     /// The items as written, oldest first.
@@ -165,38 +176,7 @@ fn split_len(bytes: &[u8]) -> Option<(usize, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::Index;
-    use crate::service::view::ItemRef;
-
-    /// A view numbering `ids` in the order given.
-    fn view(ids: &[&str]) -> View {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut index, _) = Index::open(dir.path(), &[4, 4], None, &[], 1 << 16).unwrap();
-        let ords = ids
-            .iter()
-            .zip(0u32..)
-            .map(|(&id, o)| (id.into(), o))
-            .collect();
-        let items = ids
-            .iter()
-            .zip(0u32..)
-            .map(|(&id, o)| {
-                let item = ItemRef {
-                    id: id.into(),
-                    sid: None,
-                    live: false,
-                };
-                (o, item)
-            })
-            .collect();
-        View {
-            snapshot: index.publish(),
-            ords,
-            items,
-            fresh: None,
-            content: imbl::HashMap::new(),
-        }
-    }
+    use crate::service::view::numbered as view;
 
     fn at(partition: i32, offset: i64) -> Position {
         Position { partition, offset }

@@ -25,10 +25,9 @@
 //! applies the same records, and the same history gets the same feed
 //! whichever instance owns the user; a rebalance changes nothing here.
 //! Records name items by id ([`super::changelog`]), so none is read before
-//! the catalogue as it stood at start is in the view; a step whose newest
-//! item this instance has not read yet (its upsert written just before its
-//! first interaction, and this instance's catalogue reader behind the
-//! writer's) is not counted here.
+//! the catalogue as it stood at start is in the view, and one written since
+//! that names an item this instance has not read yet (its catalogue reader
+//! behind the writer's, in a burst of new items) waits for it ([`Steps`]).
 //!
 //! # Exactly once, across restarts
 //!
@@ -85,6 +84,10 @@ use super::view::{SharedView, View};
 use crate::model::Learnt;
 use crate::sid::Sid;
 use crate::store::{Store, StoreError};
+
+/// How long a changelog record written since this instance started waits
+/// for the catalogue to bring an item it names ([`Steps`]).
+const ITEM_WAIT: Duration = Duration::from_secs(10);
 
 /// Changelog records applied per commit at most.
 const BATCH: usize = 4096;
@@ -450,10 +453,7 @@ pub struct LearntReader {
     pub instance: String,
     pub shared: SharedCounts,
     pub metrics: Arc<Metrics>,
-    /// Maps the records' item ids to this instance's ords.
-    pub view: SharedView,
-    /// Quiets the warning about records whose item is not known here.
-    pub unknown: Throttle,
+    pub steps: Steps,
 }
 
 impl LearntReader {
@@ -581,13 +581,7 @@ impl LearntReader {
                     }
                     let step = match key {
                         MARKER_KEY => None,
-                        _ => step(
-                            &self.view.load(),
-                            &mut self.unknown,
-                            m.partition(),
-                            m.offset(),
-                            m.payload().unwrap_or(&[]),
-                        ),
+                        _ => self.steps.of(&m, stop),
                     };
                     counted += u64::from(self.learner.apply(m.partition(), m.offset(), step));
                 }
@@ -646,41 +640,68 @@ impl LearntReader {
     }
 }
 
-/// The step of the changelog record at `offset` of `partition`, in the ords
-/// of `view`; `unknown` throttles the warning about items `view` does not
-/// know.
-fn step(
-    view: &View,
-    unknown: &mut Throttle,
-    partition: i32,
-    offset: i64,
-    record: &[u8],
-) -> Option<Step> {
-    let record = match Record::parse(record) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(partition, offset, error = %e, "not counted");
+/// Reads changelog records as steps in this instance's ords.
+pub struct Steps {
+    /// The catalogue as this instance published it.
+    pub view: SharedView,
+    /// When this reader started (ms since the epoch). A record written
+    /// since names items whose upserts were written before it, so the
+    /// catalogue brings any this instance has not read yet: such a record
+    /// waits for them ([`ITEM_WAIT`]) instead of going uncounted here while
+    /// the other instances count it.
+    pub since_ms: i64,
+    /// Quiets the warning about records whose items are not known here.
+    pub unknown: Throttle,
+}
+
+impl Steps {
+    /// The step of the changelog record `m`; waits (up to [`ITEM_WAIT`],
+    /// or until `stop`) for items the view does not know yet.
+    fn of(&mut self, m: &impl Message, stop: &AtomicBool) -> Option<Step> {
+        let (partition, offset) = (m.partition(), m.offset());
+        let record = match Record::parse(m.payload().unwrap_or(&[])) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(partition, offset, error = %e, "not counted");
+                return None;
+            }
+        };
+        let mut view = self.view.load();
+        let recent = m
+            .timestamp()
+            .to_millis()
+            .is_some_and(|t| t >= self.since_ms);
+        if recent && !record.knows_last_step(&view) {
+            let waiting = Instant::now();
+            while !record.knows_last_step(&view)
+                && waiting.elapsed() < ITEM_WAIT
+                && !stop.load(Relaxed)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+                view = self.view.load();
+            }
+        }
+        let Some((previous, last)) = record.last_step(&view) else {
+            // Compacted away after a tombstone, or not read here in time.
+            if let Some(held_back) = self.unknown.pass(Instant::now()) {
+                tracing::warn!(partition, offset, held_back, "a histories changelog record whose newest item this instance does not know; not counted");
+            }
             return None;
-        }
-    };
-    let Some((previous, last)) = record.last_step(view) else {
-        // Its item's upsert not read here yet (written just before its
-        // first interaction), or compacted away after a tombstone.
-        if let Some(held_back) = unknown.pass(Instant::now()) {
-            tracing::warn!(partition, offset, held_back, "a histories changelog record whose newest item this instance does not know; not counted");
-        }
-        return None;
-    };
-    Some(Step {
-        at: record.at,
-        previous,
-        last,
-    })
+        };
+        Some(Step {
+            at: record.at,
+            previous,
+            last,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::changelog;
+    use crate::service::view::numbered;
+    use rdkafka::message::{OwnedMessage, Timestamp};
 
     fn settings(successors: usize, popular: usize) -> LearntSettings {
         LearntSettings {
@@ -808,5 +829,38 @@ mod tests {
             counts(&mut records.iter()),
             counts(&mut by_partition.into_iter())
         );
+    }
+
+    #[test]
+    fn a_record_written_since_the_start_waits_for_the_catalogue_to_bring_its_items() {
+        let writer = numbered(&["a", "b"]);
+        let at = Position {
+            partition: 0,
+            offset: 7,
+        };
+        let bytes = changelog::record(at, [0, 1].into_iter(), &writer);
+        let written = |ms| {
+            let t = Timestamp::CreateTime(ms);
+            OwnedMessage::new(Some(bytes.clone()), None, "h".into(), t, 0, 3, None)
+        };
+        let shared: SharedView = Arc::new(ArcSwap::from_pointee(numbered(&["a"])));
+        let mut steps = Steps {
+            view: shared.clone(),
+            since_ms: 1_000,
+            unknown: Throttle::default(),
+        };
+        let go = AtomicBool::new(false);
+        // Written before this reader started: its catalogue as of the start
+        // is all there is to know.
+        assert!(steps.of(&written(999), &go).is_none());
+        // Written since: the catalogue brings b (here numbered otherwise).
+        let later = shared.clone();
+        let publish = std::thread::spawn(move || later.store(Arc::new(numbered(&["b", "x", "a"]))));
+        let step = steps.of(&written(1_000), &go).expect("waited for b");
+        publish.join().unwrap();
+        assert_eq!((step.at, step.previous, step.last), (at, Some(2), 0));
+        // A stop ends the wait.
+        shared.store(Arc::new(numbered(&["a"])));
+        assert!(steps.of(&written(2_000), &AtomicBool::new(true)).is_none());
     }
 }

@@ -87,7 +87,7 @@ use feeds::FeedWorker;
 use histories::Histories;
 use interaction_consumer::{InteractionConsumer, Rebalancing, Restore};
 use kafka::{FetchWait, Logged, Throttle};
-use learnt::{Learner, LearntReader, LearntSettings, SharedCounts};
+use learnt::{Learner, LearntReader, LearntSettings, SharedCounts, Steps};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
@@ -708,8 +708,11 @@ fn start_learning(
         instance: instance_id(&cfg.paths.state_dir),
         shared: shared.clone(),
         metrics: metrics.clone(),
-        view: view.clone(),
-        unknown: Throttle::default(),
+        steps: Steps {
+            view: view.clone(),
+            since_ms: kafka::now_ms(),
+            unknown: Throttle::default(),
+        },
     };
     let flag = stop.clone();
     let thread = std::thread::Builder::new()

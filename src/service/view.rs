@@ -320,6 +320,38 @@ impl View {
 pub type SharedView = Arc<ArcSwap<View>>;
 
 #[cfg(test)]
+/// A view of `ids`, numbered in the order given, none of them live.
+pub(crate) fn numbered(ids: &[&str]) -> View {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut index, _) =
+        crate::index::Index::open(dir.path(), &[4, 4], None, &[], 1 << 16).unwrap();
+    let ords = ids
+        .iter()
+        .zip(0u32..)
+        .map(|(&id, o)| (id.into(), o))
+        .collect();
+    let items = ids
+        .iter()
+        .zip(0u32..)
+        .map(|(&id, o)| {
+            let item = ItemRef {
+                id: id.into(),
+                sid: None,
+                live: false,
+            };
+            (o, item)
+        })
+        .collect();
+    View {
+        snapshot: index.publish(),
+        ords,
+        items,
+        fresh: None,
+        content: imbl::HashMap::new(),
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::index::Index;
