@@ -17,8 +17,54 @@
 //! (`[partition][offset][ord: u32]*`, which cannot start with 0xFF: a
 //! partition is never negative) are read as ords, as they were written.
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use super::histories::Position;
-use super::view::View;
+use super::view::{SharedView, View};
+
+/// How long a record written since this instance started waits for the
+/// catalogue to bring an item it names ([`Reader::view_for`]).
+pub const ITEM_WAIT: Duration = Duration::from_secs(10);
+
+/// Reads records by this instance's catalogue.
+#[derive(Clone)]
+pub struct Reader {
+    /// The catalogue as this instance published it.
+    pub view: SharedView,
+    /// When this instance started (ms since the epoch). A record written
+    /// since names items whose upserts were written before it, so the
+    /// catalogue brings any this instance has not read yet (its reader
+    /// behind the writer's in a burst of new items): such a record waits
+    /// for them instead of losing them here while other instances keep
+    /// them. Older records do not wait: the catalogue as of the start is
+    /// all there is.
+    pub since_ms: i64,
+}
+
+impl Reader {
+    /// The view to read a record written at `written_ms` by: the latest,
+    /// or, for a record written since the start that `knows` says the view
+    /// cannot read whole yet, the first that can, waiting up to
+    /// [`ITEM_WAIT`] or until `stop`.
+    pub fn view_for(
+        &self,
+        written_ms: Option<i64>,
+        knows: impl Fn(&View) -> bool,
+        stop: &AtomicBool,
+    ) -> arc_swap::Guard<Arc<View>> {
+        let mut view = self.view.load();
+        if written_ms.is_some_and(|t| t >= self.since_ms) && !knows(&view) {
+            let waiting = Instant::now();
+            while !knows(&view) && waiting.elapsed() < ITEM_WAIT && !stop.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
+                view = self.view.load();
+            }
+        }
+        view
+    }
+}
 
 /// The first byte of a record that names items by id.
 const IDS: u8 = 0xFF;
@@ -119,6 +165,11 @@ impl<'a> Record<'a> {
         Some((previous.and_then(|p| p.ord(view)), last))
     }
 
+    /// Whether `view` knows every item.
+    pub fn knows_all(&self, view: &View) -> bool {
+        self.items().all(|item| item.ord(view).is_some())
+    }
+
     /// Whether `view` knows both items [`Record::last_step`] reads.
     pub fn knows_last_step(&self, view: &View) -> bool {
         let (previous, last) = self.last_two();
@@ -191,6 +242,7 @@ mod tests {
         let r = Record::parse(&bytes).unwrap();
         assert_eq!(r.at, at(3, 41));
         let mut ords = Vec::new();
+        assert!(r.knows_all(&writer) && !r.knows_all(&reader));
         assert_eq!(r.ords(&reader, &mut ords), 1, "c is unknown to the reader");
         assert_eq!(ords, [3, 2, 1], "a, b, d");
         assert_eq!(r.last_step(&reader), None, "the newest, c, is unknown");

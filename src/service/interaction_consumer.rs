@@ -196,7 +196,7 @@ pub struct Restore {
     /// Maps the records' item ids to this instance's ords. Set once the
     /// catalogue's first view is made, which is before the consumer is
     /// first polled, so before any restore.
-    pub view: Arc<OnceLock<SharedView>>,
+    pub by: Arc<OnceLock<changelog::Reader>>,
 }
 
 /// Where one partition's restore stands.
@@ -277,12 +277,14 @@ impl Restore {
             tracing::error!(error = %e, topic = %self.topic, "cannot read the changelog; histories are not restored");
             return;
         }
-        let Some(view) = self.view.get() else {
+        let Some(by) = self.by.get() else {
             tracing::error!(topic = %self.topic, "no catalogue view to read the changelog's item ids by; histories are not restored");
             return;
         };
         let mut recovered = Recovered::new("histories changelog", metrics.consumer_errors.clone());
         let mut ords = Vec::new();
+        // A restore is bounded by `timeout`, not stopped.
+        let never = AtomicBool::new(false);
         while state.values().any(|r| r.end.is_none()) {
             if start.elapsed() > self.timeout {
                 tracing::error!(
@@ -311,10 +313,12 @@ impl Restore {
             }
             r.read += 1;
             let user = String::from_utf8_lossy(key);
+            let written = m.timestamp().to_millis();
             let restored = changelog::Record::parse(m.payload().unwrap_or(&[]))
                 .map_err(HistoryError::from)
                 .and_then(|record| {
-                    r.unknown += record.ords(&view.load(), &mut ords);
+                    let view = by.view_for(written, |v| record.knows_all(v), &never);
+                    r.unknown += record.ords(&view, &mut ords);
                     self.histories.restore(&user, record.at, &ords)
                 });
             match restored {

@@ -27,7 +27,8 @@
 //! Records name items by id ([`super::changelog`]), so none is read before
 //! the catalogue as it stood at start is in the view, and one written since
 //! that names an item this instance has not read yet (its catalogue reader
-//! behind the writer's, in a burst of new items) waits for it ([`Steps`]).
+//! behind the writer's, in a burst of new items) waits for it
+//! ([`changelog::Reader`]).
 //!
 //! # Exactly once, across restarts
 //!
@@ -73,21 +74,17 @@ use rdkafka::message::Message;
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::changelog::Record;
+use super::changelog::{self, Record};
 use super::histories::Position;
 use super::kafka::{
     listed, mark_ends, now_ms, partitions, Logged, MarkerProducer, Recovered, Throttle,
     CHECK_EVERY, MARKER_KEY, METADATA_TIMEOUT, RECHECK_EVERY,
 };
 use super::metrics::Metrics;
-use super::view::{SharedView, View};
+use super::view::View;
 use crate::model::Learnt;
 use crate::sid::Sid;
 use crate::store::{Store, StoreError};
-
-/// How long a changelog record written since this instance started waits
-/// for the catalogue to bring an item it names ([`Steps`]).
-const ITEM_WAIT: Duration = Duration::from_secs(10);
 
 /// Changelog records applied per commit at most.
 const BATCH: usize = 4096;
@@ -642,21 +639,14 @@ impl LearntReader {
 
 /// Reads changelog records as steps in this instance's ords.
 pub struct Steps {
-    /// The catalogue as this instance published it.
-    pub view: SharedView,
-    /// When this reader started (ms since the epoch). A record written
-    /// since names items whose upserts were written before it, so the
-    /// catalogue brings any this instance has not read yet: such a record
-    /// waits for them ([`ITEM_WAIT`]) instead of going uncounted here while
-    /// the other instances count it.
-    pub since_ms: i64,
+    pub reader: changelog::Reader,
     /// Quiets the warning about records whose items are not known here.
     pub unknown: Throttle,
 }
 
 impl Steps {
-    /// The step of the changelog record `m`; waits (up to [`ITEM_WAIT`],
-    /// or until `stop`) for items the view does not know yet.
+    /// The step of the changelog record `m`; waits for items the view does
+    /// not know yet ([`changelog::Reader::view_for`]).
     fn of(&mut self, m: &impl Message, stop: &AtomicBool) -> Option<Step> {
         let (partition, offset) = (m.partition(), m.offset());
         let record = match Record::parse(m.payload().unwrap_or(&[])) {
@@ -666,21 +656,10 @@ impl Steps {
                 return None;
             }
         };
-        let mut view = self.view.load();
-        let recent = m
-            .timestamp()
-            .to_millis()
-            .is_some_and(|t| t >= self.since_ms);
-        if recent && !record.knows_last_step(&view) {
-            let waiting = Instant::now();
-            while !record.knows_last_step(&view)
-                && waiting.elapsed() < ITEM_WAIT
-                && !stop.load(Relaxed)
-            {
-                std::thread::sleep(Duration::from_millis(10));
-                view = self.view.load();
-            }
-        }
+        let written = m.timestamp().to_millis();
+        let view = self
+            .reader
+            .view_for(written, |v| record.knows_last_step(v), stop);
         let Some((previous, last)) = record.last_step(&view) else {
             // Compacted away after a tombstone, or not read here in time.
             if let Some(held_back) = self.unknown.pass(Instant::now()) {
@@ -699,8 +678,7 @@ impl Steps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::changelog;
-    use crate::service::view::numbered;
+    use crate::service::view::{numbered, SharedView};
     use rdkafka::message::{OwnedMessage, Timestamp};
 
     fn settings(successors: usize, popular: usize) -> LearntSettings {
@@ -845,8 +823,10 @@ mod tests {
         };
         let shared: SharedView = Arc::new(ArcSwap::from_pointee(numbered(&["a"])));
         let mut steps = Steps {
-            view: shared.clone(),
-            since_ms: 1_000,
+            reader: changelog::Reader {
+                view: shared.clone(),
+                since_ms: 1_000,
+            },
             unknown: Throttle::default(),
         };
         let go = AtomicBool::new(false);

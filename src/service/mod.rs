@@ -91,7 +91,7 @@ use learnt::{Learner, LearntReader, LearntSettings, SharedCounts, Steps};
 use metrics::Metrics;
 use offsets::Offsets;
 use scheduler::Timing;
-use view::{FreshContent, FreshSettings, SharedView};
+use view::{FreshContent, FreshSettings};
 use waiting::Waiting;
 
 /// Deliveries awaiting acknowledgement at most, before the model waits.
@@ -154,7 +154,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let offsets = Arc::new(Offsets::default());
     let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (revoked_tx, revoked_rx) = watch::channel(());
-    let restore_view = Arc::new(std::sync::OnceLock::new());
+    let changelog_reader = Arc::new(std::sync::OnceLock::new());
+    let started_ms = kafka::now_ms();
     let consumer: Arc<BaseConsumer<Rebalancing>> = Arc::new(
         kafka::consumer_config(k, &k.group_id, FetchWait::Latency)
             .create_with_context(Rebalancing {
@@ -179,7 +180,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                     instance: instance_id(&paths.state_dir),
                     timeout: Duration::from_secs(60),
                     logged: logged.client("histories restore"),
-                    view: restore_view.clone(),
+                    by: changelog_reader.clone(),
                 },
                 revoked: revoked_tx,
                 logged: logged.client("interactions"),
@@ -266,7 +267,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         fresh.as_ref(),
         &mut fresh_rows,
     )?));
-    let _ = restore_view.set(view.clone());
+    let by_view = changelog::Reader {
+        view: view.clone(),
+        since_ms: started_ms,
+    };
+    let _ = changelog_reader.set(by_view.clone());
     let mut cat_client = kafka::consumer_config(
         k,
         &format!("{}-catalogue", k.group_id),
@@ -304,7 +309,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| check_topics(&cat.consumer, k))?;
     let token = cat.assign().await?;
     let mut cat_task = tokio::spawn(cat.run(stop.clone(), token));
-    let mut learning = start_learning(&cfg, &metrics, &logged, &view)?;
+    let mut learning = start_learning(&cfg, &metrics, &logged, by_view)?;
 
     // Interactions name items: read them once the catalogue is loaded, or
     // a backlog would dead-letter every item not read yet.
@@ -672,7 +677,7 @@ fn start_learning(
     cfg: &Config,
     metrics: &Arc<Metrics>,
     logged: &Logged,
-    view: &SharedView,
+    reader: changelog::Reader,
 ) -> anyhow::Result<Learning> {
     let l = &cfg.learning;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -709,8 +714,7 @@ fn start_learning(
         shared: shared.clone(),
         metrics: metrics.clone(),
         steps: Steps {
-            view: view.clone(),
-            since_ms: kafka::now_ms(),
+            reader,
             unknown: Throttle::default(),
         },
     };
