@@ -165,15 +165,19 @@ impl<'a> Record<'a> {
         Some((previous.and_then(|p| p.ord(view)), last))
     }
 
-    /// Whether `view` knows every item.
+    /// Whether `view` knows every item. A record written before ids is
+    /// always known: its ords are another numbering, which no later view
+    /// makes right, so nothing is waited for ([`Reader::view_for`]).
     pub fn knows_all(&self, view: &View) -> bool {
-        self.items().all(|item| item.ord(view).is_some())
+        let by_ord = matches!(self.items, Items::Ords(_));
+        by_ord || self.items().all(|item| item.ord(view).is_some())
     }
 
-    /// Whether `view` knows both items [`Record::last_step`] reads.
+    /// Whether `view` knows both items [`Record::last_step`] reads (a
+    /// record written before ids always, as for [`Record::knows_all`]).
     pub fn knows_last_step(&self, view: &View) -> bool {
         let (previous, last) = self.last_two();
-        let known = |item: Item<'_>| item.ord(view).is_some();
+        let known = |item: Item<'_>| matches!(item, Item::Ord(_)) || item.ord(view).is_some();
         last.is_some_and(known) && previous.is_none_or(known)
     }
 
@@ -270,6 +274,10 @@ mod tests {
         assert_eq!(r.ords(&v, &mut ords), 1, "8 is no item here");
         assert_eq!(ords, [2, 0]);
         assert_eq!(r.last_step(&v), None);
+        assert!(
+            r.knows_all(&v) && r.knows_last_step(&v),
+            "nothing to wait for"
+        );
     }
 
     #[test]
