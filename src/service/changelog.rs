@@ -26,7 +26,7 @@ use super::view::{SharedView, View};
 
 /// How long a record written since this instance started waits for the
 /// catalogue to bring an item it names ([`Reader::view_for`]).
-pub const ITEM_WAIT: Duration = Duration::from_secs(10);
+const ITEM_WAIT: Duration = Duration::from_secs(10);
 
 /// Reads records by this instance's catalogue.
 #[derive(Clone)]
@@ -47,7 +47,7 @@ impl Reader {
     /// The view to read a record written at `written_ms` by: the latest,
     /// or, for a record written since the start that `knows` says the view
     /// cannot read whole yet, the first that can, waiting up to
-    /// [`ITEM_WAIT`] or until `stop`.
+    /// `ITEM_WAIT` (10 s) or until `stop`.
     pub fn view_for(
         &self,
         written_ms: Option<i64>,
@@ -55,6 +55,8 @@ impl Reader {
         stop: &AtomicBool,
     ) -> arc_swap::Guard<Arc<View>> {
         let mut view = self.view.load();
+        // Polled: both callers are plain threads (a rebalance callback, the
+        // learnt reader), and the waits are rare and short.
         if written_ms.is_some_and(|t| t >= self.since_ms) && !knows(&view) {
             let waiting = Instant::now();
             while !knows(&view) && waiting.elapsed() < ITEM_WAIT && !stop.load(Relaxed) {
