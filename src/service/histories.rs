@@ -117,14 +117,12 @@ impl Histories {
             Some(v) => decode(user, v)?,
             None => (None, &[][..]),
         };
-        if last.is_some_and(|p| p.partition == at.partition && at.offset <= p.offset) {
+        if covers(last, at) {
             return Ok(None);
         }
         let held = ords.len() / 4;
         let keep = held.min(self.capacity - 1);
-        let mut value = Vec::with_capacity(HEADER + 4 * (keep + 1));
-        value.extend_from_slice(&at.partition.to_be_bytes());
-        value.extend_from_slice(&at.offset.to_be_bytes());
+        let mut value = header(at, keep + 1);
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
         self.write(&mut staged, user, value.clone())?;
@@ -138,14 +136,12 @@ impl Histories {
         let mut staged = self.staged();
         if let Some(mine) = self.read(&staged, user)? {
             let (mine, _) = decode(user, &mine)?;
-            if mine.is_some_and(|m| m.partition == at.partition && m.offset >= at.offset) {
+            if covers(mine, at) {
                 return Ok(false);
             }
         }
         let keep = &ords[ords.len().saturating_sub(self.capacity)..];
-        let mut value = Vec::with_capacity(HEADER + 4 * keep.len());
-        value.extend_from_slice(&at.partition.to_be_bytes());
-        value.extend_from_slice(&at.offset.to_be_bytes());
+        let mut value = header(at, keep.len());
         for ord in keep {
             value.extend_from_slice(&ord.to_be_bytes());
         }
@@ -245,6 +241,20 @@ impl Stored {
             .chunks_exact(4)
             .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
     }
+}
+
+/// Whether a history last applied at `held` has the event at `at` already
+/// (it is a replay, or older than what is held).
+fn covers(held: Option<Position>, at: Position) -> bool {
+    held.is_some_and(|p| p.partition == at.partition && at.offset <= p.offset)
+}
+
+/// A record's header (`at`), with room for `items` ords after it.
+fn header(at: Position, items: usize) -> Vec<u8> {
+    let mut value = Vec::with_capacity(HEADER + 4 * items);
+    value.extend_from_slice(&at.partition.to_be_bytes());
+    value.extend_from_slice(&at.offset.to_be_bytes());
+    value
 }
 
 /// The last applied position and the ords' bytes.
