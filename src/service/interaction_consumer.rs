@@ -205,6 +205,8 @@ struct Reading {
     taken: u64,
     /// Items of restored histories this instance does not know (left out).
     unknown: usize,
+    /// Records not taken for an error: not a history, or the store's.
+    skipped: u64,
     /// The offset of this restore's marker, once read.
     end: Option<i64>,
 }
@@ -259,6 +261,7 @@ impl Restore {
                     read: 0,
                     taken: 0,
                     unknown: 0,
+                    skipped: 0,
                     end: None,
                 },
             );
@@ -285,6 +288,9 @@ impl Restore {
         let mut ords = Vec::new();
         // A restore is bounded by `timeout`, not stopped.
         let never = AtomicBool::new(false);
+        // Anyone who can write to the topic can fill it with records that
+        // are not histories: one line per quiet period, not one per record.
+        let mut skipping = Throttle::default();
         while state.values().any(|r| r.end.is_none()) {
             if start.elapsed() > self.timeout {
                 tracing::error!(
@@ -325,7 +331,10 @@ impl Restore {
                 Ok(true) => r.taken += 1,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "skipping a changelog record")
+                    r.skipped += 1;
+                    if let Some(held_back) = skipping.pass(std::time::Instant::now()) {
+                        tracing::warn!(partition = m.partition(), offset = m.offset(), held_back, error = %e, "skipping a changelog record");
+                    }
                 }
             }
         }
@@ -342,6 +351,7 @@ impl Restore {
                 read = r.read,
                 taken = r.taken,
                 unknown_items = r.unknown,
+                skipped = r.skipped,
                 complete = r.end.is_some(),
                 "histories restored"
             );

@@ -642,6 +642,9 @@ pub struct Steps {
     pub reader: changelog::Reader,
     /// Quiets the warning about records whose items are not known here.
     pub unknown: Throttle,
+    /// Quiets the warning about records that are not histories: anyone
+    /// who can write to the topic can fill it with them.
+    pub malformed: Throttle,
 }
 
 impl Steps {
@@ -652,7 +655,9 @@ impl Steps {
         let record = match Record::parse(m.payload().unwrap_or(&[])) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(partition, offset, error = %e, "not counted");
+                if let Some(held_back) = self.malformed.pass(Instant::now()) {
+                    tracing::warn!(partition, offset, held_back, error = %e, "not counted");
+                }
                 return None;
             }
         };
@@ -828,6 +833,7 @@ mod tests {
                 since_ms: 1_000,
             },
             unknown: Throttle::default(),
+            malformed: Throttle::default(),
         };
         let go = AtomicBool::new(false);
         // Written before this reader started: its catalogue as of the start

@@ -716,6 +716,7 @@ fn start_learning(
         steps: Steps {
             reader,
             unknown: Throttle::default(),
+            malformed: Throttle::default(),
         },
     };
     let flag = stop.clone();

@@ -470,6 +470,13 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
     let bed = Bed::new("poison", 1, Framing::Confluent);
     let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
     bed.upsert_items(..10);
+    // Records that are not histories in the histories topic, as anyone who
+    // can write to it can put there: the restore and the learnt counts
+    // skip each, with a line per quiet period, not per record.
+    const NOT_HISTORIES: usize = 40;
+    for k in 0..NOT_HISTORIES {
+        input.raw(&t.histories, &format!("g{k}"), b"\xffnot a history");
+    }
     let mut svc = Service::start(&bed.config("a", FEED));
     svc.wait_metric("genfeed_live_items", |v| v == 10.0);
 
@@ -606,6 +613,20 @@ fn poison_messages_are_dead_lettered_with_a_reason_and_processing_goes_on() {
         svc.log_text()
     );
     assert_eq!(svc.metric("genfeed_live_items"), Some(10.0));
+    let log = svc.log_text();
+    assert!(
+        log.contains(&format!("skipped={NOT_HISTORIES}")),
+        "the restore read the records that are not histories: {log}"
+    );
+    svc.wait_for(
+        |s| s.log_text().contains("not counted").then_some(()),
+        "the learnt counts to read the records that are not histories",
+    );
+    let log = svc.log_text();
+    for line in ["skipping a changelog record", "not counted"] {
+        let lines = log.matches(line).count();
+        assert!((1..=2).contains(&lines), "{lines} lines {line:?}: {log}");
+    }
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
