@@ -268,12 +268,13 @@ impl CatalogueConsumer {
         mut stop: watch::Receiver<bool>,
         token: String,
     ) -> Result<(), CatalogueConsumerError> {
-        let mut view = initial_view(&self.catalogue, self.fresh.as_ref(), &mut self.fresh_rows)?;
+        // The view the service started with: nothing was applied since
+        // `initial_view` made it.
+        let mut view = View::clone(&self.view.load());
         self.metrics
             .live_items
             .set(self.catalogue.registry().live_count() as i64);
         self.count_fresh(&view);
-        self.view.store(Arc::new(view.clone()));
         let mut batch = Batch::default();
         let mut recovered = Recovered::new("catalogue", self.metrics.consumer_errors.clone());
         let mut loading = Loading {
