@@ -11,6 +11,14 @@
 //!
 //! One [`Store`] (`histories.redb` in the given directory), key = user id,
 //! value = `[partition: i32][offset: i64][ord: u32]*`, all big-endian.
+//!
+//! A user whose interactions come on several partitions (a producer that
+//! does not key them by user) has one position per partition, not one: a
+//! replay on one partition is no replay on another. The positions besides
+//! the last are kept apart, under `\0at/` and the user id, as
+//! `([partition: i32][offset: i64])*` (the 15 newest, newest first), so a
+//! user keyed as the contract asks costs nothing more than one.
+//!
 //! Appends are collected in memory in a [`Group`] of up to [`GROUP`] and
 //! committed together; the feed worker calls [`Histories::flush`] before it
 //! produces the feeds those appends caused, which is what lets their offsets
@@ -41,6 +49,7 @@ pub enum HistoryError {
     Changelog(#[from] super::changelog::NotAHistory),
 }
 
+/// A position's bytes, and a history record's header.
 const HEADER: usize = 12;
 
 /// The offset of a history whose partition's log restarted: below every
@@ -52,6 +61,17 @@ const FORGOTTEN: i64 = -1;
 fn changelog_key(partition: i32) -> Vec<u8> {
     [&b"\0changelog/"[..], &partition.to_be_bytes()].concat()
 }
+
+/// Where the positions of `user` on partitions besides the last are kept.
+fn extra_key(user: &str) -> Vec<u8> {
+    [EXTRA_PREFIX, user.as_bytes()].concat()
+}
+
+const EXTRA_PREFIX: &[u8] = b"\0at/";
+
+/// Partitions besides the last whose positions a user's history keeps: a
+/// replay on a partition further back is taken for new (a duplicate entry).
+const EXTRA: usize = 15;
 
 /// Where in the interactions topic an event was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,16 +137,65 @@ impl Histories {
             Some(v) => decode(user, v)?,
             None => (None, &[][..]),
         };
-        if covers(last, at) {
+        let Some(extra) = self.unseen(&staged, user, last, at)? else {
             return Ok(None);
-        }
+        };
         let held = ords.len() / 4;
         let keep = held.min(self.capacity - 1);
         let mut value = header(at, keep + 1);
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
+        extra.stage(&mut staged, user);
         self.write(&mut staged, user, value.clone())?;
         Ok(Some(Stored(value)))
+    }
+
+    /// Whether the event at `at` is new to a history last applied at
+    /// `last`: `None` if it was applied already, else what becomes of the
+    /// positions besides the last once it is. Only a user whose
+    /// interactions come on several partitions reads or writes those.
+    fn unseen(
+        &self,
+        staged: &Group,
+        user: &str,
+        last: Option<Position>,
+        at: Position,
+    ) -> Result<Option<Extra>, HistoryError> {
+        if covers(last, at) {
+            return Ok(None);
+        }
+        match last {
+            Some(last) if last.partition != at.partition => {
+                let mut extra = self.extra(staged, user)?;
+                if extra.iter().any(|&p| covers(Some(p), at)) {
+                    return Ok(None);
+                }
+                extra.retain(|p| p.partition != at.partition);
+                extra.insert(0, last);
+                extra.truncate(EXTRA);
+                Ok(Some(Extra::Now(extra)))
+            }
+            _ => Ok(Some(Extra::Same)),
+        }
+    }
+
+    /// The positions of `user` besides the last, newest first.
+    fn extra(&self, staged: &Group, user: &str) -> Result<Vec<Position>, HistoryError> {
+        let key = extra_key(user);
+        let bytes = match staged.get(&key) {
+            Some(v) => v.map(<[u8]>::to_vec),
+            None => self.db.get(&key)?,
+        };
+        let Some(bytes) = bytes else {
+            return Ok(Vec::new());
+        };
+        if bytes.len() % HEADER != 0 {
+            return Err(HistoryError::Corrupt {
+                user: user.to_string(),
+                len: bytes.len(),
+            });
+        }
+        Ok(bytes.chunks_exact(HEADER).map(position).collect())
     }
 
     /// Takes the history at `at` holding `ords` (read from the changelog)
@@ -134,12 +203,19 @@ impl Histories {
     /// whether it was taken.
     pub fn restore(&self, user: &str, at: Position, ords: &[u32]) -> Result<bool, HistoryError> {
         let mut staged = self.staged();
-        if let Some(mine) = self.read(&staged, user)? {
-            let (mine, _) = decode(user, &mine)?;
-            if covers(mine, at) {
-                return Ok(false);
-            }
-        }
+        let mine = match self.read(&staged, user)? {
+            Some(v) => decode(user, &v)?.0,
+            None => None,
+        };
+        // Positions applied here on other partitions stay: the history
+        // taken is newer on its own partition, and where it was written
+        // here before a crash it holds them. (Histories of a user whose
+        // interactions come on several partitions, each read by another
+        // instance, differ whatever is kept.)
+        let Some(extra) = self.unseen(&staged, user, mine, at)? else {
+            return Ok(false);
+        };
+        extra.stage(&mut staged, user);
         let keep = &ords[ords.len().saturating_sub(self.capacity)..];
         let mut value = header(at, keep.len());
         for ord in keep {
@@ -159,14 +235,24 @@ impl Histories {
         staged.commit(&self.db)?;
         let mut touched = 0;
         for kv in self.db.scan(&[])? {
-            let (user, mut value) = kv?;
-            // Changelog offsets are kept under keys that start with NUL.
-            if user.first() == Some(&0) || value.len() < HEADER {
-                continue;
+            let (key, mut value) = kv?;
+            // Positions on partitions besides the last are kept by
+            // themselves, changelog offsets under other keys that start
+            // with NUL.
+            let positions = match key.strip_prefix(EXTRA_PREFIX) {
+                Some(_) => value.len() / HEADER,
+                None if key.first() == Some(&0) || value.len() < HEADER => continue,
+                None => 1,
+            };
+            let mut forgot = false;
+            for p in value[..positions * HEADER].chunks_exact_mut(HEADER) {
+                if p[..4] == partition.to_be_bytes() {
+                    p[4..].copy_from_slice(&FORGOTTEN.to_be_bytes());
+                    forgot = true;
+                }
             }
-            if value[..4] == partition.to_be_bytes() {
-                value[4..HEADER].copy_from_slice(&FORGOTTEN.to_be_bytes());
-                staged.stage([(user, Some(value))]);
+            if forgot {
+                staged.stage([(key, Some(value))]);
                 touched += 1;
                 if staged.due(GROUP, Duration::MAX) {
                     staged.commit(&self.db)?;
@@ -231,6 +317,23 @@ impl Drop for Histories {
     }
 }
 
+/// What an event does to a user's positions besides the last.
+enum Extra {
+    /// Nothing: it came on the last one's partition.
+    Same,
+    /// They become these.
+    Now(Vec<Position>),
+}
+
+impl Extra {
+    fn stage(self, staged: &mut Group, user: &str) {
+        if let Extra::Now(extra) = self {
+            let bytes = extra.iter().flat_map(|p| encode(*p)).collect();
+            staged.stage([(extra_key(user), Some(bytes))]);
+        }
+    }
+}
+
 /// A history as [`Histories::append`] stored it.
 pub struct Stored(Vec<u8>);
 
@@ -252,9 +355,23 @@ fn covers(held: Option<Position>, at: Position) -> bool {
 /// A record's header (`at`), with room for `items` ords after it.
 fn header(at: Position, items: usize) -> Vec<u8> {
     let mut value = Vec::with_capacity(HEADER + 4 * items);
-    value.extend_from_slice(&at.partition.to_be_bytes());
-    value.extend_from_slice(&at.offset.to_be_bytes());
+    value.extend_from_slice(&encode(at));
     value
+}
+
+fn encode(at: Position) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..4].copy_from_slice(&at.partition.to_be_bytes());
+    out[4..].copy_from_slice(&at.offset.to_be_bytes());
+    out
+}
+
+/// The position in the first 12 bytes of `v`.
+fn position(v: &[u8]) -> Position {
+    Position {
+        partition: i32::from_be_bytes(v[0..4].try_into().expect("4 bytes")),
+        offset: i64::from_be_bytes(v[4..12].try_into().expect("8 bytes")),
+    }
 }
 
 /// The last applied position and the ords' bytes.
@@ -265,9 +382,7 @@ fn decode<'a>(user: &str, v: &'a [u8]) -> Result<(Option<Position>, &'a [u8]), H
             len: v.len(),
         });
     }
-    let partition = i32::from_be_bytes(v[0..4].try_into().expect("4 bytes"));
-    let offset = i64::from_be_bytes(v[4..12].try_into().expect("8 bytes"));
-    Ok((Some(Position { partition, offset }), &v[HEADER..]))
+    Ok((Some(position(v)), &v[HEADER..]))
 }
 
 #[cfg(test)]
@@ -301,6 +416,58 @@ mod tests {
     }
 
     #[test]
+    fn a_user_on_several_partitions_has_a_replay_recognised_on_each() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let h = Histories::open(dir.path(), 10).unwrap();
+            for (p, o, ord) in [(0, 10, 1), (1, 5, 2), (2, 7, 3), (0, 11, 4)] {
+                assert!(h.append("u", at(p, o), ord).unwrap().is_some());
+            }
+            h.flush().unwrap();
+        }
+        let h = Histories::open(dir.path(), 10).unwrap();
+        for (p, o) in [(0, 10), (0, 11), (1, 4), (1, 5), (2, 7)] {
+            assert!(
+                h.append("u", at(p, o), 9).unwrap().is_none(),
+                "({p}, {o}) is a replay"
+            );
+        }
+        assert!(h.append("u", at(1, 6), 5).unwrap().is_some());
+        assert!(h.append("u", at(0, 11), 9).unwrap().is_none());
+        let mut out = Vec::new();
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [1, 2, 3, 4, 5]);
+
+        // A changelog record older than what was applied on its partition
+        // is not taken, though another partition's interaction came last;
+        // a newer one is, and the other partitions' positions stay.
+        assert!(!h.restore("u", at(2, 6), &[7]).unwrap());
+        assert!(h.restore("u", at(2, 8), &[1, 2, 3, 4, 5, 6]).unwrap());
+        for (p, o) in [(0, 11), (1, 6), (2, 8)] {
+            assert!(h.append("u", at(p, o), 9).unwrap().is_none(), "({p}, {o})");
+        }
+        h.get("u", &mut out).unwrap();
+        assert_eq!(out, [1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn positions_are_kept_for_a_bounded_number_of_partitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Histories::open(dir.path(), 50).unwrap();
+        let partitions = EXTRA as i32 + 2;
+        for p in 0..partitions {
+            assert!(h.append("u", at(p, 3), p as u32).unwrap().is_some());
+        }
+        for p in 1..partitions {
+            assert!(h.append("u", at(p, 3), 0).unwrap().is_none(), "{p}");
+        }
+        assert!(
+            h.append("u", at(0, 3), 0).unwrap().is_some(),
+            "the oldest partition's position was let go"
+        );
+    }
+
+    #[test]
     fn forgotten_offsets_let_a_restarted_partition_append_again() {
         let dir = tempfile::tempdir().unwrap();
         let h = Histories::open(dir.path(), 5).unwrap();
@@ -327,6 +494,12 @@ mod tests {
         assert_eq!(out, [1, 3]);
         assert_eq!(record.ords().collect::<Vec<_>>(), [1, 3]);
         assert_eq!(h.changelog_offset(0).unwrap(), Some(7));
+        // So for a user whose last interaction came on another partition.
+        h.append("x", at(0, 50), 1).unwrap();
+        h.append("x", at(1, 50), 2).unwrap();
+        assert_eq!(h.forget_offsets(0).unwrap(), 2);
+        assert!(h.append("x", at(0, 4), 3).unwrap().is_some());
+        assert!(h.append("x", at(1, 50), 3).unwrap().is_none());
         // A changelog record of the restarted partition is newer than a
         // forgotten history.
         let other = Histories::open(&dir.path().join("other"), 5).unwrap();

@@ -538,7 +538,7 @@ impl InteractionConsumer {
                     partition = trigger.partition,
                     offset = trigger.offset,
                     held_back,
-                    "an interaction whose record key is not its user_id: a user's interactions must all come on one partition, since one instance holds the user's history and recognises a replay by its position there; key the interactions' records by user_id"
+                    "an interaction whose record key is not its user_id: a user's interactions must all come on one partition, since instances split the users by partition and each feeds from the histories it holds; key the interactions' records by user_id"
                 );
             }
         }

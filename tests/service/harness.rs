@@ -813,13 +813,28 @@ impl Input {
     /// An interaction whose record key is `key`, as a careless producer
     /// writes it.
     pub fn interaction_keyed(&self, user: &str, item: &str, key: &str) -> At {
-        let i = Interaction {
-            user_id: user.into(),
-            item_id: item.into(),
-            kind: InteractionKind::Click,
-            timestamp: 1_700_000_000_000,
-        };
-        self.raw(&self.topics.interactions.clone(), key, &self.record(&i, 2))
+        let payload = self.record(&click(user, item), 2);
+        self.raw(&self.topics.interactions.clone(), key, &payload)
+    }
+
+    /// An interaction with no key, written to interactions partition
+    /// `partition`, as a producer that does not key by user spreads a
+    /// user's interactions.
+    pub fn interaction_to(&self, partition: i32, user: &str, item: &str) -> At {
+        let payload = self.record(&click(user, item), 2);
+        let record = FutureRecord::<str, [u8]>::to(&self.topics.interactions)
+            .partition(partition)
+            .payload(payload.as_slice());
+        self.send(record)
+    }
+}
+
+fn click(user: &str, item: &str) -> Interaction {
+    Interaction {
+        user_id: user.into(),
+        item_id: item.into(),
+        kind: InteractionKind::Click,
+        timestamp: 1_700_000_000_000,
     }
 }
 

@@ -1033,6 +1033,61 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
     }
 }
 
+/// A producer that does not key interactions by user spreads a user's over
+/// partitions. After kill -9 the service reads them again from the last
+/// commit (here: none), and each must be taken for the replay it is on its
+/// own partition. With one position per user, those on another partition
+/// than the last were appended again, and changelog records of the other
+/// partitions put an older history back.
+#[test]
+fn a_users_interactions_on_several_partitions_are_each_held_once_after_kill_9() {
+    use genfeed::catalogue::{Catalogue, CatalogueConfig};
+    use genfeed::service::histories::Histories;
+    use genfeed::tokenizer::FrozenTokenizer;
+
+    let bed = Bed::new("spread", 3, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    bed.upsert_items(..15);
+    let cfg = bed.config_adding(
+        "a",
+        FEED,
+        "listen = \"127.0.0.1:0\"",
+        "[kafka.properties]\n\"auto.commit.interval.ms\" = \"3600000\"",
+    );
+    let mut svc = Service::start(&cfg);
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let items: Vec<&str> = f.items[..9].iter().map(|(id, _)| id.as_str()).collect();
+    // One at a time, each answered (so applied and on disk) before the next.
+    for (k, item) in items.iter().enumerate() {
+        let at = input.interaction_to(k as i32 % 3, "spread", item);
+        feeds_answering(
+            &out,
+            Framing::Plain,
+            &mut feeds,
+            &HashMap::from([("spread".to_string(), at)]),
+        );
+    }
+    svc.kill9();
+
+    let mut svc = Service::start(&cfg);
+    svc.wait_metric("genfeed_interaction_events_total", |v| v >= 9.0);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+
+    let tokenizer = std::sync::Arc::new(FrozenTokenizer::load(&f.tokenizer).unwrap());
+    let state = bed.dir.path().join("a");
+    let (catalogue, _) =
+        Catalogue::open(tokenizer, &CatalogueConfig::new(state.join("catalogue"))).unwrap();
+    let histories = Histories::open(&state.join("histories"), 50).unwrap();
+    let mut ords = Vec::new();
+    histories.get("spread", &mut ords).unwrap();
+    let want: Vec<u32> = items
+        .iter()
+        .map(|i| catalogue.registry().get(i).unwrap().unwrap().ord)
+        .collect();
+    assert_eq!(ords, want);
+}
+
 /// A clean stop commits every answered interaction, also those a feed
 /// answered together (a user's events within `coalesce_ms`): the next start
 /// reads none of them again. It used to read the whole topic again, and
