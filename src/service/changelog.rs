@@ -16,6 +16,11 @@
 //! applied and the history after it. Records written before ids
 //! (`[partition][offset][ord: u32]*`, which cannot start with 0xFF: a
 //! partition is never negative) are read as ords, as they were written.
+//!
+//! A history of a user whose interactions come on several partitions also
+//! names the last position applied on each of the others, in the record
+//! header [`OTHERS`]; a header, so that a reader from before it still reads
+//! the record as it did.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -66,6 +71,18 @@ impl Reader {
         }
         view
     }
+}
+
+/// The record header of a history's positions besides the last:
+/// `([partition: i32][offset: i64])*`, newest first.
+pub const OTHERS: &str = "genfeed-others";
+
+/// The positions an [`OTHERS`] header holds.
+pub fn others(header: &[u8]) -> Result<Vec<Position>, NotAHistory> {
+    Position::decode_all(header).ok_or(NotAHistory {
+        len: header.len(),
+        why: "its positions header is not whole positions",
+    })
 }
 
 /// The first byte of a record that names items by id.

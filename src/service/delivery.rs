@@ -23,10 +23,13 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::changelog::OTHERS;
+use super::histories::Position;
 use super::kafka::{now_ms, Logged, Wire, MARKER_KEY};
 use super::metrics::Metrics;
 use super::offsets::Offsets;
@@ -66,7 +69,10 @@ pub struct Sent {
 /// refuses it.
 pub enum Kind {
     Feed,
-    Changelog,
+    /// With the history's [`OTHERS`] header, if it has one.
+    Changelog {
+        others: Option<OwnedHeaders>,
+    },
     /// The letter, to cut it shorter when it does not fit.
     DeadLetter(Box<Letter>),
 }
@@ -192,7 +198,16 @@ impl Outbox {
     /// with. A record over `message.max.bytes` is refused here, as the
     /// producer would.
     fn hand(&self, sent: &mut Sent) -> Result<(), KafkaError> {
-        if sent.key.len() + sent.payload.len() > self.max_record {
+        let headers = match &sent.kind {
+            Kind::Changelog { others: Some(h) } => Some(h),
+            _ => None,
+        };
+        let header_bytes = headers.map_or(0, |h| {
+            h.iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+                .sum()
+        });
+        if sent.key.len() + sent.payload.len() + header_bytes > self.max_record {
             return Err(KafkaError::MessageProduction(
                 RDKafkaErrorCode::MessageSizeTooLarge,
             ));
@@ -200,6 +215,9 @@ impl Outbox {
         let mut record = FutureRecord::to(&sent.topic)
             .key(&sent.key)
             .payload(&sent.payload);
+        if let Some(h) = headers {
+            record = record.headers(h.clone());
+        }
         record.partition = sent.partition;
         match self.producer.send_result(record) {
             Ok(future) => {
@@ -229,8 +247,14 @@ impl Outbox {
     }
 
     /// A user's history, to the changelog partition of the interactions
-    /// partition it was read from.
-    pub fn changelog(&self, user: &str, record: Vec<u8>, trigger: Trigger) -> Sent {
+    /// partition it was read from, with its positions on `others`.
+    pub fn changelog(
+        &self,
+        user: &str,
+        record: Vec<u8>,
+        others: &[Position],
+        trigger: Trigger,
+    ) -> Sent {
         self.send(Sent {
             future: None,
             topic: self.histories.clone(),
@@ -238,7 +262,14 @@ impl Outbox {
             key: user.as_bytes().to_vec(),
             payload: record,
             triggers: vec![trigger],
-            kind: Kind::Changelog,
+            kind: Kind::Changelog {
+                others: (!others.is_empty()).then(|| {
+                    OwnedHeaders::new().insert(Header {
+                        key: OTHERS,
+                        value: Some(&Position::encode_all(others)),
+                    })
+                }),
+            },
         })
     }
 
@@ -305,7 +336,7 @@ impl Outbox {
                 },
                 Some(future) => match future.await {
                     Ok(Ok(done)) => {
-                        if let Kind::Changelog = sent.kind {
+                        if let Kind::Changelog { .. } = sent.kind {
                             let mut acked = self
                                 .changelog_acked
                                 .lock()
@@ -353,7 +384,7 @@ impl Outbox {
     fn refused(&self, sent: Sent, error: &KafkaError, metrics: &Metrics) -> Result<Sent, Sent> {
         let too_large = error.rdkafka_error_code().is_some_and(size_error);
         match sent.kind {
-            Kind::Feed | Kind::Changelog => {
+            Kind::Feed | Kind::Changelog { .. } => {
                 let what = match sent.kind {
                     Kind::Feed => "feed",
                     _ => "history changelog record",
@@ -617,5 +648,16 @@ mod tests {
         ] {
             assert!(permanent(code), "{code:?}");
         }
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn probe() {
+        eprintln!(
+            "SENT {} KIND {}",
+            std::mem::size_of::<super::Sent>(),
+            std::mem::size_of::<super::Kind>()
+        );
     }
 }

@@ -16,8 +16,9 @@
 //! does not key them by user) has one position per partition, not one: a
 //! replay on one partition is no replay on another. The positions besides
 //! the last are kept apart, under `\0at/` and the user id, as
-//! `([partition: i32][offset: i64])*` (the 15 newest, newest first), so a
-//! user keyed as the contract asks costs nothing more than one.
+//! `([partition: i32][offset: i64])*` (the 15 newest, newest first), and
+//! travel with the history in its changelog record's header: a user keyed
+//! as the contract asks has none, and costs one more key read an append.
 //!
 //! Appends are collected in memory in a [`Group`] of up to [`GROUP`] and
 //! committed together; the feed worker calls [`Histories::flush`] before it
@@ -49,8 +50,9 @@ pub enum HistoryError {
     Changelog(#[from] super::changelog::NotAHistory),
 }
 
-/// A position's bytes, and a history record's header.
-const HEADER: usize = 12;
+/// A position's bytes: a history record's header, and each of its user's
+/// positions on other partitions.
+const POSITION: usize = 12;
 
 /// The offset of a history whose partition's log restarted: below every
 /// offset, so that no interaction passes for a replay of one before it.
@@ -63,21 +65,56 @@ fn changelog_key(partition: i32) -> Vec<u8> {
 }
 
 /// Where the positions of `user` on partitions besides the last are kept.
-fn extra_key(user: &str) -> Vec<u8> {
-    [EXTRA_PREFIX, user.as_bytes()].concat()
+fn others_key(user: &str) -> Vec<u8> {
+    [OTHERS_PREFIX, user.as_bytes()].concat()
 }
 
-const EXTRA_PREFIX: &[u8] = b"\0at/";
+const OTHERS_PREFIX: &[u8] = b"\0at/";
 
 /// Partitions besides the last whose positions a user's history keeps: a
 /// replay on a partition further back is taken for new (a duplicate entry).
-const EXTRA: usize = 15;
+const OTHERS: usize = 15;
 
 /// Where in the interactions topic an event was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Position {
     pub partition: i32,
     pub offset: i64,
+}
+
+impl Position {
+    /// `[partition: i32][offset: i64]`, big-endian, as records hold it.
+    fn to_bytes(self) -> [u8; POSITION] {
+        let mut out = [0; POSITION];
+        out[..4].copy_from_slice(&self.partition.to_be_bytes());
+        out[4..].copy_from_slice(&self.offset.to_be_bytes());
+        out
+    }
+
+    fn from_bytes(b: &[u8; POSITION]) -> Position {
+        let (partition, offset) = b.split_at(4);
+        Position {
+            partition: i32::from_be_bytes(partition.try_into().expect("4 bytes")),
+            offset: i64::from_be_bytes(offset.try_into().expect("8 bytes")),
+        }
+    }
+
+    /// Positions one after another, as the store and the changelog's
+    /// [`OTHERS`](super::changelog::OTHERS) header hold them.
+    pub fn encode_all(all: &[Position]) -> Vec<u8> {
+        all.iter().flat_map(|p| p.to_bytes()).collect()
+    }
+
+    /// The positions [`encode_all`](Self::encode_all) wrote; `None` unless
+    /// `bytes` are whole positions.
+    pub fn decode_all(bytes: &[u8]) -> Option<Vec<Position>> {
+        let whole = bytes.chunks_exact(POSITION);
+        whole.remainder().is_empty().then(|| {
+            whole
+                .map(|p| Position::from_bytes(p.try_into().expect("a whole position")))
+                .collect()
+        })
+    }
 }
 
 pub struct Histories {
@@ -137,51 +174,33 @@ impl Histories {
             Some(v) => decode(user, v)?,
             None => (None, &[][..]),
         };
-        let Some(extra) = self.unseen(&staged, user, last, at)? else {
+        let others = self.others(&staged, user)?;
+        if applied(last, &others, at) {
             return Ok(None);
+        }
+        let others = match last {
+            Some(last) if last.partition != at.partition => {
+                let mut now = others;
+                now.retain(|p| p.partition != at.partition);
+                now.insert(0, last);
+                now.truncate(OTHERS);
+                stage_others(&mut staged, user, &now);
+                now
+            }
+            _ => others,
         };
         let held = ords.len() / 4;
         let keep = held.min(self.capacity - 1);
         let mut value = header(at, keep + 1);
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
-        extra.stage(&mut staged, user);
         self.write(&mut staged, user, value.clone())?;
-        Ok(Some(Stored(value)))
-    }
-
-    /// Whether the event at `at` is new to a history last applied at
-    /// `last`: `None` if it was applied already, else what becomes of the
-    /// positions besides the last once it is. Only a user whose
-    /// interactions come on several partitions reads or writes those.
-    fn unseen(
-        &self,
-        staged: &Group,
-        user: &str,
-        last: Option<Position>,
-        at: Position,
-    ) -> Result<Option<Extra>, HistoryError> {
-        if covers(last, at) {
-            return Ok(None);
-        }
-        match last {
-            Some(last) if last.partition != at.partition => {
-                let mut extra = self.extra(staged, user)?;
-                if extra.iter().any(|&p| covers(Some(p), at)) {
-                    return Ok(None);
-                }
-                extra.retain(|p| p.partition != at.partition);
-                extra.insert(0, last);
-                extra.truncate(EXTRA);
-                Ok(Some(Extra::Now(extra)))
-            }
-            _ => Ok(Some(Extra::Same)),
-        }
+        Ok(Some(Stored { value, others }))
     }
 
     /// The positions of `user` besides the last, newest first.
-    fn extra(&self, staged: &Group, user: &str) -> Result<Vec<Position>, HistoryError> {
-        let key = extra_key(user);
+    fn others(&self, staged: &Group, user: &str) -> Result<Vec<Position>, HistoryError> {
+        let key = others_key(user);
         let bytes = match staged.get(&key) {
             Some(v) => v.map(<[u8]>::to_vec),
             None => self.db.get(&key)?,
@@ -189,33 +208,40 @@ impl Histories {
         let Some(bytes) = bytes else {
             return Ok(Vec::new());
         };
-        if bytes.len() % HEADER != 0 {
-            return Err(HistoryError::Corrupt {
-                user: user.to_string(),
-                len: bytes.len(),
-            });
-        }
-        Ok(bytes.chunks_exact(HEADER).map(position).collect())
+        Position::decode_all(&bytes).ok_or_else(|| HistoryError::Corrupt {
+            user: user.to_string(),
+            len: bytes.len(),
+        })
     }
 
-    /// Takes the history at `at` holding `ords` (read from the changelog)
-    /// as `user`'s unless the history held here is as recent. Returns
-    /// whether it was taken.
-    pub fn restore(&self, user: &str, at: Position, ords: &[u32]) -> Result<bool, HistoryError> {
+    /// Takes the history at `at` holding `ords` (read from the changelog),
+    /// with its writer's positions on `others` partitions, as `user`'s
+    /// unless the history held here is as recent. Returns whether it was
+    /// taken.
+    pub fn restore(
+        &self,
+        user: &str,
+        at: Position,
+        others: &[Position],
+        ords: &[u32],
+    ) -> Result<bool, HistoryError> {
+        let others = &others[..others.len().min(OTHERS)];
         let mut staged = self.staged();
-        let mine = match self.read(&staged, user)? {
-            Some(v) => decode(user, &v)?.0,
-            None => None,
-        };
-        // Positions applied here on other partitions stay: the history
-        // taken is newer on its own partition, and where it was written
-        // here before a crash it holds them. (Histories of a user whose
-        // interactions come on several partitions, each read by another
-        // instance, differ whatever is kept.)
-        let Some(extra) = self.unseen(&staged, user, mine, at)? else {
-            return Ok(false);
-        };
-        extra.stage(&mut staged, user);
+        if let Some(mine) = self.read(&staged, user)? {
+            let (last, _) = decode(user, &mine)?;
+            let mine = self.others(&staged, user)?;
+            if applied(last, &mine, at) {
+                return Ok(false);
+            }
+            // The history taken brings the positions it was applied up
+            // to: a record read after it, older on its own partition,
+            // is not taken over it.
+            if mine != others {
+                stage_others(&mut staged, user, others);
+            }
+        } else if !others.is_empty() {
+            stage_others(&mut staged, user, others);
+        }
         let keep = &ords[ords.len().saturating_sub(self.capacity)..];
         let mut value = header(at, keep.len());
         for ord in keep {
@@ -239,13 +265,13 @@ impl Histories {
             // Positions on partitions besides the last are kept by
             // themselves, changelog offsets under other keys that start
             // with NUL.
-            let positions = match key.strip_prefix(EXTRA_PREFIX) {
-                Some(_) => value.len() / HEADER,
-                None if key.first() == Some(&0) || value.len() < HEADER => continue,
+            let positions = match key.strip_prefix(OTHERS_PREFIX) {
+                Some(_) => value.len() / POSITION,
+                None if key.first() == Some(&0) || value.len() < POSITION => continue,
                 None => 1,
             };
             let mut forgot = false;
-            for p in value[..positions * HEADER].chunks_exact_mut(HEADER) {
+            for p in value[..positions * POSITION].chunks_exact_mut(POSITION) {
                 if p[..4] == partition.to_be_bytes() {
                     p[4..].copy_from_slice(&FORGOTTEN.to_be_bytes());
                     forgot = true;
@@ -317,32 +343,31 @@ impl Drop for Histories {
     }
 }
 
-/// What an event does to a user's positions besides the last.
-enum Extra {
-    /// Nothing: it came on the last one's partition.
-    Same,
-    /// They become these.
-    Now(Vec<Position>),
-}
-
-impl Extra {
-    fn stage(self, staged: &mut Group, user: &str) {
-        if let Extra::Now(extra) = self {
-            let bytes = extra.iter().flat_map(|p| encode(*p)).collect();
-            staged.stage([(extra_key(user), Some(bytes))]);
-        }
-    }
+/// Stages `others` as `user`'s positions besides the last (none: the key
+/// goes).
+fn stage_others(staged: &mut Group, user: &str, others: &[Position]) {
+    let value = (!others.is_empty()).then(|| Position::encode_all(others));
+    staged.stage([(others_key(user), value)]);
 }
 
 /// A history as [`Histories::append`] stored it.
-pub struct Stored(Vec<u8>);
+pub struct Stored {
+    value: Vec<u8>,
+    others: Vec<Position>,
+}
 
 impl Stored {
     /// The items, oldest first.
     pub fn ords(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0[HEADER..]
+        self.value[POSITION..]
             .chunks_exact(4)
             .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    }
+
+    /// The last positions applied on partitions besides the newest's,
+    /// newest first: empty for a user whose interactions all come on one.
+    pub fn others(&self) -> &[Position] {
+        &self.others
     }
 }
 
@@ -352,37 +377,29 @@ fn covers(held: Option<Position>, at: Position) -> bool {
     held.is_some_and(|p| p.partition == at.partition && at.offset <= p.offset)
 }
 
+/// Whether a history last applied at `last`, and at `others` on other
+/// partitions, has the event at `at` already.
+fn applied(last: Option<Position>, others: &[Position], at: Position) -> bool {
+    covers(last, at) || others.iter().any(|&p| covers(Some(p), at))
+}
+
 /// A record's header (`at`), with room for `items` ords after it.
 fn header(at: Position, items: usize) -> Vec<u8> {
-    let mut value = Vec::with_capacity(HEADER + 4 * items);
-    value.extend_from_slice(&encode(at));
+    let mut value = Vec::with_capacity(POSITION + 4 * items);
+    value.extend_from_slice(&at.to_bytes());
     value
-}
-
-fn encode(at: Position) -> [u8; 12] {
-    let mut out = [0; 12];
-    out[..4].copy_from_slice(&at.partition.to_be_bytes());
-    out[4..].copy_from_slice(&at.offset.to_be_bytes());
-    out
-}
-
-/// The position in the first 12 bytes of `v`.
-fn position(v: &[u8]) -> Position {
-    Position {
-        partition: i32::from_be_bytes(v[0..4].try_into().expect("4 bytes")),
-        offset: i64::from_be_bytes(v[4..12].try_into().expect("8 bytes")),
-    }
 }
 
 /// The last applied position and the ords' bytes.
 fn decode<'a>(user: &str, v: &'a [u8]) -> Result<(Option<Position>, &'a [u8]), HistoryError> {
-    if v.len() < HEADER || (v.len() - HEADER) % 4 != 0 {
+    if v.len() < POSITION || (v.len() - POSITION) % 4 != 0 {
         return Err(HistoryError::Corrupt {
             user: user.to_string(),
             len: v.len(),
         });
     }
-    Ok((Some(position(v)), &v[HEADER..]))
+    let (at, ords) = v.split_first_chunk().expect("checked");
+    Ok((Some(Position::from_bytes(at)), ords))
 }
 
 #[cfg(test)]
@@ -440,21 +457,63 @@ mod tests {
 
         // A changelog record older than what was applied on its partition
         // is not taken, though another partition's interaction came last;
-        // a newer one is, and the other partitions' positions stay.
-        assert!(!h.restore("u", at(2, 6), &[7]).unwrap());
-        assert!(h.restore("u", at(2, 8), &[1, 2, 3, 4, 5, 6]).unwrap());
+        // a newer one is, with the positions it brings.
+        assert!(!h.restore("u", at(2, 6), &[], &[7]).unwrap());
+        let others = [at(1, 6), at(0, 11)];
+        assert!(h
+            .restore("u", at(2, 8), &others, &[1, 2, 3, 4, 5, 6])
+            .unwrap());
         for (p, o) in [(0, 11), (1, 6), (2, 8)] {
             assert!(h.append("u", at(p, o), 9).unwrap().is_none(), "({p}, {o})");
         }
+        let record = h.append("u", at(0, 12), 7).unwrap().unwrap();
+        assert_eq!(record.others(), [at(2, 8), at(1, 6)]);
         h.get("u", &mut out).unwrap();
-        assert_eq!(out, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn restored_records_are_taken_newest_whatever_order_their_partitions_are_read_in() {
+        // A user's records on three changelog partitions: the newest of
+        // each, as the writer appended them (items 1..=k).
+        let records = [
+            (
+                at(0, 2),
+                vec![at(2, 1), at(1, 1)],
+                vec![1, 2, 3, 4, 5, 6, 7],
+            ),
+            (
+                at(1, 2),
+                vec![at(0, 2), at(2, 1)],
+                vec![1, 2, 3, 4, 5, 6, 7, 8],
+            ),
+            (
+                at(2, 2),
+                vec![at(1, 2), at(0, 2)],
+                vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+            ),
+        ];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
+            let dir = tempfile::tempdir().unwrap();
+            let h = Histories::open(dir.path(), 50).unwrap();
+            for i in order {
+                let (at, others, ords) = &records[i];
+                h.restore("u", *at, others, ords).unwrap();
+            }
+            let mut out = Vec::new();
+            h.get("u", &mut out).unwrap();
+            assert_eq!(out, records[2].2, "{order:?}");
+            for (at, _, _) in &records {
+                assert!(h.append("u", *at, 0).unwrap().is_none(), "{order:?}");
+            }
+        }
     }
 
     #[test]
     fn positions_are_kept_for_a_bounded_number_of_partitions() {
         let dir = tempfile::tempdir().unwrap();
         let h = Histories::open(dir.path(), 50).unwrap();
-        let partitions = EXTRA as i32 + 2;
+        let partitions = OTHERS as i32 + 2;
         for p in 0..partitions {
             assert!(h.append("u", at(p, 3), p as u32).unwrap().is_some());
         }
@@ -465,6 +524,11 @@ mod tests {
             h.append("u", at(0, 3), 0).unwrap().is_some(),
             "the oldest partition's position was let go"
         );
+        // So of a changelog record's, whatever its header holds.
+        let many: Vec<Position> = (1..=partitions).map(|p| at(p, 3)).collect();
+        assert!(h.restore("v", at(0, 3), &many, &[1]).unwrap());
+        let record = h.append("v", at(0, 4), 2).unwrap().unwrap();
+        assert_eq!(record.others(), &many[..OTHERS]);
     }
 
     #[test]
@@ -505,7 +569,7 @@ mod tests {
         let other = Histories::open(&dir.path().join("other"), 5).unwrap();
         other.append("w", at(0, 9), 1).unwrap();
         other.forget_offsets(0).unwrap();
-        assert!(other.restore("w", at(0, 4), &[2]).unwrap());
+        assert!(other.restore("w", at(0, 4), &[], &[2]).unwrap());
     }
 
     #[test]
@@ -552,19 +616,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = Histories::open(dir.path(), 3).unwrap();
         h.append("u", at(2, 3), 7).unwrap();
-        assert!(h.restore("u", at(2, 5), &[1, 2, 7, 8]).unwrap());
+        assert!(h.restore("u", at(2, 5), &[], &[1, 2, 7, 8]).unwrap());
         let mut out = Vec::new();
         h.get("u", &mut out).unwrap();
         assert_eq!(out, [2, 7, 8], "bounded as appends are");
         assert!(
-            !h.restore("u", at(2, 4), &[9]).unwrap(),
+            !h.restore("u", at(2, 4), &[], &[9]).unwrap(),
             "older than what is held"
         );
         assert!(
             h.append("u", at(2, 5), 9).unwrap().is_none(),
             "restored position"
         );
-        assert!(h.restore("v", at(1, 0), &[]).unwrap());
+        assert!(h.restore("v", at(1, 0), &[], &[]).unwrap());
         h.get("v", &mut out).unwrap();
         assert!(out.is_empty());
     }

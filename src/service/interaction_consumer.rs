@@ -18,7 +18,7 @@ use std::time::Duration;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -320,12 +320,19 @@ impl Restore {
             r.read += 1;
             let user = String::from_utf8_lossy(key);
             let written = m.timestamp().to_millis();
+            let others = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == changelog::OTHERS))
+                .map_or(Ok(Vec::new()), |h| {
+                    changelog::others(h.value.unwrap_or(&[]))
+                });
             let restored = changelog::Record::parse(m.payload().unwrap_or(&[]))
+                .and_then(|record| Ok((record, others?)))
                 .map_err(HistoryError::from)
-                .and_then(|record| {
+                .and_then(|(record, others)| {
                     let view = by.view_for(written, |v| record.knows_all(v), &never);
                     r.unknown += record.ords(&view, &mut ords);
-                    self.histories.restore(&user, record.at, &ords)
+                    self.histories.restore(&user, record.at, &others, &ords)
                 });
             match restored {
                 Ok(true) => r.taken += 1,
@@ -630,7 +637,9 @@ impl InteractionConsumer {
             .begin(trigger.partition, trigger.offset, outputs);
         if let Some(history) = record {
             let record = changelog::record(at, history.ords(), &self.view.load());
-            let log = self.outbox.changelog(&i.user_id, record, trigger);
+            let log = self
+                .outbox
+                .changelog(&i.user_id, record, history.others(), trigger);
             if self.sent.send(log).await.is_err() {
                 return Ok(false);
             }

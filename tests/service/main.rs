@@ -1037,8 +1037,11 @@ fn kill_9_mid_stream_then_restart_loses_no_interaction() {
 /// partitions. After kill -9 the service reads them again from the last
 /// commit (here: none), and each must be taken for the replay it is on its
 /// own partition. With one position per user, those on another partition
-/// than the last were appended again, and changelog records of the other
-/// partitions put an older history back.
+/// than the last were appended again. An instance that starts empty takes
+/// the history from the changelog, whose records are on three partitions
+/// and are read in any order between them: the newest must win, with the
+/// positions it was applied up to, or the replays are appended again (or
+/// an older record put back, losing items).
 #[test]
 fn a_users_interactions_on_several_partitions_are_each_held_once_after_kill_9() {
     use genfeed::catalogue::{Catalogue, CatalogueConfig};
@@ -1074,18 +1077,38 @@ fn a_users_interactions_on_several_partitions_are_each_held_once_after_kill_9() 
     svc.wait_metric("genfeed_interaction_events_total", |v| v >= 9.0);
     assert!(svc.stop().success(), "{}", svc.log_text());
 
-    let tokenizer = std::sync::Arc::new(FrozenTokenizer::load(&f.tokenizer).unwrap());
-    let state = bed.dir.path().join("a");
-    let (catalogue, _) =
-        Catalogue::open(tokenizer, &CatalogueConfig::new(state.join("catalogue"))).unwrap();
-    let histories = Histories::open(&state.join("histories"), 50).unwrap();
-    let mut ords = Vec::new();
-    histories.get("spread", &mut ords).unwrap();
-    let want: Vec<u32> = items
-        .iter()
-        .map(|i| catalogue.registry().get(i).unwrap().unwrap().ord)
-        .collect();
-    assert_eq!(ords, want);
+    let held = |state: &std::path::Path| {
+        let tokenizer = std::sync::Arc::new(FrozenTokenizer::load(&f.tokenizer).unwrap());
+        let (catalogue, _) =
+            Catalogue::open(tokenizer, &CatalogueConfig::new(state.join("catalogue"))).unwrap();
+        let histories = Histories::open(&state.join("histories"), 50).unwrap();
+        let mut ords = Vec::new();
+        histories.get("spread", &mut ords).unwrap();
+        let sent: Vec<u32> = items
+            .iter()
+            .map(|i| catalogue.registry().get(i).unwrap().unwrap().ord)
+            .collect();
+        (ords, sent)
+    };
+    let (ords, sent) = held(&bed.dir.path().join("a"));
+    assert_eq!(ords, sent);
+
+    // Another group: it reads every interaction again after the restore.
+    let cfg = bed.config_adding(
+        "b",
+        FEED,
+        "listen = \"127.0.0.1:0\"",
+        "[kafka.properties]\n\"auto.commit.interval.ms\" = \"3600000\"",
+    );
+    rewrite(
+        &cfg,
+        &[("group_id", format!("group_id = \"{}-b\"", t.group))],
+    );
+    let mut svc = Service::start(&cfg);
+    svc.wait_metric("genfeed_interaction_events_total", |v| v >= 9.0);
+    assert!(svc.stop().success(), "{}", svc.log_text());
+    let (ords, sent) = held(&bed.dir.path().join("b"));
+    assert_eq!(ords, sent);
 }
 
 /// A clean stop commits every answered interaction, also those a feed
