@@ -320,4 +320,14 @@ mod tests {
             assert!(e.to_string().contains("not a history"), "{e}");
         }
     }
+
+    #[test]
+    fn an_others_header_holds_whole_positions() {
+        let others_at = [at(3, 9), at(1, 70_000_000_000)];
+        let header = Position::encode_all(&others_at);
+        assert_eq!(others(&header).unwrap(), others_at);
+        assert_eq!(others(&[]).unwrap(), []);
+        let e = others(&header[..13]).unwrap_err();
+        assert!(e.to_string().contains("not whole positions"), "{e}");
+    }
 }
