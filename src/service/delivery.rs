@@ -650,14 +650,3 @@ mod tests {
         }
     }
 }
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn probe() {
-        eprintln!(
-            "SENT {} KIND {}",
-            std::mem::size_of::<super::Sent>(),
-            std::mem::size_of::<super::Kind>()
-        );
-    }
-}
