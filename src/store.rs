@@ -195,18 +195,28 @@ impl Store {
         &self,
         prefix: &[u8],
     ) -> Result<impl Iterator<Item = Result<Entry, StoreError>> + '_, StoreError> {
+        let prefix = prefix.to_vec();
+        Ok(self
+            .range(Bound::Included(&prefix))?
+            .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))))
+    }
+
+    /// The entries from `from` on, in key order: a walk that goes on where
+    /// it stopped (`Bound::Excluded`), each step in a read transaction of
+    /// its own.
+    pub fn range(
+        &self,
+        from: Bound<&[u8]>,
+    ) -> Result<impl Iterator<Item = Result<Entry, StoreError>> + '_, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.fail(e))?;
         let table = txn.open_table(TABLE).map_err(|e| self.fail(e))?;
         let range = table
-            .range::<&[u8]>((Bound::Included(prefix), Bound::Unbounded))
+            .range::<&[u8]>((from, Bound::Unbounded))
             .map_err(|e| self.fail(e))?;
-        let prefix = prefix.to_vec();
-        Ok(range
-            .map(move |kv| {
-                kv.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
-                    .map_err(|e| self.fail(e))
-            })
-            .take_while(move |kv| kv.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix))))
+        Ok(range.map(move |kv| {
+            kv.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+                .map_err(|e| self.fail(e))
+        }))
     }
 
     /// The entry with the greatest key below `key`.

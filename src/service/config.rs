@@ -154,6 +154,13 @@ pub struct FeedConfig {
     pub batch_wait_ms: u64,
     /// Users waiting for a feed at most; beyond it the consumer waits.
     pub max_pending: usize,
+    /// Every this many ms, a pass makes a new feed for every user of the
+    /// partitions held, from the same history, when no live batch waits
+    /// (`service::refresh`): an idle user's feed loses the items retired
+    /// since and gets the new ones. 0: feeds only when users interact.
+    pub refresh_ms: u64,
+    /// Users per refresh batch: a live user waits at most one.
+    pub refresh_batch: usize,
     /// CPU threads of the model (candle).
     pub threads: usize,
     /// Where the model runs: the CPU, or the first CUDA GPU (a binary built
@@ -205,6 +212,8 @@ impl Default for FeedConfig {
             batch_max: 64,
             batch_wait_ms: 10,
             max_pending: 10_000,
+            refresh_ms: 3_600_000,
+            refresh_batch: 16,
             threads: 1,
             device: FeedDevice::Cpu,
             deny_items: Vec::new(),
@@ -452,6 +461,7 @@ impl Config {
             ("feed.history_len", f.history_len),
             ("feed.batch_max", f.batch_max),
             ("feed.max_pending", f.max_pending),
+            ("feed.refresh_batch", f.refresh_batch),
             ("feed.threads", f.threads),
             ("feed.fresh_slots", f.fresh_slots),
             ("feed.fresh_history", f.fresh_history),

@@ -51,6 +51,15 @@ pub struct Trigger {
     pub timestamp_ms: i64,
 }
 
+impl Trigger {
+    pub fn position(&self) -> Position {
+        Position {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
 /// A record on its way to the broker.
 pub struct Sent {
     /// `None` until the producer has taken the record (its queue may have
@@ -326,8 +335,9 @@ impl Outbox {
     /// Waits until `sent`, or what stands for it, is delivered: a record
     /// the broker refuses for good is replaced by its dead letter, a dead
     /// letter that does not fit by a shorter one; transient failures are
-    /// sent again after a pause.
-    pub async fn delivered(&self, mut sent: Sent, metrics: &Metrics) -> Sent {
+    /// sent again after a pause. `None`: a refreshed feed was refused for
+    /// good and dropped (it answers no input).
+    pub async fn delivered(&self, mut sent: Sent, metrics: &Metrics) -> Option<Sent> {
         loop {
             let error = match sent.future.take() {
                 None => match self.hand(&mut sent) {
@@ -344,7 +354,7 @@ impl Outbox {
                             let newest = acked.entry(done.partition).or_insert(done.offset);
                             *newest = (*newest).max(done.offset);
                         }
-                        return sent;
+                        return Some(sent);
                     }
                     Ok(Err((e, _))) => e,
                     Err(_) => KafkaError::Canceled,
@@ -353,10 +363,11 @@ impl Outbox {
             let code = error.rdkafka_error_code();
             if code.is_some_and(permanent) {
                 match self.refused(sent, &error, metrics) {
-                    Ok(next) => {
+                    Ok(Some(next)) => {
                         sent = next;
                         continue;
                     }
+                    Ok(None) => return None,
                     Err(back) => sent = back,
                 }
             }
@@ -377,11 +388,16 @@ impl Outbox {
     }
 
     /// What stands for a record the broker refused for good: its dead
-    /// letter, or a dead letter cut shorter. `Err` gives back a dead letter
-    /// that cannot be cut further (its topic refuses writes): it is tried
-    /// again until an operator fixes the topic, as losing it would lose the
-    /// input message.
-    fn refused(&self, sent: Sent, error: &KafkaError, metrics: &Metrics) -> Result<Sent, Sent> {
+    /// letter, or a dead letter cut shorter; nothing for a refreshed feed,
+    /// which answers no input. `Err` gives back a dead letter that cannot
+    /// be cut further (its topic refuses writes): it is tried again until an
+    /// operator fixes the topic, as losing it would lose the input message.
+    fn refused(
+        &self,
+        sent: Sent,
+        error: &KafkaError,
+        metrics: &Metrics,
+    ) -> Result<Option<Sent>, Sent> {
         let too_large = error.rdkafka_error_code().is_some_and(size_error);
         match sent.kind {
             Kind::Feed | Kind::Changelog { .. } => {
@@ -389,8 +405,12 @@ impl Outbox {
                     Kind::Feed => "feed",
                     _ => "history changelog record",
                 };
-                let last = *sent.triggers.last().expect("every output has a trigger");
                 let user = String::from_utf8_lossy(&sent.key);
+                let Some(&last) = sent.triggers.last() else {
+                    tracing::warn!(topic = %sent.topic, user = cut_text(&user, 64), error = %error, "the broker refused a refreshed feed; dropped");
+                    metrics.refresh_refused.inc();
+                    return Ok(None);
+                };
                 let detail = format!(
                     "topic {:?} refused the {what} of user {:?} ({} bytes): {error}",
                     sent.topic,
@@ -399,22 +419,22 @@ impl Outbox {
                 );
                 metrics.dead_letter(Reason::OutputRefused);
                 let source = (&*self.interactions, last.partition, last.offset);
-                Ok(self.dead_letter(
+                Ok(Some(self.dead_letter(
                     source,
                     Reason::OutputRefused,
                     &detail,
                     &sent.payload,
                     sent.triggers,
-                ))
+                )))
             }
             Kind::DeadLetter(mut letter) if too_large && !letter.letter.raw.is_empty() => {
                 letter.cut(letter.letter.raw.len() / 4);
-                Ok(Sent {
+                Ok(Some(Sent {
                     future: None,
                     payload: self.wire.dead_letter(&letter.letter),
                     kind: Kind::DeadLetter(letter),
                     ..sent
-                })
+                }))
             }
             Kind::DeadLetter(_) => {
                 tracing::error!(topic = %sent.topic, error = %error, "the dead-letter topic refuses a dead letter; its input waits until it is written");
@@ -473,7 +493,9 @@ pub async fn acknowledge<C: ConsumerContext + 'static>(
     metrics: Arc<Metrics>,
 ) {
     while let Some(sent) = rx.recv().await {
-        let sent = outbox.delivered(sent, &metrics).await;
+        let Some(sent) = outbox.delivered(sent, &metrics).await else {
+            continue;
+        };
         let now = now_ms();
         let is_feed = matches!(sent.kind, Kind::Feed);
         if is_feed {
@@ -573,7 +595,7 @@ mod tests {
         let metrics = Metrics::default();
         let feed = out.feed("user-7", vec![1; 100], vec![trigger(10), trigger(12)]);
         let error = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
-        let letter = out.refused(feed, &error, &metrics).ok().unwrap();
+        let letter = out.refused(feed, &error, &metrics).ok().flatten().unwrap();
         let l = letter_of(&letter);
         assert_eq!(
             (l.source_topic.as_str(), l.partition, l.offset),
@@ -589,6 +611,17 @@ mod tests {
         let offsets: Vec<i64> = letter.triggers.iter().map(|t| t.offset).collect();
         assert_eq!(offsets, [10, 12]);
         assert_eq!(metrics.dead_letters(), 1);
+    }
+
+    #[test]
+    fn a_refused_refreshed_feed_is_dropped_not_dead_lettered() {
+        let out = outbox(1_000_000);
+        let metrics = Metrics::default();
+        let feed = out.feed("user-7", vec![1; 100], Vec::new());
+        let error = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert!(matches!(out.refused(feed, &error, &metrics), Ok(None)));
+        assert_eq!(metrics.dead_letters(), 0);
+        assert_eq!(metrics.refresh_refused.get(), 1);
     }
 
     #[test]
@@ -614,7 +647,12 @@ mod tests {
 
         let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         let metrics = Metrics::default();
-        let second = letter_of(&out.refused(sent, &too_large, &metrics).ok().unwrap());
+        let second = letter_of(
+            &out.refused(sent, &too_large, &metrics)
+                .ok()
+                .flatten()
+                .unwrap(),
+        );
         assert_eq!(second.raw.len(), first.raw.len() / 4);
         assert_eq!(
             second.reason,

@@ -19,7 +19,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::watch;
 
 use super::delivery::{Outbox, Sent};
 use super::histories::{Histories, HistoryError};
@@ -27,6 +28,7 @@ use super::kafka::now_ms;
 use super::learnt::{BatchCounts, Counts, LearntSettings, SharedCounts};
 use super::metrics::Metrics;
 use super::reason::Reason;
+use super::refresh::Refresh;
 use super::scheduler::Job;
 use super::view::{SharedView, View};
 use crate::contract::{InputPosition, RankedItem, Recommendation};
@@ -56,6 +58,14 @@ pub struct FeedWorker {
     /// Counts learnt from the stream, added to the trained ones; `None`:
     /// learning is off.
     pub learnt: Option<(SharedCounts, LearntSettings)>,
+    /// Feeds for idle users, made when no live batch waits; `None`:
+    /// `feed.refresh_ms` is 0.
+    pub refresh: Option<Refresh>,
+    /// The runtime, to wait for a batch or the next refresh step, whichever
+    /// comes first.
+    pub runtime: tokio::runtime::Handle,
+    /// Turns true when the service stops: no refresh step after it.
+    pub stop: watch::Receiver<bool>,
 }
 
 /// How often the histories are made durable.
@@ -81,10 +91,12 @@ impl FeedWorker {
     /// error, the service stops with it, and the batch's interactions, never
     /// finished, stay uncommitted: a restart reads them again.
     pub fn run(
-        self,
+        mut self,
         mut jobs: mpsc::Receiver<Vec<Job>>,
         sent: mpsc::Sender<Sent>,
     ) -> Result<(), FeedError> {
+        let mut refresh = self.refresh.take();
+        let mut stop = self.stop.clone();
         let mut scratch = Scratch {
             generator: Generator::new(&self.model).with_fresh_share(self.fresh_share),
             ords: Vec::new(),
@@ -96,7 +108,7 @@ impl FeedWorker {
         if let Some((t, w)) = &self.transitions {
             scratch.generator = scratch.generator.with_transitions(t, *w);
         }
-        while let Some(batch) = jobs.blocking_recv() {
+        while let Some(batch) = self.next_batch(&mut refresh, &mut stop, &mut jobs)? {
             let start = Instant::now();
             let out: Vec<Sent> = match self.answer(&mut scratch, &batch) {
                 Ok(feeds) => {
@@ -117,12 +129,18 @@ impl FeedWorker {
                 Err(e) => {
                     tracing::error!(error = %e, users = batch.len(), "a feed batch failed");
                     let detail = format!("the feed batch failed: {e}");
+                    // A refresh answers no event: nothing to dead-letter,
+                    // and the next pass tries its users again.
                     batch
                         .into_iter()
+                        .filter(|job| !job.triggers.is_empty())
                         .map(|job| {
                             self.metrics.dead_letter(Reason::FeedFailed);
-                            let last = *job.triggers.last().expect("a job has a trigger");
-                            let source = (&*self.interactions_topic, last.partition, last.offset);
+                            let source = (
+                                &*self.interactions_topic,
+                                job.last.partition,
+                                job.last.offset,
+                            );
                             let detail = format!("user {:?}: {detail}", job.user);
                             self.outbox.dead_letter(
                                 source,
@@ -236,8 +254,52 @@ impl FeedWorker {
         Ok(feeds)
     }
 
+    /// The next batch: a live one when one waits, else a refresh step when
+    /// one is due, else whichever comes first. `None` once `jobs` closed.
+    fn next_batch(
+        &self,
+        refresh: &mut Option<Refresh>,
+        stop: &mut watch::Receiver<bool>,
+        jobs: &mut mpsc::Receiver<Vec<Job>>,
+    ) -> Result<Option<Vec<Job>>, FeedError> {
+        loop {
+            let Some(r) = refresh.as_mut().filter(|_| !*stop.borrow()) else {
+                return Ok(jobs.blocking_recv());
+            };
+            match jobs.try_recv() {
+                Ok(batch) => return Ok(Some(batch)),
+                Err(TryRecvError::Disconnected) => return Ok(None),
+                Err(TryRecvError::Empty) => {}
+            }
+            let wait = r.wait(now_ms());
+            if wait.is_zero() {
+                let batch = r.next(&self.histories, now_ms())?;
+                if !batch.is_empty() {
+                    self.metrics.feeds_refreshed.inc_by(batch.len() as u64);
+                    return Ok(Some(batch));
+                }
+                continue;
+            }
+            let live = self.runtime.block_on(async {
+                tokio::select! {
+                    batch = jobs.recv() => Some(batch),
+                    _ = tokio::time::sleep(wait) => None,
+                    changed = stop.changed() => {
+                        // The service is gone: no more refreshes.
+                        if changed.is_err() {
+                            *refresh = None;
+                        }
+                        None
+                    }
+                }
+            });
+            if let Some(batch) = live {
+                return Ok(batch);
+            }
+        }
+    }
+
     fn feed(&self, job: Job, items: Vec<RankedItem>) -> Sent {
-        let last = job.triggers.last().expect("a job has a trigger");
         let rec = Recommendation {
             user_id: job.user.clone(),
             items,
@@ -246,8 +308,8 @@ impl FeedWorker {
             generated_at: now_ms(),
             trigger: InputPosition {
                 topic: self.interactions_topic.clone(),
-                partition: last.partition,
-                offset: last.offset,
+                partition: job.last.partition,
+                offset: job.last.offset,
             },
         };
         let payload = self.outbox.wire().recommendation(&rec);

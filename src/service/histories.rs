@@ -30,6 +30,7 @@
 //! moves to another instance, that instance [`restore`](Histories::restore)s
 //! the partition's users from it.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -70,6 +71,9 @@ fn others_key(user: &str) -> Vec<u8> {
 }
 
 const OTHERS_PREFIX: &[u8] = b"\0at/";
+
+/// Where the refresh walk stands.
+const REFRESH_KEY: &[u8] = b"\0refresh";
 
 /// Partitions besides the last whose positions a user's history keeps: a
 /// replay on a partition further back is taken for new (a duplicate entry).
@@ -323,6 +327,66 @@ impl Histories {
             Some(offset.to_be_bytes().to_vec()),
         )]);
         Ok(staged.commit(&self.db)?)
+    }
+
+    /// Up to `want` users after `after` (from the first when it is empty),
+    /// each with where their last interaction was read, that `keep` takes
+    /// by that partition, into `out` (cleared first). At most `scan` users
+    /// are looked at, so that a store of other partitions' users is walked
+    /// a step at a time. Returns the user to go on after, or `None` when the
+    /// walk reached the end. Appends not committed yet are not seen.
+    pub fn users(
+        &self,
+        after: &[u8],
+        want: usize,
+        scan: usize,
+        keep: impl Fn(i32) -> bool,
+        out: &mut Vec<(String, Position)>,
+    ) -> Result<Option<Vec<u8>>, HistoryError> {
+        out.clear();
+        // Every key that is not a user's starts with NUL.
+        let from = match after {
+            [] => Bound::Included(&[1u8][..]),
+            key => Bound::Excluded(key),
+        };
+        let mut entries = self.db.range(from)?;
+        let mut last = None;
+        for _ in 0..scan {
+            let Some(kv) = entries.next() else {
+                return Ok(None);
+            };
+            let (key, value) = kv?;
+            // A corrupt record is for its feed to report, not the walk.
+            if let Ok((Some(at), _)) = decode("", &value) {
+                if keep(at.partition) {
+                    out.push((String::from_utf8_lossy(&key).into_owned(), at));
+                }
+            }
+            last = Some(key);
+            if out.len() == want {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// What [`set_refresh_walk`](Self::set_refresh_walk) last recorded.
+    pub fn refresh_walk(&self) -> Result<Option<Vec<u8>>, HistoryError> {
+        match self.staged().get(REFRESH_KEY) {
+            Some(v) => Ok(v.map(<[u8]>::to_vec)),
+            None => Ok(self.db.get(REFRESH_KEY)?),
+        }
+    }
+
+    /// Records where the refresh walk stands ([`super::refresh`]), durable
+    /// with the histories' next flush.
+    pub fn set_refresh_walk(&self, walk: Vec<u8>) -> Result<(), HistoryError> {
+        let mut staged = self.staged();
+        staged.stage([(REFRESH_KEY.to_vec(), Some(walk))]);
+        if staged.due(GROUP, Duration::MAX) {
+            staged.commit(&self.db)?;
+        }
+        Ok(())
     }
 
     /// Returns once every append so far is on disk.

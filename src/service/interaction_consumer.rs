@@ -34,6 +34,7 @@ use super::kafka::{
 use super::metrics::Metrics;
 use super::offsets::Offsets;
 use super::reason::Reason;
+use super::refresh::Assigned;
 use super::scheduler::Event;
 use super::view::SharedView;
 use super::waiting::{Held, Waiting};
@@ -51,6 +52,8 @@ pub struct Rebalancing {
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
     pub restore: Restore,
+    /// The partitions held, for the refresh passes.
+    pub assigned: Arc<Assigned>,
     /// Told after every revoke: the interactions of revoked partitions that
     /// wait for their items are dropped by [`InteractionConsumer::run`].
     pub revoked: watch::Sender<()>,
@@ -112,6 +115,7 @@ impl ConsumerContext for Rebalancing {
                 }
             }
             self.offsets.revoke(parts);
+            self.assigned.clear();
             self.revoked.send_replace(());
             self.metrics.assigned_partitions.set(0);
         }
@@ -129,6 +133,7 @@ impl ConsumerContext for Rebalancing {
             // partitions is handed out: the histories are whole when the
             // first interaction arrives.
             self.restore.partitions(&parts, &self.metrics);
+            self.assigned.set(&parts);
             self.metrics.assigned_partitions.set(parts.len() as i64);
             self.metrics.joined.store(true, Relaxed);
         }

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub changelog_restored: Counter,
     pub feeds: Counter,
     pub feed_retries: Counter,
+    /// Feeds made for users who did nothing new ([`super::refresh`]).
+    pub feeds_refreshed: Counter,
+    /// Refreshed feeds the broker refused for good, dropped.
+    pub refresh_refused: Counter,
     /// Errors the consumers reported and the client recovers from by itself
     /// (see [`super::kafka::ends_consumption`]).
     pub consumer_errors: Counter,
@@ -118,6 +122,14 @@ impl Default for Metrics {
         let feed_retries = counter(
             "feed_retries",
             "Feed deliveries that failed and were sent again",
+        );
+        let feeds_refreshed = counter(
+            "feeds_refreshed",
+            "Feeds made by a refresh pass for users who did nothing new (feed.refresh_ms)",
+        );
+        let refresh_refused = counter(
+            "refresh_refused",
+            "Refreshed feeds the broker refused for good, dropped (they answer no input)",
         );
         let consumer_errors = counter(
             "consumer_errors",
@@ -218,6 +230,8 @@ impl Default for Metrics {
             changelog_restored,
             feeds,
             feed_retries,
+            feeds_refreshed,
+            refresh_refused,
             consumer_errors,
             learnt_steps,
             dead_letters,

@@ -13,8 +13,10 @@
 //! and [`view`] in step with the catalogue topic; [`interaction_consumer`]
 //! updates [`histories`] and hands users to the [`scheduler`], which forms
 //! batches for the [`feeds`] worker (an OS thread: the model never blocks
-//! polling); [`delivery`] produces feeds and dead letters and, once the
-//! broker has them, tells [`offsets`] which input offsets may be committed.
+//! polling), which fills its idle time with [`refresh`] passes (idle users'
+//! feeds made again); [`delivery`] produces feeds and dead letters and, once
+//! the broker has them, tells [`offsets`] which input offsets may be
+//! committed.
 //!
 //! # Guarantees
 //!
@@ -59,6 +61,7 @@ pub mod learnt;
 pub mod metrics;
 pub mod offsets;
 pub mod reason;
+pub mod refresh;
 pub mod scheduler;
 pub mod view;
 pub mod waiting;
@@ -90,6 +93,7 @@ use kafka::{FetchWait, Logged, Throttle};
 use learnt::{Learner, LearntReader, LearntSettings, SharedCounts, Steps};
 use metrics::Metrics;
 use offsets::Offsets;
+use refresh::Refresh;
 use scheduler::Timing;
 use view::{FreshContent, FreshSettings};
 use waiting::Waiting;
@@ -153,6 +157,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // restored, once the catalogue is loaded.
     let offsets = Arc::new(Offsets::default());
     let abandon = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let assigned = Arc::new(refresh::Assigned::default());
     let (revoked_tx, revoked_rx) = watch::channel(());
     let changelog_reader = Arc::new(std::sync::OnceLock::new());
     let started_ms = kafka::now_ms();
@@ -160,6 +165,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         kafka::consumer_config(k, &k.group_id, FetchWait::Latency)
             .create_with_context(Rebalancing {
                 abandon: abandon.clone(),
+                assigned: assigned.clone(),
                 offsets: offsets.clone(),
                 metrics: metrics.clone(),
                 outbox: outbox.clone(),
@@ -368,6 +374,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         fresh_weight,
         fresh_share: f.fresh_share,
         learnt: learning.counts.clone(),
+        refresh: match f.refresh_ms {
+            0 => None,
+            ms => Some(
+                Refresh::open(
+                    &histories,
+                    Duration::from_millis(ms),
+                    f.refresh_batch,
+                    assigned,
+                    kafka::now_ms(),
+                )
+                .context("reading where the refresh pass stands")?,
+            ),
+        },
+        runtime: tokio::runtime::Handle::current(),
+        stop: stop.clone(),
     };
     let worker_sent = sent_tx.clone();
     // The worker's end is awaited beside the consumers': a store it cannot

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::delivery::Trigger;
+use super::histories::Position;
 use super::metrics::Metrics;
 
 /// One user's event, as the scheduler sees it.
@@ -34,8 +35,26 @@ pub struct Event {
 /// A user due for a feed and the events it answers.
 pub struct Job {
     pub user: String,
+    /// The interactions the feed answers, finished once it is delivered;
+    /// none for a [`refresh`](Job::refresh).
     pub triggers: Vec<Trigger>,
+    /// Where the last interaction the feed answers was read (for a
+    /// refresh, the user's last one): the feed's `trigger`.
+    pub last: Position,
     since: Instant,
+}
+
+impl Job {
+    /// A feed for `user`, whose last interaction was read at `last`, that
+    /// answers no new event ([`super::refresh`]).
+    pub fn refresh(user: String, last: Position) -> Job {
+        Job {
+            user,
+            triggers: Vec::new(),
+            last,
+            since: Instant::now(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -62,15 +81,16 @@ impl Pending {
 
     fn add(&mut self, e: Event, now: Instant) {
         if let Some(&i) = self.at.get(&e.user) {
-            self.order[(i - self.popped) as usize]
-                .triggers
-                .push(e.trigger);
+            let job = &mut self.order[(i - self.popped) as usize];
+            job.last = e.trigger.position();
+            job.triggers.push(e.trigger);
             return;
         }
         self.at
             .insert(e.user.clone(), self.popped + self.order.len() as u64);
         self.order.push_back(Job {
             user: e.user,
+            last: e.trigger.position(),
             triggers: vec![e.trigger],
             since: now,
         });

@@ -11,6 +11,7 @@ mod learnt;
 
 use std::collections::{BTreeSet, HashMap};
 
+use genfeed::contract::Recommendation;
 use harness::{feeds_answering, At, Bed, Framing, Output, Service};
 
 const FEED: &str = "beams = 20\ntop_k = 20\ncoalesce_ms = 5\nbatch_wait_ms = 5";
@@ -20,7 +21,7 @@ fn expected(live: &BTreeSet<String>, seen: &[String]) -> BTreeSet<String> {
     live.iter().filter(|i| !seen.contains(i)).cloned().collect()
 }
 
-fn items_of(f: &genfeed::contract::Recommendation) -> BTreeSet<String> {
+fn items_of(f: &Recommendation) -> BTreeSet<String> {
     f.items.iter().map(|i| i.item_id.clone()).collect()
 }
 
@@ -120,6 +121,94 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
         }
     }
     assert!(returned > 0, "no unseen user got the returning item");
+    assert!(svc.stop().success(), "{}", svc.log_text());
+}
+
+/// Each user's latest feed in `feeds`.
+fn latest(feeds: &[Recommendation]) -> HashMap<&str, &Recommendation> {
+    feeds.iter().map(|f| (f.user_id.as_str(), f)).collect()
+}
+
+/// A user who does nothing new still gets feeds that follow the catalogue:
+/// the refresh pass (`feed.refresh_ms`) feeds every user again from the
+/// same history, so an idle user's latest feed loses an item retired after
+/// it and gains one that arrived after it. A refreshed feed names the
+/// user's last interaction as its trigger and answers no event: nothing is
+/// dead-lettered, and the stop is clean.
+#[test]
+fn an_idle_users_feed_is_refreshed_without_retired_items_and_with_new_ones() {
+    let bed = Bed::new("refresh", 2, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    let mut live: BTreeSet<String> = BTreeSet::new();
+    for (id, v) in f.items.iter().take(15) {
+        input.upsert(id, v.clone());
+        live.insert(id.clone());
+    }
+    let feed = format!("{FEED}\nrefresh_ms = 300\nrefresh_batch = 4");
+    let mut svc = Service::start(&bed.config("a", &feed));
+    svc.wait_metric("genfeed_live_items", |v| v == 15.0);
+
+    let ids: Vec<String> = live.iter().cloned().collect();
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let mut last: HashMap<String, At> = HashMap::new();
+    for u in 0..12 {
+        let user = format!("user-{u}");
+        for k in 0..2 {
+            let item = &ids[(u * 3 + k * 5) % ids.len()];
+            last.insert(user.clone(), input.interaction(&user, item));
+            seen.entry(user.clone()).or_default().push(item.clone());
+        }
+    }
+    let out = Output::new(&t.recommendations, 2);
+    let mut feeds = Vec::new();
+    let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
+    let retired = &ids[13];
+    assert!(seen.values().all(|s| !s.contains(retired)));
+    assert!(got.values().all(|f| items_of(f).contains(retired)));
+
+    // No user interacts again: only a refresh can bring their feeds up to
+    // the catalogue.
+    input.retire(retired);
+    live.remove(retired);
+    let mut v = f.items[20].1.clone();
+    v[0] += 1e-3;
+    input.upsert("brand-new", v);
+    live.insert("brand-new".into());
+    svc.wait_metric("genfeed_live_items", |v| v == 15.0);
+    out.read_until(
+        Framing::Plain,
+        &mut feeds,
+        |feeds| {
+            let latest = latest(feeds);
+            last.keys().all(|u| {
+                latest
+                    .get(u.as_str())
+                    .is_some_and(|f| items_of(f) == expected(&live, &seen[u]))
+            })
+        },
+        "every user's latest feed without the retired item and with the new one",
+    );
+    for (user, feed) in latest(&feeds) {
+        let at = &last[user];
+        assert_eq!(
+            (feed.trigger.partition, feed.trigger.offset),
+            (at.partition, at.offset),
+            "{user}: a refresh names the last interaction"
+        );
+    }
+    assert!(svc.metric("genfeed_feeds_refreshed_total").unwrap() >= 12.0);
+    let (_, metrics) = svc.get("/metrics").unwrap();
+    let dead: f64 = metrics
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("genfeed_dead_letters_total{")?
+                .rsplit_once(' ')?
+                .1
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(dead, 0.0, "{metrics}");
     assert!(svc.stop().success(), "{}", svc.log_text());
 }
 
