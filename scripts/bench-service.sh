@@ -21,6 +21,9 @@
 # catalogue events' words where MODEL holds fit-affinity's content-tfidf.json).
 # FRESH_WEIGHT=W sets feed.fresh_weight (default: the content source's).
 # FRESH_SHARE=S sets feed.fresh_share (default unset: the weight as given).
+# REFRESH_MS=N sets feed.refresh_ms (default 3600000, no pass within a run; a
+# few seconds shows what refreshing idle users' feeds does to hits and latency),
+# REFRESH_BATCH=N feed.refresh_batch (default 16).
 # ITEM_WAIT_MS=N sets catalogue.item_wait_ms (default 2000; 0 dead-letters an
 # interaction that comes before its item at once).
 # After the summary, the service's dead letters by reason and the interactions
@@ -72,6 +75,8 @@ fresh_history = ${FRESH_HISTORY:-5}
 fresh_content = "${FRESH_CONTENT:-auto}"
 ${FRESH_WEIGHT:+fresh_weight = $FRESH_WEIGHT}
 ${FRESH_SHARE:+fresh_share = $FRESH_SHARE}
+${REFRESH_MS:+refresh_ms = $REFRESH_MS}
+${REFRESH_BATCH:+refresh_batch = $REFRESH_BATCH}
 [learning]
 enabled = ${LEARNING:-true}
 [catalogue]
@@ -97,4 +102,5 @@ curl -s "http://$(cat "$work/state/http.addr")/metrics" | awk '
   /^genfeed_dead_letters_total/ { d += $2; if ($2 > 0) r = r " " $1 "=" $2 }
   /^genfeed_interactions_waited_total/ { w = $2 }
   /^genfeed_fresh_weight / { f = $2 }
-  END { printf "service: %d dead letters%s; %d interactions waited for their item; fresh weight at the end %s\n", d, r, w, f }' >&2
+  /^genfeed_feeds_refreshed_total/ { x = $2 }
+  END { printf "service: %d dead letters%s; %d interactions waited for their item; fresh weight at the end %s; %d feeds refreshed\n", d, r, w, f, x }' >&2
