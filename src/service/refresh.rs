@@ -128,11 +128,16 @@ impl Refresh {
                     after: None,
                 }
             }
-            // As if a pass had just ended: the first begins a period on.
-            None => Walk {
-                began_ms: now_ms,
-                after: None,
-            },
+            // As if a pass had just ended: the first begins a period on,
+            // however often the instance restarts meanwhile.
+            None => {
+                let walk = Walk {
+                    began_ms: now_ms,
+                    after: None,
+                };
+                histories.set_refresh_walk(walk.encode())?;
+                walk
+            }
         };
         Ok(Refresh {
             every_ms,
@@ -262,6 +267,21 @@ mod tests {
         let mut r = Refresh::open(&h, Duration::from_secs(1), 1, assigned, 5000).unwrap();
         assert_eq!(r.wait(5000), Duration::ZERO);
         assert_eq!(users(&r.next(&h, 5000).unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn the_first_pass_is_due_a_period_after_the_first_start_not_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let assigned = Arc::new(Assigned::default());
+        assigned.set(&[0]);
+        {
+            let h = Histories::open(dir.path(), 8).unwrap();
+            Refresh::open(&h, Duration::from_secs(1), 1, assigned.clone(), 0).unwrap();
+            h.flush().unwrap();
+        }
+        let h = Histories::open(dir.path(), 8).unwrap();
+        let r = Refresh::open(&h, Duration::from_secs(1), 1, assigned, 900).unwrap();
+        assert_eq!(r.wait(900), Duration::from_millis(100));
     }
 
     #[test]
