@@ -86,6 +86,11 @@ tokenizer = "tokenizer"
 model = "model"
 text_model = "$GENFEED_TEXT_MODEL"
 
+[feed]
+# Feed idle users again every 10 s (default an hour), so that within the
+# replay new items reach users before their next interaction.
+refresh_ms = 10000
+
 [http]
 listen = "127.0.0.1:0"
 TOML
