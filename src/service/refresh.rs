@@ -212,6 +212,12 @@ mod tests {
         Position { partition, offset }
     }
 
+    fn holding(partitions: &[i32]) -> Arc<Assigned> {
+        let assigned = Arc::new(Assigned::default());
+        assigned.set(partitions);
+        assigned
+    }
+
     fn users(jobs: &[Job]) -> Vec<&str> {
         jobs.iter().map(|j| j.user.as_str()).collect()
     }
@@ -225,8 +231,7 @@ mod tests {
             h.append(user, at(partition, i as i64), i as u32).unwrap();
         }
         h.flush().unwrap();
-        let assigned = Arc::new(Assigned::default());
-        assigned.set(&[0]);
+        let assigned = holding(&[0]);
         let mut r = Refresh::open(&h, Duration::from_millis(1000), 2, assigned, 0).unwrap();
         // The first pass begins a period after the start.
         assert_eq!(r.wait(400), Duration::from_millis(600));
@@ -251,8 +256,7 @@ mod tests {
     #[test]
     fn a_restart_goes_on_where_the_pass_stood() {
         let dir = tempfile::tempdir().unwrap();
-        let assigned = Arc::new(Assigned::default());
-        assigned.set(&[0]);
+        let assigned = holding(&[0]);
         {
             let h = Histories::open(dir.path(), 8).unwrap();
             for (i, user) in ["a", "b", "c"].iter().enumerate() {
@@ -272,8 +276,7 @@ mod tests {
     #[test]
     fn the_first_pass_is_due_a_period_after_the_first_start_not_the_last() {
         let dir = tempfile::tempdir().unwrap();
-        let assigned = Arc::new(Assigned::default());
-        assigned.set(&[0]);
+        let assigned = holding(&[0]);
         {
             let h = Histories::open(dir.path(), 8).unwrap();
             Refresh::open(&h, Duration::from_secs(1), 1, assigned.clone(), 0).unwrap();
@@ -290,7 +293,7 @@ mod tests {
         let h = Histories::open(dir.path(), 8).unwrap();
         h.append("a", at(0, 0), 0).unwrap();
         h.flush().unwrap();
-        let assigned = Arc::new(Assigned::default());
+        let assigned = holding(&[]);
         let mut r = Refresh::open(&h, Duration::from_secs(1), 4, assigned.clone(), 0).unwrap();
         assert_eq!(r.wait(1000), HELD_CHECK);
         assert!(r.next(&h, 1000).unwrap().is_empty());

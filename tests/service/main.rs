@@ -25,23 +25,26 @@ fn items_of(f: &Recommendation) -> BTreeSet<String> {
     f.items.iter().map(|i| i.item_id.clone()).collect()
 }
 
-#[test]
-fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
-    let bed = Bed::new("live", 3, Framing::Plain);
-    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
-    let mut live: BTreeSet<String> = BTreeSet::new();
-    for (id, v) in f.items.iter().take(15) {
-        input.upsert(id, v.clone());
+/// The fixture's first `n` items, upserted.
+fn upsert_first(bed: &Bed, n: usize) -> BTreeSet<String> {
+    let mut live = BTreeSet::new();
+    for (id, v) in bed.fixture.items.iter().take(n) {
+        bed.input.upsert(id, v.clone());
         live.insert(id.clone());
     }
-    let mut svc = Service::start(&bed.config("a", FEED));
-    svc.wait_metric("genfeed_live_items", |v| v == 15.0);
+    live
+}
 
-    // Round 1: 30 users, two items each.
-    let ids: Vec<String> = live.iter().cloned().collect();
+/// `users` users taking two of `ids` each: what each took, and where each
+/// one's last interaction went.
+fn two_items_each(
+    input: &harness::Input,
+    ids: &[String],
+    users: usize,
+) -> (HashMap<String, Vec<String>>, HashMap<String, At>) {
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
-    let mut last: HashMap<String, At> = HashMap::new();
-    for u in 0..30 {
+    let mut last = HashMap::new();
+    for u in 0..users {
         let user = format!("user-{u}");
         for k in 0..2 {
             let item = &ids[(u * 3 + k * 5) % ids.len()];
@@ -49,6 +52,20 @@ fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
             seen.entry(user.clone()).or_default().push(item.clone());
         }
     }
+    (seen, last)
+}
+
+#[test]
+fn feeds_hold_live_items_only_retired_ones_never_return_and_new_ones_join() {
+    let bed = Bed::new("live", 3, Framing::Plain);
+    let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
+    let mut live = upsert_first(&bed, 15);
+    let mut svc = Service::start(&bed.config("a", FEED));
+    svc.wait_metric("genfeed_live_items", |v| v == 15.0);
+
+    // Round 1: 30 users, two items each.
+    let ids: Vec<String> = live.iter().cloned().collect();
+    let (mut seen, last) = two_items_each(input, &ids, 30);
     let out = Output::new(&t.recommendations, 2);
     let mut feeds = Vec::new();
     let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
@@ -139,26 +156,13 @@ fn latest(feeds: &[Recommendation]) -> HashMap<&str, &Recommendation> {
 fn an_idle_users_feed_is_refreshed_without_retired_items_and_with_new_ones() {
     let bed = Bed::new("refresh", 2, Framing::Plain);
     let (f, t, input) = (bed.fixture, &bed.topics, &bed.input);
-    let mut live: BTreeSet<String> = BTreeSet::new();
-    for (id, v) in f.items.iter().take(15) {
-        input.upsert(id, v.clone());
-        live.insert(id.clone());
-    }
+    let mut live = upsert_first(&bed, 15);
     let feed = format!("{FEED}\nrefresh_ms = 300\nrefresh_batch = 4");
     let mut svc = Service::start(&bed.config("a", &feed));
     svc.wait_metric("genfeed_live_items", |v| v == 15.0);
 
     let ids: Vec<String> = live.iter().cloned().collect();
-    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
-    let mut last: HashMap<String, At> = HashMap::new();
-    for u in 0..12 {
-        let user = format!("user-{u}");
-        for k in 0..2 {
-            let item = &ids[(u * 3 + k * 5) % ids.len()];
-            last.insert(user.clone(), input.interaction(&user, item));
-            seen.entry(user.clone()).or_default().push(item.clone());
-        }
-    }
+    let (seen, last) = two_items_each(input, &ids, 12);
     let out = Output::new(&t.recommendations, 2);
     let mut feeds = Vec::new();
     let got = feeds_answering(&out, Framing::Plain, &mut feeds, &last);
