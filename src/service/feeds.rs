@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 
 use super::delivery::{Outbox, Sent};
@@ -28,7 +28,7 @@ use super::kafka::now_ms;
 use super::learnt::{BatchCounts, Counts, LearntSettings, SharedCounts};
 use super::metrics::Metrics;
 use super::reason::Reason;
-use super::refresh::Refresh;
+use super::refresh::{self, Refresh};
 use super::scheduler::Job;
 use super::view::{SharedView, View};
 use crate::contract::{InputPosition, RankedItem, Recommendation};
@@ -108,7 +108,14 @@ impl FeedWorker {
         if let Some((t, w)) = &self.transitions {
             scratch.generator = scratch.generator.with_transitions(t, *w);
         }
-        while let Some(batch) = self.next_batch(&mut refresh, &mut stop, &mut jobs)? {
+        while let Some(batch) = refresh::next_batch(
+            &mut refresh,
+            &mut stop,
+            &mut jobs,
+            &self.histories,
+            &self.metrics,
+            &self.runtime,
+        )? {
             let start = Instant::now();
             let out: Vec<Sent> = match self.answer(&mut scratch, &batch) {
                 Ok(feeds) => {
@@ -252,51 +259,6 @@ impl FeedWorker {
             *flushed = Instant::now();
         }
         Ok(feeds)
-    }
-
-    /// The next batch: a live one when one waits, else a refresh step when
-    /// one is due, else whichever comes first. `None` once `jobs` closed.
-    fn next_batch(
-        &self,
-        refresh: &mut Option<Refresh>,
-        stop: &mut watch::Receiver<bool>,
-        jobs: &mut mpsc::Receiver<Vec<Job>>,
-    ) -> Result<Option<Vec<Job>>, FeedError> {
-        loop {
-            let Some(r) = refresh.as_mut().filter(|_| !*stop.borrow()) else {
-                return Ok(jobs.blocking_recv());
-            };
-            match jobs.try_recv() {
-                Ok(batch) => return Ok(Some(batch)),
-                Err(TryRecvError::Disconnected) => return Ok(None),
-                Err(TryRecvError::Empty) => {}
-            }
-            let wait = r.wait(now_ms());
-            if wait.is_zero() {
-                let batch = r.next(&self.histories, now_ms())?;
-                if !batch.is_empty() {
-                    self.metrics.feeds_refreshed.inc_by(batch.len() as u64);
-                    return Ok(Some(batch));
-                }
-                continue;
-            }
-            let live = self.runtime.block_on(async {
-                tokio::select! {
-                    batch = jobs.recv() => Some(batch),
-                    _ = tokio::time::sleep(wait) => None,
-                    changed = stop.changed() => {
-                        // The service is gone: no more refreshes.
-                        if changed.is_err() {
-                            *refresh = None;
-                        }
-                        None
-                    }
-                }
-            });
-            if let Some(batch) = live {
-                return Ok(batch);
-            }
-        }
     }
 
     fn feed(&self, job: Job, items: Vec<RankedItem>) -> Sent {

@@ -26,10 +26,15 @@
 //! letter (there is no input to name). Its `trigger` is where the user's
 //! last interaction was read, its `generated_at` says when it was made.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::watch;
+
 use super::histories::{Histories, HistoryError, Position};
+use super::kafka::now_ms;
+use super::metrics::Metrics;
 use super::scheduler::Job;
 
 /// Users looked at in one step of a walk at most: a store that holds many
@@ -103,7 +108,7 @@ impl Walk {
 pub struct Refresh {
     every_ms: i64,
     batch: usize,
-    assigned: std::sync::Arc<Assigned>,
+    assigned: Arc<Assigned>,
     walk: Walk,
     found: Vec<(String, Position)>,
 }
@@ -115,7 +120,7 @@ impl Refresh {
         histories: &Histories,
         every: Duration,
         batch: usize,
-        assigned: std::sync::Arc<Assigned>,
+        assigned: Arc<Assigned>,
         now_ms: i64,
     ) -> Result<Refresh, HistoryError> {
         let every_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
@@ -202,10 +207,56 @@ impl Refresh {
     }
 }
 
+/// The feed worker's next batch: a live one when one waits, else a refresh
+/// step when one is due, else whichever comes first. `None` once `jobs`
+/// closed. After `stop` turns true, or its sender is gone, only live
+/// batches. Called on the worker's thread: it blocks.
+pub fn next_batch(
+    refresh: &mut Option<Refresh>,
+    stop: &mut watch::Receiver<bool>,
+    jobs: &mut mpsc::Receiver<Vec<Job>>,
+    histories: &Histories,
+    metrics: &Metrics,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Option<Vec<Job>>, HistoryError> {
+    loop {
+        let Some(r) = refresh.as_mut().filter(|_| !*stop.borrow()) else {
+            return Ok(jobs.blocking_recv());
+        };
+        match jobs.try_recv() {
+            Ok(batch) => return Ok(Some(batch)),
+            Err(TryRecvError::Disconnected) => return Ok(None),
+            Err(TryRecvError::Empty) => {}
+        }
+        let wait = r.wait(now_ms());
+        if wait.is_zero() {
+            let batch = r.next(histories, now_ms())?;
+            if !batch.is_empty() {
+                metrics.feeds_refreshed.inc_by(batch.len() as u64);
+                return Ok(Some(batch));
+            }
+            continue;
+        }
+        let live = runtime.block_on(async {
+            tokio::select! {
+                batch = jobs.recv() => Some(batch),
+                _ = tokio::time::sleep(wait) => None,
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        *refresh = None;
+                    }
+                    None
+                }
+            }
+        });
+        if let Some(batch) = live {
+            return Ok(batch);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn at(partition: i32, offset: i64) -> Position {
@@ -301,6 +352,93 @@ mod tests {
         assert_eq!(users(&r.next(&h, 1000).unwrap()), ["a"]);
         assigned.clear();
         assert!(r.next(&h, 3000).unwrap().is_empty());
+    }
+
+    /// What the feed worker's loop needs, over a store holding `users` on
+    /// partition 0, whose walk was opened a period ago: a pass is due.
+    struct Worker {
+        _dir: tempfile::TempDir,
+        h: Histories,
+        refresh: Option<Refresh>,
+        rt: tokio::runtime::Runtime,
+        metrics: Metrics,
+    }
+
+    impl Worker {
+        fn due(users: &[&str]) -> Worker {
+            let dir = tempfile::tempdir().unwrap();
+            let h = Histories::open(dir.path(), 8).unwrap();
+            for (i, user) in users.iter().enumerate() {
+                h.append(user, at(0, i as i64), i as u32).unwrap();
+            }
+            h.flush().unwrap();
+            let period = Duration::from_secs(60);
+            let r = Refresh::open(&h, period, 8, holding(&[0]), now_ms() - 60_000).unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_time()
+                .build()
+                .unwrap();
+            Worker {
+                _dir: dir,
+                h,
+                refresh: Some(r),
+                rt,
+                metrics: Metrics::default(),
+            }
+        }
+
+        fn next(
+            &mut self,
+            stop: &mut watch::Receiver<bool>,
+            jobs: &mut mpsc::Receiver<Vec<Job>>,
+        ) -> Option<Vec<Job>> {
+            let rt = self.rt.handle();
+            next_batch(&mut self.refresh, stop, jobs, &self.h, &self.metrics, rt).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_waiting_live_batch_goes_before_a_due_refresh_step() {
+        let mut w = Worker::due(&["a", "b"]);
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let (tx, mut jobs) = mpsc::channel(4);
+        tx.try_send(vec![Job::refresh("live".into(), at(1, 9))])
+            .unwrap();
+        assert_eq!(users(&w.next(&mut stop, &mut jobs).unwrap()), ["live"]);
+        assert_eq!(users(&w.next(&mut stop, &mut jobs).unwrap()), ["a", "b"]);
+        // The pass is over and the next is a minute away: a live batch
+        // sent meanwhile is taken, not waited past.
+        let sender = std::thread::spawn(move || {
+            tx.blocking_send(vec![Job::refresh("later".into(), at(1, 10))])
+                .unwrap();
+            tx
+        });
+        assert_eq!(users(&w.next(&mut stop, &mut jobs).unwrap()), ["later"]);
+        drop(sender.join().unwrap());
+        assert!(w.next(&mut stop, &mut jobs).is_none(), "the input closed");
+        assert_eq!(w.metrics.feeds_refreshed.get(), 2);
+    }
+
+    #[test]
+    fn after_stop_only_live_batches_are_taken() {
+        let mut w = Worker::due(&["a"]);
+        let (stop_tx, mut stop) = watch::channel(false);
+        let (tx, mut jobs) = mpsc::channel(4);
+        stop_tx.send(true).unwrap();
+        // A pass is due, but stopping: the worker waits for live batches.
+        let sender = std::thread::spawn(move || {
+            tx.blocking_send(vec![Job::refresh("live".into(), at(1, 9))])
+                .unwrap();
+        });
+        let got = w.next(&mut stop, &mut jobs);
+        sender.join().unwrap();
+        assert_eq!(users(&got.unwrap()), ["live"]);
+        assert_eq!(
+            w.metrics.feeds_refreshed.get(),
+            0,
+            "a due pass was not begun"
+        );
     }
 
     #[test]
