@@ -146,17 +146,18 @@ impl Histories {
         self.staged.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The record of `user`: staged, else committed.
-    fn read(&self, staged: &Group, user: &str) -> Result<Option<Vec<u8>>, HistoryError> {
-        match staged.get(user.as_bytes()) {
+    /// The value of `key` (a user's record, or one of the keys that start
+    /// with NUL): staged, else committed.
+    fn read(&self, staged: &Group, key: &[u8]) -> Result<Option<Vec<u8>>, HistoryError> {
+        match staged.get(key) {
             Some(value) => Ok(value.map(<[u8]>::to_vec)),
-            None => Ok(self.db.get(user.as_bytes())?),
+            None => Ok(self.db.get(key)?),
         }
     }
 
-    /// Stages `record` as `user`'s, committing the group when it is full.
-    fn write(&self, staged: &mut Group, user: &str, record: Vec<u8>) -> Result<(), HistoryError> {
-        staged.stage([(user.as_bytes().to_vec(), Some(record))]);
+    /// Stages `value` under `key`, committing the group when it is full.
+    fn write(&self, staged: &mut Group, key: &[u8], value: Vec<u8>) -> Result<(), HistoryError> {
+        staged.stage([(key.to_vec(), Some(value))]);
         if staged.due(GROUP, Duration::MAX) {
             staged.commit(&self.db)?;
         }
@@ -173,7 +174,7 @@ impl Histories {
         ord: u32,
     ) -> Result<Option<Stored>, HistoryError> {
         let mut staged = self.staged();
-        let old = self.read(&staged, user)?;
+        let old = self.read(&staged, user.as_bytes())?;
         let (last, ords) = match &old {
             Some(v) => decode(user, v)?,
             None => (None, &[][..]),
@@ -198,18 +199,13 @@ impl Histories {
         let mut value = header(at, keep + 1);
         value.extend_from_slice(&ords[(held - keep) * 4..]);
         value.extend_from_slice(&ord.to_be_bytes());
-        self.write(&mut staged, user, value.clone())?;
+        self.write(&mut staged, user.as_bytes(), value.clone())?;
         Ok(Some(Stored { value, others }))
     }
 
     /// The positions of `user` besides the last, newest first.
     fn others(&self, staged: &Group, user: &str) -> Result<Vec<Position>, HistoryError> {
-        let key = others_key(user);
-        let bytes = match staged.get(&key) {
-            Some(v) => v.map(<[u8]>::to_vec),
-            None => self.db.get(&key)?,
-        };
-        let Some(bytes) = bytes else {
+        let Some(bytes) = self.read(staged, &others_key(user))? else {
             return Ok(Vec::new());
         };
         Position::decode_all(&bytes).ok_or_else(|| HistoryError::Corrupt {
@@ -231,7 +227,7 @@ impl Histories {
     ) -> Result<bool, HistoryError> {
         let others = &others[..others.len().min(OTHERS)];
         let mut staged = self.staged();
-        if let Some(mine) = self.read(&staged, user)? {
+        if let Some(mine) = self.read(&staged, user.as_bytes())? {
             let (last, _) = decode(user, &mine)?;
             let mine = self.others(&staged, user)?;
             if applied(last, &mine, at) {
@@ -251,7 +247,7 @@ impl Histories {
         for ord in keep {
             value.extend_from_slice(&ord.to_be_bytes());
         }
-        self.write(&mut staged, user, value)?;
+        self.write(&mut staged, user.as_bytes(), value)?;
         Ok(true)
     }
 
@@ -296,7 +292,7 @@ impl Histories {
     /// `user`'s items, oldest first, into `out` (cleared first).
     pub fn get(&self, user: &str, out: &mut Vec<u32>) -> Result<(), HistoryError> {
         out.clear();
-        let v = self.read(&self.staged(), user)?;
+        let v = self.read(&self.staged(), user.as_bytes())?;
         if let Some(v) = v {
             let (_, ords) = decode(user, &v)?;
             out.extend(
@@ -310,11 +306,7 @@ impl Histories {
     /// The changelog offset of `partition` up to which these histories hold
     /// every record, as last recorded.
     pub fn changelog_offset(&self, partition: i32) -> Result<Option<i64>, HistoryError> {
-        let key = changelog_key(partition);
-        let value = match self.staged().get(&key) {
-            Some(v) => v.map(<[u8]>::to_vec),
-            None => self.db.get(&key)?,
-        };
+        let value = self.read(&self.staged(), &changelog_key(partition))?;
         Ok(value.and_then(|v| Some(i64::from_be_bytes(v.as_slice().try_into().ok()?))))
     }
 
@@ -372,21 +364,13 @@ impl Histories {
 
     /// What [`set_refresh_walk`](Self::set_refresh_walk) last recorded.
     pub fn refresh_walk(&self) -> Result<Option<Vec<u8>>, HistoryError> {
-        match self.staged().get(REFRESH_KEY) {
-            Some(v) => Ok(v.map(<[u8]>::to_vec)),
-            None => Ok(self.db.get(REFRESH_KEY)?),
-        }
+        self.read(&self.staged(), REFRESH_KEY)
     }
 
     /// Records where the refresh walk stands ([`super::refresh`]), durable
     /// with the histories' next flush.
     pub fn set_refresh_walk(&self, walk: Vec<u8>) -> Result<(), HistoryError> {
-        let mut staged = self.staged();
-        staged.stage([(REFRESH_KEY.to_vec(), Some(walk))]);
-        if staged.due(GROUP, Duration::MAX) {
-            staged.commit(&self.db)?;
-        }
-        Ok(())
+        self.write(&mut self.staged(), REFRESH_KEY, walk)
     }
 
     /// Returns once every append so far is on disk.
